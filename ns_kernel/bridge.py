@@ -1,0 +1,158 @@
+"""TCP <-> Unix socket relay, for clients whose connection file says `tcp`.
+
+ZMTP is the same bytes over TCP and over a Unix socket, so each accepted TCP connection is
+paired with a connection to the kernel's ipc socket of the same channel and bytes are
+copied both ways. Flow control: a side is not read while its peer has unsent bytes.
+"""
+import errno
+import selectors
+import socket
+
+from .connection import CHANNELS, socket_path
+from .errors import SetupError
+
+CHUNK = 1 << 20
+
+
+def listen(info):
+    """Bind every channel's TCP port before anything else is made: a port already taken
+    is reported at once, with nothing to clean up."""
+    listeners = []
+    try:
+        for name in CHANNELS:
+            port = info[name]
+            family = socket.AF_INET6 if ":" in info["ip"] else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            listeners.append(sock)
+            # Restarts reuse the ports while old connections sit in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((info["ip"], port))
+            except OSError as exc:
+                hint = ("another process holds the port; restart the kernel so Jupyter picks "
+                        "free ports" if exc.errno == errno.EADDRINUSE else "")
+                raise SetupError("bridge", f"bind tcp {info['ip']}:{port} ({name[:-5]})", "",
+                                 exc.errno, hint) from None
+            sock.listen(16)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return [(sock, info[name]) for sock, name in zip(listeners, CHANNELS)]
+
+
+class Relay:
+    """One client connection and its kernel-side twin."""
+
+    def __init__(self, bridge, tcp, path):
+        self.bridge, self.tcp, self.path = bridge, tcp, path
+        self.unix = None
+        self.pending = {}   # socket -> bytes still to send to it
+
+    def connect(self):
+        """Try the kernel's socket; False while the kernel has not bound it yet."""
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            unix.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            unix.close()
+            return False
+        except OSError:
+            unix.close()
+            self.close()
+            return True
+        unix.setblocking(False)
+        self.unix = unix
+        self.pending = {self.tcp: b"", self.unix: b""}
+        for sock in (self.tcp, self.unix):
+            self.bridge.sel.register(sock, selectors.EVENT_READ, self)
+        return True
+
+    def peer(self, sock):
+        return self.unix if sock is self.tcp else self.tcp
+
+    def handle(self, sock, events):
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._flush(sock)
+            if events & selectors.EVENT_READ:
+                data = sock.recv(CHUNK)
+                if not data:
+                    return self.close()
+                self.pending[self.peer(sock)] = data
+                self._flush(self.peer(sock))
+        except (ConnectionError, OSError):
+            self.close()
+
+    def _flush(self, sock):
+        data = self.pending[sock]
+        if data:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            self.pending[sock] = data = data[sent:]
+        peer = self.peer(sock)
+        # Write interest while bytes wait; stop reading the peer until they are gone.
+        self.bridge.sel.modify(sock, self._events(sock), self)
+        self.bridge.sel.modify(peer, self._events(peer), self)
+
+    def _events(self, sock):
+        events = selectors.EVENT_WRITE if self.pending[sock] else 0
+        if not self.pending[self.peer(sock)]:
+            events |= selectors.EVENT_READ
+        return events
+
+    def close(self):
+        for sock in (self.tcp, self.unix):
+            if sock is None:
+                continue
+            try:
+                self.bridge.sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        self.bridge.relays.discard(self)
+        self.bridge.waiting.discard(self)
+
+
+class Bridge:
+    def __init__(self, sel, listeners, socket_dir):
+        self.sel = sel
+        self.listeners = listeners
+        self.socket_dir = socket_dir
+        self.relays = set()
+        self.waiting = set()   # accepted, kernel socket not there yet
+        for sock, port in listeners:
+            sel.register(sock, selectors.EVENT_READ, self)
+
+    def handle(self, listener, _events):
+        port = dict(self.listeners)[listener]
+        while True:
+            try:
+                tcp, _ = listener.accept()
+            except BlockingIOError:
+                break
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tcp.setblocking(False)
+            relay = Relay(self, tcp, socket_path(self.socket_dir, port))
+            self.relays.add(relay)
+            if not relay.connect():
+                self.waiting.add(relay)
+
+    def retry(self):
+        """Called often while some client waits for the kernel to bind its sockets."""
+        for relay in list(self.waiting):
+            if relay.connect():
+                self.waiting.discard(relay)
+
+    def close(self):
+        for relay in list(self.relays):
+            relay.close()
+        for sock, _ in self.listeners:
+            try:
+                self.sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()

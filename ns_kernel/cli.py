@@ -1,0 +1,148 @@
+"""`ns-kernel` and `python -m ns_kernel`: traitlets applications over the sandbox config.
+
+  python -m ns_kernel [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json argv)
+  ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [options]
+  ns-kernel run [options] -- CMD [ARGS...]
+  ns-kernel doctor
+"""
+import sys
+
+from traitlets import Bool, Unicode
+from traitlets.config import Application
+
+from .config import Sandbox
+from .errors import SetupError
+
+SANDBOX_ALIASES = {
+    "memory": "Sandbox.memory",
+    "pids": "Sandbox.pids",
+    "cpus": "Sandbox.cpus",
+    "tmp-size": "Sandbox.tmp_size",
+    "home": "Sandbox.home",
+    "network": "Sandbox.network",
+    "ro-bind": "Sandbox.ro_binds",
+    "rw-bind": "Sandbox.rw_binds",
+    "hide": "Sandbox.hide",
+    "socket-dir": "Sandbox.socket_dir",
+    "uid": "Sandbox.sandbox_uid",
+    "gid": "Sandbox.sandbox_gid",
+    "limits": "Sandbox.limits_backend",
+}
+SANDBOX_FLAGS = {
+    "best-effort": ({"Sandbox": {"best_effort": True}},
+                    "Skip (with a warning) limits the backend cannot enforce."),
+}
+
+
+class SandboxApp(Application):
+    """Shared by the commands that build a sandbox: config files, then the command line."""
+    aliases = SANDBOX_ALIASES
+    flags = SANDBOX_FLAGS
+    classes = [Sandbox]
+
+    def load_sandbox_config(self, argv):
+        from jupyter_core.paths import jupyter_config_path
+        for path in reversed(jupyter_config_path()):
+            self.load_config_file("ns_kernel_config", path=path)
+        self.parse_command_line(argv)
+        return Sandbox(parent=self)
+
+
+def split_at_connection_file(argv):
+    """Launcher options come before `-f FILE`; everything after FILE goes to ipykernel."""
+    for i, arg in enumerate(argv):
+        if arg in ("-f", "--f", "--connection-file"):
+            if i + 1 >= len(argv):
+                break
+            return argv[:i], argv[i + 1], argv[i + 2:]
+        for prefix in ("-f=", "--f=", "--connection-file="):
+            if arg.startswith(prefix):
+                return argv[:i], arg[len(prefix):], argv[i + 1:]
+    raise SetupError("usage", "no connection file", hint=(
+        "run as `python -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
+
+
+class KernelApp(SandboxApp):
+    name = "ns-kernel-kernel"
+    description = "Run ipykernel in a fresh sandbox for the client that wrote CONNECTION_FILE."
+
+    def start_kernel(self, argv):
+        from .launcher import Launch, describe_exit, exit_like, kernel_id_from
+        options, connection_file, extra = split_at_connection_file(argv)
+        config = self.load_sandbox_config(options)
+        status = Launch(config, connection_file, extra).run()
+        line = describe_exit(status, kernel_id_from(connection_file))
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        exit_like(status)
+
+
+class InstallApp(SandboxApp):
+    name = "ns-kernel-install"
+    description = "Install the Isolated Python kernelspec, with the sandbox options given."
+    kernel_name = Unicode("isolated-python", config=True, help="Kernelspec name (directory).")
+    display_name = Unicode("Isolated Python", config=True, help="Name shown in JupyterLab.")
+    user = Bool(False, config=True, help="Install for the current user (~/.local/share/jupyter).")
+    prefix = Unicode("", config=True, help="Install under PREFIX/share/jupyter/kernels.")
+    aliases = {**SANDBOX_ALIASES, "name": "InstallApp.kernel_name",
+               "display-name": "InstallApp.display_name", "prefix": "InstallApp.prefix"}
+    flags = {**SANDBOX_FLAGS,
+             "user": ({"InstallApp": {"user": True}}, "Install for the current user."),
+             "sys-prefix": ({"InstallApp": {"prefix": sys.prefix}},
+                            f"Install into this Python's prefix ({sys.prefix}), e.g. a "
+                            "JupyterHub single-user environment.")}
+
+    def start_install(self, argv):
+        from . import kernelspec
+        self.parse_command_line(argv)
+        Sandbox(parent=self)   # validate the options now, not at the first kernel start
+        options = [a for a in argv if not _is_install_only(a)]
+        spec = kernelspec.kernel_dict(options, self.display_name)
+        path = kernelspec.install(self.kernel_name, spec, user=self.user,
+                                  prefix=self.prefix or None)
+        print(f"Installed kernelspec {self.kernel_name} ({self.display_name!r}) in {path}")
+
+
+def _is_install_only(arg):
+    names = ("--name", "--display-name", "--prefix", "--user", "--sys-prefix")
+    return any(arg == n or arg.startswith(n + "=") for n in names)
+
+
+class RunApp(SandboxApp):
+    name = "ns-kernel-run"
+    description = "Run CMD in the same sandbox a kernel gets (to see what a kernel sees)."
+
+    def start_run(self, argv):
+        from .launcher import Launch, exit_like
+        if "--" not in argv:
+            raise SetupError("usage", "no command", hint="use `ns-kernel run [options] -- CMD`")
+        cut = argv.index("--")
+        config = self.load_sandbox_config(argv[:cut])
+        exit_like(Launch(config, argv=argv[cut + 1:]).run())
+
+
+def main(argv=None):
+    """Entry point of `ns-kernel` and `python -m ns_kernel`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "install":
+            return InstallApp().start_install(argv[1:])
+        if argv and argv[0] == "run":
+            return RunApp().start_run(argv[1:])
+        if argv and argv[0] == "doctor":
+            from .doctor import main as doctor
+            return doctor(argv[1:])
+        if argv and argv[0] == "kernel":
+            argv = argv[1:]
+        if not argv or argv[0] in ("-h", "--help", "--help-all"):
+            app = KernelApp()
+            app.parse_command_line(argv or ["--help"])
+            print(__doc__)
+            return 0
+        return KernelApp().start_kernel(argv)
+    except SetupError as exc:
+        print(exc.line(), file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - traitlets' TraitError and friends: one line
+        print(f"ns-kernel: {exc}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,131 @@
+"""The sandbox's settings: one traitlets Configurable, documented by `ns-kernel --help-all`.
+
+Read from ns_kernel_config.py/.json on the Jupyter config path, then the kernelspec's argv
+flags (or the provisioner's config stanza), then the command line, later ones winning.
+"""
+import re
+
+from traitlets import Bool, CaselessStrEnum, Float, Int, List, TraitError, Unicode, validate
+from traitlets.config import Configurable
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text):
+    """'512M', '2G', '1.5GiB', '1048576' -> bytes; '' or '0' -> 0 (no limit)."""
+    if text in ("", None):
+        return 0
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 2G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(size):
+    for unit in ("T", "G", "M", "K"):
+        if size >= _UNITS[unit.lower()] and size % _UNITS[unit.lower()] == 0:
+            return f"{size // _UNITS[unit.lower()]}{unit}"
+    return str(size)
+
+
+class Sandbox(Configurable):
+    """What the kernel sees and may use. Every kernel started by ns-kernel gets a fresh sandbox."""
+
+    sandbox_uid = Int(65534, config=True, help="""
+        Host uid the sandbox runs as when ns-kernel is started by real root (default 65534,
+        nobody): host root is never root inside. The kernel has the same uid number inside.
+        Ignored for ordinary users, who keep their own uid.""")
+
+    sandbox_gid = Int(65534, config=True, help="""
+        Host gid the sandbox runs as when started by real root (default 65534, nogroup).
+        Ignored for ordinary users.""")
+
+    home = CaselessStrEnum(["private", "readonly", "shared"], default_value="private", config=True,
+                           help="""
+        What the kernel sees at $HOME: 'private' (default) an empty tmpfs that vanishes with the
+        kernel; 'readonly' the real home, read-only; 'shared' the real home, read-write.
+        The notebook's working directory is read-write whatever this says.""")
+
+    network = CaselessStrEnum(["loopback", "none", "host"], default_value="loopback", config=True,
+                              help="""
+        'loopback' (default): a private network namespace with only `lo`, up; no route out and
+        the host's loopback services unreachable. 'none': the same namespace with `lo` down.
+        'host': share the host's network (no isolation of ports or services).""")
+
+    tmp_size = Unicode("1G", config=True, help="""
+        Size cap of each private tmpfs: /tmp, /var/tmp, /dev/shm and a private $HOME
+        (default 1G; suffixes K, M, G). Memory used there counts against the memory limit.""")
+
+    ro_binds = List(Unicode(), config=True, help="""
+        Extra host paths to show read-only at the same path inside (e.g. a shared data set).""")
+
+    rw_binds = List(Unicode(), config=True, help="""
+        Extra host paths to show read-write at the same path inside.""")
+
+    hide = List(Unicode(), config=True, help="""
+        Extra host paths to cover with an empty read-only directory wherever they would be
+        visible (added to the Jupyter runtime dir, /run/user/UID and ns-kernel's socket dirs,
+        which are always hidden).""")
+
+    hostname_prefix = Unicode("isolated", config=True, help="""
+        The kernel's hostname is PREFIX-<first 8 characters of the kernel id>.""")
+
+    env_deny = List(Unicode(), default_value=[
+        "JPY_PARENT_PID", "JUPYTERHUB_*", "JUPYTER_TOKEN", "JPY_API_TOKEN", "*TOKEN*", "*SECRET*",
+        "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*_KEY", "SSH_AUTH_SOCK", "SSH_AGENT_PID",
+        "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY",
+        "KRB5CCNAME", "GPG_AGENT_INFO", "SUDO_*",
+    ], config=True, help="""
+        Environment variables removed before the kernel starts (shell-style patterns, matched
+        case-insensitively): tokens and sockets of the host have no business inside.""")
+
+    env_keep = List(Unicode(), default_value=["PYTHONHASHSEED"], config=True, help="""
+        Variables kept even when a pattern in env_deny matches them.""")
+
+    socket_dir = Unicode("", config=True, help="""
+        Directory that holds each kernel's private 0700 socket directory. Default:
+        $XDG_RUNTIME_DIR/ns-kernel if that is set and writable, else /tmp/ns-kernel-UID.
+        Keep it short: Unix socket paths are limited to 107 bytes.""")
+
+    memory = Unicode("", config=True, help="""
+        Memory limit of the whole sandbox (e.g. 512M, 2G; '' = none). Enforced by a cgroup
+        when one can be made, else by RLIMIT_DATA (see limits_backend).""")
+
+    pids = Int(0, config=True, help="""
+        Maximum number of processes and threads in the sandbox (0 = none). Enforced by the
+        pids cgroup when one can be made, else by RLIMIT_NPROC counted in the sandbox's own
+        user namespace.""")
+
+    cpus = Float(0.0, config=True, help="""
+        CPU share of the sandbox in cores (e.g. 1.5; 0 = none), by the cpu cgroup's quota.
+        The rlimit fallback cannot share CPU: there it is an error unless best_effort.""")
+
+    limits_backend = CaselessStrEnum(["auto", "cgroup2", "cgroup1", "rlimit"], default_value="auto",
+                                     config=True, help="""
+        How limits are enforced: 'auto' (default) picks a writable delegated cgroup v2 subtree,
+        then cgroup v1 (root), then rlimits; or force one of them.""")
+
+    best_effort = Bool(False, config=True, help="""
+        If True, a limit the chosen backend cannot enforce is skipped with a warning in the
+        log instead of refusing to start the kernel.""")
+
+    @validate("tmp_size", "memory")
+    def _valid_size(self, proposal):
+        try:
+            parse_size(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"{proposal['trait'].name}: {exc}") from None
+        return proposal["value"]
+
+    @validate("pids")
+    def _valid_pids(self, proposal):
+        if proposal["value"] < 0:
+            raise TraitError(f"pids: {proposal['value']} is negative (0 means no limit)")
+        return proposal["value"]
+
+    @validate("cpus")
+    def _valid_cpus(self, proposal):
+        if proposal["value"] < 0:
+            raise TraitError(f"cpus: {proposal['value']} is negative (0 means no limit)")
+        return proposal["value"]

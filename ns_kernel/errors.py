@@ -1,0 +1,45 @@
+"""One error type for everything that can go wrong while building a sandbox.
+
+A SetupError names the operation and the path, then the OS's reason, the way
+bubblewrap's die_with_error() does; a hint says how to fix the known causes.
+It crosses the fork boundary as a small JSON record on the error pipe.
+"""
+import errno as _errno
+import json
+import os
+
+
+class SetupError(Exception):
+    """A sandbox or launcher step failed; str() is the one line the user reads."""
+
+    def __init__(self, step, syscall="", path="", err=0, hint=""):
+        self.step = step
+        self.syscall = syscall
+        self.path = path
+        self.errno = err
+        self.hint = hint
+        super().__init__(self.line())
+
+    def line(self):
+        what = self.syscall or self.step
+        if self.path and self.path not in what:
+            what = f"{what} {self.path}"
+        text = f"ns-kernel: {what}"
+        if self.errno:
+            text += f": {os.strerror(self.errno)}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+    def to_json(self):
+        return json.dumps({"step": self.step, "syscall": self.syscall, "path": self.path,
+                           "errno": self.errno, "hint": self.hint})
+
+    @classmethod
+    def from_json(cls, data):
+        record = json.loads(data)
+        return cls(record["step"], record["syscall"], record["path"], record["errno"], record["hint"])
+
+    @classmethod
+    def from_oserror(cls, step, exc, path="", hint=""):
+        return cls(step, step, path or exc.filename or "", exc.errno or _errno.EIO, hint)

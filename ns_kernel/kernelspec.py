@@ -1,0 +1,48 @@
+"""Kernelspec writing as a stack of small functions (as ipykernel's kernelspec.py does):
+argv -> kernel.json dict -> files in a directory -> installed with jupyter_client."""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+NAME = "isolated-python"
+DISPLAY_NAME = "Isolated Python"
+PROVISIONER = "ns-kernel-provisioner"
+RESOURCES = os.path.join(os.path.dirname(__file__), "resources")
+
+
+def kernel_argv(options=(), python=None):
+    """Launcher options go before -f; whatever follows {connection_file} reaches ipykernel."""
+    return [python or sys.executable, "-m", "ns_kernel", *options, "-f", "{connection_file}"]
+
+
+def kernel_dict(options=(), display_name=DISPLAY_NAME, python=None):
+    return {
+        "argv": kernel_argv(options, python),
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"debugger": False},
+    }
+
+
+def write_kernel_spec(path, spec):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "kernel.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+        f.write("\n")
+    for name in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
+        src = os.path.join(RESOURCES, name)
+        if os.path.exists(src):
+            shutil.copy(src, path)
+    return path
+
+
+def install(name=NAME, spec=None, user=False, prefix=None):
+    """Install into Jupyter's kernel dirs; returns the directory written."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    with tempfile.TemporaryDirectory() as tmp:
+        write_kernel_spec(os.path.join(tmp, name), spec or kernel_dict())
+        return KernelSpecManager().install_kernel_spec(os.path.join(tmp, name), name,
+                                                       user=user, prefix=prefix)

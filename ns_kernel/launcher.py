@@ -1,0 +1,214 @@
+"""The argv launcher: what kernel.json runs as `python -m ns_kernel -f {connection_file}`.
+
+It reads like the steps it takes:
+  1. read and check the client's connection file
+  2. build the plan (pure; option conflicts die here, before anything exists)
+  3. bind the client's TCP ports (tcp clients) or link its ipc paths (ipc clients)
+  4. make the private socket dir and the inner kernel's ipc connection file
+  5. start the sandbox
+  6. relay bytes, forward signals, watch the Jupyter server, until the kernel exits
+  7. remove everything made in 3-4, say why the kernel died if it did not exit cleanly,
+     and exit with the kernel's own status
+"""
+import os
+import re
+import shutil
+import selectors
+import signal
+import sys
+
+from . import bridge, connection, socketdir
+from .errors import SetupError
+from .pid import FORWARDED
+from .plan import SOCKET_DIR_INSIDE, Host, build_plan
+from .sandbox import Sandbox
+
+
+def kernel_id_from(path):
+    match = re.search(r"kernel-([0-9a-fA-F-]+)\.json$", path or "")
+    return match.group(1).replace("-", "") if match else ""
+
+
+def kernel_argv(extra):
+    return [sys.executable, "-m", "ipykernel_launcher",
+            "-f", f"{SOCKET_DIR_INSIDE}/connection.json", *extra]
+
+
+def command_argv(argv):
+    if not argv:
+        raise SetupError("usage", "no command", hint="use `ns-kernel run [options] -- CMD`")
+    path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+    if not path:
+        raise SetupError("run", f"command not found: {argv[0]}", hint="give its full path")
+    return [os.path.abspath(path), *argv[1:]]
+
+
+class Launch:
+    """One kernel's launch: everything it made, so that all of it can be undone."""
+
+    def __init__(self, sandbox_config, connection_file=None, argv=()):
+        """With a connection file, run ipykernel (argv: its extra arguments); without one,
+        run argv itself (`ns-kernel run`)."""
+        self.config = sandbox_config
+        self.connection_file = connection_file
+        self.argv = list(argv)
+        self.listeners = []
+        self.links = []
+        self.socket_dir = None
+        self.box = None
+        self.pending_signals = []
+
+    def run(self):
+        """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
+        self._install_signal_handlers()
+        if self.connection_file:
+            info = connection.read(self.connection_file)
+            argv = kernel_argv(self.argv)
+        else:
+            info, argv = None, command_argv(self.argv)
+        host = Host.probe()
+        socket_dir = socketdir.choose(self.config.socket_dir)
+        plan = build_plan(self.config, host, argv, socket_dir,
+                          kernel_id_from(self.connection_file))
+        try:
+            if info and info["transport"] == "tcp":
+                self.listeners = bridge.listen(info)
+            owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
+            self.socket_dir = socketdir.create(socket_dir, owner)
+            if info:
+                connection.write(f"{socket_dir}/connection.json",
+                                 connection.inner(info, SOCKET_DIR_INSIDE), *(owner or (None, None)))
+            if info and info["transport"] == "ipc":
+                self._link_ipc_paths(info)
+            self.box = Sandbox(plan).start()
+            for signum in self.pending_signals:
+                self.box.signal(signum)
+            self._supervise()
+            return self._status()
+        finally:
+            self.cleanup()
+
+    def _install_signal_handlers(self):
+        def forward(signum, _frame):
+            if self.box and self.box.pid:
+                self.box.signal(signum)
+            else:
+                self.pending_signals.append(signum)
+        for sig in FORWARDED:
+            signal.signal(sig, forward)
+
+    def _link_ipc_paths(self, info):
+        """An ipc client connects to <ip>-<port>: point those paths at the kernel's sockets."""
+        for name in connection.CHANNELS:
+            path = f"{info['ip']}-{info[name]}"
+            target = connection.socket_path(self.socket_dir, info[name])
+            try:
+                if os.path.lexists(path) and not os.path.isfile(path):
+                    os.unlink(path)   # a stale socket of an earlier kernel
+                os.symlink(target, path)
+            except OSError as exc:
+                raise SetupError("connection", "link ipc socket", path, exc.errno,
+                                 "the connection file's ip must name a writable directory") from None
+            self.links.append(path)
+
+    def _supervise(self):
+        box = self.box
+        sel = selectors.DefaultSelector()
+        monitor = os.pidfd_open(box.pid)
+        sel.register(monitor, selectors.EVENT_READ, "monitor")
+        sel.register(box.errors, selectors.EVENT_READ, "errors")
+        sel.register(box.ctl, selectors.EVENT_READ, "ctl")
+        server = self._server_pidfd()
+        if server is not None:
+            sel.register(server, selectors.EVENT_READ, "server")
+        relay = bridge.Bridge(sel, self.listeners, self.socket_dir) if self.listeners else None
+        try:
+            while True:
+                timeout = 0.005 if relay and relay.waiting else None
+                for key, events in sel.select(timeout):
+                    if key.data == "monitor":
+                        return
+                    if key.data == "errors":
+                        if box.read_errors():
+                            sel.unregister(box.errors)
+                            failure = box.failure()
+                            if failure:
+                                box.kill()
+                                raise failure
+                    elif key.data == "ctl":
+                        if not box.read_status():
+                            sel.unregister(box.ctl)
+                    elif key.data == "server":
+                        # The Jupyter server is gone: nobody will ever talk to this kernel.
+                        box.kill()
+                        return
+                    else:
+                        key.data.handle(key.fileobj, events)
+                if relay and relay.waiting:
+                    relay.retry()
+        finally:
+            if relay:
+                relay.close()
+            sel.close()
+            os.close(monitor)
+            if server is not None:
+                os.close(server)
+
+    def _server_pidfd(self):
+        try:
+            parent = int(os.environ.get("JPY_PARENT_PID", "0"))
+            return os.pidfd_open(parent) if parent > 1 else None
+        except (ValueError, OSError):
+            return None
+
+    def _status(self):
+        box = self.box
+        monitor_status = box.wait()
+        # Init sends the kernel's status just before exiting: read what is left of it.
+        box.ctl.setblocking(False)
+        try:
+            while box.read_status():
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        errors = box.failure()
+        if errors:
+            raise errors
+        return box.kernel_status if box.kernel_status is not None else monitor_status
+
+    def cleanup(self):
+        if self.box and self.box.pid:
+            self.box.kill()
+        for sock, _ in self.listeners:
+            sock.close()
+        for path in self.links:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self.socket_dir:
+            socketdir.remove(self.socket_dir)
+
+
+def describe_exit(status, kernel_id):
+    """One line for the server log when the kernel did not end by itself with status 0."""
+    code = os.waitstatus_to_exitcode(status)
+    name = kernel_id[:8] or "?"
+    if code < 0:
+        return f"ns-kernel: kernel {name} killed by {signal.Signals(-code).name}"
+    if code:
+        return f"ns-kernel: kernel {name} exited with status {code}"
+    return None
+
+
+def exit_like(status):
+    """Leave the way the kernel left: same exit code, or the same signal."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(-code, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+    os.kill(os.getpid(), -code)
+    sys.exit(128 - code)

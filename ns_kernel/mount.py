@@ -1,0 +1,134 @@
+"""The mount namespace: build a new root from the plan's mounts and switch to it.
+
+As bubblewrap does: a tmpfs becomes the root, the host's root is reachable at /oldroot
+while the plan's mounts are made under /newroot, then /newroot becomes / and the old root
+is detached, so nothing of the host is left underneath to be revealed by an umount.
+"""
+import os
+
+from .errors import SetupError
+from .plan import Op
+from .syscalls import MNT_DETACH, MountAttr, MountFlags, flag_names, mount, mount_setattr, \
+    move_mount, open_tree_clone, pivot_root, umount2
+
+BASE = "/tmp"          # any existing dir works: the tmpfs mounted here moves to / at once
+NEWROOT = "/newroot"
+OLDROOT = "/oldroot"
+NOSUID_NODEV = MountFlags.MS_NOSUID | MountFlags.MS_NODEV
+
+
+def _mount(source, target, fstype, flags, data=None, what=None):
+    try:
+        mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        desc = what or f"mount({fstype or source}, {target}, {flag_names(MountFlags(flags))})"
+        hint = ""
+        if fstype == "proc":
+            hint = ("the host's /proc has parts mounted over (as in Docker), so a fresh proc is "
+                    "refused; run the container with an unmasked /proc")
+        raise SetupError("mount", desc, target, exc.errno, hint) from None
+
+
+def _setattr(path, attrs, recursive=True):
+    try:
+        mount_setattr(path, attrs, recursive)
+    except OSError as exc:
+        raise SetupError("mount", f"mount_setattr({path}, {flag_names(attrs)})", path,
+                         exc.errno) from None
+
+
+def _makedirs(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise SetupError("mount", "mkdir", path, exc.errno) from None
+
+
+def _touch(path):
+    _makedirs(os.path.dirname(path))
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+    except OSError as exc:
+        raise SetupError("mount", "create mount point", path, exc.errno) from None
+
+
+def grab_bind_sources(mounts):
+    """Clone every bind source into a detached mount (an fd), while this process still has
+    the host's identity: once it becomes the sandbox's uid, host root's 0700 dirs (the
+    socket dir's parent, /root) are out of its reach."""
+    # Private: nothing we mount leaks to the host, and nothing the host mounts later
+    # (a USB stick, another kernel's socket dir) appears inside.
+    _mount(None, "/", None, MountFlags.MS_REC | MountFlags.MS_PRIVATE, what="make / private")
+    trees = {}
+    for i, m in enumerate(mounts):
+        if m.op in (Op.BIND, Op.DEVICE):
+            try:
+                trees[i] = (open_tree_clone(m.source), os.path.isdir(m.source))
+            except OSError as exc:
+                raise SetupError("mount", "bind", m.source, exc.errno) from None
+    return trees
+
+
+def enter_new_root(mounts, trees, cwd):
+    """Make the plan's mounts and pivot into them. Runs as PID 1 of the new PID namespace,
+    so the fresh /proc shows only the sandbox."""
+    _mount("tmpfs", BASE, "tmpfs", NOSUID_NODEV, "mode=0755,size=64k")
+    os.chdir(BASE)
+    _makedirs(BASE + NEWROOT)
+    _makedirs(BASE + OLDROOT)
+    try:
+        pivot_root(BASE, BASE + OLDROOT)
+    except OSError as exc:
+        raise SetupError("mount", "pivot_root", BASE, exc.errno) from None
+    os.chdir("/")
+    _mount("tmpfs", NEWROOT, "tmpfs", NOSUID_NODEV, "mode=0755")
+    for i, m in enumerate(mounts):
+        apply_mount(m, trees.get(i))
+    # The host root goes first, then the scaffold tmpfs under the new root goes with it.
+    umount2(OLDROOT, MNT_DETACH)
+    os.chdir(NEWROOT)
+    try:
+        pivot_root(".", ".")
+    except OSError as exc:
+        raise SetupError("mount", "pivot_root", NEWROOT, exc.errno) from None
+    umount2(".", MNT_DETACH)
+    os.chdir("/")
+    # The new root itself is read-only: the kernel writes only where the plan allows.
+    _setattr("/", MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID
+             | MountAttr.MOUNT_ATTR_NODEV, recursive=False)
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        raise SetupError("mount", "chdir", cwd, exc.errno) from None
+
+
+def apply_mount(m, tree):
+    dest = NEWROOT + m.dest
+    if m.op is Op.SYMLINK:
+        _makedirs(os.path.dirname(dest))
+        try:
+            os.symlink(m.data, dest)
+        except OSError as exc:
+            raise SetupError("mount", "symlink", dest, exc.errno) from None
+        return
+    if m.op in (Op.BIND, Op.DEVICE):
+        fd, is_dir = tree
+        if is_dir:
+            _makedirs(dest)
+        else:
+            _touch(dest)
+        try:
+            move_mount(fd, dest)
+        except OSError as exc:
+            raise SetupError("mount", f"bind {m.source} on {m.dest}", m.dest, exc.errno) from None
+        finally:
+            os.close(fd)
+        if m.op is Op.BIND:
+            _setattr(dest, m.attrs)
+        return
+    _makedirs(dest)
+    fstype = {Op.TMPFS: "tmpfs", Op.PROC: "proc", Op.SYSFS: "sysfs", Op.DEVPTS: "devpts"}[m.op]
+    flags = NOSUID_NODEV | (MountFlags.MS_NOEXEC if m.op is not Op.TMPFS else 0)
+    if MountAttr.MOUNT_ATTR_RDONLY in m.attrs:
+        flags |= MountFlags.MS_RDONLY
+    _mount(fstype, dest, fstype, flags, m.data or None, what=f"mount {fstype} on {m.dest}")

@@ -1,0 +1,223 @@
+"""The whole sandbox as one frozen value, and the pure function that builds it.
+
+build_plan() takes the settings and facts about the host and returns a Plan: id maps,
+mounts in the order they are made, hostname, environment, what to run. It touches
+nothing, so it is tested without privileges; option conflicts are rejected here, before
+any work starts.
+"""
+import enum
+import fnmatch
+import os
+import sys
+from dataclasses import dataclass, field
+
+from .config import format_size, parse_size
+from .errors import SetupError
+from .syscalls import MountAttr
+
+RO = MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
+RW = MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
+
+# Shown read-only when present; the rest of / (other homes, /run, /var, /srv, /mnt) is absent.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+SOCKET_DIR_INSIDE = "/run/ns-kernel"
+
+
+class Op(enum.Enum):
+    BIND = "bind"          # host `source` at `dest`, then `attrs` on the whole tree
+    TMPFS = "tmpfs"        # fresh tmpfs with `data` options, then `attrs`
+    PROC = "proc"          # fresh proc for the new PID namespace
+    SYSFS = "sysfs"        # fresh sysfs for the new net namespace, read-only
+    DEVPTS = "devpts"      # private pty instance
+    SYMLINK = "symlink"    # dest -> data
+    DEVICE = "device"      # bind one host device node
+
+
+@dataclass(frozen=True)
+class Mount:
+    op: Op
+    dest: str
+    source: str = ""
+    data: str = ""
+    attrs: MountAttr = RW
+
+
+@dataclass(frozen=True)
+class IdMap:
+    inside: int
+    outside: int
+
+    def line(self):
+        return f"{self.inside} {self.outside} 1\n"
+
+
+@dataclass(frozen=True)
+class Host:
+    """Facts about the machine and the caller, gathered once by Host.probe()."""
+    uid: int
+    gid: int
+    home: str
+    cwd: str
+    environ: tuple
+    python_paths: tuple
+    symlinks: tuple = ()      # (path, target) of system dirs that are symlinks (merged /usr)
+    missing: frozenset = frozenset()
+    runtime_dirs: tuple = ()  # Jupyter's runtime dir and /run/user/UID: always hidden
+
+    @classmethod
+    def probe(cls):
+        from jupyter_core.paths import jupyter_runtime_dir
+        links, missing = [], set()
+        for path in SYSTEM_DIRS:
+            if os.path.islink(path):
+                links.append((path, os.readlink(path)))
+            elif not os.path.isdir(path):
+                missing.add(path)
+        uid = os.getuid()
+        return cls(uid=uid, gid=os.getgid(), home=os.path.expanduser("~"), cwd=os.getcwd(),
+                   environ=tuple(sorted(os.environ.items())), python_paths=python_paths(),
+                   symlinks=tuple(links), missing=frozenset(missing),
+                   runtime_dirs=(jupyter_runtime_dir(), f"/run/user/{uid}"))
+
+
+def python_paths():
+    """Where this interpreter and its packages live: all of it must be readable inside."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable))}
+    paths.update(p for p in sys.path if p and os.path.exists(p))
+    # "/" would show the whole host; it only gets here as `python -m` run from /.
+    return tuple(sorted(os.path.realpath(p) for p in paths if os.path.realpath(p) != "/"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int = 0      # bytes, 0 = none
+    pids: int = 0
+    cpus: float = 0.0
+    backend: str = "auto"
+    best_effort: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    uid_map: IdMap
+    gid_map: IdMap
+    uid: int                  # the kernel's uid and gid, as seen inside
+    gid: int
+    drop_groups: bool         # host root: its supplementary groups must not follow it in
+    hostname: str
+    network: str
+    mounts: tuple
+    argv: tuple
+    env: tuple
+    cwd: str
+    socket_dir: str           # host path of the private socket dir
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def socket_dir_inside(self):
+        return SOCKET_DIR_INSIDE
+
+
+def under(path, parent):
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
+    """Return the Plan for running argv in a sandbox configured by `sandbox` on `host`."""
+    cwd = os.path.normpath(host.cwd)
+    if cwd == "/":
+        raise SetupError("plan", "working directory", "/", hint=(
+            "sharing / read-write would expose the whole host; start Jupyter from the "
+            "notebook's folder"))
+    if host.uid == 0:
+        if sandbox.sandbox_uid == 0 or sandbox.sandbox_gid == 0:
+            raise SetupError("plan", "Sandbox.sandbox_uid/sandbox_gid = 0", hint=(
+                "host root is never root inside; pick an unprivileged uid such as 65534"))
+        uid, gid, outside_uid, outside_gid = (sandbox.sandbox_uid, sandbox.sandbox_gid,
+                                              sandbox.sandbox_uid, sandbox.sandbox_gid)
+        home = host.home
+    else:
+        uid, gid, outside_uid, outside_gid = host.uid, host.gid, host.uid, host.gid
+        home = host.home
+    tmp = parse_size(sandbox.tmp_size)
+    tmp_opt = f",size={format_size(tmp)}" if tmp else ""
+
+    mounts = []
+    visible = []   # host paths shown inside: hidden paths under them get covered
+    for path, target in host.symlinks:
+        mounts.append(Mount(Op.SYMLINK, path, data=target))
+    for path in SYSTEM_DIRS:
+        if path not in host.missing and path not in dict(host.symlinks):
+            mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+            visible.append(path)
+    for path in ("/tmp", "/var/tmp"):
+        mounts.append(Mount(Op.TMPFS, path, data=f"mode=1777{tmp_opt}"))
+    mounts += [Mount(Op.TMPFS, "/dev", data="mode=0755,size=64k",
+                     attrs=MountAttr.MOUNT_ATTR_NOSUID)]
+    mounts += [Mount(Op.DEVICE, f"/dev/{name}", source=f"/dev/{name}") for name in DEVICES]
+    mounts += [Mount(Op.SYMLINK, f"/dev/{name}", data=target) for name, target in (
+        ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))]
+    mounts += [Mount(Op.DEVPTS, "/dev/pts", data="newinstance,ptmxmode=0666,mode=0620"),
+               Mount(Op.TMPFS, "/dev/shm", data=f"mode=1777{tmp_opt}"),
+               Mount(Op.PROC, "/proc", attrs=RW | MountAttr.MOUNT_ATTR_NOEXEC)]
+    if sandbox.network != "host":
+        mounts.append(Mount(Op.SYSFS, "/sys", attrs=RO | MountAttr.MOUNT_ATTR_NOEXEC))
+    if sandbox.home == "private":
+        mounts.append(Mount(Op.TMPFS, home, data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}"))
+    elif not any(under(home, v) for v in visible):
+        mounts.append(Mount(Op.BIND, home, source=home,
+                            attrs=RO if sandbox.home == "readonly" else RW))
+        visible.append(home)
+    # After the tmpfs mounts: a venv under /tmp or a private $HOME must stay visible.
+    for path in host.python_paths:
+        # The cwd is in sys.path (python -m) and gets its own read-write bind below.
+        if path != cwd and not any(under(path, v) for v in visible):
+            mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+            visible.append(path)
+    for paths, attrs in ((sandbox.ro_binds, RO), (sandbox.rw_binds, RW)):
+        for path in paths:
+            if not os.path.isabs(path):
+                raise SetupError("plan", "bind", path, hint="bind paths must be absolute")
+            path = os.path.normpath(path)
+            mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
+            visible.append(path)
+    mounts.append(Mount(Op.BIND, cwd, source=cwd, attrs=RW))
+    visible.append(cwd)
+    mounts.append(Mount(Op.BIND, SOCKET_DIR_INSIDE, source=socket_dir, attrs=RW))
+    # Other kernels' connection files and sockets: cover them wherever a bind shows them.
+    socket_base = os.path.dirname(socket_dir)
+    for path in (*host.runtime_dirs, socket_base, *sandbox.hide):
+        path = os.path.normpath(path)
+        if under(cwd, path):
+            raise SetupError("plan", "working directory", cwd, hint=(
+                f"it lies inside {path}, which holds other kernels' secrets; "
+                "run notebooks from another folder"))
+        if any(under(path, v) for v in visible):
+            mounts.append(Mount(Op.TMPFS, path, data="mode=0755,size=4k", attrs=RO))
+
+    return Plan(
+        uid_map=IdMap(uid, outside_uid), gid_map=IdMap(gid, outside_gid), uid=uid, gid=gid,
+        drop_groups=host.uid == 0,
+        hostname=f"{sandbox.hostname_prefix}-{(kernel_id or os.urandom(4).hex())[:8]}",
+        network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
+        env=kernel_env(dict(host.environ), sandbox, home), cwd=cwd, socket_dir=socket_dir,
+        limits=Limits(parse_size(sandbox.memory), sandbox.pids, sandbox.cpus,
+                      sandbox.limits_backend, sandbox.best_effort))
+
+
+def kernel_env(environ, sandbox, home):
+    """The kernel's environment: the caller's, minus secrets and host sockets."""
+    def denied(name):
+        upper = name.upper()
+        return (any(fnmatch.fnmatchcase(upper, p.upper()) for p in sandbox.env_deny)
+                and not any(fnmatch.fnmatchcase(upper, p.upper()) for p in sandbox.env_keep))
+    env = {k: v for k, v in environ.items() if not denied(k)}
+    env["HOME"] = home
+    # 1 tells ipykernel there is no parent to poll (it would see init, and quit); the
+    # launcher watches the Jupyter server itself.
+    env["JPY_PARENT_PID"] = "1"
+    env.pop("TMPDIR", None)
+    return tuple(sorted(env.items()))

@@ -1,0 +1,157 @@
+"""The raw Linux calls the sandbox needs, through ctypes, with flags named as in the man pages.
+
+Nothing here decides policy: each function does one syscall and raises OSError with the
+errno, so the caller can turn it into a SetupError naming its step.
+"""
+import ctypes
+import enum
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Syscall numbers past 424 are the same on every architecture (the unified table).
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
+SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine)
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+
+
+class CloneFlags(enum.IntFlag):
+    CLONE_NEWNS = 0x00020000
+    CLONE_NEWUTS = 0x04000000
+    CLONE_NEWIPC = 0x08000000
+    CLONE_NEWUSER = 0x10000000
+    CLONE_NEWPID = 0x20000000
+    CLONE_NEWNET = 0x40000000
+
+
+class MountFlags(enum.IntFlag):
+    MS_RDONLY = 1
+    MS_NOSUID = 2
+    MS_NODEV = 4
+    MS_NOEXEC = 8
+    MS_REMOUNT = 32
+    MS_BIND = 4096
+    MS_MOVE = 8192
+    MS_REC = 16384
+    MS_PRIVATE = 1 << 18
+    MS_SLAVE = 1 << 19
+
+
+class MountAttr(enum.IntFlag):
+    """mount_setattr(2) attributes: applied to a whole bind tree at once (AT_RECURSIVE)."""
+    MOUNT_ATTR_RDONLY = 0x1
+    MOUNT_ATTR_NOSUID = 0x2
+    MOUNT_ATTR_NODEV = 0x4
+    MOUNT_ATTR_NOEXEC = 0x8
+
+
+def flag_names(flags):
+    """'MS_BIND|MS_REC' rather than 0x5000, for error messages."""
+    return "|".join(f.name for f in type(flags) if f in flags) or "0"
+
+
+MNT_DETACH = 2
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _check(result, *args):
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), *args)
+    return result
+
+
+def unshare(flags):
+    _check(_libc.unshare(ctypes.c_int(int(flags))))
+
+
+def mount(source, target, fstype, flags=0, data=None):
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(int(flags)), enc(data)), target)
+
+
+def umount2(target, flags=0):
+    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), target)
+
+
+def pivot_root(new_root, put_old):
+    _check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()), new_root)
+
+
+def open_tree_clone(path):
+    """A detached copy of the mount tree at path, as an fd (a bind mount not yet placed)."""
+    return _check(_libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD), path.encode(),
+                                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)),
+                  path)
+
+
+def move_mount(fd, target):
+    _check(_libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(fd), b"",
+                         ctypes.c_int(AT_FDCWD), target.encode(),
+                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), target)
+
+
+class _MountAttrStruct(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(path, attr_set, recursive=True):
+    attr = _MountAttrStruct(int(attr_set), 0, 0, 0)
+    _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
+                         ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), path)
+
+
+def sethostname(name):
+    raw = name.encode()
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))))
+
+
+def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
+    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+
+
+def set_parent_death_signal(sig):
+    prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def set_no_new_privs():
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def last_capability():
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_all_capabilities():
+    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+    for cap in range(last_capability() + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), ctypes.byref(data)))

@@ -1,0 +1,53 @@
+"""The user namespace: who the sandbox is, seen from inside and from the host."""
+import os
+
+from .errors import SetupError
+
+_HINT_SYSCTLS = (
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+     "unprivileged user namespaces are disabled: sysctl -w kernel.unprivileged_userns_clone=1"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+     "AppArmor restricts unprivileged user namespaces: sysctl -w "
+     "kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor profile allowing userns "
+     "for this python"),
+    ("/proc/sys/user/max_user_namespaces", "0",
+     "user namespaces are disabled: sysctl -w user.max_user_namespaces=15000"),
+)
+
+
+def read_sysctl(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def userns_hint(read=read_sysctl):
+    """Why unshare(CLONE_NEWUSER) fails on this host, from the sysctls that govern it."""
+    for path, bad, hint in _HINT_SYSCTLS:
+        if read(path) == bad:
+            return hint
+    return ("user namespaces are not allowed here (a seccomp filter, e.g. Docker's default "
+            "profile, or a Kubernetes pod without hostUsers: false); run `ns-kernel doctor`")
+
+
+def write_id_maps(pid, plan):
+    """Map the plan's one uid and gid for process `pid` (which has just unshared its user
+    namespace). Written from the parent namespace: only there may host root map another uid.
+    os.write, not file.write: the latter hides EPERM behind buffering."""
+    root = f"/proc/{pid}"
+    steps = [(f"{root}/uid_map", plan.uid_map.line())]
+    if os.getuid() != 0:
+        # An unprivileged writer may map its gid only after giving up setgroups(2) for good.
+        steps.append((f"{root}/setgroups", "deny"))
+    steps.append((f"{root}/gid_map", plan.gid_map.line()))
+    for path, text in steps:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SetupError("user", f"write {text.strip()!r} to", path, exc.errno) from None
