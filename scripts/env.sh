@@ -1,0 +1,20 @@
+# Shared by scripts/: where the virtualenv lives and how it is made.
+# Debian's /usr/bin/python3, not pyenv's under /root (0700): the sandbox runs as another uid
+# when root starts it, and an ordinary user must be able to run the same interpreter.
+if [ "$(id -u)" = 0 ]; then
+  VENV=${NS_KERNEL_VENV:-/opt/ns-kernel/venv}
+else
+  VENV=${NS_KERNEL_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ns-kernel/venv}
+fi
+BASE_PYTHON=${NS_KERNEL_BASE_PYTHON:-/usr/bin/python3}
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$BASE_PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+      [ "$(id -u)" = 0 ] && apt-get install -y -q python3-venv >/dev/null
+    fi
+    "$BASE_PYTHON" -m venv "$VENV"
+    chmod -R a+rX "$(dirname "$VENV")"
+  fi
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$repo[test]" 2>&1 | grep -v -i warning || true
+}

@@ -1,0 +1,117 @@
+"""Fixtures shared by the test tiers: a kernelspec for this interpreter, real kernels
+started through jupyter_client, and a helper that runs code and collects what it printed."""
+import os
+import sys
+import tempfile
+
+import pytest
+from jupyter_client.manager import KernelManager
+
+from ns_kernel import kernelspec
+
+KERNEL_NAME = "isolated-python"
+
+# One Jupyter data dir for the whole run, readable by every uid (root's sandbox is nobody).
+_DATA = tempfile.mkdtemp(prefix="ns-kernel-test-")
+os.chmod(_DATA, 0o755)
+kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", KERNEL_NAME), kernelspec.kernel_dict())
+os.environ["JUPYTER_PATH"] = _DATA
+os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    shutil.rmtree(_DATA, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir():
+    """A notebook folder the sandbox's uid can write (nobody, when the tests run as root)."""
+    path = tempfile.mkdtemp(prefix="ns-kernel-wd-")
+    os.chmod(path, 0o777)
+    yield path
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Kernel:
+    """A real isolated kernel: its manager, a client, and a way to run code in it."""
+
+    def __init__(self, km, kc):
+        self.km, self.kc = km, kc
+
+    def execute(self, code, timeout=30, stdin=None):
+        """Run code; return (stdout+stderr text, error name or None, all iopub messages)."""
+        msg_id = self.kc.execute(code, allow_stdin=stdin is not None)
+        out, error, msgs = [], None, []
+        while True:
+            if stdin is not None:
+                try:
+                    req = self.kc.get_stdin_msg(timeout=0.05)
+                    self.kc.input(stdin)
+                    msgs.append(req)
+                except Exception:  # noqa: BLE001 - queue.Empty: no prompt yet
+                    pass
+            try:
+                msg = self.kc.get_iopub_msg(timeout=timeout if stdin is None else 0.05)
+            except Exception:  # noqa: BLE001
+                if stdin is None:
+                    raise
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            msgs.append(msg)
+            kind = msg["msg_type"]
+            if kind == "stream":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                error = msg["content"]["ename"]
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                return "".join(out), error, msgs
+
+    def value(self, expr, timeout=30):
+        """Evaluate expr in the kernel and return its repr() parsed back (literals only)."""
+        import ast
+        out, error, _ = self.execute(f"print(repr({expr}))", timeout)
+        assert error is None, f"{expr} raised {error}: {out}"
+        return ast.literal_eval(out.strip())
+
+
+def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, **kw):
+    km = KernelManager(kernel_name=kernel_name, **kw)
+    km.start_kernel(cwd=cwd, extra_arguments=list(extra_arguments))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+    except Exception:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        raise
+    return Kernel(km, kc)
+
+
+def stop_kernel(kernel):
+    kernel.kc.stop_channels()
+    if kernel.km.has_kernel:
+        kernel.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def kernel(workdir):
+    k = start_kernel(workdir)
+    yield k
+    stop_kernel(k)
+
+
+@pytest.fixture
+def kernel_pair(workdir):
+    a, b = start_kernel(workdir), start_kernel(workdir)
+    yield a, b
+    stop_kernel(a)
+    stop_kernel(b)
+
+
+@pytest.fixture(scope="session")
+def python():
+    return sys.executable
