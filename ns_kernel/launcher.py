@@ -208,7 +208,8 @@ def exit_like(status):
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
-    signal.signal(-code, signal.SIG_DFL)
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(-code, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
     os.kill(os.getpid(), -code)
     sys.exit(128 - code)

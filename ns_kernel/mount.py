@@ -126,8 +126,12 @@ def apply_mount(m, tree):
         if m.op is Op.BIND:
             _setattr(dest, m.attrs)
         return
+    if m.op is Op.HIDE and not os.path.isdir(dest):
+        # Absent on the host, or behind a dir the sandbox's uid cannot enter (root's 0700
+        # home): the kernel cannot reach it either.
+        return
     _makedirs(dest)
-    fstype = {Op.TMPFS: "tmpfs", Op.PROC: "proc", Op.SYSFS: "sysfs", Op.DEVPTS: "devpts"}[m.op]
+    fstype = {Op.TMPFS: "tmpfs", Op.HIDE: "tmpfs", Op.PROC: "proc", Op.SYSFS: "sysfs", Op.DEVPTS: "devpts"}[m.op]
     flags = NOSUID_NODEV | (MountFlags.MS_NOEXEC if m.op is not Op.TMPFS else 0)
     if MountAttr.MOUNT_ATTR_RDONLY in m.attrs:
         flags |= MountFlags.MS_RDONLY

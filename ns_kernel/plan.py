@@ -32,6 +32,7 @@ class Op(enum.Enum):
     DEVPTS = "devpts"      # private pty instance
     SYMLINK = "symlink"    # dest -> data
     DEVICE = "device"      # bind one host device node
+    HIDE = "hide"          # empty read-only tmpfs over a path a bind would otherwise show
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
                 f"it lies inside {path}, which holds other kernels' secrets; "
                 "run notebooks from another folder"))
         if any(under(path, v) for v in visible):
-            mounts.append(Mount(Op.TMPFS, path, data="mode=0755,size=4k", attrs=RO))
+            mounts.append(Mount(Op.HIDE, path, data="mode=0755,size=4k", attrs=RO))
 
     return Plan(
         uid_map=IdMap(uid, outside_uid), gid_map=IdMap(gid, outside_gid), uid=uid, gid=gid,

@@ -14,8 +14,17 @@ KERNEL_NAME = "isolated-python"
 # One Jupyter data dir for the whole run, readable by every uid (root's sandbox is nobody).
 _DATA = tempfile.mkdtemp(prefix="ns-kernel-test-")
 os.chmod(_DATA, 0o755)
-kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", KERNEL_NAME), kernelspec.kernel_dict())
 os.environ["JUPYTER_PATH"] = _DATA
+
+
+def write_spec(name, options=()):
+    """A kernelspec in the test data dir whose launcher gets `options` (e.g. --home shared)."""
+    kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name),
+                                 kernelspec.kernel_dict(list(options)))
+    return name
+
+
+write_spec(KERNEL_NAME)
 os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
 
 
