@@ -5,6 +5,7 @@
   ns-kernel run [options] -- CMD [ARGS...]
   ns-kernel doctor
 """
+import os
 import sys
 
 from traitlets import Bool, Unicode
@@ -27,6 +28,7 @@ SANDBOX_ALIASES = {
     "uid": "Sandbox.sandbox_uid",
     "gid": "Sandbox.sandbox_gid",
     "limits": "Sandbox.limits_backend",
+    "cgroup-parent": "Sandbox.cgroup_parent",
 }
 SANDBOX_FLAGS = {
     "best-effort": ({"Sandbox": {"best_effort": True}},
@@ -67,11 +69,12 @@ class KernelApp(SandboxApp):
     description = "Run ipykernel in a fresh sandbox for the client that wrote CONNECTION_FILE."
 
     def start_kernel(self, argv):
-        from .launcher import Launch, describe_exit, exit_like, kernel_id_from
+        from .launcher import Launch, exit_like
         options, connection_file, extra = split_at_connection_file(argv)
         config = self.load_sandbox_config(options)
-        status = Launch(config, connection_file, extra).run()
-        line = describe_exit(status, kernel_id_from(connection_file))
+        launch = Launch(config, connection_file, extra)
+        status = launch.run()
+        line = launch.explain(status)
         if line:
             print(line, file=sys.stderr, flush=True)
         exit_like(status)
@@ -118,7 +121,12 @@ class RunApp(SandboxApp):
             raise SetupError("usage", "no command", hint="use `ns-kernel run [options] -- CMD`")
         cut = argv.index("--")
         config = self.load_sandbox_config(argv[:cut])
-        exit_like(Launch(config, argv=argv[cut + 1:]).run())
+        launch = Launch(config, argv=argv[cut + 1:])
+        status = launch.run()
+        # A command's own exit code speaks for itself; a kill (OOM, signal) needs words.
+        if os.WIFSIGNALED(status):
+            print(launch.explain(status), file=sys.stderr, flush=True)
+        exit_like(status)
 
 
 def main(argv=None):

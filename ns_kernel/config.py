@@ -106,6 +106,13 @@ class Sandbox(Configurable):
         How limits are enforced: 'auto' (default) picks a writable delegated cgroup v2 subtree,
         then cgroup v1 (root), then rlimits; or force one of them.""")
 
+    cgroup_parent = Unicode("", config=True, help="""
+        A cgroup v2 directory where this user may create cgroups (delegated by systemd
+        `Delegate=yes` or by the hub), with memory, pids and cpu enabled in its
+        cgroup.subtree_control. It must lie in the same delegated subtree as the Jupyter
+        server's own cgroup (moving a process needs write access to their common ancestor).
+        Default '': none for ordinary users; real root uses <cgroup2 mount>/ns-kernel.""")
+
     best_effort = Bool(False, config=True, help="""
         If True, a limit the chosen backend cannot enforce is skipped with a warning in the
         log instead of refusing to start the kernel.""")

@@ -7,8 +7,8 @@ It reads like the steps it takes:
   4. make the private socket dir and the inner kernel's ipc connection file
   5. start the sandbox
   6. relay bytes, forward signals, watch the Jupyter server, until the kernel exits
-  7. remove everything made in 3-4, say why the kernel died if it did not exit cleanly,
-     and exit with the kernel's own status
+  7. remove everything made in 3-4 (and the limits' cgroup), say why the kernel died if
+     it did not exit cleanly, and exit with the kernel's own status
 """
 import os
 import re
@@ -16,8 +16,9 @@ import shutil
 import selectors
 import signal
 import sys
+from dataclasses import replace
 
-from . import bridge, connection, socketdir
+from . import bridge, connection, limits, socketdir
 from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, build_plan
@@ -57,6 +58,9 @@ class Launch:
         self.socket_dir = None
         self.box = None
         self.pending_signals = []
+        self.kernel_id = kernel_id_from(connection_file)
+        self.limits = limits.Enforcement()
+        self.usage = None          # what the cgroup saw, read once the kernel has ended
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -68,9 +72,16 @@ class Launch:
             info, argv = None, command_argv(self.argv)
         host = Host.probe()
         socket_dir = socketdir.choose(self.config.socket_dir)
-        plan = build_plan(self.config, host, argv, socket_dir,
-                          kernel_id_from(self.connection_file))
+        notice = limits.recall(socket_dir, self.kernel_id)
+        if notice:
+            argv.append(limits.EXTENSION_ARGV)
+        plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id)
         try:
+            # Probes the host (cgroups), so it happens here, not in the pure build_plan.
+            self.limits = limits.enforce(plan.limits, self.config.cgroup_parent, self.kernel_id)
+            plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
+            for line in self.limits.log_lines(plan.limits, self._who()):
+                print(line, file=sys.stderr, flush=True)
             if info and info["transport"] == "tcp":
                 self.listeners = bridge.listen(info)
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
@@ -78,15 +89,30 @@ class Launch:
             if info:
                 connection.write(f"{socket_dir}/connection.json",
                                  connection.inner(info, SOCKET_DIR_INSIDE), *(owner or (None, None)))
+            if notice:
+                limits.leave_notice(self.socket_dir, notice, owner)
             if info and info["transport"] == "ipc":
                 self._link_ipc_paths(info)
-            self.box = Sandbox(plan).start()
+            self.box = Sandbox(plan, attach=self.limits.attach).start()
             for signum in self.pending_signals:
                 self.box.signal(signum)
             self._supervise()
-            return self._status()
+            status = self._status()
+            self.usage = self.limits.usage()
+            return status
         finally:
             self.cleanup()
+
+    def _who(self):
+        return f"kernel {self.kernel_id[:8]}" if self.connection_file else "command"
+
+    def explain(self, status):
+        """The server log's line on why the kernel ended (None if it ended by itself with
+        status 0); the reason is also kept for the restarted kernel to show."""
+        line = describe_exit(status, self._who(), self.usage)
+        if line and self.kernel_id:
+            limits.remember(self.socket_dir, self.kernel_id, line)
+        return line
 
     def _install_signal_handlers(self):
         def forward(signum, _frame):
@@ -179,6 +205,7 @@ class Launch:
     def cleanup(self):
         if self.box and self.box.pid:
             self.box.kill()
+        self.limits.remove()
         for sock, _ in self.listeners:
             sock.close()
         for path in self.links:
@@ -190,15 +217,11 @@ class Launch:
             socketdir.remove(self.socket_dir)
 
 
-def describe_exit(status, kernel_id):
-    """One line for the server log when the kernel did not end by itself with status 0."""
-    code = os.waitstatus_to_exitcode(status)
-    name = kernel_id[:8] or "?"
-    if code < 0:
-        return f"ns-kernel: kernel {name} killed by {signal.Signals(-code).name}"
-    if code:
-        return f"ns-kernel: kernel {name} exited with status {code}"
-    return None
+def describe_exit(status, who, usage=None):
+    """One line for the server log when the kernel (`who`) did not end by itself with
+    status 0: out of memory, the pids limit, a signal, an exit code."""
+    reason = limits.death_reason(os.waitstatus_to_exitcode(status), usage or limits.Usage())
+    return f"ns-kernel: {who} {reason}" if reason else None
 
 
 def exit_like(status):

@@ -1,7 +1,107 @@
-"""Per-kernel limits: memory, processes, CPU."""
-import resource
+"""Per-kernel limits (memory, processes, CPU) and why a kernel died.
 
+Backends, best first: cgroup v2 in a delegated subtree, cgroup v1 (root), rlimits set by
+init. The launcher picks one with enforce() (it probes the host, so it stays out of the
+pure build_plan), logs it, and after the kernel's death reads what the cgroup saw. The
+reason is kept in a small file keyed by kernel id, so that the next sandbox of the same
+kernel (Jupyter's automatic restart) shows it in the notebook: this module is also the
+IPython extension that prints it with the first cell's output.
+"""
+import glob
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+from . import cgroup
+from .config import format_size
 from .errors import SetupError
+
+BACKENDS = ("cgroup2", "cgroup1", "rlimit")
+# What rlimits can do: RLIMIT_CPU caps total seconds, it is not a share of a core.
+RLIMIT_CAN = ("memory", "pids")
+NOTICE_INSIDE = "/run/ns-kernel/previous-exit"
+EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.limits"
+
+
+@dataclass
+class Enforcement:
+    """The backend in force for one kernel, and its cgroup if it has one."""
+    backend: str = "none"
+    cgroup: object = None
+    skipped: list = field(default_factory=list)
+
+    def attach(self, pid):
+        if self.cgroup:
+            self.cgroup.attach(pid)
+
+    def usage(self):
+        return self.cgroup.usage() if self.cgroup else cgroup.Usage()
+
+    def log_lines(self, limits, who):
+        """For the server log: the backend in force, and what best_effort let go."""
+        if self.backend == "none":
+            return []
+        lines = [f"ns-kernel: {who} limits: {describe(limits, self.skipped)} (by {self.backend})"]
+        if self.skipped:
+            lines.append(f"ns-kernel: warning: {who}: {', '.join(self.skipped)} not enforced: "
+                         f"{self.backend} cannot (best_effort)")
+        return lines
+
+    def remove(self):
+        if self.cgroup:
+            self.cgroup.remove()
+            self.cgroup = None
+
+
+def wanted(limits):
+    return [name for name in ("memory", "pids", "cpus") if getattr(limits, name)]
+
+
+def describe(limits, skipped=()):
+    shown = {"memory": format_size, "pids": str, "cpus": lambda v: f"{v:g}"}
+    return ", ".join(f"{n} {shown[n](getattr(limits, n))}"
+                     for n in wanted(limits) if n not in skipped) or "none"
+
+
+def probe(cgroup_parent="", uid=None):
+    """[(backend, usable, detail)] in order of preference: what the doctor shows and
+    what enforce() walks."""
+    parent, why2 = cgroup.v2_parent(cgroup_parent, uid)
+    parents, why1 = cgroup.v1_parents(uid)
+    return [("cgroup2", parent is not None, parent or why2),
+            ("cgroup1", bool(parents), ", ".join(sorted(parents)) or why1),
+            ("rlimit", True, "RLIMIT_DATA for memory, RLIMIT_NPROC per user namespace for "
+                             "pids; no CPU share")]
+
+
+def enforce(limits, cgroup_parent="", name=""):
+    """Pick the backend for `limits` and make its cgroup (if any). A limit it cannot
+    enforce is a SetupError unless limits.best_effort, then it is listed in .skipped."""
+    need = wanted(limits)
+    if not need:
+        return Enforcement()
+    options = probe(cgroup_parent)
+    if limits.backend != "auto":
+        options = [o for o in options if o[0] == limits.backend]
+        if not options[0][1]:
+            raise SetupError("limits", f"limits backend {limits.backend}", hint=options[0][2])
+    backend = next(o for o in options if o[1])
+    name = f"ns-kernel-{name or os.urandom(6).hex()}"
+    if backend[0] == "cgroup2":
+        group, skipped = cgroup.Cgroup.create(2, backend[2], name, limits)
+    elif backend[0] == "cgroup1":
+        group, skipped = cgroup.Cgroup.create(1, cgroup.v1_parents()[0], name, limits)
+    else:
+        group, skipped = None, [n for n in need if n not in RLIMIT_CAN]
+    if skipped and not limits.best_effort:
+        if group:
+            group.remove()
+        reasons = "; ".join(f"{o[0]}: {o[2]}" for o in options if not o[1])
+        raise SetupError("limits", f"{backend[0]} cannot enforce {', '.join(skipped)}", hint=(
+            (reasons + "; " if reasons else "") +
+            "run `ns-kernel doctor`, or allow it with --best-effort"))
+    return Enforcement(backend[0], group, skipped)
 
 
 def apply_rlimits(limits):
@@ -22,3 +122,85 @@ def apply_rlimits(limits):
         except (OSError, ValueError) as exc:
             raise SetupError("limits", f"setrlimit({name}, {value})", "",
                              getattr(exc, "errno", 0) or 22) from None
+
+
+def mib(size):
+    return f"{size / (1 << 20):.0f} MiB"
+
+
+def death_reason(code, usage):
+    """Why the kernel ended, from its exit code (negative: a signal) and the cgroup's
+    counters; None if it ended by itself with status 0."""
+    import signal
+    if usage.oom_kills:
+        peak = f", peak {mib(usage.memory_peak)}" if usage.memory_peak else ""
+        return f"killed: out of memory (limit {mib(usage.memory_limit)}{peak})"
+    if code < 0:
+        text = f"killed by {signal.Signals(-code).name}"
+    elif code:
+        text = f"exited with status {code}"
+    else:
+        return None
+    if usage.pids_refused:
+        text += f" after reaching its process limit ({usage.pids_limit})"
+    return text
+
+
+def notice_path(socket_dir, kernel_id):
+    """Beside the socket dirs (0700, this user's), one file per kernel id."""
+    return os.path.join(os.path.dirname(socket_dir), f"previous-exit-{kernel_id}")
+
+
+def remember(socket_dir, kernel_id, line):
+    """Keep the server log's line for the restarted kernel; forget those nobody restarted
+    within a day."""
+    for stale in glob.glob(os.path.join(os.path.dirname(socket_dir), "previous-exit-*")):
+        try:
+            if os.stat(stale).st_mtime < time.time() - 86400:
+                os.unlink(stale)
+        except OSError:
+            pass
+    try:
+        fd = os.open(notice_path(socket_dir, kernel_id),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(line)
+    except OSError:
+        pass   # the reason is already in the server log; the notebook just won't show it
+
+
+def recall(socket_dir, kernel_id):
+    """The previous sandbox's reason for this kernel id ('' if none), read once."""
+    path = notice_path(socket_dir, kernel_id)
+    try:
+        with open(path) as f:
+            reason = f.read()
+        os.unlink(path)
+        return reason
+    except OSError:
+        return ""
+
+
+def leave_notice(socket_dir, reason, owner=None):
+    """Put the reason where the restarted kernel reads it (NOTICE_INSIDE)."""
+    path = os.path.join(socket_dir, os.path.basename(NOTICE_INSIDE))
+    with open(path, "w") as f:
+        f.write(reason)
+    if owner:
+        os.chown(path, *owner)
+
+
+def load_ipython_extension(ip):
+    """In the restarted kernel: print why the previous one died, with the first cell's
+    output (stream output before any request would reach no cell in the notebook)."""
+    import sys
+    try:
+        with open(NOTICE_INSIDE) as f:
+            line = f.read().strip()
+    except OSError:
+        return
+
+    def show(*_):
+        ip.events.unregister("pre_run_cell", show)
+        print(f"{line}; this is a new kernel", file=sys.stderr, flush=True)
+    ip.events.register("pre_run_cell", show)

@@ -29,8 +29,9 @@ MSG_STATUS = b"S"
 class Sandbox:
     """The launcher's handle on a running sandbox."""
 
-    def __init__(self, plan):
+    def __init__(self, plan, attach=None):
         self.plan = plan
+        self.attach = attach       # puts the monitor in the kernel's cgroup (limits.py)
         self.pid = None            # the monitor's pid
         self.ctl = None            # launcher's end of the control socket
         self.errors = None         # read end of the error pipe
@@ -54,6 +55,10 @@ class Sandbox:
         try:
             if ctl.recv(1) != MSG_UNSHARED:
                 raise self.failure() or SetupError("user", "sandbox monitor exited early")
+            # The monitor waits for its id maps and has forked nothing yet: whatever the
+            # sandbox forks from now on is born in the cgroup.
+            if self.attach:
+                self.attach(child)
             write_id_maps(child, self.plan)
             ctl.sendall(MSG_MAPPED)
         except BaseException:
