@@ -76,7 +76,11 @@ class Kernel:
             elif kind == "error":
                 error = msg["content"]["ename"]
             elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                return "".join(out), error, msgs
+                break
+        # Take this request's reply off the shell channel, so later readers see their own.
+        while self.kc.get_shell_msg(timeout=timeout)["parent_header"].get("msg_id") != msg_id:
+            pass
+        return "".join(out), error, msgs
 
     def value(self, expr, timeout=30):
         """Evaluate expr in the kernel and return its repr() parsed back (literals only)."""

@@ -1,0 +1,198 @@
+"""Interrupt, restart, shutdown, crashes and a SIGKILLed launcher: real kernels, real signals,
+and nothing left behind."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import start_kernel, stop_kernel, write_spec
+
+
+@pytest.fixture
+def socket_base():
+    """A socket base dir of the test's own, so leftovers can be counted exactly."""
+    base = tempfile.mkdtemp(prefix="nsk-")
+    yield base
+    leftovers = os.listdir(base)
+    import shutil
+    shutil.rmtree(base, ignore_errors=True)
+    assert leftovers == [], f"socket dirs left behind: {leftovers}"
+
+
+@pytest.fixture
+def own_kernel(workdir, socket_base):
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+    k = start_kernel(workdir, kernel_name=name)
+    yield k
+    stop_kernel(k)
+
+
+def descendants(pid):
+    """Host pids of every process below pid (the monitor, init, the kernel, its children)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids):
+    return [p for p in pids if os.path.exists(f"/proc/{p}") and
+            open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_interrupt_busy_loop_keeps_kernel(own_kernel):
+    k = own_kernel
+    msg_id = k.kc.execute("while True: pass")
+    time.sleep(1)
+    k.km.interrupt_kernel()
+    reply = k.kc.get_shell_msg(timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert k.value("6 * 7") == 42
+
+
+def test_interrupt_arrives_once_and_reaches_subprocesses(own_kernel):
+    k = own_kernel
+    # The cell's own handler counts deliveries (ipykernel resets handlers between cells).
+    msg_id = k.kc.execute("import signal, subprocess, time\nhits = []\n"
+                          "signal.signal(signal.SIGINT, lambda *a: hits.append(1))\n"
+                          "time.sleep(2)")
+    time.sleep(1)
+    k.km.interrupt_kernel()
+    assert k.kc.get_shell_msg(timeout=20)["parent_header"]["msg_id"] == msg_id
+    assert k.value("len(hits)") == 1
+    # A child in the kernel's process group is interrupted too, as under a plain kernel.
+    msg_id = k.kc.execute("p = subprocess.Popen(['sleep', '60']); p.wait()")
+    time.sleep(1)
+    k.km.interrupt_kernel()
+    reply = k.kc.get_shell_msg(timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert k.value("p.wait(timeout=10)") == -signal.SIGINT
+
+
+def test_restart_gives_fresh_sandbox(own_kernel):
+    k = own_kernel
+    k.execute("secret = 1; open('/tmp/marker', 'w').close()")
+    old = descendants(k.km.provisioner.process.pid)
+    k.km.restart_kernel(now=False)
+    k.kc.wait_for_ready(timeout=60)
+    assert k.value("'secret' in globals()") is False
+    assert k.value("__import__('os').path.exists('/tmp/marker')") is False
+    assert k.value("__import__('os').getpid()") == 2
+    assert wait_until(lambda: not alive(old)), f"old sandbox survived: {alive(old)}"
+
+
+def test_shutdown_leaves_nothing(workdir, socket_base):
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+    k = start_kernel(workdir, kernel_name=name)
+    launcher = k.km.provisioner.process.pid
+    tree = [launcher, *descendants(launcher)]
+    assert len(tree) >= 4   # launcher, monitor, init, kernel
+    assert len(os.listdir(socket_base)) == 1
+    stop_kernel(k)
+    assert wait_until(lambda: not alive(tree)), f"still running: {alive(tree)}"
+    assert os.listdir(socket_base) == []
+
+
+def test_sigkill_of_launcher_takes_the_whole_sandbox(workdir, socket_base):
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        k.execute("import subprocess; subprocess.Popen(['sleep', '300'])")
+        launcher = k.km.provisioner.process.pid
+        tree = descendants(launcher)
+        assert len(tree) >= 4   # monitor, init, kernel, sleep
+        os.kill(launcher, signal.SIGKILL)
+        assert wait_until(lambda: not alive(tree), timeout=3), f"survivors: {alive(tree)}"
+        assert wait_until(lambda: os.listdir(socket_base) == [], timeout=3)
+    finally:
+        stop_kernel(k)
+
+
+@pytest.mark.parametrize("code, status", [("import os; os._exit(3)", 3),
+                                          ("import os, signal; os.kill(os.getpid(), "
+                                           "signal.SIGSEGV)", -signal.SIGSEGV)])
+def test_kernel_death_is_the_launchers_status(own_kernel, code, status):
+    k = own_kernel
+    proc = k.km.provisioner.process
+    k.kc.execute(code)
+    assert proc.wait(timeout=20) == status
+
+
+def test_init_reaps_orphans(own_kernel):
+    k = own_kernel
+    # sh exits at once; its background sleep is orphaned to init, which must reap it.
+    k.execute("import subprocess; subprocess.run(['sh', '-c', 'sleep 0.3 & exit 0'])")
+    time.sleep(1.5)
+    states = k.value("[open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] "
+                     "for p in __import__('os').listdir('/proc') if p.isdigit()]")
+    assert "Z" not in states and len(states) == 2
+
+
+def test_launcher_exits_when_jupyter_server_dies(workdir, socket_base, tmp_path):
+    """ipykernel polls its parent; inside, the launcher does it for the kernel."""
+    from jupyter_client.connect import write_connection_file
+    conn = str(tmp_path / "kernel-0123abcd.json")
+    write_connection_file(conn)
+    server = subprocess.Popen(["sleep", "300"])
+    env = dict(os.environ, JPY_PARENT_PID=str(server.pid))
+    launcher = subprocess.Popen([sys.executable, "-m", "ns_kernel", f"--socket-dir={socket_base}",
+                                 "-f", conn], cwd=workdir, env=env, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: len(descendants(launcher.pid)) >= 3, timeout=20)
+        tree = descendants(launcher.pid)
+        server.kill()
+        server.wait()
+        launcher.wait(timeout=10)
+        assert wait_until(lambda: not alive(tree), timeout=3)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        server.kill()
+
+
+def test_ipc_client_talks_to_kernel_sockets_directly(workdir, socket_base, tmp_path):
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+    k = start_kernel(workdir, kernel_name=name, transport="ipc",
+                     ip=str(tmp_path / "kernel-ipc"))
+    try:
+        links = [str(tmp_path / f"kernel-ipc-{k.km.shell_port}")]
+        assert os.path.islink(links[0])
+        assert k.value("1 + 1") == 2
+        # No TCP port anywhere in the launcher's tree.
+        launcher = k.km.provisioner.process.pid
+        for pid in [launcher, *descendants(launcher)]:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:"):
+                    inode = target[8:-1]
+                    with open("/proc/net/tcp") as f:
+                        assert inode not in f.read()
+    finally:
+        stop_kernel(k)
+    assert not os.path.lexists(links[0])
