@@ -8,8 +8,9 @@
 import os
 import sys
 
-from traitlets import Bool, Unicode
+from traitlets import Bool, TraitError, Unicode
 from traitlets.config import Application
+from traitlets.config.loader import ArgumentError
 
 from .config import Sandbox
 from .errors import SetupError
@@ -41,6 +42,15 @@ class SandboxApp(Application):
     aliases = SANDBOX_ALIASES
     flags = SANDBOX_FLAGS
     classes = [Sandbox]
+
+    def parse_command_line(self, argv=None):
+        # traitlets would log a bad option as a CRITICAL record and exit 1; we say it in
+        # our one-line form instead (main() prints it).
+        try:
+            return Application.parse_command_line.__wrapped__(self, argv)
+        except (TraitError, ArgumentError) as exc:
+            raise SetupError("options", f"bad option: {exc}",
+                             hint="see `ns-kernel --help-all`") from None
 
     def load_sandbox_config(self, argv):
         from jupyter_core.paths import jupyter_config_path

@@ -99,7 +99,9 @@ def enter_new_root(mounts, trees, cwd):
     try:
         os.chdir(cwd)
     except OSError as exc:
-        raise SetupError("mount", "chdir", cwd, exc.errno) from None
+        raise SetupError("mount", "chdir", cwd, exc.errno, (
+            f"the sandbox runs as uid {os.getuid()}, which may not enter the working "
+            "directory; let it (chmod o+rx) or start Jupyter elsewhere")) from None
 
 
 def apply_mount(m, tree):

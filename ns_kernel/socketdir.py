@@ -22,13 +22,10 @@ def default_base():
 
 def _ensure_base(base):
     try:
-        os.makedirs(os.path.dirname(base) or "/", exist_ok=True)
-        os.mkdir(base, 0o700)
-    except FileExistsError:
-        pass
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        info = os.lstat(base)
     except OSError as exc:
         raise SetupError("socket dir", "mkdir", exc.filename or base, exc.errno, FIX) from None
-    info = os.lstat(base)
     # /tmp is shared: refuse a base someone else made (or a symlink planted to redirect us).
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise SetupError("socket dir", f"{base} is not a 0700 directory owned by uid "
@@ -52,7 +49,12 @@ def create(path, owner=None):
     except OSError as exc:
         raise SetupError("socket dir", "mkdir", path, exc.errno, FIX) from None
     if owner:
-        os.chown(path, *owner)
+        try:
+            os.chown(path, *owner)
+        except OSError as exc:
+            remove(path)
+            raise SetupError("socket dir", f"chown {owner[0]}:{owner[1]}", path, exc.errno,
+                             "that uid has no mapping here; pick another with --uid/--gid")
     return path
 
 

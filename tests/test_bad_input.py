@@ -1,0 +1,198 @@
+"""Every bad input and hostile host: one line naming the cause and the fix, a non-zero exit,
+and nothing left behind."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from jupyter_client.connect import write_connection_file
+
+
+@pytest.fixture
+def base():
+    path = tempfile.mkdtemp(prefix="nsk-bad-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def launch(base, *args, connection=None, env=None, cwd=None, preexec_fn=None, timeout=60):
+    """Run the launcher as kernel.json does; return (exit code, stderr lines)."""
+    argv = [sys.executable, "-m", "ns_kernel", f"--socket-dir={base}/sockets", *args]
+    if connection is not None:
+        argv += ["-f", connection]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or base, env=env, preexec_fn=preexec_fn)
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def assert_one_line(lines, *fragments):
+    errors = [line for line in lines if line.startswith("ns-kernel:")]
+    assert len(errors) == 1, lines
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def assert_nothing_left(base):
+    sockets = os.path.join(base, "sockets")
+    assert not os.path.exists(sockets) or os.listdir(sockets) == []
+
+
+def conn_file(base, **changes):
+    path = os.path.join(base, "kernel-00000000-0000-0000-0000-000000000000.json")
+    write_connection_file(path)
+    with open(path) as f:
+        info = json.load(f)
+    info.update(changes)
+    with open(path, "w") as f:
+        json.dump(info, f)
+    return path
+
+
+def test_missing_connection_file(base):
+    code, lines = launch(base, connection=f"{base}/nope.json")
+    assert code != 0
+    assert_one_line(lines, "read connection file", "nope.json", "No such file or directory",
+                    "restart the kernel")
+    assert_nothing_left(base)
+
+
+def test_no_connection_file_argument(base):
+    code, lines = launch(base)
+    assert code != 0
+    assert_one_line(lines, "no connection file", "-f CONNECTION_FILE")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is not a JSON object"),
+])
+def test_malformed_connection_file(base, content, fragment):
+    path = os.path.join(base, "kernel-bad.json")
+    with open(path, "w") as f:
+        f.write(content)
+    code, lines = launch(base, connection=path)
+    assert code != 0
+    assert_one_line(lines, fragment, path)
+    assert_nothing_left(base)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"transport": "udp"}, "unknown transport 'udp'"),
+    ({"shell_port": "x"}, "shell_port is 'x', not a port number"),
+    ({"hb_port": 70000}, "hb_port is 70000"),
+    ({"signature_scheme": "rot13"}, "unknown signature_scheme 'rot13'"),
+])
+def test_invalid_connection_fields(base, changes, fragment):
+    code, lines = launch(base, connection=conn_file(base, **changes))
+    assert code != 0
+    assert_one_line(lines, fragment)
+    assert_nothing_left(base)
+
+
+def test_port_already_taken(base):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        code, lines = launch(base, connection=conn_file(base, iopub_port=port))
+    finally:
+        holder.close()
+    assert code != 0
+    assert_one_line(lines, f"bind tcp 127.0.0.1:{port} (iopub)", "Address already in use",
+                    "restart the kernel")
+    assert_nothing_left(base)
+
+
+def test_unwritable_socket_dir(base):
+    argv = [sys.executable, "-m", "ns_kernel", "--socket-dir=/etc/hostname/ns-kernel",
+            "-f", conn_file(base)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base)
+    assert proc.returncode != 0
+    assert_one_line(proc.stderr.splitlines(), "mkdir /etc/hostname", "Not a directory",
+                    "--socket-dir")
+
+
+def test_option_given_twice(base):
+    code, lines = launch(base, "--socket-dir=/tmp/a", connection=conn_file(base))
+    assert code != 0
+    assert_one_line(lines, "bad option", "socket_dir only accepts one value", "--help-all")
+
+
+def test_working_directory_root_is_refused(base):
+    code, lines = launch(base, connection=conn_file(base), cwd="/")
+    assert code != 0
+    assert_one_line(lines, "working directory /", "start Jupyter from the notebook's folder")
+    assert_nothing_left(base)
+
+
+def test_failed_setup_step_inside_the_sandbox(base):
+    # sethostname(2) refuses names over 64 bytes: the failure happens in init, after fork.
+    code, lines = launch(base, "--Sandbox.hostname_prefix=" + "h" * 80, connection=conn_file(base))
+    assert code != 0
+    assert_one_line(lines, "sethostname", "Invalid argument")
+    assert_nothing_left(base)
+
+
+def test_missing_bind_source(base):
+    code, lines = launch(base, "--ro-bind=/nonexistent/data", connection=conn_file(base))
+    assert code != 0
+    assert_one_line(lines, "bind /nonexistent/data", "No such file or directory")
+    assert_nothing_left(base)
+
+
+def test_invalid_option_value(base):
+    code, lines = launch(base, "--memory=lots", connection=conn_file(base))
+    assert code != 0
+    assert_one_line(lines, "memory", "not a size: 'lots'")
+
+
+def _no_user_namespaces():
+    """preexec_fn: a user namespace whose max_user_namespaces is 0, as on a host with
+    user namespaces disabled (the sysctl is per namespace and its root may lower it)."""
+    from ns_kernel.syscalls import CloneFlags, unshare
+    uid, gid = os.getuid(), os.getgid()
+    unshare(CloneFlags.CLONE_NEWUSER)
+    # Root becomes an ordinary uid in there: the launcher takes the unprivileged path.
+    inside = uid or 1000
+    for name, text in (("uid_map", f"{inside} {uid} 1"), ("setgroups", "deny"),
+                       ("gid_map", f"{inside} {gid} 1")):
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+        os.write(fd, text.encode())
+        os.close(fd)
+    fd = os.open("/proc/sys/user/max_user_namespaces", os.O_WRONLY)
+    os.write(fd, b"0")
+    os.close(fd)
+
+
+def test_host_without_user_namespaces(base):
+    os.chmod(base, 0o777)   # the launcher runs as a mapped root that is not host root
+    code, lines = launch(base, connection=conn_file(base), preexec_fn=_no_user_namespaces)
+    assert code != 0
+    assert_one_line(lines, "unshare(CLONE_NEWUSER)", "No space left on device",
+                    "user namespaces are disabled: sysctl -w user.max_user_namespaces=")
+    assert_nothing_left(base)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root's sandbox runs as another uid")
+def test_interpreter_unreachable_by_sandbox_uid(base):
+    # A venv whose directory only root may enter: the sandbox's uid (nobody) cannot exec it.
+    os.chmod(base, 0o755)
+    venv = os.path.join(base, "private-venv")
+    os.mkdir(venv, 0o700)
+    os.mkdir(os.path.join(venv, "bin"), 0o700)
+    os.symlink(os.path.realpath(sys.executable), os.path.join(venv, "bin", "python"))
+    shutil.copy(os.path.join(sys.prefix, "pyvenv.cfg"), venv)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+        __import__("ns_kernel").__file__)))
+    argv = [os.path.join(venv, "bin", "python"), "-m", "ns_kernel",
+            f"--socket-dir={base}/sockets", "-f", conn_file(base)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base, env=env)
+    assert proc.returncode != 0
+    assert_one_line(proc.stderr.splitlines(), "execve", "Permission denied",
+                    "runs as uid 65534", "/usr/bin/python3")
+    assert_nothing_left(base)
