@@ -16,5 +16,12 @@ ensure_venv() {
     "$BASE_PYTHON" -m venv "$VENV"
     chmod -R a+rX "$(dirname "$VENV")"
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$repo[test]" 2>&1 | grep -v -i warning || true
+  local log
+  log=$(mktemp)
+  if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$repo[test]" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
 }

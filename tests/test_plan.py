@@ -1,0 +1,105 @@
+"""The plan is a pure function of settings and host facts: checked without privileges."""
+import pytest
+
+from ns_kernel.config import Sandbox, parse_size
+from ns_kernel.errors import SetupError
+from ns_kernel.plan import RO, RW, Host, Op, build_plan
+
+
+def host(**kw):
+    facts = dict(uid=1000, gid=1000, home="/home/ada", cwd="/home/ada/notebooks",
+                 environ=(("PATH", "/usr/bin"), ("JUPYTERHUB_API_TOKEN", "t"),
+                          ("SSH_AUTH_SOCK", "/run/ssh"), ("MY_API_KEY", "k"), ("LANG", "C")),
+                 python_paths=("/home/ada/.venv", "/usr/lib/python3.11"),
+                 symlinks=(("/bin", "usr/bin"), ("/lib", "usr/lib")),
+                 missing=frozenset({"/lib32", "/libx32", "/opt"}),
+                 runtime_dirs=("/home/ada/.local/share/jupyter/runtime", "/run/user/1000"))
+    facts.update(kw)
+    return Host(**facts)
+
+
+def plan(sandbox=None, **kw):
+    return build_plan(sandbox or Sandbox(), host(**kw), ["/usr/bin/python3"],
+                      "/run/user/1000/ns-kernel/abc", "0123456789abcdef")
+
+
+def by_dest(p):
+    return {m.dest: m for m in p.mounts}
+
+
+def test_ordinary_user_keeps_their_uid():
+    p = plan()
+    assert (p.uid, p.gid, p.uid_map.line(), p.drop_groups) == (1000, 1000, "1000 1000 1\n", False)
+
+
+def test_root_maps_to_nobody_and_drops_groups():
+    p = plan(uid=0, gid=0, home="/root", cwd="/srv/nb")
+    assert p.uid_map.line() == "65534 65534 1\n" and p.gid_map.line() == "65534 65534 1\n"
+    assert p.drop_groups
+
+
+def test_root_inside_is_refused_for_host_root():
+    with pytest.raises(SetupError, match="host root is never root inside"):
+        plan(Sandbox(sandbox_uid=0), uid=0)
+
+
+def test_mount_order_and_modes():
+    p = plan()
+    mounts = by_dest(p)
+    assert mounts["/usr"].op is Op.BIND and mounts["/usr"].attrs == RO
+    assert mounts["/bin"].op is Op.SYMLINK and mounts["/bin"].data == "usr/bin"
+    assert "/opt" not in mounts
+    assert mounts["/tmp"].op is Op.TMPFS and "size=1G" in mounts["/tmp"].data
+    assert mounts["/home/ada"].op is Op.TMPFS                       # private home
+    assert mounts["/home/ada/.venv"].attrs == RO                     # the venv shows through
+    assert mounts["/home/ada/notebooks"].attrs == RW
+    assert mounts["/run/ns-kernel"].source == "/run/user/1000/ns-kernel/abc"
+    dests = [m.dest for m in p.mounts]
+    # A private home is mounted before the venv and the notebook folder inside it.
+    assert dests.index("/home/ada") < dests.index("/home/ada/.venv")
+    assert dests.index("/home/ada") < dests.index("/home/ada/notebooks")
+    assert dests.index("/proc") > dests.index("/dev")
+
+
+def test_runtime_dir_hidden_when_home_is_shown():
+    assert by_dest(plan(Sandbox(home="shared")))[
+        "/home/ada/.local/share/jupyter/runtime"].op is Op.HIDE
+    # With a private home it is not visible at all: nothing to hide.
+    assert "/home/ada/.local/share/jupyter/runtime" not in by_dest(plan())
+
+
+def test_cwd_inside_a_hidden_dir_is_refused():
+    with pytest.raises(SetupError, match="holds other kernels' secrets"):
+        plan(cwd="/home/ada/.local/share/jupyter/runtime/x")
+
+
+def test_cwd_root_is_refused():
+    with pytest.raises(SetupError, match="would expose the whole host"):
+        plan(cwd="/")
+
+
+def test_environment_without_secrets():
+    env = dict(plan().env)
+    assert env["PATH"] == "/usr/bin" and env["LANG"] == "C" and env["JPY_PARENT_PID"] == "1"
+    for secret in ("JUPYTERHUB_API_TOKEN", "SSH_AUTH_SOCK", "MY_API_KEY"):
+        assert secret not in env
+
+
+def test_hostname_from_kernel_id():
+    assert plan().hostname == "isolated-01234567"
+
+
+def test_network_modes():
+    assert "/sys" in by_dest(plan(Sandbox(network="none")))
+    assert plan(Sandbox(network="host")).network == "host"
+
+
+@pytest.mark.parametrize("text, size", [("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29),
+                                        ("", 0), ("4096", 4096)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_relative_bind_is_refused():
+    with pytest.raises(SetupError, match="bind paths must be absolute"):
+        plan(Sandbox(ro_binds=["data"]))
