@@ -4,8 +4,11 @@ after the kernel dies (was it the OOM killer? the pids limit?), removed at clean
 
 v2: one directory under a parent where this user may create cgroups (a delegated subtree,
     or the root's own hierarchy for real root), with the controllers enabled there.
-v1: one directory per controller (memory, pids, cpu), nested under the launcher's own
-    cgroup of each hierarchy, so a kernel never escapes the limits the server runs under.
+v1: one directory per controller (memory, pids, cpu), under ns-kernel/ in the launcher's
+    own cgroup of each hierarchy, so a kernel never escapes the limits the server runs
+    under. The ns-kernel/ level is there because a hierarchy's root dir is 0555: the
+    monitor (no capabilities in the host's user namespace) could not remove a kernel
+    cgroup made right in it when it cleans up after a SIGKILLed launcher.
 """
 import os
 import signal
@@ -131,13 +134,15 @@ class Cgroup:
         if version == 2:
             dirs = {c: os.path.join(parents, name) for c in wanted.values()}
         else:
-            dirs = {c: os.path.join(parents[c], name) for c in wanted.values() if c in parents}
+            dirs = {c: os.path.join(parents[c], "ns-kernel", name)
+                    for c in wanted.values() if c in parents}
         self = cls(version, dirs)
         unenforced = []
         try:
             if version == 2:
                 unenforced = self._enable_v2(parents, wanted)
             for path in sorted(set(dirs.values())):
+                os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
                 os.mkdir(path, 0o755)
             for limit, controller in wanted.items():
                 if controller not in dirs or limit in unenforced:
@@ -247,6 +252,19 @@ class Cgroup:
                     break
                 except OSError:
                     time.sleep(0.01)
+
+
+def leave(origin):
+    """Move this process back to its cgroups in `origin` (hierarchies() from before it
+    was attached), then remove the kernel cgroups it leaves."""
+    for name, (_, now) in hierarchies().items():
+        before = origin.get(name, (None, None))[1]
+        if before and now != before and os.path.basename(now).startswith("ns-kernel-"):
+            try:
+                _write(f"{before}/cgroup.procs", os.getpid())
+            except OSError:
+                continue   # still inside: removing it would mean killing ourselves
+            Cgroup(0, {name: now}).remove()
 
 
 def _try_write(path, value):

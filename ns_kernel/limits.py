@@ -104,6 +104,18 @@ def enforce(limits, cgroup_parent="", name=""):
     return Enforcement(backend[0], group, skipped)
 
 
+def cgroup_origin(limits):
+    """The monitor's cgroups before the launcher moves it (None without a cgroup)."""
+    return cgroup.hierarchies() if limits.backend.startswith("cgroup") else None
+
+
+def leave_cgroup(origin):
+    """The monitor, orphaned by a SIGKILLed launcher: go back to `origin` and remove the
+    kernel's cgroup, which the launcher would have removed."""
+    if origin:
+        cgroup.leave(origin)
+
+
 def apply_rlimits(limits):
     """The last-resort backend, applied by init after unshare(CLONE_NEWUSER), so that
     RLIMIT_NPROC counts the sandbox's processes, not every process of the uid."""
@@ -146,12 +158,12 @@ def death_reason(code, usage):
     return text
 
 
-def notice_path(socket_dir, kernel_id):
-    """Beside the socket dirs (0700, this user's), one file per kernel id."""
-    return os.path.join(os.path.dirname(socket_dir), f"previous-exit-{kernel_id}")
+def notice_path(socket_dir, key):
+    """Beside the socket dirs (0700, this user's), one file per kernel (launcher._key)."""
+    return os.path.join(os.path.dirname(socket_dir), f"previous-exit-{key}")
 
 
-def remember(socket_dir, kernel_id, line):
+def remember(socket_dir, key, line):
     """Keep the server log's line for the restarted kernel; forget those nobody restarted
     within a day."""
     for stale in glob.glob(os.path.join(os.path.dirname(socket_dir), "previous-exit-*")):
@@ -161,7 +173,7 @@ def remember(socket_dir, kernel_id, line):
         except OSError:
             pass
     try:
-        fd = os.open(notice_path(socket_dir, kernel_id),
+        fd = os.open(notice_path(socket_dir, key),
                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(line)
@@ -169,9 +181,11 @@ def remember(socket_dir, kernel_id, line):
         pass   # the reason is already in the server log; the notebook just won't show it
 
 
-def recall(socket_dir, kernel_id):
-    """The previous sandbox's reason for this kernel id ('' if none), read once."""
-    path = notice_path(socket_dir, kernel_id)
+def recall(socket_dir, key):
+    """The previous sandbox's reason for this kernel ('' if none), read once."""
+    if not key:
+        return ""
+    path = notice_path(socket_dir, key)
     try:
         with open(path) as f:
             reason = f.read()

@@ -1,0 +1,272 @@
+"""Limits enforced for real: a memory hog, a (bounded) fork bomb and a CPU spinner run in
+real kernels, under whichever backend this host gives the caller (cgroup v1 as root here,
+rlimits as an ordinary user). Every hog checks first that its limit is in force, and is
+bounded, so a limit that failed to apply cannot take the machine down."""
+import asyncio
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from traitlets.config import Config
+
+from conftest import start_kernel, stop_kernel
+from ns_kernel import cgroup, limits, socketdir
+from ns_kernel.launcher import Launch
+
+LIMITED = "isolated-python-512m"
+OPTIONS = ["--memory", "512M", "--pids", "64"]
+MiB = 1 << 20
+# The backend this caller gets: the first usable one, as the launcher will pick it.
+BACKEND = next(name for name, usable, _ in limits.probe() if usable)
+
+
+def ns_kernel(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ns_kernel", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def specs():
+    """Two specs installed by `ns-kernel install` beside the default one, different limits."""
+    prefix = tempfile.mkdtemp(prefix="ns-kernel-specs-")
+    os.chmod(prefix, 0o755)
+    for name, display, options in ((LIMITED, "Isolated Python (512 MB)", OPTIONS),
+                                   ("isolated-python-2g", "Isolated Python (2 GB)",
+                                    ["--memory", "2G", "--cpus", "0.5", "--best-effort"])):
+        done = ns_kernel("install", "--prefix", prefix, "--name", name,
+                         "--display-name", display, *options)
+        assert done.returncode == 0, done.stderr
+    data = os.path.join(prefix, "share", "jupyter")
+    old = os.environ["JUPYTER_PATH"]
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([old, data])
+    yield data
+    os.environ["JUPYTER_PATH"] = old
+    import shutil
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
+def cgroup_dir(kernel, controller):
+    """The host directory of the kernel's cgroup for `controller` (from /proc inside)."""
+    lines = kernel.value("open('/proc/self/cgroup').read()").splitlines()
+    key = "" if BACKEND == "cgroup2" else controller
+    path = next(line.split(":", 2)[2] for line in lines if line.split(":")[1] == key)
+    name = "cgroup2" if BACKEND == "cgroup2" else controller
+    return cgroup.hierarchies()[name][0] + path
+
+
+def assert_memory_limit_in_force(kernel):
+    if BACKEND == "rlimit":
+        assert kernel.value("__import__('resource').getrlimit(__import__('resource')"
+                            ".RLIMIT_DATA)") == (512 * MiB, 512 * MiB)
+    else:
+        d = cgroup_dir(kernel, "memory")
+        name = "memory.max" if BACKEND == "cgroup2" else "memory.limit_in_bytes"
+        assert cgroup.read(f"{d}/{name}") == str(512 * MiB)
+
+
+def test_install_writes_limits_and_specs_coexist(specs):
+    from jupyter_client.kernelspec import KernelSpecManager
+    found = KernelSpecManager().get_all_specs()
+    assert {"isolated-python", LIMITED, "isolated-python-2g"} <= set(found)
+    small, big = found[LIMITED]["spec"], found["isolated-python-2g"]["spec"]
+    assert small["display_name"] == "Isolated Python (512 MB)"
+    assert big["display_name"] == "Isolated Python (2 GB)"
+    assert small["argv"][-6:] == [*OPTIONS, "-f", "{connection_file}"]
+    assert big["argv"][-7:] == ["--memory", "2G", "--cpus", "0.5", "--best-effort",
+                                "-f", "{connection_file}"]
+    assert "--name" not in small["argv"] and "--prefix" not in small["argv"]
+
+
+def test_install_rejects_a_bad_limit(tmp_path):
+    done = ns_kernel("install", "--prefix", str(tmp_path), "--memory", "lots")
+    assert done.returncode != 0
+    assert "ns-kernel: " in done.stderr and "not a size: 'lots'" in done.stderr
+    assert not (tmp_path / "share").exists()
+
+
+def test_help_all_documents_every_option():
+    from ns_kernel.config import Sandbox
+    text = ns_kernel("--help-all").stdout
+    for name in Sandbox.class_own_traits(config=True):
+        assert f"--Sandbox.{name}=" in text, name
+    for alias in ("--memory", "--pids", "--cpus", "--tmp-size", "--home", "--ro-bind",
+                  "--rw-bind", "--network", "--best-effort", "--cgroup-parent"):
+        assert alias in text, alias
+
+
+def test_memory_hog_fails_only_its_kernel(specs, workdir):
+    hog, other = start_kernel(workdir, kernel_name=LIMITED), start_kernel(workdir)
+    try:
+        assert_memory_limit_in_force(hog)
+        if BACKEND == "rlimit":
+            # RLIMIT_DATA: the allocation fails, the kernel lives on.
+            _, error, _ = hog.execute("x = bytearray(8 << 30)")
+            assert error == "MemoryError"
+            assert hog.value("len(bytearray(64 << 20))") == 64 << 20
+        else:
+            # The cgroup's OOM killer ends this kernel, and only it.
+            hog.kc.execute("x = bytearray(8 << 30)")
+            for _ in range(300):
+                if not hog.km.is_alive():
+                    break
+                time.sleep(0.1)
+            # The launcher leaves the way its kernel left: SIGKILL, from the OOM killer.
+            assert hog.km.provisioner.process.returncode == -9
+            # It kept the reason for a restart that will not come here: clean it up.
+            notices = glob.glob(os.path.join(socketdir.default_base(), "previous-exit-*"))
+            assert any("killed: out of memory" in open(p).read() for p in notices)
+            for path in notices:
+                os.unlink(path)
+        assert other.value("sum(range(10))") == 45
+    finally:
+        stop_kernel(hog)
+        stop_kernel(other)
+
+
+def test_run_says_out_of_memory(workdir):
+    """The same reason line, for `ns-kernel run` (a command, not a kernel)."""
+    done = ns_kernel("run", "--memory", "256M", "--", sys.executable, "-c",
+                     "import resource; print(resource.getrlimit(resource.RLIMIT_DATA)[0]); "
+                     "x = bytearray(8 << 30)", cwd=workdir)
+    assert f"ns-kernel: command limits: memory 256M (by {BACKEND})" in done.stderr
+    if BACKEND == "rlimit":
+        assert done.stdout.strip() == str(256 * MiB)
+        assert done.returncode == 1 and "MemoryError" in done.stderr
+    else:
+        assert done.returncode == -9   # `run` leaves the way the command left
+        assert "ns-kernel: command killed: out of memory (limit 256 MiB, peak " in done.stderr
+
+
+def test_fork_bomb_is_held_by_the_pids_limit(specs, workdir):
+    k = start_kernel(workdir, kernel_name=LIMITED)
+    group = None
+    try:
+        if BACKEND == "rlimit":
+            assert k.value("__import__('resource').getrlimit(__import__('resource')"
+                           ".RLIMIT_NPROC)") == (64, 64)
+        else:
+            group = cgroup_dir(k, "pids")
+            assert cgroup.read(f"{group}/pids.max") == "64"
+        # Bounded: at most 200 children, each killed at the end, whatever the limit did.
+        out, error, _ = k.execute("""
+import os, signal, time
+kids, refused = [], 0
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except BlockingIOError:
+        refused += 1
+        continue
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(len(kids), refused)
+""")
+        assert error is None, out
+        started, refused = map(int, out.split())
+        assert 0 < started < 64 and refused == 200 - started
+        assert k.value("6 * 7") == 42
+    finally:
+        stop_kernel(k)
+    if group:
+        # shutdown_kernel(now=True) SIGKILLs the launcher: the monitor removes the cgroup.
+        for _ in range(50):
+            if not os.path.exists(group):
+                break
+            time.sleep(0.1)
+        assert not os.path.exists(group)
+
+
+def test_cpu_share(specs, workdir):
+    if BACKEND == "rlimit":
+        # RLIMIT_CPU caps seconds, it is no share: refused, unless the admin says best-effort.
+        done = ns_kernel("run", "--cpus", "0.5", "--", "/bin/true", cwd=workdir)
+        assert done.returncode == 1
+        assert "ns-kernel: rlimit cannot enforce cpus" in done.stderr
+        assert "--best-effort" in done.stderr
+        done = ns_kernel("run", "--cpus", "0.5", "--best-effort", "--", "/bin/true", cwd=workdir)
+        assert done.returncode == 0
+        assert "ns-kernel: warning: command: cpus not enforced: rlimit cannot" in done.stderr
+        return
+    k = start_kernel(workdir, kernel_name="isolated-python-2g")
+    free = start_kernel(workdir, kernel_name=LIMITED)   # no cpu limit: the yardstick
+    try:
+        quota = cgroup_dir(k, "cpu")
+        assert (cgroup.read(f"{quota}/cpu.cfs_quota_us") == "50000" if BACKEND == "cgroup1"
+                else cgroup.read(f"{quota}/cpu.max") == "50000 100000")
+        # Spin for 2 s of wall time (bounded); CPU seconds used per second of wall time.
+        spin = ("import time\n"
+                "t0, c0 = time.monotonic(), time.process_time()\n"
+                "while time.monotonic() < t0 + 2: pass\n"
+                "print((time.process_time() - c0) / (time.monotonic() - t0))")
+        share, unlimited = float(k.execute(spin)[0]), float(free.execute(spin)[0])
+        # Loose bounds: the quota is 0.5 of a core; without one the spinner gets most of one.
+        assert share < 0.7 < unlimited, (share, unlimited)
+        throttled = limits.cgroup._keyed(cgroup.read(f"{quota}/cpu.stat"))["nr_throttled"]
+        assert throttled > 0
+    finally:
+        stop_kernel(k)
+        stop_kernel(free)
+
+
+def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path):
+    """Jupyter's automatic restart: the server log says why, and the new kernel's first
+    cell output too."""
+    log_path = tmp_path / "server.log"
+    killed = BACKEND != "rlimit"
+    code = "x = bytearray(8 << 30)" if killed else "import os; os.kill(os.getpid(), 9)"
+    reason = ("killed: out of memory (limit 512 MiB, peak " if killed else "killed by SIGKILL")
+
+    async def scenario(log):
+        km = AsyncIOLoopKernelManager(kernel_name=LIMITED, config=Config({"KernelRestarter": {
+            "time_to_dead": 0.2, "random_ports_until_alive": False}}))
+        await km.start_kernel(cwd=workdir, stderr=log)
+        restarted = asyncio.Event()
+        km.add_restart_callback(restarted.set, "restart")
+        km.start_restarter()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            kc.execute(code)
+            await asyncio.wait_for(restarted.wait(), 60)
+            await asyncio.sleep(0.5)       # the restart itself runs after the callback
+            await kc.wait_for_ready(timeout=60)
+            msg_id = kc.execute("print('after')")
+            out = []
+            while True:
+                msg = await kc.get_iopub_msg(timeout=30)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    out.append((msg["content"]["name"], msg["content"]["text"]))
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    return km.connection_file, out
+        finally:
+            km.stop_restarter()
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+
+    with open(log_path, "w") as log:
+        connection_file, out = asyncio.run(scenario(log))
+    launch = Launch(None, connection_file)
+    name = launch.kernel_id[:8] or os.path.basename(connection_file)
+    lines = log_path.read_text().splitlines()
+    assert any(line.startswith(f"ns-kernel: kernel {name} {reason}") for line in lines), lines
+    assert f"ns-kernel: kernel {name} limits: memory 512M, pids 64 (by {BACKEND})" in lines
+    stderr = "".join(text for stream, text in out if stream == "stderr")
+    assert stderr.startswith(f"ns-kernel: kernel {name} {reason}"), out
+    assert stderr.rstrip().endswith("; this is a new kernel")
+    assert out[-1] == ("stdout", "after\n")
+    # Shown once: the reason file was consumed.
+    assert not os.path.exists(limits.notice_path(os.path.join(socketdir.default_base(), "x"),
+                                                 launch._key()))
