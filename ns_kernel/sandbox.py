@@ -139,6 +139,8 @@ def _monitor(plan, ctl, err_w):
         unshare(CloneFlags.CLONE_NEWUSER)
     except OSError as exc:
         raise SetupError("user", "unshare(CLONE_NEWUSER)", "", exc.errno, userns_hint()) from None
+    # Where the launcher moves us next is its kernel cgroup; remember where we came from.
+    origin = limits.cgroup_origin(plan.limits)
     ctl.sendall(MSG_UNSHARED)
     if ctl.recv(1) != MSG_MAPPED:
         os._exit(127)   # the launcher failed to map us and reports why itself
@@ -151,12 +153,12 @@ def _monitor(plan, ctl, err_w):
         _run_child(_init, plan, ctl, err_w)
     os.close(err_w)
     pid.forward_signals(init)
-    _supervise(plan, ctl, init)
+    _supervise(plan, ctl, init, origin)
 
 
-def _supervise(plan, ctl, init):
+def _supervise(plan, ctl, init, origin):
     """Wait for init; if the launcher dies first (the control socket closes), kill the
-    sandbox and remove its socket dir, which nobody else would."""
+    sandbox and remove its socket dir and cgroup, which nobody else would."""
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ)
     pidfd = os.pidfd_open(init)
@@ -169,6 +171,7 @@ def _supervise(plan, ctl, init):
             os.kill(init, signal.SIGKILL)
             os.waitpid(init, 0)
             socketdir.remove(plan.socket_dir)
+            limits.leave_cgroup(origin)
             os._exit(137)
     _, status = os.waitpid(init, 0)
     code = os.waitstatus_to_exitcode(status)
