@@ -1,0 +1,424 @@
+"""Isolated Python next to a plain ipykernel, measured in one run.
+
+    bench/run [--quick] [--rounds N] [--json FILE]
+
+Every figure is taken for a plain ipykernel (a kernelspec running the same interpreter's
+`-m ipykernel_launcher`) and for Isolated Python in the same run, alternating kinds within
+each round, over several rounds; the table shows medians (latency: p50/p99 over all
+samples) and the ratio isolated/plain next to the target. Kernels are started through
+jupyter_client's KernelManager, as every Jupyter client does.
+
+Rows:
+  start        launch (KernelManager.start_kernel) to the kernel_info reply
+  round trip   execute_request of `pass` to its reply and the iopub idle status
+  output       a cell printing 100 MB in 1 MB chunks; a 20 MB display_data payload
+  memory       PSS (/proc/PID/smaps_rollup) summed over the kernel's whole process tree
+  scale        N kernels started at once: time until all answer, host memory held
+
+The client uses a 10 ms ZMQ reconnect interval (default 100 ms) for every kind alike, so
+that start times are not rounded up to the next reconnect attempt.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+from jupyter_client.manager import KernelManager
+
+from ns_kernel import kernelspec
+
+TRIVIAL = "pass"
+PRINT_CODE = ("import sys\nchunk = 'x' * (1 << 20)\n"
+              "for _ in range({n}):\n    sys.stdout.write(chunk)\n    sys.stdout.flush()\n")
+DISPLAY_CODE = ("from IPython.display import display\n"
+                "display({{'image/png': 'A' * ({n} << 20)}}, raw=True)\n")
+
+
+class Kinds:
+    """The kernelspecs compared, in a private Jupyter data dir readable by every uid (the
+    sandbox runs as nobody when root runs the bench)."""
+
+    def __init__(self):
+        self.data = tempfile.mkdtemp(prefix="ns-kernel-bench-")
+        os.chmod(self.data, 0o755)
+        os.environ["JUPYTER_PATH"] = self.data
+        self.names = {}
+        self._spec("plain", {"argv": [sys.executable, "-m", "ipykernel_launcher",
+                                      "-f", "{connection_file}"],
+                             "display_name": "plain", "language": "python",
+                             "interrupt_mode": "signal"})
+        self._spec("isolated", kernelspec.kernel_dict())
+        self.missing = {}
+        provisioner = getattr(kernelspec, "provisioner_dict", None)
+        if importlib.util.find_spec("ns_kernel.provisioner") and provisioner:
+            self._spec("provisioner", provisioner())
+        else:
+            self.missing["provisioner"] = "ns_kernel.provisioner not written yet"
+        if importlib.util.find_spec("ns_kernel.warm"):
+            self._spec("warm", kernelspec.kernel_dict(["--warm"]))
+        else:
+            self.missing["warm"] = "ns_kernel.warm not written yet"
+
+    def _spec(self, kind, spec):
+        name = f"bench-{kind}"
+        kernelspec.write_kernel_spec(os.path.join(self.data, "kernels", name), spec)
+        self.names[kind] = name
+
+    def __contains__(self, kind):
+        return kind in self.names
+
+    def close(self):
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+class Bench:
+    def __init__(self, kinds, workdir):
+        self.kinds = kinds
+        self.workdir = workdir
+        self.ctx = zmq.Context()
+        self.ctx.setsockopt(zmq.RECONNECT_IVL, 10)
+        self.ipc_dir = tempfile.mkdtemp(prefix="nsb-")
+        self.count = 0
+        # The kernels' own output (ipykernel's warnings, the launcher's log) goes here.
+        self.log_path = os.path.join(tempfile.gettempdir(), "ns-kernel-bench.log")
+        self.log = open(self.log_path, "w")
+
+    # -- kernels ------------------------------------------------------------------------
+    def launch(self, kind, transport="tcp"):
+        """Start a kernel; return (manager, client, t0). The client's shell is connected."""
+        self.count += 1
+        kw = {}
+        if transport == "ipc":
+            kw = {"transport": "ipc", "ip": f"{self.ipc_dir}/{self.count}"}
+        km = KernelManager(kernel_name=self.kinds.names[kind], **kw)
+        t0 = time.perf_counter()
+        km.start_kernel(cwd=self.workdir, stdout=self.log, stderr=self.log)
+        kc = km.client(context=self.ctx)
+        kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        kc.kernel_info()
+        return km, kc, t0
+
+    def wait_ready(self, kc, timeout=120):
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = kc.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
+            if msg["msg_type"] == "kernel_info_reply":
+                return time.perf_counter()
+
+    def start(self, kind, transport="tcp"):
+        km, kc, t0 = self.launch(kind, transport)
+        elapsed = self.wait_ready(kc) - t0
+        # Let iopub's subscription settle, so that the first cell's output is not lost.
+        self.execute(kc, TRIVIAL)
+        return km, kc, elapsed
+
+    @staticmethod
+    def stop(km, kc):
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+    @staticmethod
+    def execute(kc, code, timeout=300):
+        """Run code; return the seconds until both its reply and the idle status came."""
+        t0 = time.perf_counter()
+        msg_id = kc.execute(code, store_history=False)
+        idle = replied = False
+        while not (idle and replied):
+            if not idle:
+                msg = kc.get_iopub_msg(timeout=timeout)
+                idle = (msg["parent_header"].get("msg_id") == msg_id
+                        and msg["msg_type"] == "status"
+                        and msg["content"]["execution_state"] == "idle")
+            if idle and not replied:
+                msg = kc.get_shell_msg(timeout=timeout)
+                replied = msg["parent_header"].get("msg_id") == msg_id
+        return time.perf_counter() - t0
+
+    # -- the figures --------------------------------------------------------------------
+    def starts(self, kinds, rounds):
+        times = {k: [] for k in kinds}
+        for r in range(rounds):
+            for kind in rotate(kinds, r):
+                km, kc, elapsed = self.start(kind)
+                times[kind].append(elapsed)
+                self.stop(km, kc)
+        return times
+
+    def latency_and_output(self, lanes, rounds, n, out_mb, display_mb):
+        """lanes: {label: (kind, transport)}; one kernel each, alive for all rounds."""
+        kernels = {label: self.start(*lane)[:2] for label, lane in lanes.items()}
+        rtt = {label: [] for label in lanes}
+        out = {label: [] for label in lanes}
+        disp = {label: [] for label in lanes}
+        mem = {}
+        try:
+            for label, (_, kc) in kernels.items():
+                for _ in range(20):   # warm up: first cells compile and import
+                    self.execute(kc, TRIVIAL)
+            time.sleep(0.5)
+            for label, (km, _) in kernels.items():
+                mem[label] = pss_tree(kernel_pid(km)) / (1 << 20)
+            labels = list(lanes)
+            for r in range(rounds):
+                for label in rotate(labels, r):
+                    kc = kernels[label][1]
+                    rtt[label] += [self.execute(kc, TRIVIAL) for _ in range(n // rounds)]
+                for label in rotate(labels, r):
+                    kc = kernels[label][1]
+                    out[label].append(self.execute(kc, PRINT_CODE.format(n=out_mb)))
+                    disp[label].append(self.execute(kc, DISPLAY_CODE.format(n=display_mb)))
+        finally:
+            for km, kc in kernels.values():
+                self.stop(km, kc)
+        return rtt, out, disp, mem
+
+    def scale(self, kind, count):
+        """Start `count` kernels at once; seconds until all answered kernel_info, and the
+        host memory they hold (MemTotal - MemAvailable, over the idle baseline) and their
+        summed PSS, in MB."""
+        before = host_used()
+        started = [self.launch(kind) for _ in range(count)]
+        t0 = started[0][2]
+        try:
+            last = max(self.wait_ready(kc) for _, kc, _ in started)
+            elapsed = last - t0
+            for _, kc, _ in started:
+                self.execute(kc, TRIVIAL)
+            time.sleep(1.0)
+            held = host_used() - before
+            pss = sum(pss_tree(kernel_pid(km)) for km, _, _ in started) / (1 << 20)
+        finally:
+            for km, kc, _ in started:
+                self.stop(km, kc)
+        return elapsed, held, pss
+
+    def close(self):
+        self.log.close()
+        self.ctx.term()
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def rotate(items, r):
+    """Alternate who goes first from round to round."""
+    r %= len(items)
+    return items[r:] + items[:r]
+
+
+def kernel_pid(km):
+    prov = km.provisioner
+    return getattr(prov, "pid", None) or prov.process.pid
+
+
+def children_map():
+    kids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree(pid, kids=None):
+    kids = kids if kids is not None else children_map()
+    out = [pid]
+    for child in kids.get(pid, []):
+        out += tree(child, kids)
+    return out
+
+
+def pss_tree(pid):
+    """Bytes of PSS of pid and all its descendants (the launcher, monitor, init and kernel
+    of an isolated kernel; the kernel alone for a plain one)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def host_used():
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":")
+            info[key] = int(value.split()[0])
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+def pct(samples, q):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def machine():
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024
+    import ipykernel
+    return (f"{cpu}, {os.cpu_count()} cores, {mem} MB RAM; Linux {platform.release()}; "
+            f"Python {platform.python_version()}, ipykernel {ipykernel.__version__}; "
+            f"as uid {os.getuid()}")
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+        self.failed = []
+
+    def add(self, metric, plain, isolated, unit, target=None, kind="ratio", fmt="{:.3f}"):
+        """kind 'ratio': isolated/plain <= target; 'extra': isolated - plain <= target."""
+        if kind == "ratio":
+            value = isolated / plain if plain else float("inf")
+            shown = f"{value:.2f}x"
+            goal = f"<= {target:.2f}x" if target else ""
+        else:
+            value = isolated - plain
+            shown = f"+{value:.1f} {unit}"
+            goal = f"<= +{target:g} {unit}" if target is not None else ""
+        ok = "" if target is None else ("yes" if value <= target else "NO")
+        if ok == "NO":
+            self.failed.append(metric)
+        self.rows.append((metric, f"{fmt.format(plain)} {unit}", f"{fmt.format(isolated)} {unit}",
+                          shown, goal, ok))
+
+    def note(self, metric, text):
+        self.rows.append((metric, "", "", text, "", ""))
+
+    def render(self):
+        head = ("metric", "plain", "isolated", "isolated/plain", "target", "met")
+        widths = [max(len(str(r[i])) for r in (head, *self.rows)) for i in range(len(head))]
+        line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        return "\n".join([line(head), sep, *map(line, self.rows)])
+
+
+def leftovers(before):
+    """Processes of ours still running: the bench must leave nothing behind."""
+    now = set(tree(os.getpid()))
+    return sorted(now - before - {os.getpid()})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 round, few samples, small payloads, 4 kernels")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5; quick: 1)")
+    parser.add_argument("--json", help="also write the raw samples to this file")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    rounds = args.rounds or (1 if quick else 5)
+    n_rtt = 20 if quick else 500
+    out_mb, display_mb = (4, 2) if quick else (100, 20)
+    n_scale = 4 if quick else 32
+
+    workdir = tempfile.mkdtemp(prefix="ns-kernel-bench-wd-")
+    os.chmod(workdir, 0o777)
+    kinds = Kinds()
+    bench = Bench(kinds, workdir)
+    before = set(tree(os.getpid()))
+    table = Table()
+    raw = {"machine": machine(), "rounds": rounds}
+    print(f"machine: {raw['machine']}", flush=True)
+    try:
+        iso = [k for k in ("isolated", "provisioner", "warm") if k in kinds]
+        starts = bench.starts(["plain", *iso], rounds)
+        raw["start"] = starts
+        plain_start = statistics.median(starts["plain"])
+        labels = {"isolated": "start, argv launcher", "provisioner": "start, provisioner",
+                  "warm": "start, warm (--warm)"}
+        for kind in iso:
+            if kind == "warm":
+                table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 0.30)
+            else:
+                table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 1.05)
+        for kind, why in kinds.missing.items():
+            table.note(labels[kind], f"missing: {why}")
+        print(table.render(), flush=True)
+
+        lanes = {"plain tcp": ("plain", "tcp"), "bridge": ("isolated", "tcp"),
+                 "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc")}
+        if "warm" in kinds:
+            lanes["warm"] = ("warm", "tcp")
+        rtt, out, disp, mem = bench.latency_and_output(lanes, rounds, n_rtt, out_mb, display_mb)
+        raw.update(rtt=rtt, output=out, display=disp, pss_mb=mem)
+        ms = lambda xs, q: pct(xs, q) * 1000
+        for label, base, target in (("bridge", "plain tcp", 1.15),
+                                    ("direct ipc", "plain ipc", 1.05),
+                                    ("warm", "plain tcp", 1.15)):
+            if label not in rtt:
+                continue
+            table.add(f"round trip p50, {label}", ms(rtt[base], .5), ms(rtt[label], .5), "ms",
+                      target, fmt="{:.2f}")
+            table.add(f"round trip p99, {label}", ms(rtt[base], .99), ms(rtt[label], .99), "ms",
+                      fmt="{:.2f}")
+        for label, base in (("bridge", "plain tcp"), ("direct ipc", "plain ipc")):
+            table.add(f"print {out_mb} MB, {label}", statistics.median(out[base]),
+                      statistics.median(out[label]), "s", 1.05)
+            table.add(f"display {display_mb} MB, {label}", statistics.median(disp[base]),
+                      statistics.median(disp[label]), "s")
+        table.add("memory PSS per kernel", mem["plain tcp"], mem["bridge"], "MB", 10,
+                  kind="extra", fmt="{:.1f}")
+        if "warm" in mem:
+            table.add("memory PSS per kernel, warm", mem["plain tcp"], mem["warm"], "MB", 10,
+                      kind="extra", fmt="{:.1f}")
+
+        scale = {}
+        for r in range(1 if quick else 2):
+            for kind in rotate(["plain", *iso], r):
+                scale.setdefault(kind, []).append(bench.scale(kind, n_scale))
+        raw["scale"] = scale
+        med = lambda kind, i: statistics.median(s[i] for s in scale[kind])
+        for kind in iso:
+            suffix = "" if kind == "isolated" else f", {kind}"
+            table.add(f"{n_scale} starts at once{suffix}", med("plain", 0), med(kind, 0), "s",
+                      1.10)
+            table.add(f"{n_scale} kernels: host memory held{suffix}", med("plain", 1),
+                      med(kind, 1), "MB", fmt="{:.0f}")
+            table.add(f"{n_scale} kernels: summed PSS{suffix}", med("plain", 2),
+                      med(kind, 2), "MB", fmt="{:.0f}")
+    finally:
+        bench.close()
+        kinds.close()
+        time.sleep(0.5)
+        left = leftovers(before)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(table.render())
+    print(f"\n{rounds} round(s); machine: {raw['machine']}; kernels' log: {bench.log_path}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=1)
+    if left:
+        print(f"bench: processes left behind: {left}", file=sys.stderr)
+        return 2
+    if table.failed:
+        print(f"targets not met: {', '.join(table.failed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

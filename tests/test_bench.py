@@ -1,0 +1,25 @@
+"""The benchmark must keep running: one quick pass (real kernels, every row), no timing
+thresholds here (those are bench/'s business)."""
+import json
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "run.py")
+
+
+def test_bench_quick_runs_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for row in ("start, argv launcher", "round trip p50, bridge", "round trip p50, direct ipc",
+                "print 4 MB, bridge", "display 2 MB, direct ipc", "memory PSS per kernel",
+                "4 starts at once"):
+        assert row in proc.stdout, proc.stdout
+    raw = json.loads(out.read_text())
+    assert raw["start"]["plain"] and raw["start"]["isolated"]
+    for lane in ("plain tcp", "bridge", "plain ipc", "direct ipc"):
+        assert len(raw["rtt"][lane]) == 20 and min(raw["rtt"][lane]) > 0
+        assert raw["pss_mb"][lane] > 1
+    assert all(elapsed > 0 and pss > 0 for elapsed, _, pss in raw["scale"]["isolated"])
