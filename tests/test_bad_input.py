@@ -196,3 +196,12 @@ def test_interpreter_unreachable_by_sandbox_uid(base):
     assert_one_line(proc.stderr.splitlines(), "execve", "Permission denied",
                     "runs as uid 65534", "/usr/bin/python3")
     assert_nothing_left(base)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root chooses the sandbox's uid")
+def test_id_map_failure(base):
+    # uid 4294967295 is (uid_t)-1, which no uid_map may name.
+    code, lines = launch(base, "--uid=4294967295", connection=conn_file(base))
+    assert code != 0
+    assert_one_line(lines, "uid_map", "4294967295")
+    assert_nothing_left(base)

@@ -103,3 +103,15 @@ def test_parse_size(text, size):
 def test_relative_bind_is_refused():
     with pytest.raises(SetupError, match="bind paths must be absolute"):
         plan(Sandbox(ro_binds=["data"]))
+
+
+@pytest.mark.parametrize("sysctls, fragment", [
+    ({"/proc/sys/kernel/unprivileged_userns_clone": "0"}, "kernel.unprivileged_userns_clone=1"),
+    ({"/proc/sys/kernel/apparmor_restrict_unprivileged_userns": "1"},
+     "apparmor_restrict_unprivileged_userns=0"),
+    ({"/proc/sys/user/max_user_namespaces": "0"}, "user.max_user_namespaces=15000"),
+    ({"/proc/sys/user/max_user_namespaces": "1000"}, "seccomp filter"),
+])
+def test_userns_hint_names_the_sysctl(sysctls, fragment):
+    from ns_kernel.user import userns_hint
+    assert fragment in userns_hint(sysctls.get)
