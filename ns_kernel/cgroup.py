@@ -99,7 +99,8 @@ def v2_parent(cgroup_parent="", uid=None):
     base = parent if os.path.isdir(parent) else os.path.dirname(parent)
     available = set(read(os.path.join(base, "cgroup.controllers")).split())
     if not available & {"memory", "pids", "cpu"}:
-        return None, f"cgroup v2 at {base} has no controllers (they are bound to cgroup v1)"
+        return None, (f"cgroup v2 at {base} offers none of memory, pids, cpu (bound to "
+                      "cgroup v1 hierarchies, or not delegated)")
     if not os.access(base, os.W_OK):
         return None, f"cgroup v2 at {base} is not writable by uid {uid}"
     return parent, ""

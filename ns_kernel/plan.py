@@ -99,6 +99,11 @@ class Limits:
     backend: str = "auto"
     best_effort: bool = False
 
+    @classmethod
+    def from_config(cls, sandbox):
+        return cls(parse_size(sandbox.memory), sandbox.pids, sandbox.cpus,
+                   sandbox.limits_backend, sandbox.best_effort)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -205,8 +210,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
         hostname=f"{sandbox.hostname_prefix}-{(kernel_id or os.urandom(4).hex())[:8]}",
         network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
         env=kernel_env(dict(host.environ), sandbox, home), cwd=cwd, socket_dir=socket_dir,
-        limits=Limits(parse_size(sandbox.memory), sandbox.pids, sandbox.cpus,
-                      sandbox.limits_backend, sandbox.best_effort))
+        limits=Limits.from_config(sandbox))
 
 
 def kernel_env(environ, sandbox, home):
