@@ -77,12 +77,18 @@ def split_at_connection_file(argv):
 class KernelApp(SandboxApp):
     name = "ns-kernel-kernel"
     description = "Run ipykernel in a fresh sandbox for the client that wrote CONNECTION_FILE."
+    kernel_socket_dir = Unicode("", config=True, help="""
+        Make exactly this directory (it must not exist) the kernel's socket dir, instead of a
+        fresh one under Sandbox.socket_dir. The kernel provisioner names it and gives the
+        client an ipc connection with ip <dir>/k, so the client's paths <dir>/k-<port> are
+        the kernel's own sockets: no link, no bridge.""")
+    aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
 
     def start_kernel(self, argv):
         from .launcher import Launch, exit_like
         options, connection_file, extra = split_at_connection_file(argv)
         config = self.load_sandbox_config(options)
-        launch = Launch(config, connection_file, extra)
+        launch = Launch(config, connection_file, extra, self.kernel_socket_dir or None)
         status = launch.run()
         line = launch.explain(status)
         if line:

@@ -17,13 +17,26 @@ def kernel_argv(options=(), python=None):
     return [python or sys.executable, "-m", "ns_kernel", *options, "-f", "{connection_file}"]
 
 
-def kernel_dict(options=(), display_name=DISPLAY_NAME, python=None):
+def launcher_options(argv):
+    """The launcher options in a kernel.json argv made by kernel_argv (None if it is not
+    `PYTHON -m ns_kernel [options] -f {connection_file} ...`)."""
+    if argv[1:3] != ["-m", "ns_kernel"] or "-f" not in argv:
+        return None
+    return argv[3:argv.index("-f")]
+
+
+def kernel_dict(options=(), display_name=DISPLAY_NAME, python=None, provisioner=True):
+    """provisioner: name ours in metadata, so jupyter_client >= 7 clients (JupyterLab,
+    nbclient) connect to the kernel's sockets directly; older clients use argv alone."""
+    metadata = {"debugger": False}
+    if provisioner:
+        metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER, "config": {}}
     return {
         "argv": kernel_argv(options, python),
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",
-        "metadata": {"debugger": False},
+        "metadata": metadata,
     }
 
 

@@ -48,15 +48,17 @@ def command_argv(argv):
 class Launch:
     """One kernel's launch: everything it made, so that all of it can be undone."""
 
-    def __init__(self, sandbox_config, connection_file=None, argv=()):
+    def __init__(self, sandbox_config, connection_file=None, argv=(), socket_dir=None):
         """With a connection file, run ipykernel (argv: its extra arguments); without one,
-        run argv itself (`ns-kernel run`)."""
+        run argv itself (`ns-kernel run`). socket_dir: this exact (not yet existing) socket
+        dir instead of a fresh one under Sandbox.socket_dir (the provisioner's choice)."""
         self.config = sandbox_config
         self.connection_file = connection_file
         self.argv = list(argv)
         self.listeners = []
         self.links = []
         self.socket_dir = None
+        self.exact_socket_dir = socket_dir
         self.box = None
         self.pending_signals = []
         self.kernel_id = kernel_id_from(connection_file)
@@ -72,7 +74,8 @@ class Launch:
         else:
             info, argv = None, command_argv(self.argv)
         host = Host.probe()
-        socket_dir = socketdir.choose(self.config.socket_dir)
+        socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
+                      if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
         notice = limits.recall(socket_dir, self._key())
         if notice:
             argv.append(limits.EXTENSION_ARGV)
@@ -138,6 +141,8 @@ class Launch:
         for name in connection.CHANNELS:
             path = f"{info['ip']}-{info[name]}"
             target = connection.socket_path(self.socket_dir, info[name])
+            if path == target:
+                continue   # the provisioner's client: its paths are the kernel's sockets
             try:
                 if os.path.lexists(path) and not os.path.isfile(path):
                     os.unlink(path)   # a stale socket of an earlier kernel

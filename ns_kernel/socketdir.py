@@ -34,7 +34,12 @@ def _ensure_base(base):
 
 def choose(base):
     """The path of a new socket dir (made later by create()), checked for length now."""
-    path = os.path.join(os.path.abspath(base or default_base()), os.urandom(6).hex())
+    base = os.path.abspath(base or default_base())
+    return check_length(os.path.join(base, os.urandom(6).hex()))
+
+
+def check_length(path):
+    """`path` if the kernel's sockets in it fit a Unix socket path, else a SetupError."""
     if len(path) + len("/k-65535") > MAX_SOCKET_PATH:
         raise SetupError("socket dir", f"{path} is too long for Unix socket paths",
                          hint=f"use a directory under {MAX_SOCKET_PATH - 30} bytes: {FIX}")

@@ -17,10 +17,15 @@ os.chmod(_DATA, 0o755)
 os.environ["JUPYTER_PATH"] = _DATA
 
 
-def write_spec(name, options=()):
-    """A kernelspec in the test data dir whose launcher gets `options` (e.g. --home shared)."""
-    kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name),
-                                 kernelspec.kernel_dict(list(options)))
+def write_spec(name, options=(), provisioner=False, config=None):
+    """A kernelspec in the test data dir whose launcher gets `options` (e.g. --home shared).
+    Without the provisioner (default) clients take the argv path with its TCP bridge, as
+    those that ignore provisioners do; test_provisioner.py covers the provisioner's path,
+    whose Sandbox settings can also come from its `config` stanza."""
+    spec = kernelspec.kernel_dict(list(options), provisioner=provisioner)
+    if config:
+        spec["metadata"]["kernel_provisioner"]["config"] = config
+    kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name), spec)
     return name
 
 

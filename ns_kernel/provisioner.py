@@ -1,0 +1,135 @@
+"""The kernel provisioner: how JupyterLab (jupyter_server) and every jupyter_client >= 7
+client start Isolated Python when kernel.json names it in metadata.kernel_provisioner.
+
+It is jupyter_client's LocalProvisioner (Popen, killpg, wait) with one difference that
+matters: the connection is `ipc`, with ip `<socket dir>/k`, where <socket dir> is the
+kernel's private 0700 socket dir. The launcher is told to make exactly that dir
+(--kernel-socket-dir), so the paths the client connects to, <ip>-<port>, are the kernel's
+own sockets: no TCP port is opened, no bridge runs, no link is made.
+
+The dir is chosen once per provisioner and kept across restarts, so the client's ZMQ
+sockets reconnect to the same paths by themselves. Settings in the kernelspec's
+`kernel_provisioner.config` stanza are Sandbox traits (`{"memory": "1G", "home":
+"readonly"}`); they reach the launcher as `--Sandbox.<name>=<value>` after the argv's own
+options, so they win over them.
+"""
+import asyncio
+import os
+import time
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Dict, TraitError, Unicode
+
+from . import kernelspec, socketdir
+from .cli import SandboxApp
+from .config import Sandbox
+from .errors import SetupError
+
+SETTINGS = frozenset(Sandbox.class_trait_names(config=True))
+# After a SIGKILL of the launcher, the sandbox's monitor removes the socket dir; a restart
+# must not make the same dir before that has happened.
+SOCKET_DIR_GONE_TIMEOUT = 5.0
+
+
+class ProvisionerConfigError(ValueError):
+    """A bad kernelspec for this provisioner; jupyter_server shows the text to the user."""
+
+    def __init__(self, what):
+        super().__init__(f"ns-kernel: {what}")
+
+
+def settings_argv(settings):
+    """Sandbox settings as launcher options (lists as repeated options, as traitlets reads
+    them)."""
+    argv = []
+    for name, value in sorted(settings.items()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"--Sandbox.{name}={item}" for item in values]
+    return argv
+
+
+class IsolatedProvisioner(LocalProvisioner):
+    """Starts the ns-kernel launcher with a direct ipc connection (see the module doc)."""
+
+    settings = Dict(help="""
+        Sandbox settings from the kernelspec's kernel_provisioner.config stanza (trait
+        name -> value), checked when the provisioner is made.""")
+
+    socket_dir = Unicode("", help="""
+        The kernel's socket dir on the host: chosen at the first launch under
+        Sandbox.socket_dir (or the default base), kept across restarts.""")
+
+    def __init__(self, **kwargs):
+        # The factory passes the config stanza as keyword arguments: take the Sandbox
+        # settings out, and refuse what is neither ours nor jupyter_client's.
+        settings = {name: kwargs.pop(name) for name in list(kwargs) if name in SETTINGS}
+        unknown = sorted(set(kwargs) - set(self.class_trait_names()) - {"parent", "config", "log"})
+        if unknown:
+            raise ProvisionerConfigError(
+                f"kernel_provisioner config: unknown setting {unknown[0]!r} (use Sandbox "
+                f"settings: {', '.join(sorted(SETTINGS))})")
+        try:
+            Sandbox(**settings)
+        except TraitError as exc:
+            raise ProvisionerConfigError(f"kernel_provisioner config: {exc}") from None
+        super().__init__(settings=settings, **kwargs)
+
+    async def pre_launch(self, **kwargs):
+        km = self.parent
+        options = kernelspec.launcher_options(self.kernel_spec.argv)
+        if options is None:
+            raise ProvisionerConfigError(
+                f"{kernelspec.PROVISIONER} runs the launcher only: kernel.json argv must be "
+                "`python -m ns_kernel [options] -f {connection_file}`, not "
+                f"{' '.join(self.kernel_spec.argv)!r}")
+        extra = settings_argv(self.settings)
+        if not self.socket_dir:
+            # The launcher's own view of its settings (config files, argv, stanza): the same
+            # socket base, and bad options fail here, in the server's words, before any launch.
+            self.socket_dir = socketdir.choose(self._launcher_config(options, extra).socket_dir)
+        km.transport = "ipc"
+        km.ip = f"{self.socket_dir}/k"
+        kwargs = await super().pre_launch(**kwargs)
+        cmd = kwargs["cmd"]
+        at = cmd.index("-f")
+        kwargs["cmd"] = [*cmd[:at], *extra, f"--kernel-socket-dir={self.socket_dir}", *cmd[at:]]
+        return kwargs
+
+    def _launcher_config(self, options, extra):
+        try:
+            app = SandboxApp()
+            app.parse_command_line(options)
+            # traitlets takes one value per option: a setting in both places would make the
+            # launcher refuse to start, so say which one, here.
+            both = sorted(set(app.cli_config.get("Sandbox", {})) & set(self.settings))
+            if both:
+                raise ProvisionerConfigError(
+                    f"{', '.join(both)} set both in kernel.json's argv and in its "
+                    "kernel_provisioner config: keep one")
+            return SandboxApp().load_sandbox_config(options + extra)
+        except (SetupError, TraitError) as exc:
+            why = exc.line().removeprefix("ns-kernel: ") if isinstance(exc, SetupError) else exc
+            raise ProvisionerConfigError(f"launcher options {options + extra}: {why}") from None
+
+    async def cleanup(self, restart=False):
+        await super().cleanup(restart)
+        if not self.socket_dir:
+            return
+        # The launcher removes its socket dir as it exits; after a SIGKILL the sandbox's
+        # monitor does, a moment later. Wait for that (a restart makes the same dir), then
+        # remove what nobody did.
+        deadline = time.monotonic() + SOCKET_DIR_GONE_TIMEOUT
+        while os.path.lexists(self.socket_dir) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        socketdir.remove(self.socket_dir)
+
+    async def get_provisioner_info(self):
+        info = await super().get_provisioner_info()
+        info.update(socket_dir=self.socket_dir, settings=self.settings)
+        return info
+
+    async def load_provisioner_info(self, provisioner_info):
+        await super().load_provisioner_info(provisioner_info)
+        self.socket_dir = provisioner_info.get("socket_dir", "")
+        self.settings = provisioner_info.get("settings", {})
+

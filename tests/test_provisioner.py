@@ -1,0 +1,193 @@
+"""The kernel provisioner through jupyter_client's AsyncKernelManager, as jupyter_server
+drives it: direct ipc sockets in the kernel's socket dir, the exact lifecycle (poll, wait,
+send_signal, kill, terminate, cleanup, restart), settings from the config stanza, and
+refusals of a bad stanza. Real kernels in real namespaces."""
+import asyncio
+import os
+import signal
+import stat
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from conftest import write_spec
+from ns_kernel.connection import CHANNELS
+from test_lifecycle import alive, descendants, socket_base, wait_until  # noqa: F401 - fixture
+
+
+def spec(socket_base, options=(), config=None):
+    return write_spec(f"prov-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}",
+                                                                *options],
+                      provisioner=True, config=config)
+
+
+async def start(name, cwd):
+    km = AsyncKernelManager(kernel_name=name)
+    await km.start_kernel(cwd=cwd)
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=60)
+    return km, kc
+
+
+async def run(kc, code, timeout=30):
+    """Execute code; (printed text, error name or None)."""
+    out = []
+    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=lambda msg: out.append(
+        msg["content"].get("text", "")) if msg["msg_type"] == "stream" else None)
+    return "".join(out), reply["content"].get("ename")
+
+
+async def value(kc, expr):
+    import ast
+    text, error = await run(kc, f"print(repr({expr}))")
+    assert error is None, text
+    return ast.literal_eval(text.strip())
+
+
+def tcp_socket_inodes():
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            inodes.update(line.split()[9] for line in list(f)[1:])
+    return inodes
+
+
+def socket_inodes(pids):
+    found = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                found.add(target[8:-1])
+    return found
+
+
+def test_client_talks_to_the_kernels_own_sockets(workdir, socket_base):
+    async def main():
+        km, kc = await start(spec(socket_base), workdir)
+        try:
+            box = km.provisioner.socket_dir
+            info = km.get_connection_info()
+            assert info["transport"] == "ipc" and info["ip"] == f"{box}/k"
+            assert os.path.dirname(box) == socket_base
+            assert stat.S_IMODE(os.stat(box).st_mode) == 0o700
+            for name in CHANNELS:   # real sockets, not links to somewhere else
+                assert stat.S_ISSOCK(os.lstat(f"{box}/k-{info[name]}").st_mode)
+            assert await value(kc, "__import__('os').getpid()") == 2
+            launcher = km.provisioner.pid
+            tree = [launcher, *descendants(launcher)]
+            assert f"--kernel-socket-dir={box}" in open(f"/proc/{launcher}/cmdline").read()
+            # No TCP socket anywhere in the launcher's tree: no bridge, no port.
+            assert not socket_inodes(tree) & tcp_socket_inodes()
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel()
+        assert not os.path.lexists(box)
+    asyncio.run(main())
+
+
+def test_lifecycle_signal_restart_terminate_kill_cleanup(workdir, socket_base):
+    async def main():
+        km, kc = await start(spec(socket_base), workdir)
+        prov = km.provisioner
+        box = prov.socket_dir
+        try:
+            assert await prov.poll() is None
+            # send_signal: an interrupt reaches a busy cell; the kernel lives on.
+            msg_id = kc.execute("while True: pass")
+            await asyncio.sleep(1)
+            await km.interrupt_kernel()
+            reply = await kc._async_get_shell_msg(timeout=10)
+            assert reply["parent_header"]["msg_id"] == msg_id
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            assert await value(kc, "6 * 7") == 42
+
+            # restart, gently and by kill: same paths for the client, a fresh sandbox.
+            await run(kc, "open('/tmp/marker', 'w').close()")
+            for now in (False, True):
+                old = descendants(prov.pid)
+                await km.restart_kernel(now=now)
+                await kc.wait_for_ready(timeout=60)
+                assert prov.socket_dir == box and km.get_connection_info()["ip"] == f"{box}/k"
+                assert await value(kc, "__import__('os').path.exists('/tmp/marker')") is False
+                assert await value(kc, "__import__('os').getpid()") == 2
+                assert wait_until(lambda: not alive(old)), f"old sandbox survived: {alive(old)}"
+
+            # terminate: SIGTERM goes through the launcher to the kernel, which ends; wait()
+            # gives the launcher's status, poll() agrees, cleanup() leaves no socket dir.
+            tree = [prov.pid, *descendants(prov.pid)]
+            await prov.terminate()
+            assert await asyncio.wait_for(prov.wait(), 20) in (0, -signal.SIGTERM)
+            assert await prov.poll() is not None or not prov.has_process
+            assert wait_until(lambda: not alive(tree)), f"still running: {alive(tree)}"
+            await prov.cleanup(restart=True)
+            assert not os.path.lexists(box)
+
+            # kill: SIGKILL of the launcher; the sandbox goes with it and cleanup() waits for
+            # its socket dir to go before a restart may make it again.
+            await km.start_kernel(cwd=workdir)
+            await kc.wait_for_ready(timeout=60)
+            assert prov.socket_dir == box
+            tree = [prov.pid, *descendants(prov.pid)]
+            await prov.kill()
+            assert await asyncio.wait_for(prov.wait(), 20) == -signal.SIGKILL
+            await prov.cleanup(restart=False)
+            assert not os.path.lexists(box)
+            assert wait_until(lambda: not alive(tree), timeout=3), f"survivors: {alive(tree)}"
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+    asyncio.run(main())
+
+
+def test_config_stanza_reaches_the_launcher(workdir, socket_base):
+    async def main():
+        name = spec(socket_base, ["--network=none"], {"tmp_size": "8M", "hostname_prefix": "lab"})
+        km, kc = await start(name, workdir)
+        try:
+            assert (await value(kc, "__import__('socket').gethostname()")).startswith("lab-")
+            st = await value(kc, "tuple(__import__('os').statvfs('/tmp'))")
+            assert st[0] * st[2] == 8 << 20   # f_bsize * f_blocks
+            # argv's options still count: with network 'none', lo is down.
+            assert await value(kc, "open('/sys/class/net/lo/operstate').read().strip()") == "down"
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("options, config, message", [
+    ((), {"memroy": "1G"}, "ns-kernel: kernel_provisioner config: unknown setting 'memroy'"),
+    ((), {"memory": "lots"}, "ns-kernel: kernel_provisioner config: memory: not a size: 'lots'"),
+    (("--home=elsewhere",), None, "ns-kernel: launcher options"),
+    (("--tmp-size=16M",), {"tmp_size": "8M"},
+     "ns-kernel: tmp_size set both in kernel.json's argv and in its kernel_provisioner config"),
+])
+def test_bad_config_is_refused_before_launch(workdir, socket_base, options, config, message):
+    async def main():
+        km = AsyncKernelManager(kernel_name=spec(socket_base, options, config))
+        with pytest.raises(ValueError) as info:
+            await km.start_kernel(cwd=workdir)
+        assert str(info.value).startswith(message), str(info.value)
+        assert not km.has_kernel
+    asyncio.run(main())
+
+
+def test_spec_that_does_not_run_the_launcher_is_refused(workdir, socket_base):
+    from jupyter_client.kernelspec import KernelSpecManager
+    name = spec(socket_base)
+    path = os.path.join(KernelSpecManager().get_kernel_spec(name).resource_dir, "kernel.json")
+    import json
+    with open(path) as f:
+        data = json.load(f)
+    data["argv"] = [data["argv"][0], "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+    async def main():
+        km = AsyncKernelManager(kernel_name=name)
+        with pytest.raises(ValueError, match="ns-kernel: ns-kernel-provisioner runs the launcher "
+                                             "only: kernel.json argv must be"):
+            await km.start_kernel(cwd=workdir)
+    asyncio.run(main())
