@@ -1,0 +1,141 @@
+"""nbgrader-style batch grading: `jupyter nbconvert --execute` runs each student's notebook
+in an isolated kernel (installed by `ns-kernel install` with limits) from the student's own
+folder. It cannot read another student's work nor the gradebook beside the students dir
+(although their file modes would allow it), cannot reach the network (not even a listener
+on the host's loopback), and is held by the memory limit."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from ns_kernel import limits
+
+BACKEND = next(name for name, usable, _ in limits.probe() if usable)
+
+PROBES = """
+import os, socket
+def attempt(what, action):
+    try:
+        action()
+        print(what, "ALLOWED")
+    except Exception as exc:
+        print(what, type(exc).__name__)
+attempt("bob", lambda: open({bob!r}).read())
+attempt("bob-relative", lambda: open("../bob/answers.txt").read())
+attempt("gradebook", lambda: open({gradebook!r}, "rb").read())
+attempt("host-loopback", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=3))
+attempt("internet", lambda: socket.create_connection(("192.0.2.1", 80), timeout=3))
+print("students:", sorted(os.listdir("..")))
+open("result.txt", "w").write("alice was here")
+"""
+
+HOG = """
+import resource
+limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+in_cgroup = any("/ns-kernel-" in line for line in open("/proc/self/cgroup"))
+print("limit in force:", limit == 512 << 20 or in_cgroup)
+assert limit == 512 << 20 or in_cgroup, "no memory limit in force: not hogging"
+try:
+    x = bytearray(8 << 30)
+except MemoryError:
+    print("MemoryError")
+"""
+
+
+@pytest.fixture
+def course(tmp_path):
+    """course/gradebook.db and course/students/{alice,bob}, all world-readable."""
+    root = tmp_path / "course"
+    (root / "students" / "alice").mkdir(parents=True)
+    (root / "students" / "bob").mkdir()
+    (root / "gradebook.db").write_bytes(b"SQLite format 3\0 alice: 71, bob: 93")
+    (root / "students" / "bob" / "answers.txt").write_text("42")
+    for path in (tmp_path, root, root / "students"):
+        path.chmod(0o755)
+    for name in ("alice", "bob"):
+        (root / "students" / name).chmod(0o777)   # root's sandbox (nobody) writes there
+    return root
+
+
+@pytest.fixture
+def grader_spec(tmp_path):
+    """The grader's kernelspec, named isolated-python, with limits."""
+    prefix = tmp_path / "grader"
+    done = subprocess.run([sys.executable, "-m", "ns_kernel", "install", "--prefix", str(prefix),
+                           "--memory", "512M", "--pids", "64"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    os.chmod(tmp_path, 0o755)
+    return str(prefix / "share" / "jupyter")
+
+
+def execute(notebook, data_dir, out_dir):
+    env = {**os.environ, "JUPYTER_PATH": data_dir}
+    return subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--execute", "--to", "notebook",
+         "--ExecutePreprocessor.kernel_name=isolated-python",
+         "--ExecutePreprocessor.timeout=60", "--output-dir", str(out_dir), str(notebook)],
+        capture_output=True, text=True, timeout=180, env=env)
+
+
+def write_notebook(path, *sources):
+    nb = new_notebook(cells=[new_code_cell(s) for s in sources])
+    nb.metadata["kernelspec"] = {"name": "isolated-python", "display_name": "Isolated Python",
+                                 "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def outputs(path):
+    nb = nbformat.read(str(path), as_version=4)
+    return "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+
+
+def test_student_cannot_read_others_nor_reach_the_network(course, grader_spec, tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+    alice = course / "students" / "alice"
+    write_notebook(alice / "hw.ipynb", PROBES.format(
+        bob=str(course / "students" / "bob" / "answers.txt"),
+        gradebook=str(course / "gradebook.db"), port=port))
+    try:
+        done = execute(alice / "hw.ipynb", grader_spec, tmp_path / "out")
+        assert done.returncode == 0, done.stderr
+        text = outputs(tmp_path / "out" / "hw.ipynb")
+        with pytest.raises(socket.timeout):
+            listener.accept()     # nobody knocked
+    finally:
+        listener.close()
+    results = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    assert results["bob"] == "FileNotFoundError"
+    assert results["bob-relative"] == "FileNotFoundError"
+    assert results["gradebook"] == "FileNotFoundError"
+    assert results["host-loopback"] == "ConnectionRefusedError"
+    assert results["internet"] == "OSError"           # ENETUNREACH: no route out
+    assert results["students:"] == "['alice']"
+    # Her own folder is hers to write (e.g. files the grader collects).
+    assert (alice / "result.txt").read_text() == "alice was here"
+
+
+def test_student_is_held_by_the_memory_limit(course, grader_spec, tmp_path):
+    bob = course / "students" / "bob"
+    write_notebook(bob / "hw.ipynb", HOG, "print('survived')")
+    done = execute(bob / "hw.ipynb", grader_spec, tmp_path / "out")
+    if BACKEND == "rlimit":
+        # The allocation fails inside the kernel; grading goes on.
+        assert done.returncode == 0, done.stderr
+        text = outputs(tmp_path / "out" / "hw.ipynb")
+        assert "limit in force: True\nMemoryError\nsurvived" in text
+    else:
+        # The cgroup's OOM killer ends this kernel: nbconvert reports it; the host is fine.
+        assert done.returncode != 0
+        assert "DeadKernelError" in done.stderr or "Kernel died" in done.stderr
+        assert "ns-kernel: kernel " in done.stderr and \
+            "killed: out of memory (limit 512 MiB" in done.stderr
