@@ -142,6 +142,24 @@ def test_run_says_out_of_memory(workdir):
         assert "ns-kernel: command killed: out of memory (limit 256 MiB, peak " in done.stderr
 
 
+def test_tmp_size_caps_tmp_and_shm(workdir):
+    """Every backend: the private tmpfs mounts are size-capped (writes at most 32 MiB each)."""
+    done = ns_kernel("run", "--tmp-size", "16M", "--", sys.executable, "-c", """
+import errno
+for path in ("/tmp/fill", "/dev/shm/fill"):
+    try:
+        with open(path, "wb") as f:
+            for _ in range(32):
+                f.write(bytes(1 << 20))
+                f.flush()
+        print(path, "not capped")
+    except OSError as exc:
+        print(path, errno.errorcode[exc.errno])
+""", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["/tmp/fill", "ENOSPC", "/dev/shm/fill", "ENOSPC"]
+
+
 def test_fork_bomb_is_held_by_the_pids_limit(specs, workdir):
     k = start_kernel(workdir, kernel_name=LIMITED)
     group = None
