@@ -10,7 +10,6 @@ It reads like the steps it takes:
   7. remove everything made in 3-4 (and the limits' cgroup), say why the kernel died if
      it did not exit cleanly, and exit with the kernel's own status
 """
-import hashlib
 import os
 import re
 import shutil
@@ -76,7 +75,7 @@ class Launch:
         host = Host.probe()
         socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
                       if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
-        notice = limits.recall(socket_dir, self._key())
+        notice = limits.recall(self.connection_file, info) if info else ""
         if notice:
             argv.append(limits.EXTENSION_ARGV)
         plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id)
@@ -112,19 +111,12 @@ class Launch:
             return "command"
         return f"kernel {self.kernel_id[:8] or os.path.basename(self.connection_file)}"
 
-    def _key(self):
-        """What stays the same across restarts of one kernel: its id, or (clients that
-        name connection files at random) the connection file's path."""
-        if self.kernel_id or not self.connection_file:
-            return self.kernel_id
-        return hashlib.sha256(os.path.abspath(self.connection_file).encode()).hexdigest()[:32]
-
     def explain(self, status):
         """The server log's line on why the kernel ended (None if it ended by itself with
         status 0); the reason is also kept for the restarted kernel to show."""
         line = describe_exit(status, self._who(), self.usage)
-        if line and self._key():
-            limits.remember(self.socket_dir, self._key(), line)
+        if line and self.connection_file:
+            limits.remember(self.connection_file, line)
         return line
 
     def _install_signal_handlers(self):

@@ -3,14 +3,13 @@
 Backends, best first: cgroup v2 in a delegated subtree, cgroup v1 (root), rlimits set by
 init. The launcher picks one with enforce() (it probes the host, so it stays out of the
 pure build_plan), logs it, and after the kernel's death reads what the cgroup saw. The
-reason is kept in a small file keyed by kernel id, so that the next sandbox of the same
+reason is kept in the kernel's connection file, so that the next sandbox of the same
 kernel (Jupyter's automatic restart) shows it in the notebook: this module is also the
 IPython extension that prints it with the first cell's output.
 """
-import glob
+import json
 import os
 import resource
-import time
 from dataclasses import dataclass, field
 
 from . import cgroup
@@ -87,7 +86,9 @@ def enforce(limits, cgroup_parent="", name=""):
         if not options[0][1]:
             raise SetupError("limits", f"limits backend {limits.backend}", hint=options[0][2])
     backend = next(o for o in options if o[1])
-    name = f"ns-kernel-{name or os.urandom(6).hex()}"
+    # Random too: after a SIGKILLed launcher the old cgroup of a restarted kernel may still
+    # be on its way out (the orphaned monitor removes it).
+    name = f"ns-kernel-{name[:8] + '-' if name else ''}{os.urandom(4).hex()}"
     if backend[0] == "cgroup2":
         group, skipped = cgroup.Cgroup.create(2, backend[2], name, limits)
     elif backend[0] == "cgroup1":
@@ -158,41 +159,47 @@ def death_reason(code, usage):
     return text
 
 
-def notice_path(socket_dir, key):
-    """Beside the socket dirs (0700, this user's), one file per kernel (launcher._key)."""
-    return os.path.join(os.path.dirname(socket_dir), f"previous-exit-{key}")
+NOTICE_KEY = "ns_kernel_previous_exit"
 
 
-def remember(socket_dir, key, line):
-    """Keep the server log's line for the restarted kernel; forget those nobody restarted
-    within a day."""
-    for stale in glob.glob(os.path.join(os.path.dirname(socket_dir), "previous-exit-*")):
+def remember(connection_file, line):
+    """Keep the server log's line for the restarted kernel, in the client's connection
+    file: jupyter_client starts the restarted kernel from the same file and deletes it at
+    shutdown, so the reason lives exactly as long as the kernel and nothing is left
+    behind. (A restart with new random ports, in a kernel's first seconds, rewrites the
+    file: that restart shows no reason, the server log still has it.)"""
+    try:
+        with open(connection_file) as f:
+            info = json.load(f)
+        info[NOTICE_KEY] = line
+        _replace_json(connection_file, info)
+    except (OSError, ValueError):
+        pass   # the reason is in the server log; the notebook just won't show it
+
+
+def recall(connection_file, info):
+    """The previous sandbox's line ('' if none), taken out of the connection file so a
+    later restart does not repeat it."""
+    line = info.get(NOTICE_KEY, "")
+    if line:
         try:
-            if os.stat(stale).st_mtime < time.time() - 86400:
-                os.unlink(stale)
+            _replace_json(connection_file, {k: v for k, v in info.items() if k != NOTICE_KEY})
         except OSError:
             pass
+    return line
+
+
+def _replace_json(path, info):
+    """Atomically, 0600 from the start: the file holds the kernel's key."""
+    tmp = f"{path}.ns-kernel-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(notice_path(socket_dir, key),
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(line)
-    except OSError:
-        pass   # the reason is already in the server log; the notebook just won't show it
-
-
-def recall(socket_dir, key):
-    """The previous sandbox's reason for this kernel ('' if none), read once."""
-    if not key:
-        return ""
-    path = notice_path(socket_dir, key)
-    try:
-        with open(path) as f:
-            reason = f.read()
-        os.unlink(path)
-        return reason
-    except OSError:
-        return ""
+            json.dump(info, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def leave_notice(socket_dir, reason, owner=None):

@@ -3,7 +3,7 @@ real kernels, under whichever backend this host gives the caller (cgroup v1 as r
 rlimits as an ordinary user). Every hog checks first that its limit is in force, and is
 bounded, so a limit that failed to apply cannot take the machine down."""
 import asyncio
-import glob
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +15,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
 from conftest import start_kernel, stop_kernel
-from ns_kernel import cgroup, limits, socketdir
+from ns_kernel import cgroup, limits
 from ns_kernel.launcher import Launch
 
 LIMITED = "isolated-python-512m"
@@ -117,11 +117,9 @@ def test_memory_hog_fails_only_its_kernel(specs, workdir):
                 time.sleep(0.1)
             # The launcher leaves the way its kernel left: SIGKILL, from the OOM killer.
             assert hog.km.provisioner.process.returncode == -9
-            # It kept the reason for a restart that will not come here: clean it up.
-            notices = glob.glob(os.path.join(socketdir.default_base(), "previous-exit-*"))
-            assert any("killed: out of memory" in open(p).read() for p in notices)
-            for path in notices:
-                os.unlink(path)
+            # The reason waits in the connection file for a restart (none comes here).
+            with open(hog.km.connection_file) as f:
+                assert "killed: out of memory" in json.load(f)[limits.NOTICE_KEY]
         assert other.value("sum(range(10))") == 45
     finally:
         stop_kernel(hog)
@@ -268,6 +266,8 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
                 if msg["msg_type"] == "stream":
                     out.append((msg["content"]["name"], msg["content"]["text"]))
                 if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    with open(km.connection_file) as f:
+                        assert limits.NOTICE_KEY not in json.load(f)   # shown once only
                     return km.connection_file, out
         finally:
             km.stop_restarter()
@@ -285,6 +285,3 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     assert stderr.startswith(f"ns-kernel: kernel {name} {reason}"), out
     assert stderr.rstrip().endswith("; this is a new kernel")
     assert out[-1] == ("stdout", "after\n")
-    # Shown once: the reason file was consumed.
-    assert not os.path.exists(limits.notice_path(os.path.join(socketdir.default_base(), "x"),
-                                                 launch._key()))
