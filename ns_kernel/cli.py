@@ -84,16 +84,19 @@ class KernelApp(SandboxApp):
         the kernel's own sockets: no link, no bridge.""")
     aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
 
-    def start_kernel(self, argv):
-        from .launcher import Launch, exit_like
+    def start_kernel(self, argv, spawn=None, finish=None):
+        """spawn: who starts the monitor; finish(status): how to leave (default: exit like
+        the kernel). A warm template's launcher child passes both (warm.py)."""
+        from .launcher import Launch
+        from .pid import exit_like
         options, connection_file, extra = split_at_connection_file(argv)
         config = self.load_sandbox_config(options)
-        launch = Launch(config, connection_file, extra, self.kernel_socket_dir or None)
+        launch = Launch(config, connection_file, extra, self.kernel_socket_dir or None, spawn)
         status = launch.run()
         line = launch.explain(status)
         if line:
             print(line, file=sys.stderr, flush=True)
-        exit_like(status)
+        (finish or exit_like)(status)
 
 
 class InstallApp(SandboxApp):
@@ -103,13 +106,18 @@ class InstallApp(SandboxApp):
     display_name = Unicode("Isolated Python", config=True, help="Name shown in JupyterLab.")
     user = Bool(False, config=True, help="Install for the current user (~/.local/share/jupyter).")
     prefix = Unicode("", config=True, help="Install under PREFIX/share/jupyter/kernels.")
+    warm = Bool(False, config=True, help="""
+        Start kernels from a per-user warm template (kernel.json argv gets --warm): a fresh
+        sandbox in a fraction of a cold start. See docs/performance.md.""")
     aliases = {**SANDBOX_ALIASES, "name": "InstallApp.kernel_name",
                "display-name": "InstallApp.display_name", "prefix": "InstallApp.prefix"}
     flags = {**SANDBOX_FLAGS,
              "user": ({"InstallApp": {"user": True}}, "Install for the current user."),
              "sys-prefix": ({"InstallApp": {"prefix": sys.prefix}},
                             f"Install into this Python's prefix ({sys.prefix}), e.g. a "
-                            "JupyterHub single-user environment.")}
+                            "JupyterHub single-user environment."),
+             "warm": ({"InstallApp": {"warm": True}},
+                      "Kernels start from a per-user warm template (--warm in kernel.json).")}
 
     def start_install(self, argv):
         from . import kernelspec
@@ -132,7 +140,8 @@ class RunApp(SandboxApp):
     description = "Run CMD in the same sandbox a kernel gets (to see what a kernel sees)."
 
     def start_run(self, argv):
-        from .launcher import Launch, exit_like
+        from .launcher import Launch
+        from .pid import exit_like
         if "--" not in argv:
             raise SetupError("usage", "no command", hint="use `ns-kernel run [options] -- CMD`")
         cut = argv.index("--")
@@ -145,8 +154,9 @@ class RunApp(SandboxApp):
         exit_like(status)
 
 
-def main(argv=None):
-    """Entry point of `ns-kernel` and `python -m ns_kernel`."""
+def main(argv=None, spawn=None, finish=None):
+    """Entry point of `ns-kernel` and `python -m ns_kernel` (spawn, finish: see
+    KernelApp.start_kernel)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "install":
@@ -163,7 +173,7 @@ def main(argv=None):
             app.parse_command_line(argv or ["--help"])
             print(__doc__)
             return 0
-        return KernelApp().start_kernel(argv)
+        return KernelApp().start_kernel(argv, spawn, finish)
     except SetupError as exc:
         print(exc.line(), file=sys.stderr, flush=True)
         return 1

@@ -47,10 +47,12 @@ def command_argv(argv):
 class Launch:
     """One kernel's launch: everything it made, so that all of it can be undone."""
 
-    def __init__(self, sandbox_config, connection_file=None, argv=(), socket_dir=None):
+    def __init__(self, sandbox_config, connection_file=None, argv=(), socket_dir=None,
+                 spawn=None):
         """With a connection file, run ipykernel (argv: its extra arguments); without one,
         run argv itself (`ns-kernel run`). socket_dir: this exact (not yet existing) socket
-        dir instead of a fresh one under Sandbox.socket_dir (the provisioner's choice)."""
+        dir instead of a fresh one under Sandbox.socket_dir (the provisioner's choice).
+        spawn: who starts the sandbox's monitor (see Sandbox.start; warm.py)."""
         self.config = sandbox_config
         self.connection_file = connection_file
         self.argv = list(argv)
@@ -58,6 +60,7 @@ class Launch:
         self.links = []
         self.socket_dir = None
         self.exact_socket_dir = socket_dir
+        self.spawn = spawn
         self.box = None
         self.pending_signals = []
         self.kernel_id = kernel_id_from(connection_file)
@@ -96,7 +99,7 @@ class Launch:
                 limits.leave_notice(self.socket_dir, notice, owner)
             if info and info["transport"] == "ipc":
                 self._link_ipc_paths(info)
-            self.box = Sandbox(plan, attach=self.limits.attach).start()
+            self.box = Sandbox(plan, attach=self.limits.attach).start(self.spawn)
             for signum in self.pending_signals:
                 self.box.signal(signum)
             self._supervise()
@@ -229,17 +232,3 @@ def describe_exit(status, who, usage=None):
     status 0: out of memory, the pids limit, a signal, an exit code."""
     reason = limits.death_reason(os.waitstatus_to_exitcode(status), usage or limits.Usage())
     return f"ns-kernel: {who} {reason}" if reason else None
-
-
-def exit_like(status):
-    """Leave the way the kernel left: same exit code, or the same signal."""
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 0:
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if -code not in (signal.SIGKILL, signal.SIGSTOP):
-        signal.signal(-code, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
-    os.kill(os.getpid(), -code)
-    sys.exit(128 - code)

@@ -6,6 +6,7 @@ signals Jupyter sends, and exits when the kernel does, which kills whatever is l
 """
 import os
 import signal
+import sys
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
@@ -43,3 +44,17 @@ def run_init(kernel_pid, report_status):
             report_status(status)
             code = os.waitstatus_to_exitcode(status)
             os._exit(code if code >= 0 else 128 - code)
+
+
+def exit_like(status):
+    """Leave the way the kernel left (raw wait status): same exit code, or the same signal."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(-code, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+    os.kill(os.getpid(), -code)
+    sys.exit(128 - code)

@@ -9,7 +9,10 @@ Three processes, as in nsjail and bubblewrap:
 A failure before exec sends a SetupError record up the error pipe and exits 127;
 the launcher prints it. A kernel never starts in a half-built sandbox.
 """
+import functools
+import gc
 import os
+import select
 import selectors
 import signal
 import socket
@@ -36,21 +39,35 @@ class Sandbox:
         self.ctl = None            # launcher's end of the control socket
         self.errors = None         # read end of the error pipe
         self.kernel_status = None  # raw wait status of the kernel, once reported
+        self.status = None         # the monitor's wait status, once waited for
         self._error_data = b""
 
-    def start(self):
-        """Fork the monitor, map its ids, and return; the rest happens in the children."""
+    def start(self, spawn=None):
+        """Start the monitor, map its ids, and return; the rest happens in the children.
+        The monitor is forked here, or by spawn(plan, ctl, err_w) -> pid: a warm template
+        that has ipykernel imported already runs the same steps (warm.py)."""
         ctl, ctl_child = socket.socketpair()
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, pid.FORWARDED)
-        child = os.fork()
-        if child == 0:
-            ctl.close()
-            os.close(err_r)
-            _run_child(_monitor, self.plan, ctl_child, err_w)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        ctl_child.close()
-        os.close(err_w)
+        if spawn:
+            try:
+                child = spawn(self.plan, ctl_child, err_w)
+            except BaseException:
+                ctl.close()
+                os.close(err_r)
+                raise
+            finally:
+                ctl_child.close()
+                os.close(err_w)
+        else:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, pid.FORWARDED)
+            child = os.fork()
+            if child == 0:
+                ctl.close()
+                os.close(err_r)
+                _run_child(_monitor, self.plan, ctl_child, err_w)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            ctl_child.close()
+            os.close(err_w)
         self.pid, self.ctl, self.errors = child, ctl, err_r
         try:
             if ctl.recv(1) != MSG_UNSHARED:
@@ -99,15 +116,35 @@ class Sandbox:
 
     def wait(self):
         if self.pid is None:
-            return None
-        _, status = os.waitpid(self.pid, 0)
-        self.pid = None
+            return self.status
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            # A warm template's monitor is its child, not ours: wait for it to go; what
+            # the kernel's status was, init has sent on the control socket.
+            status = _wait_foreign(self.pid)
+        self.pid, self.status = None, status
         return status
+
+
+def _wait_foreign(pid_):
+    """Wait for a process that is not our child; its status as if it had been killed."""
+    try:
+        pidfd = os.pidfd_open(pid_)
+    except ProcessLookupError:
+        return signal.SIGKILL
+    try:
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+    return signal.SIGKILL
 
 
 def _run_child(step, plan, ctl, err_w):
     """Run one child's steps; any failure goes up the error pipe, then exit 127."""
     try:
+        # What the parent allocated stays shared: the collector must not write to it.
+        gc.freeze()
         pid.reset_signals()
         step(plan, ctl, err_w)
     except BaseException as exc:  # noqa: BLE001 - a child must never return into the launcher
@@ -128,7 +165,8 @@ def _report(err_w, exc):
         pass
 
 
-def _monitor(plan, ctl, err_w):
+def _monitor(plan, ctl, err_w, kernel_step=None):
+    """kernel_step(plan, ctl, err_w): the kernel's last step, _exec_kernel by default."""
     # Out of the launcher's process group: Jupyter's killpg(SIGINT) reaches the launcher
     # alone, which forwards it exactly once; and no controlling terminal (TIOCSTI).
     os.setsid()
@@ -150,7 +188,8 @@ def _monitor(plan, ctl, err_w):
         raise SetupError("pid", "unshare(CLONE_NEWPID)", "", exc.errno) from None
     init = os.fork()
     if init == 0:
-        _run_child(_init, plan, ctl, err_w)
+        _run_child(functools.partial(_init, kernel_step=kernel_step or _exec_kernel),
+                   plan, ctl, err_w)
     os.close(err_w)
     pid.forward_signals(init)
     _supervise(plan, ctl, init, origin)
@@ -178,7 +217,7 @@ def _supervise(plan, ctl, init, origin):
     os._exit(code if code >= 0 else 128 - code)
 
 
-def _init(plan, ctl, err_w):
+def _init(plan, ctl, err_w, kernel_step):
     # If the monitor dies, init dies, and with it every process of the PID namespace.
     set_parent_death_signal(signal.SIGKILL)
     flags = CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
@@ -197,6 +236,9 @@ def _init(plan, ctl, err_w):
         os.setresuid(plan.uid, plan.uid, plan.uid)
     except OSError as exc:
         raise SetupError("user", f"setresuid({plan.uid})", "", exc.errno) from None
+    # A change of uid clears the parent-death signal (prctl(2)): root's sandbox, whose
+    # monitor is killed directly (Sandbox.kill), would leave init and the kernel running.
+    set_parent_death_signal(signal.SIGKILL)
     try:
         sethostname(plan.hostname)
     except OSError as exc:
@@ -209,18 +251,23 @@ def _init(plan, ctl, err_w):
     drop_all_capabilities()
     kernel = os.fork()
     if kernel == 0:
-        _run_child(_exec_kernel, plan, ctl, err_w)
+        _run_child(kernel_step, plan, ctl, err_w)
     os.close(err_w)
     pid.run_init(kernel, lambda status: ctl.sendall(MSG_STATUS + str(status).encode()))
 
 
-def _exec_kernel(plan, ctl, err_w):
+def enter_kernel_session(ctl, err_w):
+    """The kernel's first step, whether it execs or runs preloaded (warm.py)."""
     # Its own session and process group: the init forwards an interrupt to the group, so
     # the kernel's subprocesses get it as they would under a plain kernel.
     os.setsid()
     ctl.close()
     os.closerange(3, err_w)
     os.closerange(err_w + 1, 65536)
+
+
+def _exec_kernel(plan, ctl, err_w):
+    enter_kernel_session(ctl, err_w)
     try:
         os.execve(plan.argv[0], plan.argv, dict(plan.env))
     except OSError as exc:

@@ -59,6 +59,7 @@ OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -131,6 +132,10 @@ def set_parent_death_signal(sig):
 
 def set_no_new_privs():
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def set_dumpable():
+    prctl(PR_SET_DUMPABLE, 1)
 
 
 def last_capability():

@@ -1,0 +1,389 @@
+"""Warm start (opt-in: `--warm` in kernel.json's argv, `ns-kernel install --warm`).
+
+A cold start pays for two interpreters (the launcher's, with traitlets; the kernel's, with
+IPython) before the kernel answers. A warm start pays for neither: a per-user template
+process has imported both already and forks, per kernel:
+
+  client     what Jupyter runs (`python -m ns_kernel --warm -f FILE`): imports next to
+             nothing, hands its argv, environment, cwd and stdio to the template, forwards
+             signals, and exits like the kernel did
+  launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
+             client (cli.main, the same Launch as a cold start: config, plan, socket dir,
+             bridge, limits) except that it asks the template for the monitor instead of
+             forking it: it holds the client's environment (tokens), a kernel must not
+  monitor    another fork of the template, with the same sandbox.py steps as ever (user
+             ns, then init: mounts, hostname, uid, caps), except the kernel's last step:
+             ipykernel is already imported, so it runs in-process instead of execve
+
+Nothing a kernel does reaches the template (each kernel is a fork, the template never runs
+user code and never reads a request: its children do), and the template's memory never
+held a secret: it is exec'd with only the variables that shape Python's startup
+(STARTUP_ENV), and it is keyed by them, by the interpreter and by the installed ns_kernel.
+Honest differences from a cold start: kernels from one template share its address-space
+layout (ASLR) and str hash seed; /proc/PID/cmdline shows the template's command line.
+
+The template listens on <socket base>/warm-<key>.sock (the 0700 per-user dir of
+socketdir.py), is started by the first warm client (that start costs a cold one), and
+exits after IDLE_EXIT seconds without a request, or on `python -m ns_kernel.warm stop`.
+
+This module's top level stays cheap: the client imports it before anything else.
+"""
+import os
+import signal
+import socket
+import sys
+
+IDLE_EXIT = 600.0
+STARTUP_ENV = ("HOME", "LANG", "LANGUAGE", "TZ")
+STARTUP_PREFIXES = ("LC_", "PYTHON")
+# What a kernel imports on its way to its first reply; the template imports it once.
+# (Found by comparing sys.modules before and after IPKernelApp.initialize.)
+TEMPLATE_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell",
+                    "ipykernel.comm", "ipykernel.debugger", "IPython.core.completer",
+                    "IPython.core.completerlib", "IPython.core.debugger", "IPython.core.history",
+                    "IPython.core.oinspect", "IPython.extensions.storemagic",
+                    "jupyter_client.session", "tornado.gen", "tornado.locks", "tornado.queues",
+                    "tornado.platform.asyncio", "sqlite3", "pdb", "pydoc", "faulthandler",
+                    "gzip", "mimetypes", "http.client", "xmlrpc.client", "unicodedata",
+                    "encodings.idna", "ns_kernel.cli", "ns_kernel.launcher", "runpy", "pickle",
+                    "json")
+IMPORT_ENV = {"JPY_PARENT_PID": "1"}
+MAX_REQUEST = 1 << 20
+
+
+def startup_env(environ):
+    return {k: v for k, v in environ.items()
+            if k in STARTUP_ENV or k.startswith(STARTUP_PREFIXES)}
+
+
+def socket_path(environ=os.environ):
+    """One template per user, interpreter, startup environment and ns_kernel install."""
+    import zlib
+    from .socketdir import default_base
+    here = os.path.dirname(os.path.abspath(__file__))
+    key = repr((sys.executable, sorted(startup_env(environ).items()),
+                os.stat(here).st_mtime_ns, os.stat(os.path.join(here, "warm.py")).st_mtime_ns))
+    return os.path.join(default_base(), f"warm-{zlib.crc32(key.encode()):08x}.sock")
+
+
+def wants_warm(argv):
+    """True if `--warm` comes among the launcher's options (before the connection file)."""
+    for arg in argv:
+        if arg == "--warm":
+            return True
+        if arg in ("-f", "--f", "--connection-file") or arg.startswith(
+                ("-f=", "--f=", "--connection-file=")):
+            return False
+    return False
+
+
+# -- the client ---------------------------------------------------------------------------
+
+def client_main(argv):
+    """What Jupyter runs. Returns (or exits) like the kernel did."""
+    from .pid import FORWARDED, exit_like
+    argv = [arg for arg in argv if arg != "--warm"]
+    sock = _connect_or_start()
+    request = {"kind": "kernel", "argv": argv, "env": dict(os.environ), "cwd": os.getcwd(),
+               "client": os.getpid()}
+    socket.send_fds(sock, [_dumps(request)], [0, 1, 2])
+    launcher = int(sock.recv(64) or 0)
+    if not launcher:
+        print("ns-kernel: the warm template failed to start a kernel (run without --warm "
+              "to see why)", file=sys.stderr, flush=True)
+        return 1
+
+    def forward(signum, _frame):
+        try:
+            os.kill(launcher, signum)
+        except ProcessLookupError:
+            pass
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    data = sock.recv(64)
+    if not data.startswith(b"S"):
+        print("ns-kernel: the warm kernel's launcher died", file=sys.stderr, flush=True)
+        return 1
+    exit_like(int(data[1:]))
+
+
+def _connect(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(path)
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+
+
+def _connect_or_start(timeout=60.0):
+    path = socket_path()
+    sock = _connect(path)
+    if sock:
+        return sock
+    import time
+    from .socketdir import _ensure_base
+    _ensure_base(os.path.dirname(path))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    # The template daemonizes (its first fork); this child returns at once.
+    child = os.posix_spawn(sys.executable, [sys.executable, "-m", "ns_kernel.warm", "template",
+                                            path],
+                           startup_env(os.environ),
+                           file_actions=[(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)])
+    os.close(devnull)
+    os.waitpid(child, 0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock = _connect(path)
+        if sock:
+            return sock
+        time.sleep(0.005)
+    from .errors import SetupError
+    raise SetupError("warm", "start the warm template", path,
+                     hint="run `python -m ns_kernel.warm template PATH` by hand to see why")
+
+
+def _dumps(obj):
+    import pickle
+    return pickle.dumps(obj)
+
+
+# -- the template -------------------------------------------------------------------------
+
+def template_main(path):
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    os.chdir("/")
+    del sys.path[0]    # the cwd it was started in: nobody's business
+    # Read at import (ipykernel's IPKernelApp.parent_handle): the value every kernel's
+    # environment has (plan.kernel_env), which run_preloaded checks.
+    os.environ.update(IMPORT_ENV)
+    import gc
+    import importlib
+    for name in TEMPLATE_MODULES:
+        importlib.import_module(name)
+    if threads() != 1:
+        sys.exit(f"ns-kernel: warm template has {threads()} threads after its imports")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        os.unlink(path)    # a stale socket: the client found nobody listening there
+    except FileNotFoundError:
+        pass
+    listener.bind(path)
+    listener.listen(64)
+    mine = os.stat(path).st_ino
+    # Children are reaped by the kernel; each forked child restores SIGCHLD first.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    gc.freeze()        # the imports stay shared with every kernel: never touched again
+    import select
+    try:
+        while select.select([listener], [], [], IDLE_EXIT)[0]:
+            conn, _ = listener.accept()
+            uid = _peer_uid(conn)
+            if uid != os.getuid():
+                conn.close()
+                continue
+            if os.fork() == 0:
+                listener.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _serve(conn)     # never returns
+            conn.close()
+    finally:
+        # Unless a newer template has taken the path over already.
+        if os.path.exists(path) and os.stat(path).st_ino == mine:
+            os.unlink(path)
+
+
+def _peer_uid(conn):
+    import struct
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def _serve(conn):
+    """In a fresh fork of the template: read the one request and act on it."""
+    import pickle
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 8)
+        request = pickle.loads(data) if data else {"kind": "none"}
+        kind = request["kind"]
+        if kind == "stop":
+            os.kill(os.getppid(), signal.SIGTERM)
+        elif kind == "kernel":
+            _launcher_child(conn, request, fds)
+        elif kind == "monitor":
+            _monitor_child(conn, request, fds)
+    finally:
+        os._exit(0)
+
+
+def _take_stdio(fds):
+    for fd, target in zip(fds, (0, 1, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+
+
+def _launcher_child(conn, request, fds):
+    """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
+    from . import cli
+    _take_stdio(fds)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    _die_with(request["client"])
+    os.chdir(request["cwd"])
+    sys.path.insert(0, request["cwd"])    # as `python -m` in that cwd has it
+    conn.sendall(str(os.getpid()).encode())
+
+    def finish(status):
+        conn.sendall(b"S%d" % status)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    code = cli.main(request["argv"], spawn=_spawn_monitor, finish=finish)
+    finish((code or 0) << 8)
+
+
+def _die_with(client):
+    """The client is what Jupyter kills (restart, shutdown now): go as a SIGKILLed cold
+    launcher goes, at once and silently; the monitor then removes the sandbox, its socket
+    dir and cgroup (sandbox._supervise). This process never unshares: a thread may wait."""
+    import select
+    import threading
+    pidfd = os.pidfd_open(client)
+
+    def watch():
+        select.select([pidfd], [], [])
+        os._exit(137)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _spawn_monitor(plan, ctl, err_w):
+    """Sandbox.start's spawn: the template forks the monitor; returns its pid."""
+    sock = _connect(socket_path())
+    if sock is None:
+        from .errors import SetupError
+        raise SetupError("warm", "reach the warm template", socket_path(),
+                         hint="it exited; the next start makes a new one")
+    with sock:
+        socket.send_fds(sock, [_dumps({"kind": "monitor", "plan": plan})],
+                        [ctl.fileno(), err_w, 0, 1, 2])
+        return int(sock.recv(64))
+
+
+def _monitor_child(conn, request, fds):
+    import functools
+    from . import sandbox
+    plan = request["plan"]
+    ctl_fd, err_w, *stdio = fds
+    _take_stdio(stdio)
+    for fd in (ctl_fd, err_w):
+        os.set_inheritable(fd, False)   # err_w closes at execve, as in a cold start
+    ctl = socket.socket(fileno=ctl_fd)
+    conn.sendall(str(os.getpid()).encode())
+    conn.close()
+    if threads() != 1:
+        # unshare(CLONE_NEWUSER) would fail with EINVAL: say why instead.
+        from .errors import SetupError
+        sandbox._report(err_w, SetupError("warm", f"warm template has {threads()} threads",
+                                          hint="unshare(CLONE_NEWUSER) needs one thread"))
+        os._exit(127)
+    sandbox._run_child(functools.partial(sandbox._monitor, kernel_step=run_preloaded),
+                       plan, ctl, err_w)
+
+
+# -- the kernel ---------------------------------------------------------------------------
+
+def run_preloaded(plan, ctl, err_w):
+    """The kernel's last step (in place of sandbox._exec_kernel): run `python -m MODULE`
+    in this already-initialized interpreter, with the plan's environment and argv."""
+    from . import sandbox
+    argv = list(plan.argv)
+    env = dict(plan.env)
+    if (argv[:2] != [sys.executable, "-m"] or len(argv) < 3
+            or startup_env(env) != startup_env(os.environ)
+            or any(env.get(k) != v for k, v in IMPORT_ENV.items())):
+        # Not what this interpreter was started as (a denied startup variable, another
+        # Python): a fresh exec is the only faithful start.
+        return sandbox._exec_kernel(plan, ctl, err_w)
+    sandbox.enter_kernel_session(ctl, err_w)
+    from .syscalls import set_dumpable
+    # Root's sandbox switched uid in init, which made it undumpable: the kernel could not
+    # read its own /proc/self; an execve would have reset this.
+    set_dumpable()
+    # What a fresh interpreter starts with.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path.insert(0, os.getcwd())
+    _forget_host_facts()
+    os.close(err_w)      # the sandbox is complete: the launcher sees EOF, as after execve
+    _run_module_as_main(argv[2], argv[3:])
+
+
+def _forget_host_facts():
+    """Module caches filled in the template, on the host, before this sandbox existed."""
+    import platform
+    import time
+    platform._uname_cache = None
+    time.tzset()
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = None
+
+
+def _run_module_as_main(module, args):
+    import atexit
+    import runpy
+    import threading
+    import traceback
+    sys.argv = [module, *args]
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, status 1
+        traceback.print_exc()
+        code = 1
+    # The interpreter's own exit: join threads, run atexit (ipykernel closes its sockets).
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
+
+
+def stop():
+    """Ask the running template (if any) to exit; True if there was one."""
+    sock = _connect(socket_path())
+    if sock is None:
+        return False
+    with sock:
+        socket.send_fds(sock, [_dumps({"kind": "stop"})], [])
+        sock.recv(1)
+    return True
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["template"] and len(sys.argv) == 3:
+        template_main(sys.argv[2])
+    elif sys.argv[1:] == ["stop"]:
+        sys.exit(0 if stop() else 1)
+    else:
+        sys.exit("usage: python -m ns_kernel.warm template PATH | stop")

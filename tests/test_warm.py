@@ -1,0 +1,149 @@
+"""Warm start (`--warm`): kernels forked from a per-user template, with the same isolation
+as a cold start (the isolation tests run again here, on warm kernels) and nothing carried
+from one kernel to the next."""
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import time
+
+import pytest
+
+from conftest import start_kernel, stop_kernel, write_spec
+# Collected again in this module, where `pair` below gives them warm kernels.
+from test_isolation import (IPC_HELPERS, test_abstract_unix_sockets_do_not_cross,  # noqa: F401
+                            test_connection_files_hidden, test_filesystem_policy,
+                            test_hostnames_differ, test_identity_and_privileges,
+                            test_loopback_is_private, test_pid_namespace,
+                            test_processes_and_signals_do_not_cross, test_secrets_not_in_environment,
+                            test_sysv_and_posix_ipc_are_private, test_tmp_and_shm_are_private,
+                            test_umount_cannot_reveal_host)
+
+from ns_kernel import warm
+
+WARM = write_spec("isolated-python-warm", ["--warm"])
+
+
+def template_pid():
+    """The pid of the process listening on the template's socket (None if nobody does)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(warm.socket_path())
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    finally:
+        sock.close()
+
+
+def gone(pid, timeout=10):
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.fixture(scope="module")
+def workdir_module():
+    wd = tempfile.mkdtemp(prefix="ns-kernel-warm-")
+    os.chmod(wd, 0o777)
+    yield wd
+    # The template outlives kernels by design; the tests leave nothing running.
+    pid = template_pid()
+    warm.stop()
+    assert pid is None or gone(pid)
+    shutil.rmtree(wd, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pair(workdir_module):
+    wd = workdir_module
+    os.environ["JUPYTERHUB_API_TOKEN"] = "hub-secret-token"
+    try:
+        a, b = start_kernel(wd, kernel_name=WARM), start_kernel(wd, kernel_name=WARM)
+    finally:
+        del os.environ["JUPYTERHUB_API_TOKEN"]
+    for k in (a, b):
+        k.execute(IPC_HELPERS)
+    yield a, b, wd
+    stop_kernel(a)
+    stop_kernel(b)
+
+
+def test_kernels_come_from_the_template(pair):
+    a, b, _ = pair
+    for k in (a, b):
+        cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
+        assert b"ns_kernel.warm" in cmdline and b"template" in cmdline, cmdline
+        assert k.value("__import__('sys').argv[0]").endswith("ipykernel_launcher.py")
+    assert template_pid() is not None
+
+
+def test_no_state_carried_between_kernels(pair, workdir_module):
+    a, _, _ = pair
+    a.execute("import json, os; json.leaked = 'from a'; secret = 42; "
+              "os.environ['LEAK'] = 'a'")
+    assert a.value("secret") == 42
+    c = start_kernel(workdir_module, kernel_name=WARM)
+    try:
+        assert c.value("'secret' in dir()") is False
+        assert c.value("hasattr(__import__('json'), 'leaked')") is False
+        assert c.value("'LEAK' in __import__('os').environ") is False
+        assert c.value("__import__('socket').gethostname()") != \
+            a.value("__import__('socket').gethostname()")
+        # Caches the template filled on the host must not show the host's name either.
+        assert c.value("__import__('platform').node()") == \
+            c.value("__import__('socket').gethostname()")
+        assert c.value("__import__('platform').node()") != os.uname().nodename
+    finally:
+        stop_kernel(c)
+
+
+def test_interrupt_and_restart(workdir_module):
+    k = start_kernel(workdir_module, kernel_name=WARM)
+    try:
+        msg_id = k.kc.execute("while True: pass")
+        time.sleep(0.5)
+        k.km.interrupt_kernel()
+        reply = k.kc.get_shell_msg(timeout=20)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert k.value("1 + 1") == 2
+        before = k.value("__import__('socket').gethostname()")
+        k.execute("x = 1")
+        k.km.restart_kernel(now=True)
+        k.kc.wait_for_ready(timeout=30)
+        assert k.value("'x' in dir()") is False
+        assert k.value("__import__('os').getpid()") == 2
+        assert k.value("__import__('socket').gethostname()") != before
+    finally:
+        stop_kernel(k)
+
+
+def test_kernel_exit_status_and_stop_leave_nothing(workdir_module):
+    k = start_kernel(workdir_module, kernel_name=WARM)
+    k.kc.execute("import os; os._exit(3)")
+    deadline = time.monotonic() + 20
+    while k.km.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert k.km.provisioner.process.wait(timeout=5) == 3
+    stop_kernel(k)
+    pid = template_pid()
+    assert pid and warm.stop()
+    assert gone(pid)
+    assert not os.path.exists(warm.socket_path())
+    assert template_pid() is None
+    # The next warm kernel makes a new template by itself.
+    k = start_kernel(workdir_module, kernel_name=WARM)
+    try:
+        assert k.value("__import__('os').getpid()") == 2
+    finally:
+        stop_kernel(k)
+
+
+def test_stop_without_template_says_so(monkeypatch):
+    # Another startup environment is another template, and none runs for it.
+    monkeypatch.setenv("LANG", "C.UTF-8-no-template-for-this")
+    assert warm.stop() is False
