@@ -182,8 +182,7 @@ def template_main(path):
     try:
         while select.select([listener], [], [], IDLE_EXIT)[0]:
             conn, _ = listener.accept()
-            uid = _peer_uid(conn)
-            if uid != os.getuid():
+            if _peer(conn)[1] != os.getuid():
                 conn.close()
                 continue
             if os.fork() == 0:
@@ -198,10 +197,11 @@ def template_main(path):
             os.unlink(path)
 
 
-def _peer_uid(conn):
+def _peer(conn):
+    """(pid, uid, gid) of the other end."""
     import struct
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    return struct.unpack("3i", creds)
 
 
 def threads():
@@ -367,6 +367,15 @@ def _run_module_as_main(module, args):
         except (OSError, ValueError, AttributeError):
             pass
     os._exit(code)
+
+
+def template_pid():
+    """The pid of the running template, None if none listens (tests, bench/)."""
+    sock = _connect(socket_path())
+    if sock is None:
+        return None
+    with sock:
+        return _peer(sock)[0]
 
 
 def stop():

@@ -3,8 +3,6 @@ as a cold start (the isolation tests run again here, on warm kernels) and nothin
 from one kernel to the next."""
 import os
 import shutil
-import socket
-import struct
 import tempfile
 import time
 
@@ -25,19 +23,6 @@ from ns_kernel import warm
 WARM = write_spec("isolated-python-warm", ["--warm"])
 
 
-def template_pid():
-    """The pid of the process listening on the template's socket (None if nobody does)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        sock.connect(warm.socket_path())
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[0]
-    except (FileNotFoundError, ConnectionRefusedError):
-        return None
-    finally:
-        sock.close()
-
-
 def gone(pid, timeout=10):
     deadline = time.monotonic() + timeout
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
@@ -51,7 +36,7 @@ def workdir_module():
     os.chmod(wd, 0o777)
     yield wd
     # The template outlives kernels by design; the tests leave nothing running.
-    pid = template_pid()
+    pid = warm.template_pid()
     warm.stop()
     assert pid is None or gone(pid)
     shutil.rmtree(wd, ignore_errors=True)
@@ -78,7 +63,7 @@ def test_kernels_come_from_the_template(pair):
         cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
         assert b"ns_kernel.warm" in cmdline and b"template" in cmdline, cmdline
         assert k.value("__import__('sys').argv[0]").endswith("ipykernel_launcher.py")
-    assert template_pid() is not None
+    assert warm.template_pid() is not None
 
 
 def test_no_state_carried_between_kernels(pair, workdir_module):
@@ -130,11 +115,11 @@ def test_kernel_exit_status_and_stop_leave_nothing(workdir_module):
         time.sleep(0.05)
     assert k.km.provisioner.process.wait(timeout=5) == 3
     stop_kernel(k)
-    pid = template_pid()
+    pid = warm.template_pid()
     assert pid and warm.stop()
     assert gone(pid)
     assert not os.path.exists(warm.socket_path())
-    assert template_pid() is None
+    assert warm.template_pid() is None
     # The next warm kernel makes a new template by itself.
     k = start_kernel(workdir_module, kernel_name=WARM)
     try:
