@@ -123,16 +123,26 @@ class InstallApp(SandboxApp):
         from . import kernelspec
         self.parse_command_line(argv)
         Sandbox(parent=self)   # validate the options now, not at the first kernel start
-        options = [a for a in argv if not _is_install_only(a)]
+        options = sandbox_options(argv)
         spec = kernelspec.kernel_dict(options, self.display_name)
         path = kernelspec.install(self.kernel_name, spec, user=self.user,
                                   prefix=self.prefix or None)
         print(f"Installed kernelspec {self.kernel_name} ({self.display_name!r}) in {path}")
 
 
-def _is_install_only(arg):
-    names = ("--name", "--display-name", "--prefix", "--user", "--sys-prefix")
-    return any(arg == n or arg.startswith(n + "=") for n in names)
+def sandbox_options(argv):
+    """argv minus install's own options (and their values, `--name N` as `--name=N`): what
+    is left goes into the spec's argv."""
+    with_value, flags = ("--name", "--display-name", "--prefix"), ("--user", "--sys-prefix")
+    options, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in with_value:
+            skip = True
+        elif arg not in flags and not any(arg.startswith(n + "=") for n in with_value):
+            options.append(arg)
+    return options
 
 
 class RunApp(SandboxApp):

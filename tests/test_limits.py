@@ -76,10 +76,21 @@ def test_install_writes_limits_and_specs_coexist(specs):
     small, big = found[LIMITED]["spec"], found["isolated-python-2g"]["spec"]
     assert small["display_name"] == "Isolated Python (512 MB)"
     assert big["display_name"] == "Isolated Python (2 GB)"
-    assert small["argv"][-6:] == [*OPTIONS, "-f", "{connection_file}"]
-    assert big["argv"][-7:] == ["--memory", "2G", "--cpus", "0.5", "--best-effort",
-                                "-f", "{connection_file}"]
-    assert "--name" not in small["argv"] and "--prefix" not in small["argv"]
+    # Install's own options (--prefix P, --name N, --display-name D) stay out of argv.
+    assert small["argv"][3:] == [*OPTIONS, "-f", "{connection_file}"]
+    assert big["argv"][3:] == ["--memory", "2G", "--cpus", "0.5", "--best-effort",
+                               "-f", "{connection_file}"]
+
+
+def test_install_writes_sandbox_options(tmp_path):
+    options = ["--home", "readonly", "--ro-bind", "/srv/data", "--rw-bind", "/srv/scratch",
+               "--network", "none", "--tmp-size", "256M", "--cpus", "1.5"]
+    done = ns_kernel("install", "--prefix", str(tmp_path), "--name", "opts", *options)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "share" / "jupyter" / "kernels" / "opts" / "kernel.json") as f:
+        argv = json.load(f)["argv"]
+    assert argv[1:3] == ["-m", "ns_kernel"]
+    assert argv[3:] == [*options, "-f", "{connection_file}"]
 
 
 def test_install_rejects_a_bad_limit(tmp_path):
