@@ -230,5 +230,5 @@ class Launch:
 def describe_exit(status, who, usage=None):
     """One line for the server log when the kernel (`who`) did not end by itself with
     status 0: out of memory, the pids limit, a signal, an exit code."""
-    reason = limits.death_reason(os.waitstatus_to_exitcode(status), usage or limits.Usage())
+    reason = limits.death_reason(os.waitstatus_to_exitcode(status), usage or limits.cgroup.Usage())
     return f"ns-kernel: {who} {reason}" if reason else None

@@ -296,3 +296,16 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     assert stderr.startswith(f"ns-kernel: kernel {name} {reason}"), out
     assert stderr.rstrip().endswith("; this is a new kernel")
     assert out[-1] == ("stdout", "after\n")
+
+
+def test_death_reasons_read_from_the_counters():
+    """Pure: the words for each way a kernel ends, from the wait status and the cgroup."""
+    from ns_kernel.cgroup import Usage
+    from ns_kernel.launcher import describe_exit
+    oom = Usage(oom_kills=1, memory_limit=512 * MiB, memory_peak=511 * MiB)
+    assert describe_exit(9, "kernel ab12cd34", oom) == \
+        "ns-kernel: kernel ab12cd34 killed: out of memory (limit 512 MiB, peak 511 MiB)"
+    assert describe_exit(11, "kernel ab12cd34") == "ns-kernel: kernel ab12cd34 killed by SIGSEGV"
+    assert describe_exit(1 << 8, "kernel ab12cd34", Usage(pids_limit=64, pids_refused=3)) == \
+        "ns-kernel: kernel ab12cd34 exited with status 1 after reaching its process limit (64)"
+    assert describe_exit(0, "kernel ab12cd34", Usage(pids_limit=64, pids_refused=3)) is None
