@@ -90,7 +90,7 @@ def check_cgroups(config):
     if config.limits_backend != "auto":
         chosen = next(o for o in options if o[0] == config.limits_backend)
     else:
-        chosen = next(o for o in options if o[1])
+        chosen = limits.first_usable(options)
     configured = Limits.from_config(config)
     note, ok = "", chosen[1]
     if chosen[0] == "rlimit":

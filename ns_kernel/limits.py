@@ -16,7 +16,6 @@ from . import cgroup
 from .config import format_size
 from .errors import SetupError
 
-BACKENDS = ("cgroup2", "cgroup1", "rlimit")
 # What rlimits can do: RLIMIT_CPU caps total seconds, it is not a share of a core.
 RLIMIT_CAN = ("memory", "pids")
 NOTICE_INSIDE = "/run/ns-kernel/previous-exit"
@@ -74,6 +73,11 @@ def probe(cgroup_parent="", uid=None):
                              "pids; no CPU share")]
 
 
+def first_usable(options):
+    """The backend 'auto' picks among probe()'s options (rlimit always works)."""
+    return next(o for o in options if o[1])
+
+
 def enforce(limits, cgroup_parent="", name=""):
     """Pick the backend for `limits` and make its cgroup (if any). A limit it cannot
     enforce is a SetupError unless limits.best_effort, then it is listed in .skipped."""
@@ -85,7 +89,7 @@ def enforce(limits, cgroup_parent="", name=""):
         options = [o for o in options if o[0] == limits.backend]
         if not options[0][1]:
             raise SetupError("limits", f"limits backend {limits.backend}", hint=options[0][2])
-    backend = next(o for o in options if o[1])
+    backend = first_usable(options)
     # Random too: after a SIGKILLed launcher the old cgroup of a restarted kernel may still
     # be on its way out (the orphaned monitor removes it).
     name = f"ns-kernel-{name[:8] + '-' if name else ''}{os.urandom(4).hex()}"

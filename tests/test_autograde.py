@@ -3,7 +3,6 @@ in an isolated kernel (installed by `ns-kernel install` with limits) from the st
 folder. It cannot read another student's work nor the gradebook beside the students dir
 (although their file modes would allow it), cannot reach the network (not even a listener
 on the host's loopback), and is held by the memory limit."""
-import json
 import os
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from ns_kernel import limits
 
-BACKEND = next(name for name, usable, _ in limits.probe() if usable)
+BACKEND = limits.first_usable(limits.probe())[0]
 
 PROBES = """
 import os, socket

@@ -6,7 +6,7 @@ import sys
 
 from ns_kernel import limits
 
-BACKEND = next(name for name, usable, _ in limits.probe() if usable)
+BACKEND = limits.first_usable(limits.probe())[0]
 
 
 def doctor(*args, prefix=()):
