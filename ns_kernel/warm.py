@@ -48,6 +48,7 @@ TEMPLATE_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqs
                     "encodings.idna", "ns_kernel.cli", "ns_kernel.launcher", "runpy", "pickle",
                     "json")
 IMPORT_ENV = {"JPY_PARENT_PID": "1"}
+TEMPLATE_PATH = None    # in the template and its children: where it listens
 MAX_REQUEST = 1 << 20
 
 
@@ -61,9 +62,13 @@ def socket_path(environ=os.environ):
     import zlib
     from .socketdir import default_base
     here = os.path.dirname(os.path.abspath(__file__))
-    key = repr((sys.executable, sorted(startup_env(environ).items()),
-                os.stat(here).st_mtime_ns, os.stat(os.path.join(here, "warm.py")).st_mtime_ns))
-    return os.path.join(default_base(), f"warm-{zlib.crc32(key.encode()):08x}.sock")
+    key = zlib.crc32(repr((sys.executable, sorted(startup_env(environ).items()))).encode())
+    # The code, not file times: a reinstall of the same code keeps the template.
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                key = zlib.crc32(f.read(), key)
+    return os.path.join(default_base(), f"warm-{key:08x}.sock")
 
 
 def wants_warm(argv):
@@ -166,9 +171,19 @@ def template_main(path):
         importlib.import_module(name)
     if threads() != 1:
         sys.exit(f"ns-kernel: warm template has {threads()} threads after its imports")
+    import fcntl
+    # One template per path: clients that all found none start one each; the first to
+    # lock serves, the others leave (the lock dies with its holder, the socket file not).
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(0)
+    global TEMPLATE_PATH
+    TEMPLATE_PATH = path
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        os.unlink(path)    # a stale socket: the client found nobody listening there
+        os.unlink(path)    # a stale socket of a template that died
     except FileNotFoundError:
         pass
     listener.bind(path)
@@ -187,6 +202,7 @@ def template_main(path):
                 continue
             if os.fork() == 0:
                 listener.close()
+                os.close(lock)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 _serve(conn)     # never returns
@@ -212,7 +228,9 @@ def _serve(conn):
     """In a fresh fork of the template: read the one request and act on it."""
     import pickle
     try:
+        conn.settimeout(30)     # a client that connects and says nothing
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 8)
+        conn.settimeout(None)
         request = pickle.loads(data) if data else {"kind": "none"}
         kind = request["kind"]
         if kind == "stop":
@@ -267,10 +285,11 @@ def _die_with(client):
 
 def _spawn_monitor(plan, ctl, err_w):
     """Sandbox.start's spawn: the template forks the monitor; returns its pid."""
-    sock = _connect(socket_path())
+    # The template this launcher was forked from, even if ns_kernel was reinstalled since.
+    sock = _connect(TEMPLATE_PATH)
     if sock is None:
         from .errors import SetupError
-        raise SetupError("warm", "reach the warm template", socket_path(),
+        raise SetupError("warm", "reach the warm template", TEMPLATE_PATH,
                          hint="it exited; the next start makes a new one")
     with sock:
         socket.send_fds(sock, [_dumps({"kind": "monitor", "plan": plan})],
