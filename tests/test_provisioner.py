@@ -95,8 +95,11 @@ def test_lifecycle_signal_restart_terminate_kill_cleanup(workdir, socket_base):
         try:
             assert await prov.poll() is None
             # send_signal: an interrupt reaches a busy cell; the kernel lives on.
-            msg_id = kc.execute("while True: pass")
-            await asyncio.sleep(1)
+            msg_id = kc.execute("print('looping', flush=True)\nwhile True: pass")
+            while True:   # interrupt once it runs (a loaded machine takes a while)
+                msg = await kc.get_iopub_msg(timeout=30)
+                if msg["msg_type"] == "stream" and "looping" in msg["content"]["text"]:
+                    break
             await km.interrupt_kernel()
             reply = await kc._async_get_shell_msg(timeout=10)
             assert reply["parent_header"]["msg_id"] == msg_id

@@ -1,0 +1,356 @@
+"""Isolated Python in JupyterLab, as users run it: a real JupyterLab (from PyPI) on 127.0.0.1
+with a token and an empty root dir, the kernelspec installed by `ns-kernel install`, so the
+server starts kernels through the provisioner. Driven through its REST and websocket API
+(start, execute, interrupt, restart, delete; two kernels side by side), and once by Debian's
+Chromium with Playwright, the way a person clicks through it."""
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from test_lifecycle import alive, descendants, wait_until
+
+BIN = os.path.dirname(sys.executable)
+CHROMIUM = "/usr/bin/chromium"
+# Headless, and nothing that reaches out to the network from a CI machine.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+# What every probe cell prints: the hostname, the pid, the entries of /proc; the pids in it.
+PROBE = ("import os, socket\n"
+         "print(socket.gethostname(), os.getpid(), len(os.listdir('/proc')))\n"
+         "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+
+# Interrupted once it has printed: a loaded machine may take a while to start it.
+LOOP = "print('looping', flush=True)\nwhile True: pass"
+
+
+def parse_probe(text):
+    first, second = text.strip().splitlines()
+    hostname, pid, entries = first.split()
+    return hostname, int(pid), int(entries), json.loads(second)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Lab:
+    """A running JupyterLab server and the dirs it was given."""
+
+    def __init__(self, top):
+        self.top = top
+        self.root = tempfile.mkdtemp(prefix="ns-kernel-lab-root-")
+        os.chmod(self.root, 0o777)   # the notebook folder: the sandbox's uid writes there
+        self.socket_base = tempfile.mkdtemp(prefix="nsk-")
+        self.runtime = os.path.join(top, "runtime")
+        self.token = secrets.token_hex(16)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = os.path.join(top, "server.log")
+        self.proc = None
+
+    def start(self):
+        prefix = os.path.join(self.top, "prefix")
+        subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={prefix}",
+                        f"--socket-dir={self.socket_base}"], check=True, capture_output=True)
+        config = os.path.join(self.top, "config")
+        # No "get Jupyter news?" toast over the notebook (it would fetch from the internet).
+        settings = os.path.join(config, "lab", "user-settings", "@jupyterlab",
+                                "apputils-extension")
+        os.makedirs(settings)
+        with open(os.path.join(settings, "notification.jupyterlab-settings"), "w") as f:
+            json.dump({"fetchNews": "false"}, f)
+        env = dict(os.environ, JUPYTER_PATH=os.path.join(prefix, "share", "jupyter"),
+                   JUPYTER_CONFIG_DIR=config, JUPYTER_RUNTIME_DIR=self.runtime,
+                   JUPYTER_DATA_DIR=os.path.join(self.top, "data"))
+        cmd = [os.path.join(BIN, "jupyter-lab"), "--no-browser", "--ip=127.0.0.1",
+               f"--port={self.port}", "--ServerApp.port_retries=0",
+               f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}"]
+        if os.getuid() == 0:
+            cmd.append("--allow-root")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.root)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.api("GET", "/api/status")
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start:\n{self.log_tail()}")
+                time.sleep(0.2)
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()   # the server shuts its kernels down first
+            self.proc.wait(timeout=30)
+        leftovers = os.listdir(self.socket_base)
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.socket_base, ignore_errors=True)
+        assert leftovers == [], f"socket dirs left behind: {leftovers}"
+
+    def log_tail(self):
+        with open(self.log) as f:
+            return "".join(f.readlines()[-30:])
+
+    def api(self, method, path, body=None):
+        req = urllib.request.Request(f"{self.url}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = resp.read()
+            return json.loads(data) if data else resp.status
+
+    def connection(self, kernel_id):
+        with open(os.path.join(self.runtime, f"kernel-{kernel_id}.json")) as f:
+            return json.load(f)
+
+    def launcher_pid(self, kernel_id):
+        """The launcher the server started for this kernel (its connection file is in argv)."""
+        for pid in descendants(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline") as f:
+                    if f"kernel-{kernel_id}.json" in f.read():
+                        return pid
+            except OSError:
+                pass
+        raise AssertionError(f"no launcher for kernel {kernel_id}")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    top = tempfile.mkdtemp(prefix="ns-kernel-lab-")
+    server = Lab(top)
+    try:
+        yield server.start()
+    except BaseException:
+        print(server.log_tail())
+        raise
+    finally:
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+
+
+class Channels:
+    """One kernel's websocket, as JupyterLab opens it: every channel over one connection."""
+
+    def __init__(self, lab, kernel_id):
+        from jupyter_client.session import Session
+        self.lab, self.kernel_id = lab, kernel_id
+        self.session = Session()
+        self.ws = None
+
+    async def open(self):
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+        url = (f"ws://127.0.0.1:{self.lab.port}/api/kernels/{self.kernel_id}/channels"
+               f"?session_id={self.session.session}")
+        self.ws = await websocket_connect(HTTPRequest(
+            url, headers={"Authorization": f"token {self.lab.token}"}))
+        return self
+
+    def request(self, msg_type, content):
+        from jupyter_client.jsonutil import json_default
+        msg = self.session.msg(msg_type, content)
+        msg["channel"] = "shell"
+        self.ws.write_message(json.dumps(msg, default=json_default))
+        return msg["header"]["msg_id"]
+
+    def send(self, code):
+        return self.request("execute_request", {
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": True})
+
+    async def wait_ready(self, timeout=60):
+        """After a restart the server's iopub subscription reconnects a moment after shell
+        does, and what the kernel publishes before that is lost (ZMQ's slow joiner; the same
+        with a plain kernel over tcp): ask for kernel_info until its iopub status comes
+        through, as jupyter_client's wait_for_ready does."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self.result(self.request("kernel_info_request", {}), timeout=1)
+            except asyncio.TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+
+    async def until_printed(self, msg_id, text, timeout=60):
+        while True:
+            msg = json.loads(await asyncio.wait_for(self.ws.read_message(), timeout))
+            if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream"
+                    and text in msg["content"]["text"]):
+                return
+
+    async def result(self, msg_id, timeout=60):
+        """(printed text, error name or None) of the request msg_id: once its reply and
+        its idle status are both in."""
+        out, error, replied, idle = [], None, False, False
+        while not (replied and idle):
+            raw = await asyncio.wait_for(self.ws.read_message(), timeout)
+            assert raw is not None, "the kernel's websocket closed"
+            msg = json.loads(raw)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "stream":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                error = msg["content"]["ename"]
+            elif msg["channel"] == "shell" and kind.endswith("_reply"):
+                replied = True
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                idle = True
+        return "".join(out), error
+
+    async def run(self, code):
+        return await self.result(self.send(code))
+
+    async def probe(self):
+        text, error = await self.run(PROBE)
+        assert error is None, text
+        return parse_probe(text)
+
+    def close(self):
+        self.ws.close()
+
+
+def assert_sandboxed(probe):
+    hostname, pid, entries, pids = probe
+    assert hostname.startswith("isolated-") and hostname != socket.gethostname()
+    assert pid == 2 and pids == [1, 2]   # init and the kernel: nothing of the host
+    host_entries = len(os.listdir("/proc"))
+    assert entries < host_entries, (entries, host_entries)
+
+
+def test_rest_and_websocket(lab):
+    specs = lab.api("GET", "/api/kernelspecs")["kernelspecs"]
+    assert specs["isolated-python"]["spec"]["display_name"] == "Isolated Python"
+
+    async def main():
+        kernel_id = lab.api("POST", "/api/kernels", {"name": "isolated-python"})["id"]
+        info = lab.connection(kernel_id)
+        # The server talks to the kernel's own sockets, in its private socket dir.
+        assert info["transport"] == "ipc"
+        box = os.path.dirname(info["ip"])
+        assert os.path.dirname(box) == lab.socket_base
+        launcher = lab.launcher_pid(kernel_id)
+        ch = await Channels(lab, kernel_id).open()
+        try:
+            assert_sandboxed(await ch.probe())
+            assert await ch.run("secret = 42; print(secret)") == ("42\n", None)
+
+            busy = ch.send(LOOP)
+            await ch.until_printed(busy, "looping")
+            assert lab.api("POST", f"/api/kernels/{kernel_id}/interrupt") == 204
+            assert (await ch.result(busy))[1] == "KeyboardInterrupt"
+            assert await ch.run("print(secret)") == ("42\n", None)   # same kernel, alive
+
+            old = descendants(launcher)
+            lab.api("POST", f"/api/kernels/{kernel_id}/restart")
+            assert wait_until(lambda: not alive(old)), f"old sandbox survived: {alive(old)}"
+            await ch.wait_ready()
+            assert_sandboxed(await ch.probe())
+            assert (await ch.run("print(secret)"))[1] == "NameError"   # a fresh kernel
+        finally:
+            ch.close()
+        tree = [lab.launcher_pid(kernel_id)]
+        tree += descendants(tree[0])
+        assert lab.api("DELETE", f"/api/kernels/{kernel_id}") == 204
+        assert wait_until(lambda: not alive(tree)), f"still running: {alive(tree)}"
+        assert not os.path.lexists(box)
+    asyncio.run(main())
+
+
+def test_two_kernels_get_different_sandboxes(lab):
+    async def main():
+        ids = [lab.api("POST", "/api/kernels", {"name": "isolated-python"})["id"]
+               for _ in range(2)]
+        a, b = [await Channels(lab, kernel_id).open() for kernel_id in ids]
+        try:
+            text, error = await a.run(
+                "import subprocess; sleeper = subprocess.Popen(['sleep', '60'])\n"
+                "open('/tmp/mine', 'w').write('a'); print(sleeper.pid)")
+            assert error is None, text
+            sleeper = int(text)
+            host_a, _, _, pids_a = await a.probe()
+            host_b, _, _, pids_b = await b.probe()
+            assert pids_a == [1, 2, sleeper] and pids_b == [1, 2]   # b does not see a's sleep
+            assert host_a != host_b
+            assert await b.run("import os; print(os.path.exists('/tmp/mine'))") == ("False\n",
+                                                                                   None)
+            assert (await b.run(f"os.kill({sleeper}, 9)"))[1] == "ProcessLookupError"
+            assert await a.run("print(sleeper.poll())") == ("None\n", None)   # still running
+        finally:
+            a.close()
+            b.close()
+            for kernel_id in ids:
+                lab.api("DELETE", f"/api/kernels/{kernel_id}")
+    asyncio.run(main())
+
+
+def test_in_the_browser(lab, tmp_path):
+    """Create a notebook, pick Isolated Python, run a cell, interrupt from the toolbar,
+    restart from the menu. NS_KERNEL_SCREENSHOT=docs/screenshot.png refreshes the README's
+    picture."""
+    from playwright.sync_api import expect, sync_playwright
+    assert os.path.exists(CHROMIUM), "install chromium (scripts/env.sh does, as root)"
+    shot = os.environ.get("NS_KERNEL_SCREENSHOT") or str(tmp_path / "screenshot.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.set_default_timeout(30000)
+            page.goto(f"{lab.url}/lab?token={lab.token}")
+
+            page.get_by_role("menuitem", name="File").click()
+            page.locator("li.lm-Menu-item[data-type=submenu]", has_text="New").first.hover()
+            page.locator("li[data-command='notebook:create-new']").click()
+            picker = page.locator(".jp-Dialog")
+            picker.locator("select").select_option(label="Isolated Python")
+            picker.get_by_role("button", name="Select").click()
+            expect(page.locator(".jp-Notebook")).to_be_visible()
+
+            cells = page.locator(".jp-Notebook .jp-Cell")
+
+            def run(code):
+                """Type code in the last cell, run it; the locator of its outputs."""
+                cell = cells.nth(cells.count() - 1)
+                cell.locator(".cm-content").click()
+                page.keyboard.type(code)
+                page.keyboard.press("Shift+Enter")
+                return cell.locator(".jp-OutputArea")
+
+            out = run("secret = 1\n" + PROBE)
+            expect(out).to_contain_text("]")
+            assert_sandboxed(parse_probe(out.inner_text()))
+
+            out = run(LOOP)
+            expect(out).to_contain_text("looping")
+            page.get_by_role("button", name="Interrupt the kernel").click()
+            expect(out).to_contain_text("KeyboardInterrupt")
+
+            page.get_by_role("menuitem", name="Kernel").click()
+            page.locator("li[data-command='kernelmenu:restart']").click()
+            page.locator(".jp-Dialog").get_by_role("button", name="Confirm Kernel Restart").click()
+            out = run("print('secret' in globals(), __import__('os').getpid(), "
+                      "__import__('socket').gethostname())")
+            expect(out).to_contain_text("False 2 isolated-")
+            page.screenshot(path=shot)
+        finally:
+            browser.close()
+    assert os.path.getsize(shot) > 10000
