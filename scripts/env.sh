@@ -16,6 +16,12 @@ ensure_venv() {
     "$BASE_PYTHON" -m venv "$VENV"
     chmod -R a+rX "$(dirname "$VENV")"
   fi
+  # tests/test_jupyterlab.py drives Debian's Chromium (Playwright's own download does not
+  # work on these machines); a fresh machine may have no package lists yet.
+  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q chromium >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  fi
   local log
   log=$(mktemp)
   if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$repo[test]" >"$log" 2>&1; then
