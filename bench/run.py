@@ -95,7 +95,7 @@ class Bench:
         self.ipc_dir = tempfile.mkdtemp(prefix="nsb-")
         self.count = 0
         # The kernels' own output (ipykernel's warnings, the launcher's log) goes here.
-        self.log_path = os.path.join(tempfile.gettempdir(), "ns-kernel-bench.log")
+        self.log_path = os.path.join(tempfile.gettempdir(), f"ns-kernel-bench-{os.getuid()}.log")
         self.log = open(self.log_path, "w")
 
     # -- kernels ------------------------------------------------------------------------
