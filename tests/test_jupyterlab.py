@@ -1,8 +1,9 @@
 """Isolated Python in JupyterLab, as users run it: a real JupyterLab (from PyPI) on 127.0.0.1
 with a token and an empty root dir, the kernelspec installed by `ns-kernel install`, so the
 server starts kernels through the provisioner. Driven through its REST and websocket API
-(start, execute, interrupt, restart, delete; two kernels side by side), and once by Debian's
-Chromium with Playwright, the way a person clicks through it."""
+(start, execute, interrupt, restart, delete; two kernels side by side), once by Debian's
+Chromium with Playwright, the way a person clicks through it, and through a real JupyterHub
+with two users."""
 import asyncio
 import json
 import os
@@ -45,7 +46,47 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Lab:
+def install_spec(top, socket_base):
+    """`ns-kernel install` as an admin runs it; the Jupyter data dir that now holds it."""
+    prefix = os.path.join(top, "prefix")
+    subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={prefix}",
+                    f"--socket-dir={socket_base}"], check=True, capture_output=True)
+    return os.path.join(prefix, "share", "jupyter")
+
+
+def wait_for(what, predicate, proc, log, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with open(log) as f:
+                raise RuntimeError(f"{what} did not start:\n{''.join(f.readlines()[-30:])}")
+        time.sleep(0.2)
+
+
+def answers(server, path):
+    try:
+        server.api("GET", path)
+        return True
+    except OSError:
+        return False
+
+
+class Server:
+    """A Jupyter server's HTTP API: its base URL and a token it accepts."""
+
+    def __init__(self, url, token):
+        self.url, self.token = url, token
+
+    def api(self, method, path, body=None):
+        req = urllib.request.Request(f"{self.url}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = resp.read()
+            return json.loads(data) if data else resp.status
+
+
+class Lab(Server):
     """A running JupyterLab server and the dirs it was given."""
 
     def __init__(self, top):
@@ -61,9 +102,6 @@ class Lab:
         self.proc = None
 
     def start(self):
-        prefix = os.path.join(self.top, "prefix")
-        subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={prefix}",
-                        f"--socket-dir={self.socket_base}"], check=True, capture_output=True)
         config = os.path.join(self.top, "config")
         # No "get Jupyter news?" toast over the notebook (it would fetch from the internet).
         settings = os.path.join(config, "lab", "user-settings", "@jupyterlab",
@@ -71,7 +109,7 @@ class Lab:
         os.makedirs(settings)
         with open(os.path.join(settings, "notification.jupyterlab-settings"), "w") as f:
             json.dump({"fetchNews": "false"}, f)
-        env = dict(os.environ, JUPYTER_PATH=os.path.join(prefix, "share", "jupyter"),
+        env = dict(os.environ, JUPYTER_PATH=install_spec(self.top, self.socket_base),
                    JUPYTER_CONFIG_DIR=config, JUPYTER_RUNTIME_DIR=self.runtime,
                    JUPYTER_DATA_DIR=os.path.join(self.top, "data"))
         cmd = [os.path.join(BIN, "jupyter-lab"), "--no-browser", "--ip=127.0.0.1",
@@ -82,15 +120,8 @@ class Lab:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.root)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.api("GET", "/api/status")
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab did not start:\n{self.log_tail()}")
-                time.sleep(0.2)
+        wait_for("JupyterLab", lambda: answers(self, "/api/status"), self.proc, self.log)
+        return self
 
     def stop(self):
         if self.proc:
@@ -104,14 +135,6 @@ class Lab:
     def log_tail(self):
         with open(self.log) as f:
             return "".join(f.readlines()[-30:])
-
-    def api(self, method, path, body=None):
-        req = urllib.request.Request(f"{self.url}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"token {self.token}"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            data = resp.read()
-            return json.loads(data) if data else resp.status
 
     def connection(self, kernel_id):
         with open(os.path.join(self.runtime, f"kernel-{kernel_id}.json")) as f:
@@ -148,19 +171,19 @@ def lab():
 class Channels:
     """One kernel's websocket, as JupyterLab opens it: every channel over one connection."""
 
-    def __init__(self, lab, kernel_id):
+    def __init__(self, server, kernel_id):
         from jupyter_client.session import Session
-        self.lab, self.kernel_id = lab, kernel_id
+        self.server, self.kernel_id = server, kernel_id
         self.session = Session()
         self.ws = None
 
     async def open(self):
         from tornado.httpclient import HTTPRequest
         from tornado.websocket import websocket_connect
-        url = (f"ws://127.0.0.1:{self.lab.port}/api/kernels/{self.kernel_id}/channels"
+        url = (f"ws{self.server.url[4:]}/api/kernels/{self.kernel_id}/channels"
                f"?session_id={self.session.session}")
         self.ws = await websocket_connect(HTTPRequest(
-            url, headers={"Authorization": f"token {self.lab.token}"}))
+            url, headers={"Authorization": f"token {self.server.token}"}))
         return self
 
     def request(self, msg_type, content):
@@ -354,3 +377,88 @@ def test_in_the_browser(lab, tmp_path):
         finally:
             browser.close()
     assert os.path.getsize(shot) > 10000
+
+
+HUB_CONFIG = """
+c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {hub_port}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_port}"
+c.ConfigurableHTTPProxy.command = [{proxy!r}]
+c.JupyterHub.db_url = "sqlite:///{top}/hub.sqlite"
+c.JupyterHub.cookie_secret_file = "{top}/cookie_secret"
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
+# Every user's server is a process of the hub's uid, with its own home as notebook folder.
+c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = "{top}/home/{{username}}"
+c.Spawner.environment = {{"JUPYTER_PATH": {jupyter_path!r}}}
+c.Spawner.cmd = [{singleuser!r}]
+c.Spawner.args = {args!r}
+c.JupyterHub.services = [{{"name": "tester", "api_token": {token!r}}}]
+c.JupyterHub.load_roles = [{{"name": "tester", "services": ["tester"], "scopes": [
+    "admin:users", "admin:servers", "access:servers"]}}]
+"""
+
+
+def test_jupyterhub_two_users():
+    """A real JupyterHub (dummy authenticator, local processes, configurable-http-proxy):
+    two users each start a server and an Isolated Python kernel in it, through the hub's
+    proxy; the kernels are sandboxed and do not see each other."""
+    top = tempfile.mkdtemp(prefix="ns-kernel-hub-")
+    os.chmod(top, 0o755)   # the homes below are the notebook folders of nobody's kernels
+    socket_base = tempfile.mkdtemp(prefix="nsk-")
+    users = ["alice", "bob"]
+    for user in users:
+        os.makedirs(f"{top}/home/{user}")
+        os.chmod(f"{top}/home/{user}", 0o777)
+    hub = Server(f"http://127.0.0.1:{free_port()}/hub/api", secrets.token_hex(16))
+    config = os.path.join(top, "jupyterhub_config.py")
+    with open(config, "w") as f:
+        f.write(HUB_CONFIG.format(
+            port=hub.url.split(":")[2].split("/")[0], hub_port=free_port(),
+            proxy_port=free_port(), proxy=os.path.join(BIN, "configurable-http-proxy"),
+            singleuser=os.path.join(BIN, "jupyterhub-singleuser"),
+            top=top, jupyter_path=install_spec(top, socket_base), token=hub.token,
+            args=["--allow-root"] if os.getuid() == 0 else []))
+    log = os.path.join(top, "hub.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([os.path.join(BIN, "jupyterhub"), "-f", config], cwd=top,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("JupyterHub", lambda: answers(hub, "/"), proc, log)
+        servers = {}
+        for user in users:
+            hub.api("POST", f"/users/{user}")
+            hub.api("POST", f"/users/{user}/server")
+            wait_for(f"{user}'s server", lambda: hub.api("GET", f"/users/{user}")
+                     ["servers"].get("", {}).get("ready"), proc, log)
+            servers[user] = Server(hub.url.replace("/hub/api", f"/user/{user}"), hub.token)
+
+        async def main():
+            channels = {}
+            for user, server in servers.items():
+                kernel_id = server.api("POST", "/api/kernels", {"name": "isolated-python"})["id"]
+                channels[user] = await Channels(server, kernel_id).open()
+            try:
+                for user, ch in channels.items():
+                    assert_sandboxed(await ch.probe())
+                    assert await ch.run(f"open('/tmp/{user}', 'w').close(); print(os.getcwd())"
+                                        ) == (f"{top}/home/{user}\n", None)
+                alice, bob = channels["alice"], channels["bob"]
+                assert (await alice.probe())[0] != (await bob.probe())[0]   # hostnames
+                assert await alice.run("print(os.path.exists('/tmp/bob'))") == ("False\n", None)
+                assert await bob.run("print(os.path.exists('/tmp/alice'))") == ("False\n", None)
+            finally:
+                for ch in channels.values():
+                    ch.close()
+        asyncio.run(main())
+        for user in users:
+            hub.api("DELETE", f"/users/{user}/server")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        leftovers = os.listdir(socket_base)
+        shutil.rmtree(top, ignore_errors=True)
+        shutil.rmtree(socket_base, ignore_errors=True)
+    assert leftovers == [], f"socket dirs left behind: {leftovers}"
