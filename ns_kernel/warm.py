@@ -86,7 +86,7 @@ def wants_warm(argv):
 
 def client_main(argv):
     """What Jupyter runs. Returns (or exits) like the kernel did."""
-    from .pid import FORWARDED, exit_like
+    from .pid import exit_like, forward_signals
     argv = [arg for arg in argv if arg != "--warm"]
     sock = _connect_or_start()
     request = {"kind": "kernel", "argv": argv, "env": dict(os.environ), "cwd": os.getcwd(),
@@ -98,13 +98,7 @@ def client_main(argv):
               "to see why)", file=sys.stderr, flush=True)
         return 1
 
-    def forward(signum, _frame):
-        try:
-            os.kill(launcher, signum)
-        except ProcessLookupError:
-            pass
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
+    forward_signals(launcher)
     data = sock.recv(64)
     if not data.startswith(b"S"):
         print("ns-kernel: the warm kernel's launcher died", file=sys.stderr, flush=True)

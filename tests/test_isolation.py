@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from conftest import start_kernel, stop_kernel
+from conftest import KERNEL_NAME, start_kernel, stop_kernel, write_spec
 
 IPC_HELPERS = r'''
 import ctypes, ctypes.util, os
@@ -27,13 +27,22 @@ def mq(name, create):
 '''
 
 
-@pytest.fixture(scope="module")
-def pair():
+# The three ways in: the argv launcher with its TCP bridge (clients that ignore
+# provisioners), the provisioner's direct ipc sockets (JupyterLab, nbclient), and the
+# opt-in warm start. Every probe below runs on each.
+PATHS = {"argv": KERNEL_NAME,
+         "provisioner": write_spec("isolated-python-provisioned", provisioner=True),
+         "warm": write_spec("isolated-python-warm", ["--warm"])}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def pair(request):
     wd = tempfile.mkdtemp(prefix="ns-kernel-iso-")
     os.chmod(wd, 0o777)
     os.environ["JUPYTERHUB_API_TOKEN"] = "hub-secret-token"
     try:
-        a, b = start_kernel(wd), start_kernel(wd)
+        a, b = start_kernel(wd, kernel_name=PATHS[request.param]), \
+            start_kernel(wd, kernel_name=PATHS[request.param])
     finally:
         del os.environ["JUPYTERHUB_API_TOKEN"]
     for k in (a, b):
@@ -41,6 +50,9 @@ def pair():
     yield a, b, wd
     stop_kernel(a)
     stop_kernel(b)
+    if request.param == "warm":
+        from ns_kernel import warm
+        warm.stop()   # the template outlives its kernels by design; the tests leave none
     import shutil
     shutil.rmtree(wd, ignore_errors=True)
 

@@ -1,6 +1,6 @@
 """Warm start (`--warm`): kernels forked from a per-user template, with the same isolation
-as a cold start (the isolation tests run again here, on warm kernels) and nothing carried
-from one kernel to the next."""
+as a cold start (test_isolation.py runs every probe on warm kernels too) and nothing
+carried from one kernel to the next."""
 import os
 import shutil
 import tempfile
@@ -9,15 +9,6 @@ import time
 import pytest
 
 from conftest import start_kernel, stop_kernel, write_spec
-# Collected again in this module, where `pair` below gives them warm kernels.
-from test_isolation import (IPC_HELPERS, test_abstract_unix_sockets_do_not_cross,  # noqa: F401
-                            test_connection_files_hidden, test_filesystem_policy,
-                            test_hostnames_differ, test_identity_and_privileges,
-                            test_loopback_is_private, test_pid_namespace,
-                            test_processes_and_signals_do_not_cross, test_secrets_not_in_environment,
-                            test_sysv_and_posix_ipc_are_private, test_tmp_and_shm_are_private,
-                            test_umount_cannot_reveal_host)
-
 from ns_kernel import warm
 
 WARM = write_spec("isolated-python-warm", ["--warm"])
@@ -44,21 +35,17 @@ def workdir_module():
 
 @pytest.fixture(scope="module")
 def pair(workdir_module):
-    wd = workdir_module
-    os.environ["JUPYTERHUB_API_TOKEN"] = "hub-secret-token"
-    try:
-        a, b = start_kernel(wd, kernel_name=WARM), start_kernel(wd, kernel_name=WARM)
-    finally:
-        del os.environ["JUPYTERHUB_API_TOKEN"]
-    for k in (a, b):
-        k.execute(IPC_HELPERS)
-    yield a, b, wd
+    """The isolation probes (test_isolation.py) run on warm kernels too; here, what is
+    particular to the template."""
+    a, b = start_kernel(workdir_module, kernel_name=WARM), \
+        start_kernel(workdir_module, kernel_name=WARM)
+    yield a, b
     stop_kernel(a)
     stop_kernel(b)
 
 
 def test_kernels_come_from_the_template(pair):
-    a, b, _ = pair
+    a, b = pair
     for k in (a, b):
         cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
         assert b"ns_kernel.warm" in cmdline and b"template" in cmdline, cmdline
@@ -67,7 +54,7 @@ def test_kernels_come_from_the_template(pair):
 
 
 def test_no_state_carried_between_kernels(pair, workdir_module):
-    a, _, _ = pair
+    a, _ = pair
     a.execute("import json, os; json.leaked = 'from a'; secret = 42; "
               "os.environ['LEAK'] = 'a'")
     assert a.value("secret") == 42
