@@ -15,7 +15,10 @@ def run(name, kernel_name="isolated-python", cwd=None):
 
 
 def test_tour_shows_the_sandbox(workdir):
-    texts, nb = run("tour.ipynb", cwd=workdir)
+    # Through the provisioner, as nbclient takes the installed kernelspec.
+    from conftest import write_spec
+    texts, nb = run("tour.ipynb", write_spec("isolated-python-provisioned", provisioner=True),
+                    cwd=workdir)
     who, procs, files, net, privs = texts[:5]
     assert who.startswith("pid 2 parent 1\nhostname isolated-")
     assert f"uid {65534 if os.getuid() == 0 else os.getuid()} " in who
