@@ -26,6 +26,8 @@ from .config import Sandbox
 from .errors import SetupError
 
 SETTINGS = frozenset(Sandbox.class_trait_names(config=True))
+# What jupyter_client's factory passes besides the stanza.
+FROM_JUPYTER = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 # After a SIGKILL of the launcher, the sandbox's monitor removes the socket dir; a restart
 # must not make the same dir before that has happened.
 SOCKET_DIR_GONE_TIMEOUT = 5.0
@@ -55,15 +57,15 @@ class IsolatedProvisioner(LocalProvisioner):
         Sandbox settings from the kernelspec's kernel_provisioner.config stanza (trait
         name -> value), checked when the provisioner is made.""")
 
-    socket_dir = Unicode("", help="""
-        The kernel's socket dir on the host: chosen at the first launch under
+    kernel_socket_dir = Unicode("", help="""
+        The kernel's own socket dir on the host: chosen at the first launch under
         Sandbox.socket_dir (or the default base), kept across restarts.""")
 
     def __init__(self, **kwargs):
         # The factory passes the config stanza as keyword arguments: take the Sandbox
         # settings out, and refuse what is neither ours nor jupyter_client's.
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in SETTINGS}
-        unknown = sorted(set(kwargs) - set(self.class_trait_names()) - {"parent", "config", "log"})
+        unknown = sorted(set(kwargs) - FROM_JUPYTER)
         if unknown:
             raise ProvisionerConfigError(
                 f"kernel_provisioner config: unknown setting {unknown[0]!r} (use Sandbox "
@@ -83,16 +85,18 @@ class IsolatedProvisioner(LocalProvisioner):
                 "`python -m ns_kernel [options] -f {connection_file}`, not "
                 f"{' '.join(self.kernel_spec.argv)!r}")
         extra = settings_argv(self.settings)
-        if not self.socket_dir:
+        if not self.kernel_socket_dir:
             # The launcher's own view of its settings (config files, argv, stanza): the same
             # socket base, and bad options fail here, in the server's words, before any launch.
-            self.socket_dir = socketdir.choose(self._launcher_config(options, extra).socket_dir)
+            base = self._launcher_config(options, extra).socket_dir
+            self.kernel_socket_dir = socketdir.choose(base)
         km.transport = "ipc"
-        km.ip = f"{self.socket_dir}/k"
+        km.ip = f"{self.kernel_socket_dir}/k"
         kwargs = await super().pre_launch(**kwargs)
         cmd = kwargs["cmd"]
         at = cmd.index("-f")
-        kwargs["cmd"] = [*cmd[:at], *extra, f"--kernel-socket-dir={self.socket_dir}", *cmd[at:]]
+        kwargs["cmd"] = [*cmd[:at], *extra, f"--kernel-socket-dir={self.kernel_socket_dir}",
+                         *cmd[at:]]
         return kwargs
 
     def _launcher_config(self, options, extra):
@@ -113,23 +117,23 @@ class IsolatedProvisioner(LocalProvisioner):
 
     async def cleanup(self, restart=False):
         await super().cleanup(restart)
-        if not self.socket_dir:
+        if not self.kernel_socket_dir:
             return
         # The launcher removes its socket dir as it exits; after a SIGKILL the sandbox's
         # monitor does, a moment later. Wait for that (a restart makes the same dir), then
         # remove what nobody did.
         deadline = time.monotonic() + SOCKET_DIR_GONE_TIMEOUT
-        while os.path.lexists(self.socket_dir) and time.monotonic() < deadline:
+        while os.path.lexists(self.kernel_socket_dir) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        socketdir.remove(self.socket_dir)
+        socketdir.remove(self.kernel_socket_dir)
 
     async def get_provisioner_info(self):
         info = await super().get_provisioner_info()
-        info.update(socket_dir=self.socket_dir, settings=self.settings)
+        info.update(kernel_socket_dir=self.kernel_socket_dir, settings=self.settings)
         return info
 
     async def load_provisioner_info(self, provisioner_info):
         await super().load_provisioner_info(provisioner_info)
-        self.socket_dir = provisioner_info.get("socket_dir", "")
+        self.kernel_socket_dir = provisioner_info.get("kernel_socket_dir", "")
         self.settings = provisioner_info.get("settings", {})
 

@@ -67,7 +67,7 @@ def test_client_talks_to_the_kernels_own_sockets(workdir, socket_base):
     async def main():
         km, kc = await start(spec(socket_base), workdir)
         try:
-            box = km.provisioner.socket_dir
+            box = km.provisioner.kernel_socket_dir
             info = km.get_connection_info()
             assert info["transport"] == "ipc" and info["ip"] == f"{box}/k"
             assert os.path.dirname(box) == socket_base
@@ -91,7 +91,7 @@ def test_lifecycle_signal_restart_terminate_kill_cleanup(workdir, socket_base):
     async def main():
         km, kc = await start(spec(socket_base), workdir)
         prov = km.provisioner
-        box = prov.socket_dir
+        box = prov.kernel_socket_dir
         try:
             assert await prov.poll() is None
             # send_signal: an interrupt reaches a busy cell; the kernel lives on.
@@ -112,7 +112,8 @@ def test_lifecycle_signal_restart_terminate_kill_cleanup(workdir, socket_base):
                 old = descendants(prov.pid)
                 await km.restart_kernel(now=now)
                 await kc.wait_for_ready(timeout=60)
-                assert prov.socket_dir == box and km.get_connection_info()["ip"] == f"{box}/k"
+                assert prov.kernel_socket_dir == box
+                assert km.get_connection_info()["ip"] == f"{box}/k"
                 assert await value(kc, "__import__('os').path.exists('/tmp/marker')") is False
                 assert await value(kc, "__import__('os').getpid()") == 2
                 assert wait_until(lambda: not alive(old)), f"old sandbox survived: {alive(old)}"
@@ -131,7 +132,7 @@ def test_lifecycle_signal_restart_terminate_kill_cleanup(workdir, socket_base):
             # its socket dir to go before a restart may make it again.
             await km.start_kernel(cwd=workdir)
             await kc.wait_for_ready(timeout=60)
-            assert prov.socket_dir == box
+            assert prov.kernel_socket_dir == box
             tree = [prov.pid, *descendants(prov.pid)]
             await prov.kill()
             assert await asyncio.wait_for(prov.wait(), 20) == -signal.SIGKILL
