@@ -183,9 +183,17 @@ def template_main(path):
     listener.bind(path)
     listener.listen(64)
     mine = os.stat(path).st_ino
+
+    def leave(*_):
+        # Unless a newer template has taken the path over already.
+        if os.path.exists(path) and os.stat(path).st_ino == mine:
+            os.unlink(path)
+        # At once: unwinding an interpreter that imported ipykernel (atexit, zmq) is slow.
+        os._exit(0)
+
     # Children are reaped by the kernel; each forked child restores SIGCHLD first.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, leave)
     gc.freeze()        # the imports stay shared with every kernel: never touched again
     import select
     try:
@@ -202,9 +210,7 @@ def template_main(path):
                 _serve(conn)     # never returns
             conn.close()
     finally:
-        # Unless a newer template has taken the path over already.
-        if os.path.exists(path) and os.stat(path).st_ino == mine:
-            os.unlink(path)
+        leave()
 
 
 def _peer(conn):
