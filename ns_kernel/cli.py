@@ -7,6 +7,7 @@
 """
 import os
 import sys
+import textwrap
 
 from traitlets import Bool, TraitError, Unicode
 from traitlets.config import Application
@@ -77,6 +78,7 @@ def split_at_connection_file(argv):
 class KernelApp(SandboxApp):
     name = "ns-kernel-kernel"
     description = "Run ipykernel in a fresh sandbox for the client that wrote CONNECTION_FILE."
+    examples = textwrap.dedent(__doc__.split("\n\n", 1)[1]).strip()
     kernel_socket_dir = Unicode("", config=True, help="""
         Make exactly this directory (it must not exist) the kernel's socket dir, instead of a
         fresh one under Sandbox.socket_dir. The kernel provisioner names it and gives the
