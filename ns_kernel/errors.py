@@ -4,7 +4,6 @@ A SetupError names the operation and the path, then the OS's reason, the way
 bubblewrap's die_with_error() does; a hint says how to fix the known causes.
 It crosses the fork boundary as a small JSON record on the error pipe.
 """
-import errno as _errno
 import json
 import os
 
@@ -39,7 +38,3 @@ class SetupError(Exception):
     def from_json(cls, data):
         record = json.loads(data)
         return cls(record["step"], record["syscall"], record["path"], record["errno"], record["hint"])
-
-    @classmethod
-    def from_oserror(cls, step, exc, path="", hint=""):
-        return cls(step, step, path or exc.filename or "", exc.errno or _errno.EIO, hint)

@@ -121,10 +121,6 @@ class Plan:
     socket_dir: str           # host path of the private socket dir
     limits: Limits = field(default_factory=Limits)
 
-    @property
-    def socket_dir_inside(self):
-        return SOCKET_DIR_INSIDE
-
 
 def under(path, parent):
     return path == parent or path.startswith(parent.rstrip("/") + "/")

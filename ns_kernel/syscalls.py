@@ -31,12 +31,9 @@ class MountFlags(enum.IntFlag):
     MS_NOSUID = 2
     MS_NODEV = 4
     MS_NOEXEC = 8
-    MS_REMOUNT = 32
     MS_BIND = 4096
-    MS_MOVE = 8192
     MS_REC = 16384
     MS_PRIVATE = 1 << 18
-    MS_SLAVE = 1 << 19
 
 
 class MountAttr(enum.IntFlag):

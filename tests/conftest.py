@@ -146,3 +146,59 @@ def kernel_pair(workdir):
 @pytest.fixture(scope="session")
 def python():
     return sys.executable
+
+
+# -- processes and socket dirs: what a kernel leaves behind ----------------------------
+
+def descendants(pid):
+    """Host pids of every process below pid (the monitor, init, the kernel, its children)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids):
+    """Those of pids still running (a zombie is dead, merely not yet reaped)."""
+    running = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    running.append(p)
+        except OSError:
+            pass
+    return running
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def socket_base():
+    """A socket base dir of the test's own, so leftovers can be counted exactly."""
+    base = tempfile.mkdtemp(prefix="nsk-")
+    yield base
+    # After a SIGKILLed launcher the monitor removes the socket dir a moment later.
+    wait_until(lambda: os.listdir(base) == [], timeout=5)
+    leftovers = os.listdir(base)
+    import shutil
+    shutil.rmtree(base, ignore_errors=True)
+    assert leftovers == [], f"socket dirs left behind: {leftovers}"

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from test_lifecycle import alive, descendants, wait_until
+from conftest import alive, descendants, wait_until
 
 BIN = os.path.dirname(sys.executable)
 CHROMIUM = "/usr/bin/chromium"

@@ -4,25 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
-from conftest import start_kernel, stop_kernel, write_spec
-
-
-@pytest.fixture
-def socket_base():
-    """A socket base dir of the test's own, so leftovers can be counted exactly."""
-    base = tempfile.mkdtemp(prefix="nsk-")
-    yield base
-    # After a SIGKILLed launcher the monitor removes the socket dir a moment later.
-    wait_until(lambda: os.listdir(base) == [], timeout=5)
-    leftovers = os.listdir(base)
-    import shutil
-    shutil.rmtree(base, ignore_errors=True)
-    assert leftovers == [], f"socket dirs left behind: {leftovers}"
+from conftest import alive, descendants, start_kernel, stop_kernel, wait_until, write_spec
 
 
 @pytest.fixture
@@ -31,39 +17,6 @@ def own_kernel(workdir, socket_base):
     k = start_kernel(workdir, kernel_name=name)
     yield k
     stop_kernel(k)
-
-
-def descendants(pid):
-    """Host pids of every process below pid (the monitor, init, the kernel, its children)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pids):
-    return [p for p in pids if os.path.exists(f"/proc/{p}") and
-            open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_interrupt_busy_loop_keeps_kernel(own_kernel):

@@ -12,7 +12,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from conftest import write_spec
 from ns_kernel.connection import CHANNELS
-from test_lifecycle import alive, descendants, socket_base, wait_until  # noqa: F401 - fixture
+from conftest import alive, descendants, wait_until
 
 
 def spec(socket_base, options=(), config=None):
