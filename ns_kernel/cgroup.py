@@ -176,10 +176,8 @@ class Cgroup:
         available = set(read(os.path.join(path, "cgroup.controllers")).split())
         for c in controllers:
             if c not in have and c in available:
-                try:
-                    _write(os.path.join(path, "cgroup.subtree_control"), f"+{c}")
-                except OSError:
-                    pass   # EBUSY: processes live there; the limit is reported unenforced
+                # EBUSY (processes live there) leaves the limit reported unenforced.
+                _try_write(os.path.join(path, "cgroup.subtree_control"), f"+{c}")
 
     def _set(self, limit, value):
         d = self.dirs[CONTROLLER[limit]]

@@ -13,6 +13,7 @@ from traitlets import Bool, TraitError, Unicode
 from traitlets.config import Application
 from traitlets.config.loader import ArgumentError
 
+from . import kernelspec
 from .config import Sandbox
 from .errors import SetupError
 
@@ -63,14 +64,15 @@ class SandboxApp(Application):
 
 def split_at_connection_file(argv):
     """Launcher options come before `-f FILE`; everything after FILE goes to ipykernel."""
+    from .warm import CONNECTION_FILE_OPTIONS
     for i, arg in enumerate(argv):
-        if arg in ("-f", "--f", "--connection-file"):
+        if arg in CONNECTION_FILE_OPTIONS:
             if i + 1 >= len(argv):
                 break
             return argv[:i], argv[i + 1], argv[i + 2:]
-        for prefix in ("-f=", "--f=", "--connection-file="):
-            if arg.startswith(prefix):
-                return argv[:i], arg[len(prefix):], argv[i + 1:]
+        for option in CONNECTION_FILE_OPTIONS:
+            if arg.startswith(option + "="):
+                return argv[:i], arg[len(option) + 1:], argv[i + 1:]
     raise SetupError("usage", "no connection file", hint=(
         "run as `python -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
 
@@ -104,8 +106,9 @@ class KernelApp(SandboxApp):
 class InstallApp(SandboxApp):
     name = "ns-kernel-install"
     description = "Install the Isolated Python kernelspec, with the sandbox options given."
-    kernel_name = Unicode("isolated-python", config=True, help="Kernelspec name (directory).")
-    display_name = Unicode("Isolated Python", config=True, help="Name shown in JupyterLab.")
+    kernel_name = Unicode(kernelspec.NAME, config=True, help="Kernelspec name (directory).")
+    display_name = Unicode(kernelspec.DISPLAY_NAME, config=True,
+                           help="Name shown in JupyterLab.")
     user = Bool(False, config=True, help="Install for the current user (~/.local/share/jupyter).")
     prefix = Unicode("", config=True, help="Install under PREFIX/share/jupyter/kernels.")
     warm = Bool(False, config=True, help="""
@@ -122,7 +125,6 @@ class InstallApp(SandboxApp):
                       "Kernels start from a per-user warm template (--warm in kernel.json).")}
 
     def start_install(self, argv):
-        from . import kernelspec
         self.parse_command_line(argv)
         Sandbox(parent=self)   # validate the options now, not at the first kernel start
         options = sandbox_options(argv)
@@ -178,13 +180,8 @@ def main(argv=None, spawn=None, finish=None):
         if argv and argv[0] == "doctor":
             from .doctor import main as doctor
             return doctor(argv[1:])
-        if argv and argv[0] == "kernel":
-            argv = argv[1:]
         if not argv or argv[0] in ("-h", "--help", "--help-all"):
-            app = KernelApp()
-            app.parse_command_line(argv or ["--help"])
-            print(__doc__)
-            return 0
+            KernelApp().parse_command_line(argv or ["--help"])   # prints help, exits 0
         return KernelApp().start_kernel(argv, spawn, finish)
     except SetupError as exc:
         print(exc.line(), file=sys.stderr, flush=True)

@@ -144,6 +144,8 @@ def main(argv):
     seen = None
     if not error:
         seen, error = trial_sandbox(argv)
+        if error and not seen:
+            show("FAIL", "trial sandbox", error)
     if seen:
         error = judge(seen, config)
         show("FAIL" if error else "ok", "trial sandbox",
@@ -151,8 +153,6 @@ def main(argv):
              f"/tmp {seen['tmp']} (writable), hostname {seen['hostname']}, uid {seen['uid']}, "
              f"network {' '.join(seen['net']) or 'host'}, ipykernel "
              f"{'importable' if seen['ipykernel'] else 'missing'}")
-    elif error and not error.startswith("ns-kernel: unshare(CLONE_NEWUSER)"):
-        show("FAIL", "trial sandbox", error)
     if error:
         print(f"{error}\nns-kernel doctor: isolated kernels cannot run here; fix the above.",
               file=sys.stderr, flush=True)

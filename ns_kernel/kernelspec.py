@@ -2,19 +2,17 @@
 argv -> kernel.json dict -> files in a directory -> installed with jupyter_client."""
 import json
 import os
-import shutil
 import sys
 import tempfile
 
 NAME = "isolated-python"
 DISPLAY_NAME = "Isolated Python"
 PROVISIONER = "ns-kernel-provisioner"
-RESOURCES = os.path.join(os.path.dirname(__file__), "resources")
 
 
-def kernel_argv(options=(), python=None):
+def kernel_argv(options=()):
     """Launcher options go before -f; whatever follows {connection_file} reaches ipykernel."""
-    return [python or sys.executable, "-m", "ns_kernel", *options, "-f", "{connection_file}"]
+    return [sys.executable, "-m", "ns_kernel", *options, "-f", "{connection_file}"]
 
 
 def launcher_options(argv):
@@ -25,14 +23,14 @@ def launcher_options(argv):
     return argv[3:argv.index("-f")]
 
 
-def kernel_dict(options=(), display_name=DISPLAY_NAME, python=None, provisioner=True):
+def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True):
     """provisioner: name ours in metadata, so jupyter_client >= 7 clients (JupyterLab,
     nbclient) connect to the kernel's sockets directly; older clients use argv alone."""
     metadata = {"debugger": False}
     if provisioner:
         metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER, "config": {}}
     return {
-        "argv": kernel_argv(options, python),
+        "argv": kernel_argv(options),
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",
@@ -45,10 +43,6 @@ def write_kernel_spec(path, spec):
     with open(os.path.join(path, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=1)
         f.write("\n")
-    for name in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
-        src = os.path.join(RESOURCES, name)
-        if os.path.exists(src):
-            shutil.copy(src, path)
     return path
 
 

@@ -12,7 +12,7 @@ import os
 import resource
 from dataclasses import dataclass, field
 
-from . import cgroup
+from . import cgroup, connection
 from .config import format_size
 from .errors import SetupError
 
@@ -153,7 +153,10 @@ def death_reason(code, usage):
         peak = f", peak {mib(usage.memory_peak)}" if usage.memory_peak else ""
         return f"killed: out of memory (limit {mib(usage.memory_limit)}{peak})"
     if code < 0:
-        text = f"killed by {signal.Signals(-code).name}"
+        try:
+            text = f"killed by {signal.Signals(-code).name}"
+        except ValueError:     # real-time signals have no name
+            text = f"killed by signal {-code}"
     elif code:
         text = f"exited with status {code}"
     else:
@@ -194,12 +197,10 @@ def recall(connection_file, info):
 
 
 def _replace_json(path, info):
-    """Atomically, 0600 from the start: the file holds the kernel's key."""
+    """Atomically, and 0600 from the start (connection.write): the file holds the key."""
     tmp = f"{path}.ns-kernel-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    connection.write(tmp, info)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f, indent=1)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

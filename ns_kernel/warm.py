@@ -71,13 +71,17 @@ def socket_path(environ=os.environ):
     return os.path.join(default_base(), f"warm-{key:08x}.sock")
 
 
+# How kernel.json may name the connection file; launcher options come before it.
+CONNECTION_FILE_OPTIONS = ("-f", "--f", "--connection-file")
+
+
 def wants_warm(argv):
     """True if `--warm` comes among the launcher's options (before the connection file)."""
     for arg in argv:
         if arg == "--warm":
             return True
-        if arg in ("-f", "--f", "--connection-file") or arg.startswith(
-                ("-f=", "--f=", "--connection-file=")):
+        if arg in CONNECTION_FILE_OPTIONS or arg.startswith(
+                tuple(f"{o}=" for o in CONNECTION_FILE_OPTIONS)):
             return False
     return False
 
@@ -287,14 +291,18 @@ def _spawn_monitor(plan, ctl, err_w):
     """Sandbox.start's spawn: the template forks the monitor; returns its pid."""
     # The template this launcher was forked from, even if ns_kernel was reinstalled since.
     sock = _connect(TEMPLATE_PATH)
+    from .errors import SetupError
+    gone = SetupError("warm", "reach the warm template", TEMPLATE_PATH,
+                      hint="it exited; the next start makes a new one")
     if sock is None:
-        from .errors import SetupError
-        raise SetupError("warm", "reach the warm template", TEMPLATE_PATH,
-                         hint="it exited; the next start makes a new one")
+        raise gone
     with sock:
         socket.send_fds(sock, [_dumps({"kind": "monitor", "plan": plan})],
                         [ctl.fileno(), err_w, 0, 1, 2])
-        return int(sock.recv(64))
+        pid = sock.recv(64)
+    if not pid:
+        raise gone    # the template exited between our connect and its fork
+    return int(pid)
 
 
 def _monitor_child(conn, request, fds):
