@@ -127,26 +127,28 @@ class InstallApp(SandboxApp):
     def start_install(self, argv):
         self.parse_command_line(argv)
         Sandbox(parent=self)   # validate the options now, not at the first kernel start
-        options = sandbox_options(argv)
+        options = self.sandbox_options(argv) + (["--warm"] if self.warm else [])
         spec = kernelspec.kernel_dict(options, self.display_name)
         path = kernelspec.install(self.kernel_name, spec, user=self.user,
                                   prefix=self.prefix or None)
         print(f"Installed kernelspec {self.kernel_name} ({self.display_name!r}) in {path}")
 
-
-def sandbox_options(argv):
-    """argv minus install's own options (and their values, `--name N` as `--name=N`): what
-    is left goes into the spec's argv."""
-    with_value, flags = ("--name", "--display-name", "--prefix"), ("--user", "--sys-prefix")
-    options, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in with_value:
-            skip = True
-        elif arg not in flags and not any(arg.startswith(n + "=") for n in with_value):
-            options.append(arg)
-    return options
+    @classmethod
+    def sandbox_options(cls, argv):
+        """argv minus install's own options (and their values, `--name N` as `--name=N`):
+        what is left (the sandbox's options) goes into the spec's argv."""
+        with_value = [f"--{a}" for a in cls.aliases if a not in SANDBOX_ALIASES]
+        flags = [f"--{f}" for f in cls.flags if f not in SANDBOX_FLAGS]
+        options, skip = [], False
+        for arg in argv:
+            if skip:
+                skip = False
+            elif arg in with_value:
+                skip = True
+            elif (arg not in flags and not arg.startswith(f"--{cls.__name__}.")
+                  and not any(arg.startswith(n + "=") for n in with_value)):
+                options.append(arg)
+        return options
 
 
 class RunApp(SandboxApp):
