@@ -202,3 +202,26 @@ def socket_base():
     import shutil
     shutil.rmtree(base, ignore_errors=True)
     assert leftovers == [], f"socket dirs left behind: {leftovers}"
+
+
+# -- interrupting a running cell ------------------------------------------------------
+
+def wait_for_output(kernel, text, timeout=20):
+    """Block until the running cell has printed `text`: only then is it where the test
+    wants to interrupt it (a loaded machine may take a while to get there)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kernel.kc.get_iopub_msg(timeout=timeout)
+        if msg["msg_type"] == "stream" and text in msg["content"]["text"]:
+            return
+    raise AssertionError(f"the cell never printed {text!r}")
+
+
+def interrupt_busy_loop(kernel):
+    """Interrupt a `while True: pass` cell once it runs; it must end in KeyboardInterrupt."""
+    msg_id = kernel.kc.execute("print('looping', flush=True)\nwhile True: pass")
+    wait_for_output(kernel, "looping")
+    kernel.km.interrupt_kernel()
+    reply = kernel.kc.get_shell_msg(timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from conftest import alive, descendants, start_kernel, stop_kernel, wait_until, write_spec
+from conftest import (alive, descendants, interrupt_busy_loop, start_kernel, stop_kernel,
+                      wait_for_output, wait_until, write_spec)
 
 
 @pytest.fixture
@@ -20,25 +21,8 @@ def own_kernel(workdir, socket_base):
 
 
 def test_interrupt_busy_loop_keeps_kernel(own_kernel):
-    k = own_kernel
-    msg_id = k.kc.execute("while True: pass")
-    time.sleep(1)
-    k.km.interrupt_kernel()
-    reply = k.kc.get_shell_msg(timeout=20)
-    assert reply["parent_header"]["msg_id"] == msg_id
-    assert reply["content"]["ename"] == "KeyboardInterrupt"
-    assert k.value("6 * 7") == 42
-
-
-def wait_for_output(kernel, text, timeout=20):
-    """Block until the running cell has printed `text`: only then is it where the test
-    wants to interrupt it (a loaded machine may take a while to get there)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = kernel.kc.get_iopub_msg(timeout=timeout)
-        if msg["msg_type"] == "stream" and text in msg["content"]["text"]:
-            return
-    raise AssertionError(f"the cell never printed {text!r}")
+    interrupt_busy_loop(own_kernel)
+    assert own_kernel.value("6 * 7") == 42
 
 
 def test_interrupt_arrives_once_and_reaches_subprocesses(own_kernel):

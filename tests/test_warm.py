@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import start_kernel, stop_kernel, write_spec
+from conftest import interrupt_busy_loop, start_kernel, stop_kernel, write_spec
 from ns_kernel import warm
 
 WARM = write_spec("isolated-python-warm", ["--warm"])
@@ -76,12 +76,7 @@ def test_no_state_carried_between_kernels(pair, workdir_module):
 def test_interrupt_and_restart(workdir_module):
     k = start_kernel(workdir_module, kernel_name=WARM)
     try:
-        msg_id = k.kc.execute("while True: pass")
-        time.sleep(0.5)
-        k.km.interrupt_kernel()
-        reply = k.kc.get_shell_msg(timeout=20)
-        assert reply["parent_header"]["msg_id"] == msg_id
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        interrupt_busy_loop(k)
         assert k.value("1 + 1") == 2
         before = k.value("__import__('socket').gethostname()")
         k.execute("x = 1")
