@@ -55,16 +55,16 @@ def _write(path, value):
         os.close(fd)
 
 
-def hierarchies(mountinfo="/proc/self/mountinfo", own="/proc/self/cgroup"):
+def hierarchies():
     """{'cgroup2': (mount, dir), 'memory': (mount, dir), ...}: where each hierarchy is
     mounted and where this process's own cgroup in it lives (v1 keys are controllers)."""
     paths = {}
-    for line in read(own).splitlines():
+    for line in read("/proc/self/cgroup").splitlines():
         _, names, path = line.split(":", 2)
         for name in (names.split(",") if names else ["cgroup2"]):
             paths[name] = path
     found = {}
-    for line in read(mountinfo).splitlines():
+    for line in read("/proc/self/mountinfo").splitlines():
         fields = line.split()
         sep = fields.index("-")
         fstype, options, root, target = fields[sep + 1], fields[sep + 3], fields[3], fields[4]
@@ -81,10 +81,10 @@ def hierarchies(mountinfo="/proc/self/mountinfo", own="/proc/self/cgroup"):
     return found
 
 
-def v2_parent(cgroup_parent="", uid=None):
-    """The v2 directory that will hold kernels' cgroups, or (None, reason)."""
-    uid = os.getuid() if uid is None else uid
-    mounts = hierarchies()
+def v2_parent(mounts, cgroup_parent=""):
+    """The v2 directory that will hold kernels' cgroups, or (None, reason); mounts as
+    hierarchies() returns them."""
+    uid = os.getuid()
     if "cgroup2" not in mounts:
         return None, "no cgroup v2 hierarchy is mounted"
     if cgroup_parent:
@@ -106,10 +106,10 @@ def v2_parent(cgroup_parent="", uid=None):
     return parent, ""
 
 
-def v1_parents(uid=None):
-    """{'memory': dir, ...} for the v1 controllers mounted, or ({}, reason)."""
-    uid = os.getuid() if uid is None else uid
-    mounts = hierarchies()
+def v1_parents(mounts):
+    """{'memory': dir, ...} for the v1 controllers mounted, or ({}, reason); mounts as
+    hierarchies() returns them."""
+    uid = os.getuid()
     found = {c: mounts[c][1] for c in ("memory", "pids", "cpu") if c in mounts}
     if not found:
         return {}, "no cgroup v1 memory, pids or cpu hierarchy is mounted"

@@ -84,7 +84,7 @@ def check_cgroups(config):
         show("info", "cgroup v2", f"{top}: {controllers}; this process in {mounts['cgroup2'][1]}")
     else:
         show("info", "cgroup v2", "not mounted")
-    options = limits.probe(config.cgroup_parent)
+    options = limits.probe(config.cgroup_parent, mounts)
     for name, usable, detail in options:
         show("ok" if usable else "--", f"backend {name}", detail)
     if config.limits_backend != "auto":

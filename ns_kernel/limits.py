@@ -62,11 +62,12 @@ def describe(limits, skipped=()):
                      for n in wanted(limits) if n not in skipped) or "none"
 
 
-def probe(cgroup_parent="", uid=None):
+def probe(cgroup_parent="", mounts=None):
     """[(backend, usable, detail)] in order of preference: what the doctor shows and
-    what enforce() walks."""
-    parent, why2 = cgroup.v2_parent(cgroup_parent, uid)
-    parents, why1 = cgroup.v1_parents(uid)
+    what enforce() walks. mounts: cgroup.hierarchies(), if the caller has read them."""
+    mounts = cgroup.hierarchies() if mounts is None else mounts
+    parent, why2 = cgroup.v2_parent(mounts, cgroup_parent)
+    parents, why1 = cgroup.v1_parents(mounts)
     return [("cgroup2", parent is not None, parent or why2),
             ("cgroup1", bool(parents), ", ".join(sorted(parents)) or why1),
             ("rlimit", True, "RLIMIT_DATA for memory, RLIMIT_NPROC per user namespace for "
@@ -84,7 +85,8 @@ def enforce(limits, cgroup_parent="", name=""):
     need = wanted(limits)
     if not need:
         return Enforcement()
-    options = probe(cgroup_parent)
+    mounts = cgroup.hierarchies()
+    options = probe(cgroup_parent, mounts)
     if limits.backend != "auto":
         options = [o for o in options if o[0] == limits.backend]
         if not options[0][1]:
@@ -96,7 +98,7 @@ def enforce(limits, cgroup_parent="", name=""):
     if backend[0] == "cgroup2":
         group, skipped = cgroup.Cgroup.create(2, backend[2], name, limits)
     elif backend[0] == "cgroup1":
-        group, skipped = cgroup.Cgroup.create(1, cgroup.v1_parents()[0], name, limits)
+        group, skipped = cgroup.Cgroup.create(1, cgroup.v1_parents(mounts)[0], name, limits)
     else:
         group, skipped = None, [n for n in need if n not in RLIMIT_CAN]
     if skipped and not limits.best_effort:
