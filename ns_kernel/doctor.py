@@ -87,15 +87,12 @@ def check_cgroups(config):
     options = limits.probe(config.cgroup_parent, mounts)
     for name, usable, detail in options:
         show("ok" if usable else "--", f"backend {name}", detail)
-    if config.limits_backend != "auto":
-        chosen = next(o for o in options if o[0] == config.limits_backend)
-    else:
-        chosen = limits.first_usable(options)
+    chosen = limits.choose(options, config.limits_backend)
     configured = Limits.from_config(config)
     note, ok = "", chosen[1]
     if chosen[0] == "rlimit":
         note = f" ({RLIMIT_CAVEAT})"
-        ok = config.best_effort or all(n in limits.RLIMIT_CAN for n in limits.wanted(configured))
+        ok = config.best_effort or not limits.rlimit_cannot(limits.wanted(configured))
     show("ok" if ok else "FAIL", "limits backend",
          f"{chosen[0]}, for the limits configured: {limits.describe(configured)}{note}")
 

@@ -79,6 +79,18 @@ def first_usable(options):
     return next(o for o in options if o[1])
 
 
+def choose(options, backend):
+    """The option in force: the one `backend` names (usable or not), or auto's pick."""
+    if backend == "auto":
+        return first_usable(options)
+    return next(o for o in options if o[0] == backend)
+
+
+def rlimit_cannot(need):
+    """Which of the limits `need` (names as wanted() gives them) rlimits cannot enforce."""
+    return [n for n in need if n not in RLIMIT_CAN]
+
+
 def enforce(limits, cgroup_parent="", name=""):
     """Pick the backend for `limits` and make its cgroup (if any). A limit it cannot
     enforce is a SetupError unless limits.best_effort, then it is listed in .skipped."""
@@ -87,11 +99,9 @@ def enforce(limits, cgroup_parent="", name=""):
         return Enforcement()
     mounts = cgroup.hierarchies()
     options = probe(cgroup_parent, mounts)
-    if limits.backend != "auto":
-        options = [o for o in options if o[0] == limits.backend]
-        if not options[0][1]:
-            raise SetupError("limits", f"limits backend {limits.backend}", hint=options[0][2])
-    backend = first_usable(options)
+    backend = choose(options, limits.backend)
+    if not backend[1]:
+        raise SetupError("limits", f"limits backend {limits.backend}", hint=backend[2])
     # Random too: after a SIGKILLed launcher the old cgroup of a restarted kernel may still
     # be on its way out (the orphaned monitor removes it).
     name = f"ns-kernel-{name[:8] + '-' if name else ''}{os.urandom(4).hex()}"
@@ -100,11 +110,13 @@ def enforce(limits, cgroup_parent="", name=""):
     elif backend[0] == "cgroup1":
         group, skipped = cgroup.Cgroup.create(1, cgroup.v1_parents(mounts)[0], name, limits)
     else:
-        group, skipped = None, [n for n in need if n not in RLIMIT_CAN]
+        group, skipped = None, rlimit_cannot(need)
     if skipped and not limits.best_effort:
         if group:
             group.remove()
-        reasons = "; ".join(f"{o[0]}: {o[2]}" for o in options if not o[1])
+        # Under auto, why the better backends were passed over.
+        passed_over = options if limits.backend == "auto" else []
+        reasons = "; ".join(f"{o[0]}: {o[2]}" for o in passed_over if not o[1])
         raise SetupError("limits", f"{backend[0]} cannot enforce {', '.join(skipped)}", hint=(
             (reasons + "; " if reasons else "") +
             "run `ns-kernel doctor`, or allow it with --best-effort"))
