@@ -63,6 +63,7 @@ class Launch:
         self.spawn = spawn
         self.box = None
         self.pending_signals = []
+        self.forwarded = set()     # signals Jupyter sent (through us) to the sandbox
         self.kernel_id = kernel_id_from(connection_file)
         self.limits = limits.Enforcement()
         self.usage = None          # what the cgroup saw, read once the kernel has ended
@@ -118,12 +119,16 @@ class Launch:
         """The server log's line on why the kernel ended (None if it ended by itself with
         status 0); the reason is also kept for the restarted kernel to show."""
         line = describe_exit(status, self._who(), self.usage)
-        if line and self.connection_file:
+        # A kernel that Jupyter itself stopped with a signal (terminate, a slow restart)
+        # did not die on the user: its next incarnation has nothing to tell them.
+        by_jupyter = -os.waitstatus_to_exitcode(status) in self.forwarded
+        if line and self.connection_file and not by_jupyter:
             limits.remember(self.connection_file, line)
         return line
 
     def _install_signal_handlers(self):
         def forward(signum, _frame):
+            self.forwarded.add(signum)
             if self.box and self.box.pid:
                 self.box.signal(signum)
             else:

@@ -5,6 +5,7 @@ bounded, so a limit that failed to apply cannot take the machine down."""
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -304,6 +305,21 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     assert stderr.startswith(f"ns-kernel: kernel {name} {reason}"), out
     assert stderr.rstrip().endswith("; this is a new kernel")
     assert out[-1] == ("stdout", "after\n")
+
+
+def test_no_death_notice_after_a_stop_jupyter_asked_for(workdir):
+    """A kernel Jupyter itself terminated (SIGTERM through the launcher) did not die on
+    the user: the restarted kernel's first output is the cell's alone."""
+    k = start_kernel(workdir)
+    try:
+        proc = k.km.provisioner.process
+        k.km.signal_kernel(signal.SIGTERM)
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=60)
+        assert k.execute("print('hello')")[0] == "hello\n"
+    finally:
+        stop_kernel(k)
 
 
 def test_death_reasons_read_from_the_counters():
