@@ -13,7 +13,7 @@ import resource
 from dataclasses import dataclass, field
 
 from . import cgroup, connection
-from .config import format_size
+from .sizes import format_size
 from .errors import SetupError
 
 # What rlimits can do: RLIMIT_CPU caps total seconds, it is not a share of a core.

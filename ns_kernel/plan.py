@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from .config import format_size, parse_size
+from .sizes import format_size, parse_size
 from .errors import SetupError
 from .syscalls import MountAttr
 

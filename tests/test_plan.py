@@ -1,7 +1,8 @@
 """The plan is a pure function of settings and host facts: checked without privileges."""
 import pytest
 
-from ns_kernel.config import Sandbox, parse_size
+from ns_kernel.config import Sandbox
+from ns_kernel.sizes import parse_size
 from ns_kernel.errors import SetupError
 from ns_kernel.plan import RO, RW, Host, Op, build_plan
 
