@@ -64,17 +64,12 @@ class SandboxApp(Application):
 
 def split_at_connection_file(argv):
     """Launcher options come before `-f FILE`; everything after FILE goes to ipykernel."""
-    from .warm import CONNECTION_FILE_OPTIONS
-    for i, arg in enumerate(argv):
-        if arg in CONNECTION_FILE_OPTIONS:
-            if i + 1 >= len(argv):
-                break
-            return argv[:i], argv[i + 1], argv[i + 2:]
-        for option in CONNECTION_FILE_OPTIONS:
-            if arg.startswith(option + "="):
-                return argv[:i], arg[len(option) + 1:], argv[i + 1:]
-    raise SetupError("usage", "no connection file", hint=(
-        "run as `python -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
+    from .argv import split
+    parts = split(argv)
+    if parts is None:
+        raise SetupError("usage", "no connection file", hint=(
+            "run as `python -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
+    return parts
 
 
 class KernelApp(SandboxApp):
@@ -86,16 +81,28 @@ class KernelApp(SandboxApp):
         fresh one under Sandbox.socket_dir. The kernel provisioner names it and gives the
         client an ipc connection with ip <dir>/k, so the client's paths <dir>/k-<port> are
         the kernel's own sockets: no link, no bridge.""")
+    prestart = Bool(True, config=True, help="""
+        Start the kernel's interpreter at once, while the sandbox is built, and let it join
+        the finished sandbox (prestart.py): a cold start then costs about what a plain
+        kernel's does. False: init execs the kernel once the sandbox is built.""")
     aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
+    flags = {**SANDBOX_FLAGS,
+             "no-prestart": ({"KernelApp": {"prestart": False}},
+                             "Exec the kernel once the sandbox is built (KernelApp.prestart).")}
 
-    def start_kernel(self, argv, spawn=None, finish=None):
+    def start_kernel(self, argv, spawn=None, finish=None, prestarted=None):
         """spawn: who starts the monitor; finish(status): how to leave (default: exit like
-        the kernel). A warm template's launcher child passes both (warm.py)."""
+        the kernel). A warm template's launcher child passes both (warm.py).
+        prestarted: the kernel's interpreter, spawned by __main__ (prestart.py)."""
         from .launcher import Launch
         from .pid import exit_like
         options, connection_file, extra = split_at_connection_file(argv)
         config = self.load_sandbox_config(options)
-        launch = Launch(config, connection_file, extra, self.kernel_socket_dir or None, spawn)
+        if prestarted and not self.prestart:    # said so in a config file
+            prestarted.close()
+            prestarted = None
+        launch = Launch(config, connection_file, extra, self.kernel_socket_dir or None, spawn,
+                        prestarted)
         status = launch.run()
         line = launch.explain(status)
         if line:
@@ -170,9 +177,9 @@ class RunApp(SandboxApp):
         exit_like(status)
 
 
-def main(argv=None, spawn=None, finish=None):
-    """Entry point of `ns-kernel` and `python -m ns_kernel` (spawn, finish: see
-    KernelApp.start_kernel)."""
+def main(argv=None, spawn=None, finish=None, prestarted=None):
+    """Entry point of `ns-kernel` and `python -m ns_kernel` (spawn, finish, prestarted:
+    see KernelApp.start_kernel)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "install":
@@ -184,7 +191,7 @@ def main(argv=None, spawn=None, finish=None):
             return doctor(argv[1:])
         if not argv or argv[0] in ("-h", "--help", "--help-all"):
             KernelApp().parse_command_line(argv or ["--help"])   # prints help, exits 0
-        return KernelApp().start_kernel(argv, spawn, finish)
+        return KernelApp().start_kernel(argv, spawn, finish, prestarted)
     except SetupError as exc:
         print(exc.line(), file=sys.stderr, flush=True)
         return 1

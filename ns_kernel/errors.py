@@ -36,5 +36,7 @@ class SetupError(Exception):
 
     @classmethod
     def from_json(cls, data):
-        record = json.loads(data)
+        """The first record: the step that failed first; who noticed it after (e.g. init,
+        when the prestarted interpreter it waited for gave up) may add another."""
+        record, _ = json.JSONDecoder().raw_decode(data.decode() if isinstance(data, bytes) else data)
         return cls(record["step"], record["syscall"], record["path"], record["errno"], record["hint"])

@@ -48,11 +48,12 @@ class Launch:
     """One kernel's launch: everything it made, so that all of it can be undone."""
 
     def __init__(self, sandbox_config, connection_file=None, argv=(), socket_dir=None,
-                 spawn=None):
+                 spawn=None, prestarted=None):
         """With a connection file, run ipykernel (argv: its extra arguments); without one,
         run argv itself (`ns-kernel run`). socket_dir: this exact (not yet existing) socket
         dir instead of a fresh one under Sandbox.socket_dir (the provisioner's choice).
-        spawn: who starts the sandbox's monitor (see Sandbox.start; warm.py)."""
+        spawn: who starts the sandbox's monitor (see Sandbox.start; warm.py).
+        prestarted: the kernel's interpreter, spawned already (prestart.py)."""
         self.config = sandbox_config
         self.connection_file = connection_file
         self.argv = list(argv)
@@ -61,6 +62,7 @@ class Launch:
         self.socket_dir = None
         self.exact_socket_dir = socket_dir
         self.spawn = spawn
+        self.prestarted = prestarted
         self.box = None
         self.pending_signals = []
         self.forwarded = set()     # signals Jupyter sent (through us) to the sandbox
@@ -89,6 +91,9 @@ class Launch:
             plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
             for line in self.limits.log_lines(plan.limits, self._who()):
                 print(line, file=sys.stderr, flush=True)
+            if self.prestarted:
+                # Before it forks anything: the kernel is born in the kernel's cgroup.
+                self.limits.attach(self.prestarted.pid)
             if info and info["transport"] == "tcp":
                 self.listeners = bridge.listen(info)
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
@@ -100,7 +105,7 @@ class Launch:
                 limits.leave_notice(self.socket_dir, notice, owner)
             if info and info["transport"] == "ipc":
                 self._link_ipc_paths(info)
-            self.box = Sandbox(plan, attach=self.limits.attach).start(self.spawn)
+            self.box = Sandbox(plan, self.limits.attach, self.prestarted).start(self.spawn)
             for signum in self.pending_signals:
                 self.box.signal(signum)
             self._supervise()
@@ -172,6 +177,7 @@ class Launch:
                     if key.data == "errors":
                         if box.read_errors():
                             sel.unregister(box.errors)
+                            self._release_prestarted()
                             failure = box.failure()
                             if failure:
                                 box.kill()
@@ -217,7 +223,15 @@ class Launch:
             raise errors
         return box.kernel_status if box.kernel_status is not None else monitor_status
 
+    def _release_prestarted(self):
+        # The error pipe is closed: the kernel runs, and the interpreter spawned for it has
+        # become it, or never will.
+        if self.prestarted:
+            self.prestarted.close()
+            self.prestarted = None
+
     def cleanup(self):
+        self._release_prestarted()
         if self.box and self.box.pid:
             self.box.kill()
         self.limits.remove()

@@ -10,15 +10,13 @@ A failure before exec sends a SetupError record up the error pipe and exits 127;
 the launcher prints it. A kernel never starts in a half-built sandbox.
 """
 import functools
-import gc
 import os
 import select
 import selectors
 import signal
 import socket
-import traceback
 
-from . import limits, mount, net, pid, socketdir
+from . import forked, limits, mount, net, pid, prestart, socketdir
 from .errors import SetupError
 from .syscalls import CloneFlags, drop_all_capabilities, set_no_new_privs, \
     set_parent_death_signal, sethostname, unshare
@@ -32,9 +30,10 @@ MSG_STATUS = b"S"
 class Sandbox:
     """The launcher's handle on a running sandbox."""
 
-    def __init__(self, plan, attach=None):
+    def __init__(self, plan, attach=None, prestarted=None):
         self.plan = plan
         self.attach = attach       # puts the monitor in the kernel's cgroup (limits.py)
+        self.prestarted = prestarted   # the kernel's interpreter, if spawned (prestart.py)
         self.pid = None            # the monitor's pid
         self.ctl = None            # launcher's end of the control socket
         self.errors = None         # read end of the error pipe
@@ -60,11 +59,15 @@ class Sandbox:
                 os.close(err_w)
         else:
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, pid.FORWARDED)
+            prestarted = self.prestarted and self.prestarted.sock
             child = os.fork()
             if child == 0:
                 ctl.close()
                 os.close(err_r)
-                _run_child(_monitor, self.plan, ctl_child, err_w)
+                forked.run(functools.partial(_monitor, prestarted=prestarted),
+                           self.plan, ctl_child, err_w)
+            if self.prestarted:
+                self.prestarted.release()   # init has it now
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             ctl_child.close()
             os.close(err_w)
@@ -140,33 +143,9 @@ def _wait_foreign(pid_):
     return signal.SIGKILL
 
 
-def _run_child(step, plan, ctl, err_w):
-    """Run one child's steps; any failure goes up the error pipe, then exit 127."""
-    try:
-        # What the parent allocated stays shared: the collector must not write to it.
-        gc.freeze()
-        pid.reset_signals()
-        step(plan, ctl, err_w)
-    except BaseException as exc:  # noqa: BLE001 - a child must never return into the launcher
-        if os.environ.get("NS_KERNEL_DEBUG"):
-            traceback.print_exc()
-        if isinstance(exc, OSError):
-            exc = SetupError("sandbox", "sandbox setup", exc.filename or "", exc.errno)
-        elif not isinstance(exc, SetupError):
-            exc = SetupError("sandbox", f"sandbox setup: {exc!r}")
-        _report(err_w, exc)
-    os._exit(127)
-
-
-def _report(err_w, exc):
-    try:
-        os.write(err_w, exc.to_json().encode())
-    except OSError:
-        pass
-
-
-def _monitor(plan, ctl, err_w, kernel_step=None):
-    """kernel_step(plan, ctl, err_w): the kernel's last step, _exec_kernel by default."""
+def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None):
+    """kernel_step(plan, ctl, err_w): the kernel's last step, forked.exec_kernel by default;
+    prestarted: the socket to the kernel's prestarted interpreter (prestart.py)."""
     # Out of the launcher's process group: Jupyter's killpg(SIGINT) reaches the launcher
     # alone, which forwards it exactly once; and no controlling terminal (TIOCSTI).
     os.setsid()
@@ -188,9 +167,11 @@ def _monitor(plan, ctl, err_w, kernel_step=None):
         raise SetupError("pid", "unshare(CLONE_NEWPID)", "", exc.errno) from None
     init = os.fork()
     if init == 0:
-        _run_child(functools.partial(_init, kernel_step=kernel_step or _exec_kernel),
-                   plan, ctl, err_w)
+        forked.run(functools.partial(_init, kernel_step=kernel_step or forked.exec_kernel,
+                                     prestarted=prestarted), plan, ctl, err_w)
     os.close(err_w)
+    if prestarted:
+        prestarted.close()
     pid.forward_signals(init)
     _supervise(plan, ctl, init, origin)
 
@@ -217,7 +198,7 @@ def _supervise(plan, ctl, init, origin):
     os._exit(code if code >= 0 else 128 - code)
 
 
-def _init(plan, ctl, err_w, kernel_step):
+def _init(plan, ctl, err_w, kernel_step, prestarted):
     # If the monitor dies, init dies, and with it every process of the PID namespace.
     set_parent_death_signal(signal.SIGKILL)
     flags = CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
@@ -230,12 +211,8 @@ def _init(plan, ctl, err_w, kernel_step):
                          exc.errno) from None
     trees = mount.grab_bind_sources(plan.mounts)
     # Become the plan's uid now: files made in the new mounts need an owner that is mapped
-    # (host root is not), and capabilities stay, since uid 0 has no mapping to leave.
-    try:
-        os.setresgid(plan.gid, plan.gid, plan.gid)
-        os.setresuid(plan.uid, plan.uid, plan.uid)
-    except OSError as exc:
-        raise SetupError("user", f"setresuid({plan.uid})", "", exc.errno) from None
+    # (host root is not).
+    forked.take_ids(plan)
     # A change of uid clears the parent-death signal (prctl(2)): root's sandbox, whose
     # monitor is killed directly (Sandbox.kill), would leave init and the kernel running.
     set_parent_death_signal(signal.SIGKILL)
@@ -248,32 +225,11 @@ def _init(plan, ctl, err_w, kernel_step):
         net.bring_up_loopback()
     limits.apply_rlimits(plan.limits)
     set_no_new_privs()
+    kernel = prestart.hand_off(prestarted, plan, err_w) if prestarted else None
     drop_all_capabilities()
-    kernel = os.fork()
-    if kernel == 0:
-        _run_child(kernel_step, plan, ctl, err_w)
+    if kernel is None:
+        kernel = os.fork()
+        if kernel == 0:
+            forked.run(kernel_step, plan, ctl, err_w)
     os.close(err_w)
     pid.run_init(kernel, lambda status: ctl.sendall(MSG_STATUS + str(status).encode()))
-
-
-def enter_kernel_session(ctl, err_w):
-    """The kernel's first step, whether it execs or runs preloaded (warm.py)."""
-    # Its own session and process group: the init forwards an interrupt to the group, so
-    # the kernel's subprocesses get it as they would under a plain kernel.
-    os.setsid()
-    ctl.close()
-    os.closerange(3, err_w)
-    os.closerange(err_w + 1, 65536)
-
-
-def _exec_kernel(plan, ctl, err_w):
-    enter_kernel_session(ctl, err_w)
-    try:
-        os.execve(plan.argv[0], plan.argv, dict(plan.env))
-    except OSError as exc:
-        hint = ""
-        if exc.errno == 13:
-            hint = (f"the sandbox runs as uid {plan.uid}, which cannot reach this interpreter; "
-                    "install the kernel's Python where every user can read it (e.g. a venv made "
-                    "from /usr/bin/python3)")
-        raise SetupError("exec", "execve", plan.argv[0], exc.errno, hint) from None

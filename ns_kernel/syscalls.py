@@ -75,6 +75,11 @@ def unshare(flags):
     _check(_libc.unshare(ctypes.c_int(int(flags))))
 
 
+def setns(fd, flags):
+    """Join the namespaces `flags` of the process that pidfd `fd` refers to, all at once."""
+    _check(_libc.setns(fd, ctypes.c_int(int(flags))))
+
+
 def mount(source, target, fstype, flags=0, data=None):
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(int(flags)), enc(data)), target)

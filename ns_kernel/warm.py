@@ -18,7 +18,7 @@ process has imported both already and forks, per kernel:
 Nothing a kernel does reaches the template (each kernel is a fork, the template never runs
 user code and never reads a request: its children do), and the template's memory never
 held a secret: it is exec'd with only the variables that shape Python's startup
-(STARTUP_ENV), and it is keyed by them, by the interpreter and by the installed ns_kernel.
+(preload.py), and it is keyed by them, by the interpreter and by the installed ns_kernel.
 Honest differences from a cold start: kernels from one template share its address-space
 layout (ASLR) and str hash seed; /proc/PID/cmdline shows the template's command line.
 
@@ -33,28 +33,11 @@ import signal
 import socket
 import sys
 
+from . import preload
+
 IDLE_EXIT = 600.0
-STARTUP_ENV = ("HOME", "LANG", "LANGUAGE", "TZ")
-STARTUP_PREFIXES = ("LC_", "PYTHON")
-# What a kernel imports on its way to its first reply; the template imports it once.
-# (Found by comparing sys.modules before and after IPKernelApp.initialize.)
-TEMPLATE_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell",
-                    "ipykernel.comm", "ipykernel.debugger", "IPython.core.completer",
-                    "IPython.core.completerlib", "IPython.core.debugger", "IPython.core.history",
-                    "IPython.core.oinspect", "IPython.extensions.storemagic",
-                    "jupyter_client.session", "tornado.gen", "tornado.locks", "tornado.queues",
-                    "tornado.platform.asyncio", "sqlite3", "pdb", "pydoc", "faulthandler",
-                    "gzip", "mimetypes", "http.client", "xmlrpc.client", "unicodedata",
-                    "encodings.idna", "ns_kernel.cli", "ns_kernel.launcher", "runpy", "pickle",
-                    "json")
-IMPORT_ENV = {"JPY_PARENT_PID": "1"}
 TEMPLATE_PATH = None    # in the template and its children: where it listens
 MAX_REQUEST = 1 << 20
-
-
-def startup_env(environ):
-    return {k: v for k, v in environ.items()
-            if k in STARTUP_ENV or k.startswith(STARTUP_PREFIXES)}
 
 
 def socket_path(environ=os.environ):
@@ -62,28 +45,13 @@ def socket_path(environ=os.environ):
     import zlib
     from .socketdir import default_base
     here = os.path.dirname(os.path.abspath(__file__))
-    key = zlib.crc32(repr((sys.executable, sorted(startup_env(environ).items()))).encode())
+    key = zlib.crc32(repr((sys.executable, sorted(preload.startup_env(environ).items()))).encode())
     # The code, not file times: a reinstall of the same code keeps the template.
     for name in sorted(os.listdir(here)):
         if name.endswith(".py"):
             with open(os.path.join(here, name), "rb") as f:
                 key = zlib.crc32(f.read(), key)
     return os.path.join(default_base(), f"warm-{key:08x}.sock")
-
-
-# How kernel.json may name the connection file; launcher options come before it.
-CONNECTION_FILE_OPTIONS = ("-f", "--f", "--connection-file")
-
-
-def wants_warm(argv):
-    """True if `--warm` comes among the launcher's options (before the connection file)."""
-    for arg in argv:
-        if arg == "--warm":
-            return True
-        if arg in CONNECTION_FILE_OPTIONS or arg.startswith(
-                tuple(f"{o}=" for o in CONNECTION_FILE_OPTIONS)):
-            return False
-    return False
 
 
 # -- the client ---------------------------------------------------------------------------
@@ -130,9 +98,8 @@ def _connect_or_start(timeout=60.0):
     _ensure_base(os.path.dirname(path))
     devnull = os.open(os.devnull, os.O_RDWR)
     # The template daemonizes (its first fork); this child returns at once.
-    child = os.posix_spawn(sys.executable, [sys.executable, "-m", "ns_kernel.warm", "template",
-                                            path],
-                           startup_env(os.environ),
+    argv = [*preload.boot_argv("ns_kernel.warm:template_main"), path]
+    child = os.posix_spawn(sys.executable, argv, preload.startup_env(os.environ),
                            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)])
     os.close(devnull)
     os.waitpid(child, 0)
@@ -144,7 +111,7 @@ def _connect_or_start(timeout=60.0):
         time.sleep(0.005)
     from .errors import SetupError
     raise SetupError("warm", "start the warm template", path,
-                     hint="run `python -m ns_kernel.warm template PATH` by hand to see why")
+                     hint="start the kernel without --warm: what stops the template stops it too")
 
 
 def _dumps(obj):
@@ -154,21 +121,19 @@ def _dumps(obj):
 
 # -- the template -------------------------------------------------------------------------
 
-def template_main(path):
+def template_main(path=None):
+    path = path or sys.argv[1]
     if os.fork():
         os._exit(0)
     os.setsid()
     os.chdir("/")
-    del sys.path[0]    # the cwd it was started in: nobody's business
-    # Read at import (ipykernel's IPKernelApp.parent_handle): the value every kernel's
-    # environment has (plan.kernel_env), which run_preloaded checks.
-    os.environ.update(IMPORT_ENV)
+    os.environ.update(preload.IMPORT_ENV)
     import gc
-    import importlib
-    for name in TEMPLATE_MODULES:
-        importlib.import_module(name)
-    if threads() != 1:
-        sys.exit(f"ns-kernel: warm template has {threads()} threads after its imports")
+    failed = preload.import_kernel_modules(("ns_kernel.cli", "ns_kernel.launcher"))
+    if failed:
+        sys.exit(f"ns-kernel: warm template: {failed}")
+    if preload.threads() != 1:
+        sys.exit(f"ns-kernel: warm template has {preload.threads()} threads after its imports")
     import fcntl
     # One template per path: clients that all found none start one each; the first to
     # lock serves, the others leave (the lock dies with its holder, the socket file not).
@@ -222,10 +187,6 @@ def _peer(conn):
     import struct
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)
-
-
-def threads():
-    return len(os.listdir("/proc/self/task"))
 
 
 def _serve(conn):
@@ -307,7 +268,7 @@ def _spawn_monitor(plan, ctl, err_w):
 
 def _monitor_child(conn, request, fds):
     import functools
-    from . import sandbox
+    from . import forked, sandbox
     plan = request["plan"]
     ctl_fd, err_w, *stdio = fds
     _take_stdio(stdio)
@@ -316,84 +277,14 @@ def _monitor_child(conn, request, fds):
     ctl = socket.socket(fileno=ctl_fd)
     conn.sendall(str(os.getpid()).encode())
     conn.close()
-    if threads() != 1:
+    if preload.threads() != 1:
         # unshare(CLONE_NEWUSER) would fail with EINVAL: say why instead.
         from .errors import SetupError
-        sandbox._report(err_w, SetupError("warm", f"warm template has {threads()} threads",
+        forked.report(err_w, SetupError("warm", f"warm template has {preload.threads()} threads",
                                           hint="unshare(CLONE_NEWUSER) needs one thread"))
         os._exit(127)
-    sandbox._run_child(functools.partial(sandbox._monitor, kernel_step=run_preloaded),
+    forked.run(functools.partial(sandbox._monitor, kernel_step=preload.run_preloaded),
                        plan, ctl, err_w)
-
-
-# -- the kernel ---------------------------------------------------------------------------
-
-def run_preloaded(plan, ctl, err_w):
-    """The kernel's last step (in place of sandbox._exec_kernel): run `python -m MODULE`
-    in this already-initialized interpreter, with the plan's environment and argv."""
-    from . import sandbox
-    argv = list(plan.argv)
-    env = dict(plan.env)
-    if (argv[:2] != [sys.executable, "-m"] or len(argv) < 3
-            or startup_env(env) != startup_env(os.environ)
-            or any(env.get(k) != v for k, v in IMPORT_ENV.items())):
-        # Not what this interpreter was started as (a denied startup variable, another
-        # Python): a fresh exec is the only faithful start.
-        return sandbox._exec_kernel(plan, ctl, err_w)
-    sandbox.enter_kernel_session(ctl, err_w)
-    from .syscalls import set_dumpable
-    # Root's sandbox switched uid in init, which made it undumpable: the kernel could not
-    # read its own /proc/self; an execve would have reset this.
-    set_dumpable()
-    # What a fresh interpreter starts with.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_IGN)
-    os.environ.clear()
-    os.environ.update(env)
-    sys.path.insert(0, os.getcwd())
-    _forget_host_facts()
-    os.close(err_w)      # the sandbox is complete: the launcher sees EOF, as after execve
-    _run_module_as_main(argv[2], argv[3:])
-
-
-def _forget_host_facts():
-    """Module caches filled in the template, on the host, before this sandbox existed."""
-    import platform
-    import time
-    platform._uname_cache = None
-    time.tzset()
-    if "tempfile" in sys.modules:
-        sys.modules["tempfile"].tempdir = None
-
-
-def _run_module_as_main(module, args):
-    import atexit
-    import runpy
-    import threading
-    import traceback
-    sys.argv = [module, *args]
-    code = 0
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, status 1
-        traceback.print_exc()
-        code = 1
-    # The interpreter's own exit: join threads, run atexit (ipykernel closes its sockets).
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
-    os._exit(code)
 
 
 def template_pid():
@@ -417,9 +308,6 @@ def stop():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["template"] and len(sys.argv) == 3:
-        template_main(sys.argv[2])
-    elif sys.argv[1:] == ["stop"]:
+    if sys.argv[1:] == ["stop"]:
         sys.exit(0 if stop() else 1)
-    else:
-        sys.exit("usage: python -m ns_kernel.warm template PATH | stop")
+    sys.exit("usage: python -m ns_kernel.warm stop")

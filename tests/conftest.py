@@ -182,6 +182,23 @@ def alive(pids):
     return running
 
 
+def stray_prestarted():
+    """Prestarted interpreters (prestart.py; or kernels grown from one, which keep its
+    command line) whose launcher is gone: every one is a leak."""
+    stray = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if (len(argv) > 4 and b"from ns_kernel.prestart import main" in argv[2]
+                    and not alive([int(argv[4])])):
+                stray.append(int(entry))
+    return alive(stray)
+
+
 def wait_until(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

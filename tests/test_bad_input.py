@@ -11,6 +11,8 @@ import tempfile
 import pytest
 from jupyter_client.connect import write_connection_file
 
+from conftest import stray_prestarted, wait_until
+
 
 @pytest.fixture
 def base():
@@ -39,6 +41,7 @@ def assert_one_line(lines, *fragments):
 def assert_nothing_left(base):
     sockets = os.path.join(base, "sockets")
     assert not os.path.exists(sockets) or os.listdir(sockets) == []
+    assert wait_until(lambda: not stray_prestarted(), timeout=3), stray_prestarted()
 
 
 def conn_file(base, **changes):

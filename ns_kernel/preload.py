@@ -1,0 +1,139 @@
+"""An interpreter that imported ipykernel before its sandbox existed, and how it runs the
+kernel once inside: shared by the warm template (warm.py) and the prestarted interpreter
+of a cold start (prestart.py).
+
+Such an interpreter is exec'd with only the variables that shape Python's startup
+(startup_env) and never with the notebook's directory on sys.path (BOOT), so that nothing
+it loads comes from a place the kernel could have written. Once inside, run_preloaded
+runs `python -m ipykernel_launcher ...` in-process, as a fresh interpreter there would;
+when it cannot be faithful (another interpreter, other startup variables, no ipykernel),
+it execs instead.
+"""
+import os
+import sys
+
+STARTUP_ENV = ("HOME", "LANG", "LANGUAGE", "TZ")
+STARTUP_PREFIXES = ("LC_", "PYTHON")
+# What a kernel imports on its way to its first reply, imported once beforehand.
+# (Found by comparing sys.modules before and after IPKernelApp.initialize.)
+KERNEL_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell",
+                  "ipykernel.comm", "ipykernel.debugger", "IPython.core.completer",
+                  "IPython.core.completerlib", "IPython.core.debugger", "IPython.core.history",
+                  "IPython.core.oinspect", "IPython.extensions.storemagic",
+                  "jupyter_client.session", "tornado.gen", "tornado.locks", "tornado.queues",
+                  "tornado.platform.asyncio", "sqlite3", "pdb", "pydoc", "faulthandler",
+                  "gzip", "mimetypes", "http.client", "xmlrpc.client", "unicodedata",
+                  "encodings.idna", "runpy", "pickle", "json")
+# Read at import (ipykernel's IPKernelApp.parent_handle): the value every kernel's
+# environment has (plan.kernel_env), which run_preloaded checks.
+IMPORT_ENV = {"JPY_PARENT_PID": "1"}
+PRELOADED = False    # set once KERNEL_MODULES are imported
+
+
+def startup_env(environ):
+    return {k: v for k, v in environ.items()
+            if k in STARTUP_ENV or k.startswith(STARTUP_PREFIXES)}
+
+
+def boot_argv(call):
+    """`python -c` running `call` (e.g. "ns_kernel.warm:template_main"): `-m` would put the
+    current directory (the notebook's, which a kernel may write) first on sys.path for the
+    very imports this interpreter makes outside any sandbox; `-c` puts '' there, removed
+    before the first import. site's own imports come before either."""
+    module, func = call.split(":")
+    return [sys.executable, "-c",
+            f"import sys; del sys.path[0]; from {module} import {func}; {func}()"]
+
+
+def spawn_env():
+    return {**startup_env(os.environ), **IMPORT_ENV}
+
+
+def import_kernel_modules(extra=()):
+    """Import what the kernel needs; None, or why not (then the kernel execs, and says
+    what is missing in its own words)."""
+    global PRELOADED
+    import importlib
+    try:
+        for name in (*KERNEL_MODULES, *extra):
+            importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not run in-process
+        return f"{type(exc).__name__}: {exc}"
+    PRELOADED = True
+    return None
+
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def run_preloaded(plan, ctl, err_w):
+    """The kernel's last step (in place of forked.exec_kernel): run `python -m MODULE`
+    in this already-initialized interpreter, with the plan's environment and argv."""
+    import signal
+    from . import forked
+    argv = list(plan.argv)
+    env = dict(plan.env)
+    if (argv[:2] != [sys.executable, "-m"] or len(argv) < 3
+            or not PRELOADED
+            or startup_env(env) != startup_env(os.environ)
+            or any(env.get(k) != v for k, v in IMPORT_ENV.items())
+            or not os.access(argv[0], os.X_OK)):
+        # Not what this interpreter was started as (a denied startup variable, another
+        # Python), or one the sandbox's uid could not have started: a fresh exec is the
+        # only faithful start (or failure, with its reason).
+        return forked.exec_kernel(plan, ctl, err_w)
+    forked.enter_kernel_session(ctl, err_w)
+    from .syscalls import set_dumpable
+    # Root's sandbox switched uid, which made it undumpable: the kernel could not read its
+    # own /proc/self; an execve would have reset this.
+    set_dumpable()
+    # What a fresh interpreter starts with.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path.insert(0, os.getcwd())
+    _forget_host_facts()
+    os.close(err_w)      # the sandbox is complete: the launcher sees EOF, as after execve
+    _run_module_as_main(argv[2], argv[3:])
+
+
+def _forget_host_facts():
+    """Module caches filled before this sandbox existed, on the host."""
+    import platform
+    import time
+    platform._uname_cache = None
+    time.tzset()
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = None
+
+
+def _run_module_as_main(module, args):
+    import atexit
+    import runpy
+    import threading
+    import traceback
+    sys.argv = [module, *args]
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, status 1
+        traceback.print_exc()
+        code = 1
+    # The interpreter's own exit: join threads, run atexit (ipykernel closes its sockets).
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)

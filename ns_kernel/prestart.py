@@ -1,0 +1,216 @@
+"""A cold start's head start: the kernel's interpreter is started before its sandbox.
+
+A plain kernel's start is mostly its interpreter importing IPython; building the sandbox
+costs the launcher another interpreter, its config and ~20 mounts. Done one after the
+other those add up; here they overlap, on the two sides of one socket:
+
+  launcher     spawns the kernel's interpreter first thing (`__main__`, before traitlets),
+               then reads the config, builds the plan and the sandbox as ever (spawn)
+  interpreter  imports the kernel's modules meanwhile, as the launcher's uid, outside any
+               namespace, with only the startup variables and nothing of the notebook's
+               directory on sys.path (preload.py), then waits (main)
+  init         the sandbox built, sends the plan, a pidfd of itself and the error pipe
+               (hand_off) instead of forking the kernel
+  interpreter  joins all of init's namespaces at once (setns on the pidfd), takes the
+               plan's ids and cwd, and forks a helper inside the PID namespace, which sets
+               rlimits, no_new_privs, drops every capability and forks the kernel; helper
+               and interpreter exit, so the kernel is init's child and PID 2, as after a
+               cold start, and the only holder of the modules imported for it
+
+Nothing the kernel runs existed before it joined, and it gets exactly what init's own
+child would: the same namespaces, ids, limits, capabilities and session. When the
+interpreter cannot serve (imports failed, a thread appeared), init forks and execs the
+kernel as ever. Honest differences from an exec'd kernel: /proc/self/cmdline shows the
+interpreter's `python -c` line; the memory its imports took is charged to the cgroup the
+launcher ran in (cgroups do not move charges), not to the kernel's.
+"""
+import os
+import sys
+
+from . import preload
+
+# The top level stays cheap (__main__ imports it before anything else): each side imports
+# what it needs where it runs.
+
+READY_PID = 2         # the kernel's pid inside, as init's first child has it
+MAX_PLAN = 1 << 20
+
+
+class Prestarted:
+    """The launcher's handle on the interpreter it spawned."""
+
+    def __init__(self, pid, sock):
+        self.pid = pid
+        self.sock = sock       # inherited by init (through the monitor), which uses it
+
+    def release(self):
+        """Close our end: init (forked by now) holds the one that counts."""
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+
+    def close(self):
+        """The kernel runs (or never will): the interpreter has left, or must."""
+        self.release()
+        if self.pid:
+            try:
+                os.kill(self.pid, 9)    # SIGKILL, without importing signal
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.pid, 0)
+            self.pid = None
+
+
+def wanted(options):
+    """options: the launcher's (argv.options)."""
+    return not {"--no-prestart", "--KernelApp.prestart=False"} & set(options)
+
+
+def spawn():
+    """Start the kernel's interpreter; None if it cannot be (the kernel then execs)."""
+    import _socket     # socket.py costs the launcher ~3 ms (enum) before the spawn
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    try:
+        os.set_inheritable(theirs.fileno(), True)
+        argv = [*preload.boot_argv("ns_kernel.prestart:main"), str(theirs.fileno()),
+                str(os.getpid())]
+        pid = os.posix_spawn(sys.executable, argv, preload.spawn_env())
+    except OSError:
+        ours.close()
+        return None
+    finally:
+        theirs.close()
+    return Prestarted(pid, ours)
+
+
+# -- in init ------------------------------------------------------------------------------
+
+def hand_off(sock, plan, err_w):
+    """Have the prestarted interpreter become init's kernel; its pid, or None if it
+    cannot (init then forks and execs the kernel itself). Runs while init still has its
+    capabilities: the helper must be PID 3 so that the kernel can be PID 2."""
+    import pickle
+    import socket
+    from .errors import SetupError
+    _set_last_pid(READY_PID)
+    me = os.pidfd_open(os.getpid())
+    try:
+        socket.send_fds(sock, [pickle.dumps(plan)], [me, err_w])
+    finally:
+        os.close(me)
+    reply = sock.recv(64)
+    sock.close()
+    if reply == b"N":
+        _set_last_pid(READY_PID - 1)
+        return None
+    if reply.startswith(b"K"):
+        return int(reply[1:])
+    # What went wrong is on the error pipe already, unless the interpreter was killed.
+    raise SetupError("prestart", "the kernel's prestarted interpreter exited before "
+                     "its kernel started")
+
+
+def _set_last_pid(pid):
+    """The next process of this PID namespace gets pid + 1 (ns_last_pid, for CRIU)."""
+    from .errors import SetupError
+    path = "/proc/sys/kernel/ns_last_pid"
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise SetupError("prestart", "write", path, exc.errno) from None
+
+
+# -- in the interpreter -------------------------------------------------------------------
+
+def main():
+    """The interpreter's life: import, wait for init, join, fork the kernel, leave."""
+    import pickle
+    import signal
+    import socket
+    from .syscalls import set_parent_death_signal
+    fd, launcher = int(sys.argv[1]), int(sys.argv[2])
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != launcher:
+        os._exit(0)
+    os.chdir("/")
+    sock = socket.socket(fileno=fd)
+    preload.import_kernel_modules()   # if that fails, the kernel execs and says why
+    # Never to be collected, as in a warm template: what follows (and the kernel's own
+    # start) need not walk them in a full collection.
+    import gc
+    gc.freeze()
+    from . import forked
+    from .errors import SetupError
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, MAX_PLAN, 2)
+    except OSError:
+        os._exit(0)
+    if not data or len(fds) != 2:
+        os._exit(0)      # the launcher gave up, or init execs the kernel itself
+    pidfd, err_w = fds
+    if preload.threads() != 1:
+        # setns into a user namespace needs a single thread (a sitecustomize started one).
+        sock.send(b"N")
+        os._exit(0)
+    try:
+        kernel = _join(pickle.loads(data), sock, pidfd, err_w)
+        sock.send(b"K%d" % kernel)
+    except BaseException as exc:  # noqa: BLE001 - reported, never raised into nothing
+        if not isinstance(exc, SetupError):
+            exc = SetupError("prestart", f"enter the sandbox: {exc!r}")
+        forked.report(err_w, exc)
+    os._exit(0)
+
+
+def _join(plan, sock, pidfd, err_w):
+    from . import forked
+    from .errors import SetupError
+    from .syscalls import CloneFlags, setns
+    flags = (CloneFlags.CLONE_NEWUSER | CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC
+             | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID)
+    if plan.network != "host":
+        flags |= CloneFlags.CLONE_NEWNET
+    if plan.drop_groups:
+        os.setgroups([])
+    try:
+        setns(pidfd, flags)
+    except OSError as exc:
+        raise SetupError("prestart", "setns to init's namespaces", "", exc.errno) from None
+    os.close(pidfd)
+    forked.take_ids(plan)
+    try:
+        os.chdir(plan.cwd)
+    except OSError as exc:
+        raise SetupError("mount", "chdir", plan.cwd, exc.errno) from None
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        os.close(r)
+        forked.run(lambda *args: _helper(w, *args), plan, sock, err_w)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        kernel = pipe.read()
+    os.waitpid(helper, 0)
+    if not kernel:
+        raise SetupError("prestart", "fork the kernel")
+    return int(kernel)
+
+
+def _helper(w, plan, sock, err_w):
+    """PID 3 of the sandbox: init's last steps, then the kernel, then gone."""
+    from . import forked, limits
+    from .syscalls import drop_all_capabilities, set_no_new_privs
+    _set_last_pid(READY_PID - 1)
+    limits.apply_rlimits(plan.limits)
+    set_no_new_privs()
+    drop_all_capabilities()
+    kernel = os.fork()
+    if kernel == 0:
+        os.close(w)
+        forked.run(preload.run_preloaded, plan, sock, err_w)
+    os.write(w, str(kernel).encode())
+    os._exit(0)

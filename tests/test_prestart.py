@@ -1,0 +1,76 @@
+"""The prestarted interpreter (prestart.py): the kernel it becomes is the one init would
+have exec'd, in the same sandbox; where it could not be faithful the kernel execs; it
+never outlives its launcher."""
+import os
+import subprocess
+import sys
+
+from conftest import (descendants, start_kernel, stop_kernel, stray_prestarted,
+                      wait_until, write_spec)
+
+CMDLINE = "open('/proc/self/cmdline', 'rb').read().split(b'\\0')"
+EXEC_SPEC = write_spec("isolated-python-exec", ["--no-prestart"])
+
+
+def started_how(k):
+    argv = k.value(CMDLINE)
+    if b"from ns_kernel.prestart import main" in argv[2]:
+        return "prestarted"
+    assert argv[1:3] == [b"-m", b"ipykernel_launcher"], argv
+    return "exec"
+
+
+def test_kernel_is_the_prestarted_interpreter(workdir):
+    k = start_kernel(workdir)
+    try:
+        assert started_how(k) == "prestarted"
+        assert k.value("(__import__('os').getpid(), __import__('os').getppid())") == (2, 1)
+        assert k.value("__import__('sys').argv[0]").endswith("ipykernel_launcher.py")
+        # The interpreter and its helper are gone: the launcher's tree is monitor, init,
+        # kernel, as after an exec.
+        assert len(descendants(k.km.provisioner.process.pid)) == 3
+        assert not stray_prestarted()
+    finally:
+        stop_kernel(k)
+
+
+def test_no_prestart_option_execs(workdir):
+    k = start_kernel(workdir, kernel_name=EXEC_SPEC)
+    try:
+        assert started_how(k) == "exec"
+        assert k.value("__import__('os').getpid()") == 2
+        assert len(descendants(k.km.provisioner.process.pid)) == 3
+    finally:
+        stop_kernel(k)
+
+
+def test_prestart_off_in_a_config_file(workdir, tmp_path, monkeypatch):
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "ns_kernel_config.py").write_text("c.KernelApp.prestart = False\n")
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", str(tmp_path))
+    k = start_kernel(workdir)
+    try:
+        assert started_how(k) == "exec"
+        assert wait_until(lambda: not stray_prestarted(), timeout=3)
+    finally:
+        stop_kernel(k)
+
+
+def test_a_denied_startup_variable_means_exec(workdir, monkeypatch):
+    # The interpreter started with PYTHON* as the launcher had them; the plan denies this
+    # one (*TOKEN*), so an interpreter started with it is not what the kernel may be.
+    monkeypatch.setenv("PYTHON_API_TOKEN", "secret")
+    k = start_kernel(workdir)
+    try:
+        assert started_how(k) == "exec"
+        assert k.value("'PYTHON_API_TOKEN' in __import__('os').environ") is False
+    finally:
+        stop_kernel(k)
+
+
+def test_launcher_killed_before_the_sandbox_leaves_no_interpreter(tmp_path):
+    # A launcher that fails at once (no such connection file) must take its interpreter.
+    proc = subprocess.run([sys.executable, "-m", "ns_kernel", "-f", str(tmp_path / "none.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "none.json" in proc.stderr
+    assert wait_until(lambda: not stray_prestarted(), timeout=3), stray_prestarted()
