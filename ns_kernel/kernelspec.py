@@ -10,17 +10,22 @@ DISPLAY_NAME = "Isolated Python"
 PROVISIONER = "ns-kernel-provisioner"
 
 
+# -P: `-m` would put the current directory (the notebook's, which its kernel may write)
+# first on sys.path, and the launcher, outside the sandbox, would import from there.
+LAUNCHER = ["-P", "-m", "ns_kernel"]
+
+
 def kernel_argv(options=()):
     """Launcher options go before -f; whatever follows {connection_file} reaches ipykernel."""
-    return [sys.executable, "-m", "ns_kernel", *options, "-f", "{connection_file}"]
+    return [sys.executable, *LAUNCHER, *options, "-f", "{connection_file}"]
 
 
 def launcher_options(argv):
     """The launcher options in a kernel.json argv made by kernel_argv (None if it is not
-    `PYTHON -m ns_kernel [options] -f {connection_file} ...`)."""
-    if argv[1:3] != ["-m", "ns_kernel"] or "-f" not in argv:
+    `PYTHON -P -m ns_kernel [options] -f {connection_file} ...`)."""
+    if argv[1:4] != LAUNCHER or "-f" not in argv:
         return None
-    return argv[3:argv.index("-f")]
+    return argv[4:argv.index("-f")]
 
 
 def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True):

@@ -222,7 +222,6 @@ def _launcher_child(conn, request, fds):
     os.environ.update(request["env"])
     _die_with(request["client"])
     os.chdir(request["cwd"])
-    sys.path.insert(0, request["cwd"])    # as `python -m` in that cwd has it
     conn.sendall(str(os.getpid()).encode())
 
     def finish(status):

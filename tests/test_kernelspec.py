@@ -29,7 +29,7 @@ def test_ns_kernel_install_with_options(tmp_path):
     assert spec["display_name"] == "Isolated Python (small)"
     assert spec["interrupt_mode"] == "signal"
     argv = spec["argv"]
-    assert argv[:3] == [sys.executable, "-m", "ns_kernel"]
+    assert argv[:4] == [sys.executable, "-P", "-m", "ns_kernel"]
     assert argv[-2:] == ["-f", "{connection_file}"]
     assert "--tmp-size=64M" in argv and "--network=none" in argv
     assert not any(a.startswith(("--name", "--display-name", "--prefix")) for a in argv)

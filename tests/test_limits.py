@@ -85,8 +85,8 @@ def test_install_writes_limits_and_specs_coexist(specs):
     assert small["display_name"] == "Isolated Python (512 MB)"
     assert big["display_name"] == "Isolated Python (2 GB)"
     # Install's own options (--prefix P, --name N, --display-name D) stay out of argv.
-    assert small["argv"][3:] == [*OPTIONS, "-f", "{connection_file}"]
-    assert big["argv"][3:] == ["--memory", "2G", "--cpus", "0.5", "--best-effort",
+    assert small["argv"][4:] == [*OPTIONS, "-f", "{connection_file}"]
+    assert big["argv"][4:] == ["--memory", "2G", "--cpus", "0.5", "--best-effort",
                                "-f", "{connection_file}"]
 
 
@@ -97,8 +97,8 @@ def test_install_writes_sandbox_options(tmp_path):
     assert done.returncode == 0, done.stderr
     with open(tmp_path / "share" / "jupyter" / "kernels" / "opts" / "kernel.json") as f:
         argv = json.load(f)["argv"]
-    assert argv[1:3] == ["-m", "ns_kernel"]
-    assert argv[3:] == [*options, "-f", "{connection_file}"]
+    assert argv[1:4] == ["-P", "-m", "ns_kernel"]
+    assert argv[4:] == [*options, "-f", "{connection_file}"]
 
 
 def test_install_rejects_a_bad_limit(tmp_path):

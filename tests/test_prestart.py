@@ -1,11 +1,13 @@
 """The prestarted interpreter (prestart.py): the kernel it becomes is the one init would
 have exec'd, in the same sandbox; where it could not be faithful the kernel execs; it
-never outlives its launcher."""
+never outlives its launcher, and nothing of the notebook's folder runs outside."""
 import os
 import subprocess
 import sys
 
-from conftest import (descendants, start_kernel, stop_kernel, stray_prestarted,
+import pytest
+
+from conftest import (KERNEL_NAME, descendants, start_kernel, stop_kernel, stray_prestarted,
                       wait_until, write_spec)
 
 CMDLINE = "open('/proc/self/cmdline', 'rb').read().split(b'\\0')"
@@ -66,6 +68,30 @@ def test_a_denied_startup_variable_means_exec(workdir, monkeypatch):
         assert k.value("'PYTHON_API_TOKEN' in __import__('os').environ") is False
     finally:
         stop_kernel(k)
+
+
+@pytest.mark.parametrize("kernel_name", [KERNEL_NAME, EXEC_SPEC,
+                                         write_spec("isolated-python-warm-cwd", ["--warm"])])
+def test_nothing_of_the_notebook_folder_runs_outside(tmp_path, kernel_name):
+    # A kernel may write its folder; a module it planted there must never be imported by
+    # the launcher, the prestarted interpreter or the warm template, which run outside.
+    # Inside, a fresh interpreter imports from its folder as a plain kernel would.
+    os.chmod(tmp_path, 0o777)
+    outside = tmp_path.parent / f"planted-{tmp_path.name}"
+    planted = f"import os; open({str(outside)!r}, 'w').close() if os.getpid() > 2 else None\n"
+    for name in ("traitlets", "ipykernel", "IPython", "zmq", "json", "ns_kernel", "selectors"):
+        (tmp_path / f"{name}.py").write_text(planted)
+    (tmp_path / "ns_kernel").mkdir()
+    (tmp_path / "ns_kernel" / "__init__.py").write_text(planted)
+    k = start_kernel(str(tmp_path), kernel_name=kernel_name)
+    try:
+        assert k.value("6 * 7") == 42
+    finally:
+        stop_kernel(k)
+        if "warm" in kernel_name:
+            from ns_kernel import warm
+            warm.stop()
+    assert not outside.exists()
 
 
 def test_launcher_killed_before_the_sandbox_leaves_no_interpreter(tmp_path):
