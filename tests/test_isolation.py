@@ -27,11 +27,14 @@ def mq(name, create):
 '''
 
 
-# The three ways in: the argv launcher with its TCP bridge (clients that ignore
-# provisioners), the provisioner's direct ipc sockets (JupyterLab, nbclient), and the
-# opt-in warm start. Every probe below runs on each.
+# The ways in: the argv launcher with its TCP bridge (clients that ignore provisioners),
+# the provisioner's direct ipc sockets (JupyterLab, nbclient), both with the kernel's
+# interpreter prestarted (prestart.py); the same exec'd once the sandbox is built (what
+# --no-prestart and every fallback do); and the opt-in warm start. Every probe below runs
+# on each.
 PATHS = {"argv": KERNEL_NAME,
          "provisioner": write_spec("isolated-python-provisioned", provisioner=True),
+         "exec": write_spec("isolated-python-no-prestart", ["--no-prestart"]),
          "warm": write_spec("isolated-python-warm", ["--warm"])}
 
 
