@@ -1,6 +1,6 @@
 """`ns-kernel` and `python -m ns_kernel`: traitlets applications over the sandbox config.
 
-  python -m ns_kernel [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json argv)
+  python -P -m ns_kernel [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json)
   ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [options]
   ns-kernel run [options] -- CMD [ARGS...]
   ns-kernel doctor
@@ -68,7 +68,7 @@ def split_at_connection_file(argv):
     parts = split(argv)
     if parts is None:
         raise SetupError("usage", "no connection file", hint=(
-            "run as `python -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
+            "run as `python -P -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
     return parts
 
 

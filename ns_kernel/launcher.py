@@ -1,11 +1,12 @@
-"""The argv launcher: what kernel.json runs as `python -m ns_kernel -f {connection_file}`.
+"""The argv launcher: what kernel.json runs as `python -P -m ns_kernel -f {connection_file}`.
 
-It reads like the steps it takes:
+It reads like the steps it takes (__main__ has spawned the kernel's interpreter already,
+which imports ipykernel meanwhile: prestart.py):
   1. read and check the client's connection file
   2. build the plan (pure; option conflicts die here, before anything exists)
   3. bind the client's TCP ports (tcp clients) or link its ipc paths (ipc clients)
   4. make the private socket dir and the inner kernel's ipc connection file
-  5. start the sandbox
+  5. start the sandbox (in the kernel's cgroup, with the prestarted interpreter, if any)
   6. relay bytes, forward signals, watch the Jupyter server, until the kernel exits
   7. remove everything made in 3-4 (and the limits' cgroup), say why the kernel died if
      it did not exit cleanly, and exit with the kernel's own status

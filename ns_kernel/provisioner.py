@@ -82,7 +82,7 @@ class IsolatedProvisioner(LocalProvisioner):
         if options is None:
             raise ProvisionerConfigError(
                 f"{kernelspec.PROVISIONER} runs the launcher only: kernel.json argv must be "
-                "`python -m ns_kernel [options] -f {connection_file}`, not "
+                "`python -P -m ns_kernel [options] -f {connection_file}`, not "
                 f"{' '.join(self.kernel_spec.argv)!r}")
         extra = settings_argv(self.settings)
         if not self.kernel_socket_dir:

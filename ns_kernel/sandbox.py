@@ -4,7 +4,8 @@ Three processes, as in nsjail and bubblewrap:
   monitor   forked by the launcher; new user namespace; stays in the host's mount
             namespace so it can remove the socket dir if the launcher is SIGKILLed
   init      PID 1 of the new PID namespace; builds mounts, hostname, network; then reaps
-  kernel    PID 2; execs ipykernel as the plan's uid with no capabilities
+  kernel    PID 2; execs ipykernel as the plan's uid with no capabilities, or is the
+            kernel's prestarted interpreter, which joins init's namespaces (prestart.py)
 
 A failure before exec sends a SetupError record up the error pipe and exits 127;
 the launcher prints it. A kernel never starts in a half-built sandbox.

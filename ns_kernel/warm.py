@@ -4,7 +4,7 @@ A cold start pays for two interpreters (the launcher's, with traitlets; the kern
 IPython) before the kernel answers. A warm start pays for neither: a per-user template
 process has imported both already and forks, per kernel:
 
-  client     what Jupyter runs (`python -m ns_kernel --warm -f FILE`): imports next to
+  client     what Jupyter runs (`python -P -m ns_kernel --warm -f FILE`): imports next to
              nothing, hands its argv, environment, cwd and stdio to the template, forwards
              signals, and exits like the kernel did
   launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
