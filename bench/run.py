@@ -310,11 +310,10 @@ class Table:
 
     def add(self, metric, plain, isolated, unit, target=None, kind="ratio", fmt="{:.3f}"):
         """kind 'ratio': isolated/plain <= target; 'extra': isolated - plain <= target."""
-        if kind == "ratio" and plain <= 0:
-            value, shown = float("inf"), "n/a"   # e.g. memory held within the noise
-        elif kind == "ratio":
-            value = isolated / plain
-            shown = f"{value:.2f}x"
+        if kind == "ratio":
+            # n/a: a baseline within the noise (e.g. the host memory 4 kernels hold)
+            value = isolated / plain if plain > 0 else float("inf")
+            shown = f"{value:.2f}x" if plain > 0 else "n/a"
             goal = f"<= {target:.2f}x" if target else ""
         else:
             value = isolated - plain

@@ -107,7 +107,8 @@ def hand_off(sock, plan, err_w):
         return int(reply[1:])
     # What went wrong is on the error pipe already, unless the interpreter was killed.
     raise SetupError("prestart", "the kernel's prestarted interpreter exited before "
-                     "its kernel started")
+                     "its kernel started", hint="killed? a memory limit below what ipykernel "
+                     "needs would do it; --no-prestart shows the kernel's own error")
 
 
 def _set_last_pid(pid):
