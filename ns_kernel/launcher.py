@@ -13,7 +13,6 @@ which imports ipykernel meanwhile: prestart.py):
 """
 import os
 import re
-import shutil
 import selectors
 import signal
 import sys
@@ -39,6 +38,7 @@ def kernel_argv(extra):
 def command_argv(argv):
     if not argv:
         raise SetupError("usage", "no command", hint="use `ns-kernel run [options] -- CMD`")
+    import shutil   # `ns-kernel run` only; a kernel's start need not pay for it
     path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
     if not path:
         raise SetupError("run", f"command not found: {argv[0]}", hint="give its full path")
