@@ -78,10 +78,12 @@ def run_preloaded(plan, ctl, err_w):
             or not PRELOADED
             or startup_env(env) != startup_env(os.environ)
             or any(env.get(k) != v for k, v in IMPORT_ENV.items())
-            or not os.access(argv[0], os.X_OK)):
+            or not os.access(argv[0], os.X_OK)
+            or _user_site_gone()):
         # Not what this interpreter was started as (a denied startup variable, another
-        # Python), or one the sandbox's uid could not have started: a fresh exec is the
-        # only faithful start (or failure, with its reason).
+        # Python, a private $HOME hiding the user site-packages it loaded from), or one the
+        # sandbox's uid could not have started: a fresh exec is the only faithful start (or
+        # failure, with its reason).
         return forked.exec_kernel(plan, ctl, err_w)
     forked.enter_kernel_session(ctl, err_w)
     from .syscalls import set_dumpable
@@ -98,6 +100,13 @@ def run_preloaded(plan, ctl, err_w):
     _forget_host_facts()
     os.close(err_w)      # the sandbox is complete: the launcher sees EOF, as after execve
     _run_module_as_main(argv[2], argv[3:])
+
+
+def _user_site_gone():
+    """~/.local/.../site-packages was on sys.path outside (not in a venv) but is not here."""
+    import site
+    return (bool(site.ENABLE_USER_SITE) and site.USER_SITE in sys.path
+            and not os.path.isdir(site.USER_SITE))
 
 
 def _forget_host_facts():
