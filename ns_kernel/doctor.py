@@ -102,7 +102,7 @@ def trial_sandbox(argv):
     cwd = tempfile.mkdtemp(prefix="ns-kernel-doctor-")
     os.chmod(cwd, 0o755)   # root's sandbox is another uid: it must be able to enter it
     try:
-        done = subprocess.run([sys.executable, "-m", "ns_kernel", "run", *argv, "--",
+        done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", *argv, "--",
                                sys.executable, "-c", PROBE], cwd=cwd, capture_output=True,
                               text=True, timeout=60)
     finally:

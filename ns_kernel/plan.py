@@ -173,10 +173,22 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
         mounts.append(Mount(Op.BIND, home, source=home,
                             attrs=RO if sandbox.home == "readonly" else RW))
         visible.append(home)
-    # After the tmpfs mounts: a venv under /tmp or a private $HOME must stay visible.
+    # What the kernel may write. The launcher's interpreter and packages must not be in it:
+    # a module planted there would run outside the sandbox at the next start.
+    writable = [cwd, *(os.path.normpath(p) for p in sandbox.rw_binds)]
+    if sandbox.home == "shared":
+        writable.append(home)
+    below_writable = []
     for path in host.python_paths:
-        # The cwd is in sys.path (python -m) and gets its own read-write bind below.
-        if path != cwd and not any(under(path, v) for v in visible):
+        if path in writable:
+            raise SetupError("plan", f"sys.path entry {path}", hint=(
+                "the kernel may write it, and the next launcher would import what it put "
+                "there outside the sandbox; take it (or an empty entry, which means the "
+                "current folder) out of PYTHONPATH, and run `python -P -m ns_kernel`"))
+        if any(under(path, w) for w in writable):
+            below_writable.append(path)     # read-only on top of it, below
+        elif not any(under(path, v) for v in visible):
+            # After the tmpfs mounts: a venv under /tmp or a private $HOME stays visible.
             mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
             visible.append(path)
     for paths, attrs in ((sandbox.ro_binds, RO), (sandbox.rw_binds, RW)):
@@ -188,6 +200,9 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
             visible.append(path)
     mounts.append(Mount(Op.BIND, cwd, source=cwd, attrs=RW))
     visible.append(cwd)
+    for path in below_writable:     # e.g. the notebook folder's own .venv
+        mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+        visible.append(path)
     mounts.append(Mount(Op.BIND, SOCKET_DIR_INSIDE, source=socket_dir, attrs=RW))
     # Other kernels' connection files and sockets: cover them wherever a bind shows them.
     socket_base = os.path.dirname(socket_dir)

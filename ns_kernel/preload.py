@@ -28,6 +28,7 @@ KERNEL_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshe
 # environment has (plan.kernel_env), which run_preloaded checks.
 IMPORT_ENV = {"JPY_PARENT_PID": "1"}
 PRELOADED = False    # set once KERNEL_MODULES are imported
+IMPORTS_SET_ENV = {}  # what those imports put in os.environ (debugpy does): a fresh start would too
 
 
 def startup_env(environ):
@@ -36,13 +37,16 @@ def startup_env(environ):
 
 
 def boot_argv(call):
-    """`python -c` running `call` (e.g. "ns_kernel.warm:template_main"): `-m` would put the
-    current directory (the notebook's, which a kernel may write) first on sys.path for the
-    very imports this interpreter makes outside any sandbox; `-c` puts '' there, removed
-    before the first import. site's own imports come before either."""
+    """`python -c` running `call` (e.g. "ns_kernel.warm:template_main"). The current
+    directory (the notebook's, which a kernel may write) must not be on sys.path for the
+    imports this interpreter makes outside any sandbox: `-m` would put it first, `-c` puts
+    '' there, and an empty PYTHONPATH entry adds it too; all go before the first import
+    (site's own imports come before any of them). The launcher refuses a plan whose
+    sys.path has the folder itself (plan.py), so a kernel never runs from such a start."""
     module, func = call.split(":")
     return [sys.executable, "-c",
-            f"import sys; del sys.path[0]; from {module} import {func}; {func}()"]
+            "import os, sys; here = os.path.realpath('.'); sys.path[:] = [p for p in sys.path "
+            f"if p and os.path.realpath(p) != here]; from {module} import {func}; {func}()"]
 
 
 def spawn_env():
@@ -54,11 +58,13 @@ def import_kernel_modules(extra=()):
     what is missing in its own words)."""
     global PRELOADED
     import importlib
+    before = dict(os.environ)
     try:
         for name in (*KERNEL_MODULES, *extra):
             importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not run in-process
         return f"{type(exc).__name__}: {exc}"
+    IMPORTS_SET_ENV.update((k, v) for k, v in os.environ.items() if before.get(k) != v)
     PRELOADED = True
     return None
 
@@ -78,7 +84,7 @@ def run_preloaded(plan, ctl, err_w):
             or not PRELOADED
             or startup_env(env) != startup_env(os.environ)
             or any(env.get(k) != v for k, v in IMPORT_ENV.items())
-            or not os.access(argv[0], os.X_OK)
+            or not _could_have_started(argv[0])
             or _user_site_gone()):
         # Not what this interpreter was started as (a denied startup variable, another
         # Python, a private $HOME hiding the user site-packages it loaded from), or one the
@@ -96,10 +102,24 @@ def run_preloaded(plan, ctl, err_w):
         signal.signal(sig, signal.SIG_IGN)
     os.environ.clear()
     os.environ.update(env)
+    os.environ.update(IMPORTS_SET_ENV)
     sys.path.insert(0, os.getcwd())
     _forget_host_facts()
     os.close(err_w)      # the sandbox is complete: the launcher sees EOF, as after execve
     _run_module_as_main(argv[2], argv[3:])
+
+
+def _could_have_started(interpreter):
+    """What an exec inside would need: the interpreter and ipykernel's code readable by
+    this uid. And one thing only an exec gives: /proc/self/exe on the read-only bind. This
+    interpreter was exec'd on the host's own mount, so if this uid may write the file
+    there, /proc/self/exe would be a way to it around the read-only view (a venv or conda
+    env owned by the kernel's user): exec instead."""
+    import ipykernel
+    # access(2), not stat: an owner unmapped here shows as 65534, which may be our uid too.
+    return (os.access(interpreter, os.X_OK)
+            and os.access(os.path.dirname(ipykernel.__file__), os.R_OK | os.X_OK)
+            and not os.access("/proc/self/exe", os.W_OK))
 
 
 def _user_site_gone():

@@ -17,12 +17,16 @@ other those add up; here they overlap, on the two sides of one socket:
                and interpreter exit, so the kernel is init's child and PID 2, as after a
                cold start, and the only holder of the modules imported for it
 
-Nothing the kernel runs existed before it joined, and it gets exactly what init's own
-child would: the same namespaces, ids, limits, capabilities and session. When the
-interpreter cannot serve (imports failed, a thread appeared), init forks and execs the
-kernel as ever. Honest differences from an exec'd kernel: /proc/self/cmdline shows the
-interpreter's `python -c` line; the memory its imports took is charged to the cgroup the
-launcher ran in (cgroups do not move charges), not to the kernel's.
+Before it has joined, the interpreter only imports (from the host's view, never from the
+notebook's folder) and runs none of the notebook's code; it then gets exactly what init's
+own child would: the same namespaces, ids, limits, capabilities and session. When the
+interpreter cannot serve (imports failed, a thread appeared, it died before joining),
+init forks and execs the kernel as ever; so does the kernel itself where it could not be
+faithful (preload.run_preloaded). Honest differences from an exec'd kernel (os.environ,
+sys.path, flags, ids, capabilities and signal dispositions are the same: tested):
+/proc/self/cmdline and /proc/self/environ show the interpreter's `python -c` line and its
+startup variables; the memory its imports took is charged to the cgroup the launcher ran
+in (cgroups do not move charges), not to the kernel's.
 """
 import os
 import sys
@@ -33,6 +37,7 @@ from . import preload
 # what it needs where it runs.
 
 READY_PID = 2         # the kernel's pid inside, as init's first child has it
+JOIN_MODULES = ("ns_kernel.forked", "ns_kernel.limits", "ns_kernel.plan", "ns_kernel.syscalls")
 MAX_PLAN = 1 << 20
 
 
@@ -67,19 +72,29 @@ def wanted(options):
 
 
 def spawn():
-    """Start the kernel's interpreter; None if it cannot be (the kernel then execs)."""
+    """Start the kernel's interpreter; None if it cannot be (the kernel then execs).
+    fork and exec, not posix_spawn: glibc's leaves its internal signals (32, 33) ignored,
+    and the kernel's subprocesses would inherit that. Its own session: Jupyter's killpg
+    (an interrupt, a restart) is for the launcher, which forwards it to the kernel."""
     import _socket     # socket.py costs the launcher ~3 ms (enum) before the spawn
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    argv = [*preload.boot_argv("ns_kernel.prestart:main"), str(theirs.fileno())]
+    env = preload.spawn_env()
     try:
-        os.set_inheritable(theirs.fileno(), True)
-        argv = [*preload.boot_argv("ns_kernel.prestart:main"), str(theirs.fileno()),
-                str(os.getpid())]
-        pid = os.posix_spawn(sys.executable, argv, preload.spawn_env())
+        pid = os.fork()
     except OSError:
         ours.close()
-        return None
-    finally:
         theirs.close()
+        return None
+    if pid == 0:
+        try:
+            os.setsid()
+            ours.close()
+            os.set_inheritable(theirs.fileno(), True)
+            os.execve(sys.executable, argv, env)
+        finally:
+            os._exit(127)
+    theirs.close()
     return Prestarted(pid, ours)
 
 
@@ -92,37 +107,45 @@ def hand_off(sock, plan, err_w):
     import pickle
     import socket
     from .errors import SetupError
-    _set_last_pid(READY_PID)
+    try:
+        _set_last_pid(READY_PID)
+    except OSError:
+        return None       # no ns_last_pid (a kernel without CONFIG_CHECKPOINT_RESTORE)
+    reply = b""
     me = os.pidfd_open(os.getpid())
     try:
+        # Too big a plan (EMSGSIZE), an interpreter killed while importing (EPIPE,
+        # ECONNRESET): it has joined nothing; the exec'd kernel will say what it says.
         socket.send_fds(sock, [pickle.dumps(plan)], [me, err_w])
+        reply = sock.recv(64)
+    except OSError:
+        pass
     finally:
         os.close(me)
-    reply = sock.recv(64)
-    sock.close()
-    if reply == b"N":
-        _set_last_pid(READY_PID - 1)
-        return None
+        sock.close()
     if reply.startswith(b"K"):
         return int(reply[1:])
-    # What went wrong is on the error pipe already, unless the interpreter was killed.
-    raise SetupError("prestart", "the kernel's prestarted interpreter exited before "
-                     "its kernel started", hint="killed? a memory limit below what ipykernel "
-                     "needs would do it; --no-prestart shows the kernel's own error")
+    if reply == b"N" or _alone():
+        _set_last_pid(READY_PID - 1)
+        return None
+    # It died halfway in: what went wrong is on the error pipe, unless it was killed.
+    raise SetupError("prestart", "the kernel's prestarted interpreter exited while it "
+                     "entered the sandbox", hint="--no-prestart shows the kernel's own error")
+
+
+def _alone():
+    """Nothing but init in this PID namespace: whatever the interpreter did, no helper or
+    kernel of it runs here."""
+    return [p for p in os.listdir("/proc") if p.isdigit()] == ["1"]
 
 
 def _set_last_pid(pid):
     """The next process of this PID namespace gets pid + 1 (ns_last_pid, for CRIU)."""
-    from .errors import SetupError
-    path = "/proc/sys/kernel/ns_last_pid"
+    fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY)
     try:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, str(pid).encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise SetupError("prestart", "write", path, exc.errno) from None
+        os.write(fd, str(pid).encode())
+    finally:
+        os.close(fd)
 
 
 # -- in the interpreter -------------------------------------------------------------------
@@ -132,14 +155,21 @@ def main():
     import pickle
     import signal
     import socket
+    import struct
     from .syscalls import set_parent_death_signal
-    fd, launcher = int(sys.argv[1]), int(sys.argv[2])
     set_parent_death_signal(signal.SIGKILL)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    # The socketpair's other end belongs to the launcher that made it: if that is no longer
+    # our parent, it died before the death signal was armed.
+    launcher = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   struct.calcsize("3i")))[0]
     if os.getppid() != launcher:
         os._exit(0)
     os.chdir("/")
-    sock = socket.socket(fileno=fd)
-    preload.import_kernel_modules()   # if that fails, the kernel execs and says why
+    # With the kernel's modules, everything the join needs: not imported later from the
+    # sandbox's view of the files while holding all of its user namespace's capabilities.
+    # If that fails, the kernel execs and says why.
+    preload.import_kernel_modules(JOIN_MODULES)
     # Never to be collected, as in a warm template: what follows (and the kernel's own
     # start) need not walk them in a full collection.
     import gc
@@ -204,8 +234,12 @@ def _join(plan, sock, pidfd, err_w):
 def _helper(w, plan, sock, err_w):
     """PID 3 of the sandbox: init's last steps, then the kernel, then gone."""
     from . import forked, limits
+    from .errors import SetupError
     from .syscalls import drop_all_capabilities, set_no_new_privs
-    _set_last_pid(READY_PID - 1)
+    try:
+        _set_last_pid(READY_PID - 1)
+    except OSError as exc:
+        raise SetupError("prestart", "write", "/proc/sys/kernel/ns_last_pid", exc.errno) from None
     limits.apply_rlimits(plan.limits)
     set_no_new_privs()
     drop_all_capabilities()

@@ -83,7 +83,8 @@ class IsolatedProvisioner(LocalProvisioner):
             raise ProvisionerConfigError(
                 f"{kernelspec.PROVISIONER} runs the launcher only: kernel.json argv must be "
                 "`python -P -m ns_kernel [options] -f {connection_file}`, not "
-                f"{' '.join(self.kernel_spec.argv)!r}")
+                f"{' '.join(self.kernel_spec.argv)!r} (installed by an older ns_kernel? run "
+                "`ns-kernel install` again)")
         extra = settings_argv(self.settings)
         if not self.kernel_socket_dir:
             # The launcher's own view of its settings (config files, argv, stanza): the same

@@ -184,17 +184,23 @@ def alive(pids):
 
 def stray_prestarted():
     """Prestarted interpreters (prestart.py; or kernels grown from one, which keep its
-    command line) whose launcher is gone: every one is a leak."""
+    command line) whose parent is not a launcher (or init, a fork of it): every one is a
+    leak, reparented after its launcher died."""
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
     stray = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and b"from ns_kernel.prestart import main" in cmdline(entry):
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            if (len(argv) > 4 and b"from ns_kernel.prestart import main" in argv[2]
-                    and not alive([int(argv[4])])):
+            if b"-m\0ns_kernel" not in cmdline(ppid):
                 stray.append(int(entry))
     return alive(stray)
 

@@ -65,7 +65,7 @@ def course(tmp_path):
 def grader_spec(tmp_path):
     """The grader's kernelspec, named isolated-python, with limits."""
     prefix = tmp_path / "grader"
-    done = subprocess.run([sys.executable, "-m", "ns_kernel", "install", "--prefix", str(prefix),
+    done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "install", "--prefix", str(prefix),
                            "--memory", "512M", "--pids", "64"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -23,7 +23,7 @@ def base():
 
 def launch(base, *args, connection=None, env=None, cwd=None, preexec_fn=None, timeout=60):
     """Run the launcher as kernel.json does; return (exit code, stderr lines)."""
-    argv = [sys.executable, "-m", "ns_kernel", f"--socket-dir={base}/sockets", *args]
+    argv = [sys.executable, "-P", "-m", "ns_kernel", f"--socket-dir={base}/sockets", *args]
     if connection is not None:
         argv += ["-f", connection]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
@@ -112,7 +112,7 @@ def test_port_already_taken(base):
 
 
 def test_unwritable_socket_dir(base):
-    argv = [sys.executable, "-m", "ns_kernel", "--socket-dir=/etc/hostname/ns-kernel",
+    argv = [sys.executable, "-P", "-m", "ns_kernel", "--socket-dir=/etc/hostname/ns-kernel",
             "-f", conn_file(base)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base)
     assert proc.returncode != 0
@@ -192,7 +192,7 @@ def test_interpreter_unreachable_by_sandbox_uid(base):
     shutil.copy(os.path.join(sys.prefix, "pyvenv.cfg"), venv)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
         __import__("ns_kernel").__file__)))
-    argv = [os.path.join(venv, "bin", "python"), "-m", "ns_kernel",
+    argv = [os.path.join(venv, "bin", "python"), "-P", "-m", "ns_kernel",
             f"--socket-dir={base}/sockets", "-f", conn_file(base)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base, env=env)
     assert proc.returncode != 0
@@ -207,4 +207,14 @@ def test_id_map_failure(base):
     code, lines = launch(base, "--uid=4294967295", connection=conn_file(base))
     assert code != 0
     assert_one_line(lines, "uid_map", "4294967295")
+    assert_nothing_left(base)
+
+
+def test_notebook_folder_on_the_launchers_path_is_refused(base):
+    # An empty PYTHONPATH entry (`PYTHONPATH=$PYTHONPATH:/x` with it unset) is the current
+    # folder: a kernel could plant modules there for the next launcher, outside.
+    env = dict(os.environ, PYTHONPATH=":/nonexistent")
+    code, lines = launch(base, connection=conn_file(base), env=env)
+    assert code != 0
+    assert_one_line(lines, f"sys.path entry {os.path.realpath(base)}", "PYTHONPATH")
     assert_nothing_left(base)

@@ -7,7 +7,7 @@ import sys
 
 def run_hostname(config_dir, *options):
     env = dict(os.environ, JUPYTER_CONFIG_PATH=str(config_dir))
-    proc = subprocess.run([sys.executable, "-m", "ns_kernel", "run", *options, "--",
+    proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", *options, "--",
                            "/bin/cat", "/proc/sys/kernel/hostname"],
                           capture_output=True, text=True, env=env, cwd=config_dir, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -29,7 +29,7 @@ def test_bad_value_in_config_file(tmp_path):
     os.chmod(tmp_path, 0o755)
     (tmp_path / "ns_kernel_config.py").write_text("c.Sandbox.network = 'internet'\n")
     env = dict(os.environ, JUPYTER_CONFIG_PATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "ns_kernel", "run", "--", "/bin/true"],
+    proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--", "/bin/true"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

@@ -10,7 +10,7 @@ BACKEND = limits.first_usable(limits.probe())[0]
 
 
 def doctor(*args, prefix=()):
-    return subprocess.run([*prefix, sys.executable, "-m", "ns_kernel", "doctor", *args],
+    return subprocess.run([*prefix, sys.executable, "-P", "-m", "ns_kernel", "doctor", *args],
                           capture_output=True, text=True, timeout=120)
 
 

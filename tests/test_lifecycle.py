@@ -118,7 +118,7 @@ def test_launcher_exits_when_jupyter_server_dies(workdir, socket_base, tmp_path)
     write_connection_file(conn)
     server = subprocess.Popen(["sleep", "300"])
     env = dict(os.environ, JPY_PARENT_PID=str(server.pid))
-    launcher = subprocess.Popen([sys.executable, "-m", "ns_kernel", f"--socket-dir={socket_base}",
+    launcher = subprocess.Popen([sys.executable, "-P", "-m", "ns_kernel", f"--socket-dir={socket_base}",
                                  "-f", conn], cwd=workdir, env=env, stderr=subprocess.PIPE)
     try:
         assert wait_until(lambda: len(descendants(launcher.pid)) >= 3, timeout=20)

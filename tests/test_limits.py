@@ -27,7 +27,7 @@ BACKEND = limits.first_usable(limits.probe())[0]
 
 
 def ns_kernel(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ns_kernel", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-P", "-m", "ns_kernel", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -116,3 +116,23 @@ def test_relative_bind_is_refused():
 def test_userns_hint_names_the_sysctl(sysctls, fragment):
     from ns_kernel.user import userns_hint
     assert fragment in userns_hint(sysctls.get)
+
+
+def test_launcher_code_the_kernel_could_write_is_refused_or_read_only():
+    # The notebook folder itself on the launcher's sys.path (an empty PYTHONPATH entry):
+    # whatever the kernel put there would run outside at the next start.
+    with pytest.raises(SetupError, match="sys.path entry /home/ada/notebooks.*PYTHONPATH"):
+        plan(python_paths=("/home/ada/notebooks", "/usr/lib/python3.11"))
+    with pytest.raises(SetupError, match="sys.path entry /srv/lib"):
+        plan(Sandbox(rw_binds=["/srv/lib"]), python_paths=("/srv/lib",))
+    # A venv inside the notebook folder: bound read-only after (on top of) the folder.
+    p = plan(python_paths=("/home/ada/notebooks/.venv", "/usr/lib/python3.11"))
+    dests = [m.dest for m in p.mounts]
+    venv = by_dest(p)["/home/ada/notebooks/.venv"]
+    assert venv.op == Op.BIND and venv.attrs == RO
+    assert dests.index("/home/ada/notebooks/.venv") > dests.index("/home/ada/notebooks")
+    # Above the folder (a parent on sys.path): read-only below it, the folder stays writable.
+    p = plan(Sandbox(home="readonly"), python_paths=("/home/ada",))
+    dests = [m.dest for m in p.mounts]
+    assert dests.index("/home/ada") < dests.index("/home/ada/notebooks")
+    assert by_dest(p)["/home/ada/notebooks"].attrs == RW

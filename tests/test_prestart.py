@@ -2,13 +2,17 @@
 have exec'd, in the same sandbox; where it could not be faithful the kernel execs; it
 never outlives its launcher, and nothing of the notebook's folder runs outside."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import (KERNEL_NAME, descendants, start_kernel, stop_kernel, stray_prestarted,
-                      wait_until, write_spec)
+from jupyter_client.manager import KernelManager
+
+from conftest import (KERNEL_NAME, Kernel, descendants, start_kernel, stop_kernel,
+                      stray_prestarted, wait_until, write_spec)
 
 CMDLINE = "open('/proc/self/cmdline', 'rb').read().split(b'\\0')"
 EXEC_SPEC = write_spec("isolated-python-exec", ["--no-prestart"])
@@ -34,6 +38,81 @@ def test_kernel_is_the_prestarted_interpreter(workdir):
         assert not stray_prestarted()
     finally:
         stop_kernel(k)
+
+
+# What a program inside could see of how its kernel was started, besides the command line.
+PROFILE = ("(dict(__import__('os').environ), __import__('os').getcwd(), __import__('sys').path,"
+           " tuple(__import__('sys').flags), [l for l in open('/proc/self/status').read()"
+           ".splitlines() if l.startswith(('Uid', 'Gid', 'Groups', 'Cap', 'NoNewPrivs', 'Sig'))])")
+
+
+def test_prestarted_kernel_looks_like_an_exec_d_one(workdir):
+    seen = {}
+    for name in (KERNEL_NAME, EXEC_SPEC):
+        k = start_kernel(workdir, kernel_name=name)
+        try:
+            seen[started_how(k)] = k.value(PROFILE)
+        finally:
+            stop_kernel(k)
+    prestarted, executed = seen["prestarted"], seen["exec"]
+    for env in (prestarted[0], executed[0]):
+        env.pop("JPY_SESSION_NAME", None)    # per kernel
+    assert prestarted == executed
+
+
+def find_interpreter(launcher):
+    """The launcher's prestarted interpreter while it imports (None once it has joined)."""
+    found = []
+
+    def look():
+        for p in descendants(launcher):
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if b"ns_kernel.prestart" in f.read():
+                        found.append(p)
+                        return True
+            except OSError:
+                pass
+        return False
+    deadline = time.monotonic() + 5
+    while not look() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return found[0] if found else None
+
+
+def test_interpreter_has_its_own_session(workdir):
+    # Jupyter interrupts and restarts with a killpg of the launcher's group: that is for
+    # the launcher, which forwards it; an interpreter still importing must not get it.
+    km = KernelManager(kernel_name=KERNEL_NAME)
+    km.start_kernel(cwd=workdir)
+    try:
+        launcher = km.provisioner.process.pid
+        interpreter = find_interpreter(launcher)
+        assert interpreter is not None
+        assert os.getsid(interpreter) == interpreter != os.getsid(launcher)
+    finally:
+        km.shutdown_kernel(now=True)
+    assert wait_until(lambda: not stray_prestarted(), timeout=3)
+
+
+def test_interpreter_killed_before_joining_means_exec(workdir):
+    km = KernelManager(kernel_name=KERNEL_NAME)
+    km.start_kernel(cwd=workdir)
+    try:
+        interpreter = find_interpreter(km.provisioner.process.pid)
+        assert interpreter is not None
+        os.kill(interpreter, signal.SIGKILL)
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        try:
+            k = Kernel(km, kc)
+            assert started_how(k) == "exec"
+            assert k.value("__import__('os').getpid()") == 2
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel()
 
 
 def test_no_prestart_option_execs(workdir):
@@ -96,7 +175,7 @@ def test_nothing_of_the_notebook_folder_runs_outside(tmp_path, kernel_name):
 
 def test_launcher_killed_before_the_sandbox_leaves_no_interpreter(tmp_path):
     # A launcher that fails at once (no such connection file) must take its interpreter.
-    proc = subprocess.run([sys.executable, "-m", "ns_kernel", "-f", str(tmp_path / "none.json")],
+    proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "-f", str(tmp_path / "none.json")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "none.json" in proc.stderr
     assert wait_until(lambda: not stray_prestarted(), timeout=3), stray_prestarted()
