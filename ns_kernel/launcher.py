@@ -171,7 +171,7 @@ class Launch:
         relay = bridge.Bridge(sel, self.listeners, self.socket_dir) if self.listeners else None
         try:
             while True:
-                timeout = 0.005 if relay and relay.waiting else None
+                timeout = relay.timeout() if relay else None
                 for key, events in sel.select(timeout):
                     if key.data == "monitor":
                         return

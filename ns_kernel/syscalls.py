@@ -80,6 +80,23 @@ def setns(fd, flags):
     _check(_libc.setns(fd, ctypes.c_int(int(flags))))
 
 
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+
+def inotify_watch(path, mask):
+    """A non-blocking inotify fd watching `path` for `mask` events."""
+    fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+    try:
+        _check(_libc.inotify_add_watch(fd, path.encode(), ctypes.c_uint32(mask)), path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def mount(source, target, fstype, flags=0, data=None):
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(int(flags)), enc(data)), target)
