@@ -137,10 +137,15 @@ def template_main(path=None):
     import fcntl
     # One template per path: clients that all found none start one each; the first to
     # lock serves, the others leave (the lock dies with its holder, the socket file not).
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # The holder removes the lock file as it leaves; so a lock won on a file that is no
+    # longer at its path (removed meanwhile) is no lock: leave too.
+    lock_path = path + ".lock"
+    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if os.stat(lock_path).st_ino != os.fstat(lock).st_ino:
+            sys.exit(0)
+    except (BlockingIOError, FileNotFoundError):
         sys.exit(0)
     global TEMPLATE_PATH
     TEMPLATE_PATH = path
@@ -157,6 +162,7 @@ def template_main(path=None):
         # Unless a newer template has taken the path over already.
         if os.path.exists(path) and os.stat(path).st_ino == mine:
             os.unlink(path)
+        os.unlink(lock_path)    # ours while we hold it (see above)
         # At once: unwinding an interpreter that imported ipykernel (atexit, zmq) is slow.
         os._exit(0)
 

@@ -101,6 +101,7 @@ def test_kernel_exit_status_and_stop_leave_nothing(workdir_module):
     assert pid and warm.stop()
     assert gone(pid)
     assert not os.path.exists(warm.socket_path())
+    assert not os.path.exists(warm.socket_path() + ".lock")
     assert warm.template_pid() is None
     # The next warm kernel makes a new template by itself.
     k = start_kernel(workdir_module, kernel_name=WARM)
