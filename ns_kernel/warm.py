@@ -9,9 +9,11 @@ process has imported both already and forks, per kernel:
              signals, and exits like the kernel did
   launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
              client (cli.main, the same Launch as a cold start: config, plan, socket dir,
-             bridge, limits) except that it asks the template for the monitor instead of
-             forking it: it holds the client's environment (tokens), a kernel must not
-  monitor    another fork of the template, with the same sandbox.py steps as ever (user
+             bridge, limits) except that it hands the plan to a monitor the template
+             forked beside it instead of forking one: it holds the client's environment
+             (tokens), a kernel must not
+  monitor    another fork of the template, made with the launcher (while that reads the
+             config) and waiting for its plan, with the same sandbox.py steps as ever (user
              ns, then init: mounts, hostname, uid, caps), except the kernel's last step:
              ipykernel is already imported, so it runs in-process instead of execve
 
@@ -36,7 +38,6 @@ import sys
 from . import preload
 
 IDLE_EXIT = 600.0
-TEMPLATE_PATH = None    # in the template and its children: where it listens
 MAX_REQUEST = 1 << 20
 
 
@@ -147,8 +148,6 @@ def template_main(path=None):
             sys.exit(0)
     except (BlockingIOError, FileNotFoundError):
         sys.exit(0)
-    global TEMPLATE_PATH
-    TEMPLATE_PATH = path
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         os.unlink(path)    # a stale socket of a template that died
@@ -177,15 +176,29 @@ def template_main(path=None):
             if _peer(conn)[1] != os.getuid():
                 conn.close()
                 continue
+            # Two forks per request: one reads it; the other, made now while the first
+            # reads the config, is the monitor of the sandbox it may ask for (or leaves).
+            asks, waits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             if os.fork() == 0:
-                listener.close()
-                os.close(lock)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                _serve(conn)     # never returns
-            conn.close()
+                _leave_template(listener, lock, conn, asks)
+                _spare_monitor(waits)          # never returns
+            if os.fork() == 0:
+                _leave_template(listener, lock, waits)
+                _serve(conn, asks)             # never returns
+            for sock in (conn, asks, waits):
+                sock.close()
     finally:
         leave()
+
+
+def _leave_template(listener, lock, *socks):
+    """A forked child's first step: nothing of the template's that it does not need."""
+    listener.close()
+    os.close(lock)
+    for sock in socks:
+        sock.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _peer(conn):
@@ -195,8 +208,9 @@ def _peer(conn):
     return struct.unpack("3i", creds)
 
 
-def _serve(conn):
-    """In a fresh fork of the template: read the one request and act on it."""
+def _serve(conn, monitor):
+    """In a fresh fork of the template: read the one request and act on it. monitor: a
+    socket to the spare monitor forked beside this process (_spare_monitor)."""
     import pickle
     try:
         conn.settimeout(30)     # a client that connects and says nothing
@@ -207,9 +221,7 @@ def _serve(conn):
         if kind == "stop":
             os.kill(os.getppid(), signal.SIGTERM)
         elif kind == "kernel":
-            _launcher_child(conn, request, fds)
-        elif kind == "monitor":
-            _monitor_child(conn, request, fds)
+            _launcher_child(conn, request, fds, monitor)
     finally:
         os._exit(0)
 
@@ -220,8 +232,9 @@ def _take_stdio(fds):
         os.close(fd)
 
 
-def _launcher_child(conn, request, fds):
+def _launcher_child(conn, request, fds, monitor):
     """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
+    import functools
     from . import cli
     _take_stdio(fds)
     os.environ.clear()
@@ -235,7 +248,8 @@ def _launcher_child(conn, request, fds):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-    code = cli.main(request["argv"], spawn=_spawn_monitor, finish=finish)
+    spawn = functools.partial(_spawn_monitor, monitor)
+    code = cli.main(request["argv"], spawn=spawn, finish=finish)
     finish((code or 0) << 8)
 
 
@@ -253,43 +267,44 @@ def _die_with(client):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _spawn_monitor(plan, ctl, err_w):
-    """Sandbox.start's spawn: the template forks the monitor; returns its pid."""
-    # The template this launcher was forked from, even if ns_kernel was reinstalled since.
-    sock = _connect(TEMPLATE_PATH)
-    from .errors import SetupError
-    gone = SetupError("warm", "reach the warm template", TEMPLATE_PATH,
-                      hint="it exited; the next start makes a new one")
-    if sock is None:
-        raise gone
-    with sock:
-        socket.send_fds(sock, [_dumps({"kind": "monitor", "plan": plan})],
-                        [ctl.fileno(), err_w, 0, 1, 2])
-        pid = sock.recv(64)
+def _spawn_monitor(monitor, plan, ctl, err_w):
+    """Sandbox.start's spawn: hand the plan to the spare monitor; returns its pid."""
+    socket.send_fds(monitor, [_dumps(plan)], [ctl.fileno(), err_w, 0, 1, 2])
+    pid = monitor.recv(64)
     if not pid:
-        raise gone    # the template exited between our connect and its fork
+        from .errors import SetupError
+        raise SetupError("warm", "the warm template's spare monitor exited")
     return int(pid)
 
 
-def _monitor_child(conn, request, fds):
+def _spare_monitor(sock):
+    """Forked by the template beside each request: becomes the monitor of the sandbox the
+    request's launcher asks for; leaves if it asks for none (the socket closes)."""
     import functools
+    import pickle
     from . import forked, sandbox
-    plan = request["plan"]
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5)
+    except OSError:
+        os._exit(0)
+    if not data or len(fds) != 5:
+        os._exit(0)
+    plan = pickle.loads(data)
     ctl_fd, err_w, *stdio = fds
     _take_stdio(stdio)
     for fd in (ctl_fd, err_w):
         os.set_inheritable(fd, False)   # err_w closes at execve, as in a cold start
     ctl = socket.socket(fileno=ctl_fd)
-    conn.sendall(str(os.getpid()).encode())
-    conn.close()
+    sock.sendall(str(os.getpid()).encode())
+    sock.close()
     if preload.threads() != 1:
         # unshare(CLONE_NEWUSER) would fail with EINVAL: say why instead.
         from .errors import SetupError
         forked.report(err_w, SetupError("warm", f"warm template has {preload.threads()} threads",
-                                          hint="unshare(CLONE_NEWUSER) needs one thread"))
+                                        hint="unshare(CLONE_NEWUSER) needs one thread"))
         os._exit(127)
     forked.run(functools.partial(sandbox._monitor, kernel_step=preload.run_preloaded),
-                       plan, ctl, err_w)
+               plan, ctl, err_w)
 
 
 def template_pid():
