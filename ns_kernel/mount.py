@@ -96,6 +96,12 @@ def enter_new_root(mounts, trees, cwd):
     # The new root itself is read-only: the kernel writes only where the plan allows.
     _setattr("/", MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID
              | MountAttr.MOUNT_ATTR_NODEV, recursive=False)
+    enter_cwd(cwd)
+
+
+def enter_cwd(cwd):
+    """chdir into the notebook's folder inside (init, and the prestarted interpreter that
+    joins it)."""
     try:
         os.chdir(cwd)
     except OSError as exc:

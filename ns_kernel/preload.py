@@ -49,8 +49,26 @@ def boot_argv(call):
             f"if p and os.path.realpath(p) != here]; from {module} import {func}; {func}()"]
 
 
-def spawn_env():
-    return {**startup_env(os.environ), **IMPORT_ENV}
+def spawn(call, args=(), keep=None, stdio=None):
+    """Start such an interpreter (boot_argv) with only the startup variables, in its own
+    session; return its pid. keep: an fd it inherits; stdio: an fd for its 0, 1 and 2
+    (default: ours). fork and exec, not posix_spawn: glibc's leaves its internal signals
+    (32, 33) ignored, and every kernel, and its subprocesses, would inherit that."""
+    argv = [*boot_argv(call), *map(str, args)]
+    env = {**startup_env(os.environ), **IMPORT_ENV}
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            if stdio is not None:
+                for fd in (0, 1, 2):
+                    os.dup2(stdio, fd)
+            if keep is not None:
+                os.set_inheritable(keep, True)
+            os.execve(sys.executable, argv, env)
+        finally:
+            os._exit(127)
+    return pid
 
 
 def import_kernel_modules(extra=()):

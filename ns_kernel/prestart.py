@@ -37,7 +37,8 @@ from . import preload
 # what it needs where it runs.
 
 READY_PID = 2         # the kernel's pid inside, as init's first child has it
-JOIN_MODULES = ("ns_kernel.forked", "ns_kernel.limits", "ns_kernel.plan", "ns_kernel.syscalls")
+JOIN_MODULES = ("ns_kernel.forked", "ns_kernel.limits", "ns_kernel.mount", "ns_kernel.plan",
+                "ns_kernel.syscalls")
 MAX_PLAN = 1 << 20
 
 
@@ -72,29 +73,18 @@ def wanted(options):
 
 
 def spawn():
-    """Start the kernel's interpreter; None if it cannot be (the kernel then execs).
-    fork and exec, not posix_spawn: glibc's leaves its internal signals (32, 33) ignored,
-    and the kernel's subprocesses would inherit that. Its own session: Jupyter's killpg
-    (an interrupt, a restart) is for the launcher, which forwards it to the kernel."""
+    """Start the kernel's interpreter; None if it cannot be (the kernel then execs). In
+    its own session (preload.spawn): Jupyter's killpg (an interrupt, a restart) is for the
+    launcher, which forwards it to the kernel."""
     import _socket     # socket.py costs the launcher ~3 ms (enum) before the spawn
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-    argv = [*preload.boot_argv("ns_kernel.prestart:main"), str(theirs.fileno())]
-    env = preload.spawn_env()
     try:
-        pid = os.fork()
+        pid = preload.spawn("ns_kernel.prestart:main", [theirs.fileno()], keep=theirs.fileno())
     except OSError:
         ours.close()
-        theirs.close()
         return None
-    if pid == 0:
-        try:
-            os.setsid()
-            ours.close()
-            os.set_inheritable(theirs.fileno(), True)
-            os.execve(sys.executable, argv, env)
-        finally:
-            os._exit(127)
-    theirs.close()
+    finally:
+        theirs.close()
     return Prestarted(pid, ours)
 
 
@@ -198,7 +188,7 @@ def main():
 
 
 def _join(plan, sock, pidfd, err_w):
-    from . import forked
+    from . import forked, mount
     from .errors import SetupError
     from .syscalls import CloneFlags, setns
     flags = (CloneFlags.CLONE_NEWUSER | CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC
@@ -213,10 +203,7 @@ def _join(plan, sock, pidfd, err_w):
         raise SetupError("prestart", "setns to init's namespaces", "", exc.errno) from None
     os.close(pidfd)
     forked.take_ids(plan)
-    try:
-        os.chdir(plan.cwd)
-    except OSError as exc:
-        raise SetupError("mount", "chdir", plan.cwd, exc.errno) from None
+    mount.enter_cwd(plan.cwd)
     r, w = os.pipe()
     helper = os.fork()
     if helper == 0:

@@ -97,12 +97,12 @@ def _connect_or_start(timeout=60.0):
     import time
     from .socketdir import _ensure_base
     _ensure_base(os.path.dirname(path))
-    devnull = os.open(os.devnull, os.O_RDWR)
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     # The template daemonizes (its first fork); this child returns at once.
-    argv = [*preload.boot_argv("ns_kernel.warm:template_main"), path]
-    child = os.posix_spawn(sys.executable, argv, preload.startup_env(os.environ),
-                           file_actions=[(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)])
-    os.close(devnull)
+    try:
+        child = preload.spawn("ns_kernel.warm:template_main", [path], stdio=devnull)
+    finally:
+        os.close(devnull)
     os.waitpid(child, 0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,7 +128,6 @@ def template_main(path=None):
         os._exit(0)
     os.setsid()
     os.chdir("/")
-    os.environ.update(preload.IMPORT_ENV)
     import gc
     failed = preload.import_kernel_modules(("ns_kernel.cli", "ns_kernel.launcher"))
     if failed:

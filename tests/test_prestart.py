@@ -16,6 +16,7 @@ from conftest import (KERNEL_NAME, Kernel, descendants, start_kernel, stop_kerne
 
 CMDLINE = "open('/proc/self/cmdline', 'rb').read().split(b'\\0')"
 EXEC_SPEC = write_spec("isolated-python-exec", ["--no-prestart"])
+WARM_SPEC = write_spec("isolated-python-warm-cwd", ["--warm"])
 
 
 def started_how(k):
@@ -46,18 +47,25 @@ PROFILE = ("(dict(__import__('os').environ), __import__('os').getcwd(), __import
            ".splitlines() if l.startswith(('Uid', 'Gid', 'Groups', 'Cap', 'NoNewPrivs', 'Sig'))])")
 
 
-def test_prestarted_kernel_looks_like_an_exec_d_one(workdir):
+def test_preloaded_kernels_look_like_an_exec_d_one(workdir):
+    # Prestarted and warm kernels both run ipykernel in an interpreter started outside.
     seen = {}
-    for name in (KERNEL_NAME, EXEC_SPEC):
-        k = start_kernel(workdir, kernel_name=name)
-        try:
-            seen[started_how(k)] = k.value(PROFILE)
-        finally:
-            stop_kernel(k)
-    prestarted, executed = seen["prestarted"], seen["exec"]
-    for env in (prestarted[0], executed[0]):
-        env.pop("JPY_SESSION_NAME", None)    # per kernel
-    assert prestarted == executed
+    try:
+        for how, name in (("prestarted", KERNEL_NAME), ("exec", EXEC_SPEC), ("warm", WARM_SPEC)):
+            k = start_kernel(workdir, kernel_name=name)
+            try:
+                if how != "warm":     # a warm kernel shows the template's command line
+                    assert started_how(k) == how
+                seen[how] = k.value(PROFILE)
+            finally:
+                stop_kernel(k)
+    finally:
+        from ns_kernel import warm
+        warm.stop()
+    for profile in seen.values():
+        profile[0].pop("JPY_SESSION_NAME", None)    # per kernel
+    assert seen["prestarted"] == seen["exec"]
+    assert seen["warm"] == seen["exec"]
 
 
 def find_interpreter(launcher):
@@ -149,8 +157,7 @@ def test_a_denied_startup_variable_means_exec(workdir, monkeypatch):
         stop_kernel(k)
 
 
-@pytest.mark.parametrize("kernel_name", [KERNEL_NAME, EXEC_SPEC,
-                                         write_spec("isolated-python-warm-cwd", ["--warm"])])
+@pytest.mark.parametrize("kernel_name", [KERNEL_NAME, EXEC_SPEC, WARM_SPEC])
 def test_nothing_of_the_notebook_folder_runs_outside(tmp_path, kernel_name):
     # A kernel may write its folder; a module it planted there must never be imported by
     # the launcher, the prestarted interpreter or the warm template, which run outside.
