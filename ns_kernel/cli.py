@@ -135,6 +135,10 @@ class InstallApp(SandboxApp):
         self.parse_command_line(argv)
         Sandbox(parent=self)   # validate the options now, not at the first kernel start
         options = self.sandbox_options(argv) + (["--warm"] if self.warm else [])
+        if (self.kernel_name != kernelspec.NAME
+                and "kernel_name" not in self.cli_config.get("Sandbox", {})):
+            # Its own persistent home and packages (Sandbox.kernel_name).
+            options.append(f"--Sandbox.kernel_name={self.kernel_name}")
         spec = kernelspec.kernel_dict(options, self.display_name)
         path = kernelspec.install(self.kernel_name, spec, user=self.user,
                                   prefix=self.prefix or None)

@@ -21,11 +21,26 @@ class Sandbox(Configurable):
         Host gid the sandbox runs as when started by real root (default 65534, nogroup).
         Ignored for ordinary users.""")
 
-    home = CaselessStrEnum(["private", "readonly", "shared"], default_value="private", config=True,
-                           help="""
-        What the kernel sees at $HOME: 'private' (default) an empty tmpfs that vanishes with the
-        kernel; 'readonly' the real home, read-only; 'shared' the real home, read-write.
+    home = CaselessStrEnum(["persistent", "private", "readonly", "shared"],
+                           default_value="persistent", config=True, help="""
+        What the kernel sees at $HOME: 'persistent' (default) a home of the sandbox's own that
+        outlives the kernel, <state_dir>/<kernel_name>/home on the host, not the real home; 'private'
+        an empty tmpfs that vanishes with the kernel (what it leaves there is reported when it
+        ends); 'readonly' the real home, read-only; 'shared' the real home, read-write.
         The notebook's working directory is read-write whatever this says.""")
+
+    kernel_name = Unicode("isolated-python", config=True, help="""
+        The kernelspec's name (`ns-kernel install --name` writes it into kernel.json): each
+        name keeps its own persistent home and installed packages under state_dir, which
+        kernels of other names do not see (also
+        the directory name under state_dir).""")
+
+    state_dir = Unicode("", config=True, help="""
+        Where each kernelspec name keeps what outlives its kernels, one 0700 directory per
+        name: `home` (with --home persistent) and `packages` (what `%pip install` adds to a
+        venv kernel). Default '': $XDG_DATA_HOME/ns-kernel, else ~/.local/share/ns-kernel.
+        Per user: a root-run hub's kernels keep theirs under root's, owned by the sandbox
+        uid.""")
 
     network = CaselessStrEnum(["loopback", "none", "host"], default_value="loopback", config=True,
                               help="""

@@ -18,7 +18,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import bridge, connection, limits, socketdir
+from . import bridge, connection, leftovers, limits, offline, socketdir, state
 from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, build_plan
@@ -85,6 +85,8 @@ class Launch:
         notice = limits.recall(self.connection_file, info) if info else ""
         if notice:
             argv.append(limits.EXTENSION_ARGV)
+        if info and self.config.network != "host":
+            argv.append(offline.EXTENSION_ARGV)
         plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id)
         try:
             # Probes the host (cgroups), so it happens here, not in the pure build_plan.
@@ -99,6 +101,7 @@ class Launch:
                 self.listeners = bridge.listen(info)
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
             self.socket_dir = socketdir.create(socket_dir, owner)
+            state.prepare(plan.state_dirs, owner)
             if info:
                 connection.write(f"{socket_dir}/connection.json",
                                  connection.inner(info, SOCKET_DIR_INSIDE), *(owner or (None, None)))
@@ -122,15 +125,21 @@ class Launch:
         return f"kernel {self.kernel_id[:8] or os.path.basename(self.connection_file)}"
 
     def explain(self, status):
-        """The server log's line on why the kernel ended (None if it ended by itself with
-        status 0); the reason is also kept for the restarted kernel to show."""
-        line = describe_exit(status, self._who(), self.usage)
+        """The server log's lines on why the kernel ended (unless it ended by itself with
+        status 0) and on what it left where nothing is kept; None if neither. They are
+        also kept for the restarted kernel to show."""
+        died = describe_exit(status, self._who(), self.usage)
         # A kernel that Jupyter itself stopped with a signal (terminate, a slow restart)
-        # did not die on the user: its next incarnation has nothing to tell them.
-        by_jupyter = -os.waitstatus_to_exitcode(status) in self.forwarded
-        if line and self.connection_file and not by_jupyter:
-            limits.remember(self.connection_file, line)
-        return line
+        # did not die on the user: its next incarnation has nothing to tell them of that.
+        if died and -os.waitstatus_to_exitcode(status) in self.forwarded:
+            notice = []
+        else:
+            notice = [died]
+        lost = leftovers.describe(*self.box.leftovers, self._who()) if self.box else None
+        notice = "\n".join(filter(None, [*notice, lost]))
+        if notice and self.connection_file:
+            limits.remember(self.connection_file, notice)
+        return "\n".join(filter(None, [died, lost])) or None
 
     def _install_signal_handlers(self):
         def forward(signum, _frame):

@@ -15,6 +15,17 @@ BASE = "/tmp"          # any existing dir works: the tmpfs mounted here moves to
 NEWROOT = "/newroot"
 OLDROOT = "/oldroot"
 NOSUID_NODEV = MountFlags.MS_NOSUID | MountFlags.MS_NODEV
+NOEXEC = NOSUID_NODEV | MountFlags.MS_NOEXEC
+RO_TOP = MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
+# The fresh filesystems, with their mount flags. devpts alone keeps device nodes: its pty
+# slaves are the nodes, and nodev made every openpty() fail (`!cmd`, %pip, pexpect).
+FILESYSTEMS = {
+    Op.TMPFS: ("tmpfs", NOSUID_NODEV),
+    Op.HIDE: ("tmpfs", NOEXEC),
+    Op.PROC: ("proc", NOEXEC),
+    Op.SYSFS: ("sysfs", NOEXEC),
+    Op.DEVPTS: ("devpts", MountFlags.MS_NOSUID | MountFlags.MS_NOEXEC),
+}
 
 
 def _mount(source, target, fstype, flags, data=None, what=None):
@@ -37,7 +48,7 @@ def _setattr(path, attrs, recursive=True):
                          exc.errno) from None
 
 
-def _makedirs(path):
+def makedirs(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -45,7 +56,7 @@ def _makedirs(path):
 
 
 def _touch(path):
-    _makedirs(os.path.dirname(path))
+    makedirs(os.path.dirname(path))
     try:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
     except OSError as exc:
@@ -74,8 +85,8 @@ def enter_new_root(mounts, trees, cwd):
     so the fresh /proc shows only the sandbox."""
     _mount("tmpfs", BASE, "tmpfs", NOSUID_NODEV, "mode=0755,size=64k")
     os.chdir(BASE)
-    _makedirs(BASE + NEWROOT)
-    _makedirs(BASE + OLDROOT)
+    makedirs(BASE + NEWROOT)
+    makedirs(BASE + OLDROOT)
     try:
         pivot_root(BASE, BASE + OLDROOT)
     except OSError as exc:
@@ -94,8 +105,7 @@ def enter_new_root(mounts, trees, cwd):
     umount2(".", MNT_DETACH)
     os.chdir("/")
     # The new root itself is read-only: the kernel writes only where the plan allows.
-    _setattr("/", MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID
-             | MountAttr.MOUNT_ATTR_NODEV, recursive=False)
+    _setattr("/", RO_TOP, recursive=False)
     enter_cwd(cwd)
 
 
@@ -113,7 +123,7 @@ def enter_cwd(cwd):
 def apply_mount(m, tree):
     dest = NEWROOT + m.dest
     if m.op is Op.SYMLINK:
-        _makedirs(os.path.dirname(dest))
+        makedirs(os.path.dirname(dest))
         try:
             os.symlink(m.data, dest)
         except OSError as exc:
@@ -122,7 +132,7 @@ def apply_mount(m, tree):
     if m.op in (Op.BIND, Op.DEVICE):
         fd, is_dir = tree
         if is_dir:
-            _makedirs(dest)
+            makedirs(dest)
         else:
             _touch(dest)
         try:
@@ -134,13 +144,15 @@ def apply_mount(m, tree):
         if m.op is Op.BIND:
             _setattr(dest, m.attrs)
         return
+    if m.op is Op.SEAL:
+        _setattr(dest, RO_TOP, recursive=False)
+        return
     if m.op is Op.HIDE and not os.path.isdir(dest):
         # Absent on the host, or behind a dir the sandbox's uid cannot enter (root's 0700
         # home): the kernel cannot reach it either.
         return
-    _makedirs(dest)
-    fstype = {Op.TMPFS: "tmpfs", Op.HIDE: "tmpfs", Op.PROC: "proc", Op.SYSFS: "sysfs", Op.DEVPTS: "devpts"}[m.op]
-    flags = NOSUID_NODEV | (MountFlags.MS_NOEXEC if m.op is not Op.TMPFS else 0)
+    makedirs(dest)
+    fstype, flags = FILESYSTEMS[m.op]
     if MountAttr.MOUNT_ATTR_RDONLY in m.attrs:
         flags |= MountFlags.MS_RDONLY
     _mount(fstype, dest, fstype, flags, m.data or None, what=f"mount {fstype} on {m.dest}")

@@ -22,6 +22,7 @@ RW = MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 SOCKET_DIR_INSIDE = "/run/ns-kernel"
+MAX_PTYS = 64          # per kernel: terminals, pexpect sessions, one per running `!cmd`
 
 
 class Op(enum.Enum):
@@ -33,6 +34,7 @@ class Op(enum.Enum):
     SYMLINK = "symlink"    # dest -> data
     DEVICE = "device"      # bind one host device node
     HIDE = "hide"          # empty read-only tmpfs over a path a bind would otherwise show
+    SEAL = "seal"          # make dest read-only, not what is mounted below it
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Host:
     symlinks: tuple = ()      # (path, target) of system dirs that are symlinks (merged /usr)
     missing: frozenset = frozenset()
     runtime_dirs: tuple = ()  # Jupyter's runtime dir and /run/user/UID: always hidden
+    venv: str = ""            # this interpreter's venv (sys.prefix), if it runs in one
+    venv_entries: tuple = ()  # (name, symlink target or "" for a dir, None for a file)
 
     @classmethod
     def probe(cls):
@@ -76,10 +80,22 @@ class Host:
             elif not os.path.isdir(path):
                 missing.add(path)
         uid = os.getuid()
+        venv = os.path.realpath(sys.prefix) if sys.prefix != sys.base_prefix else ""
         return cls(uid=uid, gid=os.getgid(), home=os.path.expanduser("~"), cwd=os.getcwd(),
                    environ=tuple(sorted(os.environ.items())), python_paths=python_paths(),
                    symlinks=tuple(links), missing=frozenset(missing),
-                   runtime_dirs=(jupyter_runtime_dir(), f"/run/user/{uid}"))
+                   runtime_dirs=(jupyter_runtime_dir(), f"/run/user/{uid}"),
+                   venv=venv, venv_entries=_entries(venv) if venv else ())
+
+
+def _entries(path):
+    entries = []
+    for entry in os.scandir(path):
+        if entry.is_symlink():
+            entries.append((entry.name, os.readlink(entry.path)))
+        else:
+            entries.append((entry.name, "" if entry.is_dir() else None))
+    return tuple(sorted(entries, key=lambda e: e[0]))
 
 
 def python_paths():
@@ -120,6 +136,9 @@ class Plan:
     cwd: str
     socket_dir: str           # host path of the private socket dir
     limits: Limits = field(default_factory=Limits)
+    state_dirs: tuple = ()    # host dirs that outlive the kernel, made before the start
+    package_paths: tuple = () # sys.path entries (inside) of the packages the user installs
+    discarded: tuple = ()     # (dir, skip dot entries): what vanishes with the sandbox
 
 
 def under(path, parent):
@@ -143,8 +162,23 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
     else:
         uid, gid, outside_uid, outside_gid = host.uid, host.gid, host.uid, host.gid
         home = host.home
+    data_home = dict(host.environ).get("XDG_DATA_HOME") or os.path.join(host.home, ".local/share")
+    state = os.path.join(sandbox.state_dir or os.path.join(data_home, "ns-kernel"),
+                         sandbox.kernel_name)
+    state_dirs = []
     tmp = parse_size(sandbox.tmp_size)
     tmp_opt = f",size={format_size(tmp)}" if tmp else ""
+    # What `%pip install` adds to a venv kernel: kept with a persistent home, else it goes
+    # with the kernel as a private home does (nothing one kernel leaves may reach the
+    # next: graders and services run many people's code as one user).
+    if not host.venv:
+        packages = None
+    elif sandbox.home == "persistent":
+        state_dirs.append(f"{state}/packages")
+        packages = Mount(Op.BIND, f"{host.venv}/{PACKAGES}", source=state_dirs[-1], attrs=RW)
+    else:
+        packages = Mount(Op.TMPFS, f"{host.venv}/{PACKAGES}",
+                         data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}")
 
     mounts = []
     visible = []   # host paths shown inside: hidden paths under them get covered
@@ -162,13 +196,19 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
     mounts += [Mount(Op.SYMLINK, f"/dev/{name}", data=target) for name, target in (
         ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))]
-    mounts += [Mount(Op.DEVPTS, "/dev/pts", data="newinstance,ptmxmode=0666,mode=0620"),
+    # max: the ptys of all devpts instances come from one host-wide pool
+    # (kernel.pty.max); a kernel must not be able to take them all from the others.
+    mounts += [Mount(Op.DEVPTS, "/dev/pts",
+                     data=f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}"),
                Mount(Op.TMPFS, "/dev/shm", data=f"mode=1777{tmp_opt}"),
                Mount(Op.PROC, "/proc", attrs=RW | MountAttr.MOUNT_ATTR_NOEXEC)]
     if sandbox.network != "host":
         mounts.append(Mount(Op.SYSFS, "/sys", attrs=RO | MountAttr.MOUNT_ATTR_NOEXEC))
     if sandbox.home == "private":
         mounts.append(Mount(Op.TMPFS, home, data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}"))
+    elif sandbox.home == "persistent":
+        state_dirs.append(f"{state}/home")
+        mounts.append(Mount(Op.BIND, home, source=state_dirs[-1], attrs=RW))
     elif not any(under(home, v) for v in visible):
         mounts.append(Mount(Op.BIND, home, source=home,
                             attrs=RO if sandbox.home == "readonly" else RW))
@@ -187,9 +227,9 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
                 "current folder) out of PYTHONPATH, and run `python -P -m ns_kernel`"))
         if any(under(path, w) for w in writable):
             below_writable.append(path)     # read-only on top of it, below
-        elif not any(under(path, v) for v in visible):
+        elif path == host.venv or not any(under(path, v) for v in visible):
             # After the tmpfs mounts: a venv under /tmp or a private $HOME stays visible.
-            mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+            mounts += python_mounts(path, host, packages)
             visible.append(path)
     for paths, attrs in ((sandbox.ro_binds, RO), (sandbox.rw_binds, RW)):
         for path in paths:
@@ -201,7 +241,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
     mounts.append(Mount(Op.BIND, cwd, source=cwd, attrs=RW))
     visible.append(cwd)
     for path in below_writable:     # e.g. the notebook folder's own .venv
-        mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+        mounts += python_mounts(path, host, packages)
         visible.append(path)
     mounts.append(Mount(Op.BIND, SOCKET_DIR_INSIDE, source=socket_dir, attrs=RW))
     # Other kernels' connection files and sockets: cover them wherever a bind shows them.
@@ -215,17 +255,64 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
         if any(under(path, v) for v in visible):
             mounts.append(Mount(Op.HIDE, path, data="mode=0755,size=4k", attrs=RO))
 
+    package_paths = ()
+    env = kernel_env(dict(host.environ), sandbox, home)
+    if host.venv:
+        package_paths, env = with_packages(env, host.venv)
     return Plan(
         uid_map=IdMap(uid, outside_uid), gid_map=IdMap(gid, outside_gid), uid=uid, gid=gid,
         drop_groups=host.uid == 0,
         hostname=f"{sandbox.hostname_prefix}-{(kernel_id or os.urandom(4).hex())[:8]}",
         network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
-        env=kernel_env(dict(host.environ), sandbox, home), cwd=cwd, socket_dir=socket_dir,
-        limits=Limits.from_config(sandbox))
+        env=tuple(sorted(env.items())), cwd=cwd, socket_dir=socket_dir,
+        limits=Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
+        package_paths=package_paths,
+        discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
+                   *([(home, True)] if sandbox.home == "private" else []),
+                   *((path, False) for path in package_paths
+                     if packages and packages.op is Op.TMPFS)))
+
+
+PACKAGES = "user"     # <venv>/user inside: where `%pip install` puts what the user adds
+
+
+def python_mounts(path, host, packages):
+    """The read-only view of one of the interpreter's paths. The venv itself gets a
+    skeleton instead: its entries read-only, and `packages` (a mount) at <venv>/user, so
+    that pip installs there (PIP_PREFIX, with_packages) and, the place being inside the
+    environment, also upgrades and uninstalls what it put there."""
+    if path != host.venv:
+        return [Mount(Op.BIND, path, source=path, attrs=RO)]
+    if PACKAGES in dict(host.venv_entries):
+        raise SetupError("plan", f"{path}/{PACKAGES} exists", hint=(
+            "the venv has an entry where ns-kernel puts the packages a kernel installs; "
+            "rename it"))
+    mounts = [Mount(Op.TMPFS, path, data="mode=0755,size=64k")]
+    for name, target in host.venv_entries:
+        if target:
+            mounts.append(Mount(Op.SYMLINK, f"{path}/{name}", data=target))
+        else:
+            mounts.append(Mount(Op.BIND, f"{path}/{name}", source=f"{path}/{name}", attrs=RO))
+    return [*mounts, packages, Mount(Op.SEAL, path)]
+
+
+def with_packages(env, venv):
+    """The sys.path entries of <venv>/user, and the environment that puts them first and
+    sends pip's installs there."""
+    import sysconfig
+    prefix = f"{venv}/{PACKAGES}"
+    paths = sysconfig.get_paths(sysconfig.get_preferred_scheme("prefix"),
+                                vars={"base": prefix, "platbase": prefix})
+    sites = tuple(dict.fromkeys((paths["purelib"], paths["platlib"])))
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join([*sites, *filter(None, [env.get("PYTHONPATH")])])
+    env["PIP_PREFIX"] = prefix
+    env["PATH"] = os.pathsep.join([paths["scripts"], *filter(None, [env.get("PATH")])])
+    return sites, env
 
 
 def kernel_env(environ, sandbox, home):
-    """The kernel's environment: the caller's, minus secrets and host sockets."""
+    """The kernel's environment: the caller's, minus secrets and host sockets (a dict)."""
     def denied(name):
         upper = name.upper()
         return (any(fnmatch.fnmatchcase(upper, p.upper()) for p in sandbox.env_deny)
@@ -236,4 +323,4 @@ def kernel_env(environ, sandbox, home):
     # launcher watches the Jupyter server itself.
     env["JPY_PARENT_PID"] = "1"
     env.pop("TMPDIR", None)
-    return tuple(sorted(env.items()))
+    return env

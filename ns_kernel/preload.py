@@ -100,14 +100,16 @@ def run_preloaded(plan, ctl, err_w):
     env = dict(plan.env)
     if (argv[:2] != [sys.executable, "-m"] or len(argv) < 3
             or not PRELOADED
-            or startup_env(env) != startup_env(os.environ)
+            or startup_env(_without_packages(env, plan.package_paths)) != startup_env(os.environ)
             or any(env.get(k) != v for k, v in IMPORT_ENV.items())
             or not _could_have_started(argv[0])
-            or _user_site_gone()):
+            or _user_site_gone()
+            or _shadowed(plan.package_paths)):
         # Not what this interpreter was started as (a denied startup variable, another
-        # Python, a private $HOME hiding the user site-packages it loaded from), or one the
-        # sandbox's uid could not have started: a fresh exec is the only faithful start (or
-        # failure, with its reason).
+        # Python, a private $HOME hiding the user site-packages it loaded from, a package
+        # the user installed over one it imported), or one the sandbox's uid could not
+        # have started: a fresh exec is the only faithful start (or failure, with its
+        # reason).
         return forked.exec_kernel(plan, ctl, err_w)
     forked.enter_kernel_session(ctl, err_w)
     from .syscalls import set_dumpable
@@ -121,7 +123,8 @@ def run_preloaded(plan, ctl, err_w):
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(IMPORTS_SET_ENV)
-    sys.path.insert(0, os.getcwd())
+    # Where PYTHONPATH would have put them, after the script's (here: the cwd's) entry.
+    sys.path[0:0] = [os.getcwd(), *plan.package_paths]
     _forget_host_facts()
     os.close(err_w)      # the sandbox is complete: the launcher sees EOF, as after execve
     _run_module_as_main(argv[2], argv[3:])
@@ -138,6 +141,31 @@ def _could_have_started(interpreter):
     return (os.access(interpreter, os.X_OK)
             and os.access(os.path.dirname(ipykernel.__file__), os.R_OK | os.X_OK)
             and not os.access("/proc/self/exe", os.W_OK))
+
+
+def _without_packages(env, package_paths):
+    """env as this interpreter was started with it: the plan puts the packages the user
+    installed first on PYTHONPATH (plan.with_packages), which run_preloaded adds itself."""
+    if not package_paths:
+        return env
+    rest = env["PYTHONPATH"].split(os.pathsep)[len(package_paths):]
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    if rest:
+        env["PYTHONPATH"] = os.pathsep.join(rest)
+    return env
+
+
+def _shadowed(package_paths):
+    """A package the user installed has the name of one this interpreter imported: a
+    fresh interpreter would import the user's."""
+    names = set()
+    for path in package_paths:
+        try:
+            entries = os.listdir(path)
+        except OSError:
+            continue
+        names.update(e.split(".", 1)[0].split("-", 1)[0] for e in entries)
+    return bool(names & {name.split(".", 1)[0] for name in sys.modules})
 
 
 def _user_site_gone():

@@ -11,13 +11,14 @@ A failure before exec sends a SetupError record up the error pipe and exits 127;
 the launcher prints it. A kernel never starts in a half-built sandbox.
 """
 import functools
+import json
 import os
 import select
 import selectors
 import signal
 import socket
 
-from . import forked, limits, mount, net, pid, prestart, socketdir
+from . import forked, leftovers, limits, mount, net, pid, prestart, socketdir
 from .errors import SetupError
 from .syscalls import CloneFlags, drop_all_capabilities, set_no_new_privs, \
     set_parent_death_signal, sethostname, unshare
@@ -40,7 +41,9 @@ class Sandbox:
         self.errors = None         # read end of the error pipe
         self.kernel_status = None  # raw wait status of the kernel, once reported
         self.status = None         # the monitor's wait status, once waited for
+        self.leftovers = [], 0     # (paths, how many more), once reported
         self._error_data = b""
+        self._status_data = b""
 
     def start(self, spawn=None):
         """Start the monitor, map its ids, and return; the rest happens in the children.
@@ -101,10 +104,14 @@ class Sandbox:
         return SetupError.from_json(self._error_data) if self._error_data else None
 
     def read_status(self):
-        """Collect the kernel's wait status that init sends just before it exits."""
-        data = self.ctl.recv(64)
-        if data.startswith(MSG_STATUS):
-            self.kernel_status = int(data[1:])
+        """Collect what init sends just before it exits: the kernel's wait status and what
+        it left where nothing is kept (leftovers.py)."""
+        data = self.ctl.recv(65536)
+        self._status_data += data
+        if self._status_data.startswith(MSG_STATUS) and self._status_data.endswith(b"\n"):
+            report = json.loads(self._status_data[1:])
+            self.kernel_status = report["status"]
+            self.leftovers = report["left"], report["more"]
         return data
 
     def signal(self, signum):
@@ -222,6 +229,10 @@ def _init(plan, ctl, err_w, kernel_step, prestarted):
     except OSError as exc:
         raise SetupError("uts", "sethostname", plan.hostname, exc.errno) from None
     mount.enter_new_root(plan.mounts, trees, plan.cwd)
+    # On sys.path from the start: Python skips (and caches as such) a missing entry, and a
+    # package the first `%pip install` puts there would not import until a restart.
+    for path in plan.package_paths:
+        mount.makedirs(path)
     if plan.network == "loopback":
         net.bring_up_loopback()
     limits.apply_rlimits(plan.limits)
@@ -233,4 +244,12 @@ def _init(plan, ctl, err_w, kernel_step, prestarted):
         if kernel == 0:
             forked.run(kernel_step, plan, ctl, err_w)
     os.close(err_w)
-    pid.run_init(kernel, lambda status: ctl.sendall(MSG_STATUS + str(status).encode()))
+    pid.run_init(kernel, functools.partial(_report_end, plan, ctl))
+
+
+def _report_end(plan, ctl, status):
+    """Init's last words, once the kernel has ended: its status, and what it left where
+    nothing is kept."""
+    left, more = leftovers.scan(plan.discarded, [m.dest for m in plan.mounts])
+    report = {"status": status, "left": left, "more": more}
+    ctl.sendall(MSG_STATUS + json.dumps(report).encode() + b"\n")

@@ -16,6 +16,9 @@ KERNEL_NAME = "isolated-python"
 _DATA = tempfile.mkdtemp(prefix="ns-kernel-test-")
 os.chmod(_DATA, 0o755)
 os.environ["JUPYTER_PATH"] = _DATA
+# Kernels' persistent homes and packages (Sandbox.state_dir's default) go here, not into
+# the home of whoever runs the tests.
+os.environ["XDG_DATA_HOME"] = os.path.join(_DATA, "data")
 
 
 def write_spec(name, options=(), provisioner=False, config=None):

@@ -66,7 +66,7 @@ def grader_spec(tmp_path):
     """The grader's kernelspec, named isolated-python, with limits."""
     prefix = tmp_path / "grader"
     done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "install", "--prefix", str(prefix),
-                           "--memory", "512M", "--pids", "64"],
+                           "--home", "private", "--memory", "512M", "--pids", "64"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     os.chmod(tmp_path, 0o755)
@@ -138,3 +138,38 @@ def test_student_is_held_by_the_memory_limit(course, grader_spec, tmp_path):
         assert "DeadKernelError" in done.stderr or "Kernel died" in done.stderr
         assert "ns-kernel: kernel " in done.stderr and \
             "killed: out of memory (limit 512 MiB" in done.stderr
+
+
+def test_recipe_follows_no_link_a_student_left(course, grader_spec, tmp_path):
+    # The student's code leaves nbconvert's default output name as a link to the gradebook:
+    # the recipe writes its output into the grader's own folder, which no kernel sees.
+    alice = course / "students" / "alice"
+    write_notebook(alice / "ps1.ipynb", "import os\n"
+                   "os.symlink('../../gradebook.db', 'ps1.nbconvert.ipynb')\nprint('done')")
+    before = (course / "gradebook.db").read_bytes()
+    done = execute(alice / "ps1.ipynb", grader_spec, tmp_path / "autograded")
+    assert done.returncode == 0, done.stderr
+    assert "done" in outputs(tmp_path / "autograded" / "ps1.ipynb")
+    assert (course / "gradebook.db").read_bytes() == before
+    assert os.path.islink(alice / "ps1.nbconvert.ipynb")     # the attempt was made
+
+
+def test_nothing_one_submission_leaves_reaches_the_next(course, grader_spec, tmp_path):
+    # Both run as the grader: an IPython startup file or an installed package left by one
+    # kernel must not run in the next (--home private in the recipe).
+    alice, bob = course / "students" / "alice", course / "students" / "bob"
+    write_notebook(alice / "hw.ipynb", "import os, sys\n"
+                   "d = os.path.expanduser('~/.ipython/profile_default/startup')\n"
+                   "os.makedirs(d, exist_ok=True)\n"
+                   "open(d + '/00-cheat.py', 'w').write('open(\"CHEATED\", \"w\")')\n"
+                   "site = os.environ.get('PYTHONPATH', '').split(':')[0]\n"
+                   "if site:\n"
+                   "    open(site + '/json_helper.py', 'w').write('print(\"CHEATED\")')\n"
+                   "print('planted', bool(site))")
+    write_notebook(bob / "hw.ipynb", "import json_helper", "print('clean')")
+    done = execute(alice / "hw.ipynb", grader_spec, tmp_path / "a")
+    assert done.returncode == 0, done.stderr
+    assert "planted True" in outputs(tmp_path / "a" / "hw.ipynb")
+    done = execute(bob / "hw.ipynb", grader_spec, tmp_path / "b")
+    assert not (bob / "CHEATED").exists()
+    assert "ModuleNotFoundError" in done.stderr and "json_helper" in done.stderr

@@ -23,7 +23,8 @@ def base():
 
 def launch(base, *args, connection=None, env=None, cwd=None, preexec_fn=None, timeout=60):
     """Run the launcher as kernel.json does; return (exit code, stderr lines)."""
-    argv = [sys.executable, "-P", "-m", "ns_kernel", f"--socket-dir={base}/sockets", *args]
+    argv = [sys.executable, "-P", "-m", "ns_kernel", f"--socket-dir={base}/sockets",
+            f"--Sandbox.state_dir={base}/state", *args]
     if connection is not None:
         argv += ["-f", connection]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,

@@ -159,12 +159,15 @@ def test_connection_files_hidden(pair):
     assert not a.value("__import__('os').path.exists('/run/user')")
 
 
-def test_runtime_dir_hidden_even_with_shared_home(workdir):
+def test_runtime_dir_hidden_even_with_shared_home(workdir, monkeypatch):
     """jupyter_server keeps every kernel's connection file in the runtime dir under $HOME:
     with $HOME shared, the dir is still covered."""
     import uuid
     from jupyter_core.paths import jupyter_runtime_dir
     from conftest import write_spec
+    # Where it is by default (the tests move Jupyter's data dir out of the home).
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR",
+                       os.path.expanduser("~/.local/share/jupyter/runtime"))
     runtime = jupyter_runtime_dir()
     os.makedirs(runtime, exist_ok=True)
     other = os.path.join(runtime, "kernel-other.json")

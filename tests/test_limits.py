@@ -85,9 +85,12 @@ def test_install_writes_limits_and_specs_coexist(specs):
     assert small["display_name"] == "Isolated Python (512 MB)"
     assert big["display_name"] == "Isolated Python (2 GB)"
     # Install's own options (--prefix P, --name N, --display-name D) stay out of argv.
-    assert small["argv"][4:] == [*OPTIONS, "-f", "{connection_file}"]
+    # Each name keeps its own home and packages (Sandbox.kernel_name).
+    assert small["argv"][4:] == [*OPTIONS, f"--Sandbox.kernel_name={LIMITED}", "-f",
+                                 "{connection_file}"]
     assert big["argv"][4:] == ["--memory", "2G", "--cpus", "0.5", "--best-effort",
-                               "-f", "{connection_file}"]
+                               "--Sandbox.kernel_name=isolated-python-2g", "-f",
+                               "{connection_file}"]
 
 
 def test_install_writes_sandbox_options(tmp_path):
@@ -98,7 +101,7 @@ def test_install_writes_sandbox_options(tmp_path):
     with open(tmp_path / "share" / "jupyter" / "kernels" / "opts" / "kernel.json") as f:
         argv = json.load(f)["argv"]
     assert argv[1:4] == ["-P", "-m", "ns_kernel"]
-    assert argv[4:] == [*options, "-f", "{connection_file}"]
+    assert argv[4:] == [*options, "--Sandbox.kernel_name=opts", "-f", "{connection_file}"]
 
 
 def test_install_rejects_a_bad_limit(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from ns_kernel.config import Sandbox
 from ns_kernel.sizes import parse_size
 from ns_kernel.errors import SetupError
-from ns_kernel.plan import RO, RW, Host, Op, build_plan
+from ns_kernel.plan import RO, RW, Host, Mount, Op, build_plan
 
 
 def host(**kw):
@@ -51,21 +51,83 @@ def test_mount_order_and_modes():
     assert mounts["/bin"].op is Op.SYMLINK and mounts["/bin"].data == "usr/bin"
     assert "/opt" not in mounts
     assert mounts["/tmp"].op is Op.TMPFS and "size=1G" in mounts["/tmp"].data
-    assert mounts["/home/ada"].op is Op.TMPFS                       # private home
+    state = "/home/ada/.local/share/ns-kernel/isolated-python"
+    assert mounts["/home/ada"] == Mount(Op.BIND, "/home/ada", source=f"{state}/home", attrs=RW)
+    assert p.state_dirs == (f"{state}/home",)
     assert mounts["/home/ada/.venv"].attrs == RO                     # the venv shows through
     assert mounts["/home/ada/notebooks"].attrs == RW
     assert mounts["/run/ns-kernel"].source == "/run/user/1000/ns-kernel/abc"
     dests = [m.dest for m in p.mounts]
-    # A private home is mounted before the venv and the notebook folder inside it.
+    # The home is mounted before the venv and the notebook folder inside it.
     assert dests.index("/home/ada") < dests.index("/home/ada/.venv")
     assert dests.index("/home/ada") < dests.index("/home/ada/notebooks")
     assert dests.index("/proc") > dests.index("/dev")
+    # What vanishes with the sandbox, and is reported when the kernel ends.
+    assert p.discarded == (("/tmp", False), ("/var/tmp", False), ("/dev/shm", False))
+
+
+def test_private_home_is_a_tmpfs_and_is_reported():
+    p = plan(Sandbox(home="private"))
+    assert by_dest(p)["/home/ada"].op is Op.TMPFS
+    assert p.state_dirs == ()
+    assert p.discarded[-1] == ("/home/ada", True)
+
+
+def test_state_per_kernelspec_name_and_data_home():
+    p = plan(Sandbox(kernel_name="course-2g"),
+             environ=(("XDG_DATA_HOME", "/data/ada"), ("PATH", "/usr/bin")))
+    assert p.state_dirs == ("/data/ada/ns-kernel/course-2g/home",)
+    p = plan(Sandbox(state_dir="/srv/state"))
+    assert by_dest(p)["/home/ada"].source == "/srv/state/isolated-python/home"
+
+
+VENV = dict(venv="/opt/venv", python_paths=("/opt/venv", "/opt/venv/lib/python3.11/site-packages"),
+            venv_entries=(("bin", ""), ("lib", ""), ("lib64", "lib"), ("pyvenv.cfg", None)))
+
+
+def test_a_venv_gets_the_kernelspecs_packages_at_venv_user():
+    p = plan(**VENV)
+    state = "/home/ada/.local/share/ns-kernel/isolated-python"
+    dests = [m.dest for m in p.mounts]
+    at = dests.index("/opt/venv")
+    assert p.mounts[at:at + 7] == (
+        Mount(Op.TMPFS, "/opt/venv", data="mode=0755,size=64k"),
+        Mount(Op.BIND, "/opt/venv/bin", source="/opt/venv/bin", attrs=RO),
+        Mount(Op.BIND, "/opt/venv/lib", source="/opt/venv/lib", attrs=RO),
+        Mount(Op.SYMLINK, "/opt/venv/lib64", data="lib"),
+        Mount(Op.BIND, "/opt/venv/pyvenv.cfg", source="/opt/venv/pyvenv.cfg", attrs=RO),
+        Mount(Op.BIND, "/opt/venv/user", source=f"{state}/packages", attrs=RW),
+        Mount(Op.SEAL, "/opt/venv"))
+    assert "/opt/venv/lib/python3.11/site-packages" not in dests     # shown by the skeleton
+    assert sorted(p.state_dirs) == [f"{state}/home", f"{state}/packages"]
+    site = f"/opt/venv/user/lib/python{__import__('sys').version_info[0]}." \
+           f"{__import__('sys').version_info[1]}/site-packages"
+    env = dict(p.env)
+    assert p.package_paths == (site,)
+    assert env["PYTHONPATH"] == site and env["PIP_PREFIX"] == "/opt/venv/user"
+    assert env["PATH"] == "/opt/venv/user/bin:/usr/bin"
+    # Ahead of what the caller had on PYTHONPATH.
+    p = plan(**VENV, environ=(("PYTHONPATH", "/srv/lib"), ("PATH", "/usr/bin")))
+    assert dict(p.env)["PYTHONPATH"] == f"{site}:/srv/lib"
+
+
+def test_without_a_persistent_home_installed_packages_go_with_the_kernel():
+    # One kernel's packages must not reach the next where nothing else does (graders).
+    p = plan(Sandbox(home="private"), **VENV)
+    assert by_dest(p)["/opt/venv/user"].op is Op.TMPFS
+    assert p.state_dirs == ()
+    assert (p.package_paths[0], False) in p.discarded
+
+
+def test_a_venv_entry_named_user_is_refused():
+    with pytest.raises(SetupError, match="/opt/venv/user exists"):
+        plan(**{**VENV, "venv_entries": (("user", ""),)})
 
 
 def test_runtime_dir_hidden_when_home_is_shown():
     assert by_dest(plan(Sandbox(home="shared")))[
         "/home/ada/.local/share/jupyter/runtime"].op is Op.HIDE
-    # With a private home it is not visible at all: nothing to hide.
+    # With a home of the sandbox's own it is not visible at all: nothing to hide.
     assert "/home/ada/.local/share/jupyter/runtime" not in by_dest(plan())
 
 
