@@ -12,6 +12,8 @@ import errno
 import os
 import selectors
 import socket
+import stat
+import struct
 
 from .connection import CHANNELS, socket_path
 from .errors import SetupError
@@ -59,15 +61,14 @@ class Relay:
 
     def connect(self):
         """Try the kernel's socket; False while the kernel has not bound it yet."""
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            unix.connect(self.path)
+            unix = kernel_socket(self.path, self.bridge.monitor)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            unix.close()
             self.refused = isinstance(exc, ConnectionRefusedError)
             return False
         except OSError:
-            unix.close()
+            unix = None
+        if unix is None:
             self.close()
             return True
         unix.setblocking(False)
@@ -125,11 +126,36 @@ class Relay:
         self.bridge.waiting.discard(self)
 
 
+def kernel_socket(path, monitor):
+    """A connection to the socket at `path` if it is the kernel's own: a socket (not a link
+    to one) whose listener lives in the PID namespace that `monitor` made for the sandbox.
+    None if it is not; FileNotFoundError or ConnectionRefusedError while the kernel has not
+    bound it. The socket dir is read-only to the kernel once its sockets are bound
+    (sandbox.py): this is the second wall, for what it could have done before."""
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return None
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        unix.connect(path)
+        pid = struct.unpack("3i", unix.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  struct.calcsize("3i")))[0]
+        # Read now, not when the bridge starts: the monitor makes the namespace after that.
+        sandbox = os.stat(f"/proc/{monitor}/ns/pid_for_children").st_ino
+        if os.stat(f"/proc/{pid}/ns/pid").st_ino == sandbox:
+            return unix
+    except BaseException:
+        unix.close()
+        raise
+    unix.close()
+    return None
+
+
 class Bridge:
-    def __init__(self, sel, listeners, socket_dir):
+    def __init__(self, sel, listeners, socket_dir, monitor):
         self.sel = sel
         self.listeners = listeners
         self.socket_dir = socket_dir
+        self.monitor = monitor     # its children are the sandbox's PID namespace
         self.relays = set()
         self.waiting = set()   # accepted, kernel socket not there yet
         for sock, port in listeners:

@@ -18,7 +18,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import bridge, connection, leftovers, limits, offline, socketdir, state
+from . import bridge, connection, leftovers, limits, mount, offline, socketdir, state
 from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, build_plan
@@ -88,6 +88,10 @@ class Launch:
         if info and self.config.network != "host":
             argv.append(offline.EXTENSION_ARGV)
         plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id)
+        if info:
+            plan = replace(plan, sockets=tuple(
+                os.path.basename(connection.socket_path(SOCKET_DIR_INSIDE, info[name]))
+                for name in connection.CHANNELS))
         try:
             # Probes the host (cgroups), so it happens here, not in the pure build_plan.
             self.limits = limits.enforce(plan.limits, self.config.cgroup_parent, self.kernel_id)
@@ -109,7 +113,15 @@ class Launch:
                 limits.leave_notice(self.socket_dir, notice, owner)
             if info and info["transport"] == "ipc":
                 self._link_ipc_paths(info)
-            self.box = Sandbox(plan, self.limits.attach, self.prestarted).start(self.spawn)
+            # Taken as given: the admin's binds, and the dirs made just now for this kernel.
+            handles = mount.open_sources(plan.mounts, host.cwd, trusted={
+                *self.config.ro_binds, *self.config.rw_binds, self.socket_dir,
+                *plan.state_dirs})
+            try:
+                self.box = Sandbox(plan, self.limits.attach, self.prestarted,
+                                   handles).start(self.spawn)
+            finally:
+                mount.close_all(handles)    # the monitor has them now
             for signum in self.pending_signals:
                 self.box.signal(signum)
             self._supervise()
@@ -177,7 +189,8 @@ class Launch:
         server = self._server_pidfd()
         if server is not None:
             sel.register(server, selectors.EVENT_READ, "server")
-        relay = bridge.Bridge(sel, self.listeners, self.socket_dir) if self.listeners else None
+        relay = (bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid)
+                 if self.listeners else None)
         try:
             while True:
                 timeout = relay.timeout() if relay else None

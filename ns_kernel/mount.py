@@ -5,6 +5,7 @@ while the plan's mounts are made under /newroot, then /newroot becomes / and the
 is detached, so nothing of the host is left underneath to be revealed by an umount.
 """
 import os
+import stat
 
 from .errors import SetupError
 from .plan import Op
@@ -63,21 +64,70 @@ def _touch(path):
         raise SetupError("mount", "create mount point", path, exc.errno) from None
 
 
-def grab_bind_sources(mounts):
+def open_sources(mounts, cwd, trusted=()):
+    """O_PATH handles on every bind source, in the order of the mounts, each resolved once,
+    here, by the launcher: what init mounts later is what was checked, whatever a kernel
+    renames or links meanwhile in a folder it may write (another kernel's notebook folder,
+    a venv there). `cwd` is the launcher's own working directory, taken as it is (no name
+    is looked up); the plan's other sources are real paths, so a handle that resolved
+    elsewhere means a link appeared on the way. `trusted`: sources given as they are (the
+    admin's binds, the socket dir the launcher made), not compared."""
+    handles = []
+    try:
+        for m in mounts:
+            if m.op not in (Op.BIND, Op.DEVICE):
+                continue
+            source = "." if m.source == cwd else m.source
+            try:
+                handles.append(os.open(source, os.O_PATH | os.O_CLOEXEC))
+            except OSError as exc:
+                raise SetupError("mount", "bind", m.source, exc.errno) from None
+            if m.source not in trusted and os.readlink(f"/proc/self/fd/{handles[-1]}") != m.source:
+                raise _moved(m.source)
+    except BaseException:
+        close_all(handles)
+        raise
+    return tuple(handles)
+
+
+def close_all(handles):
+    for fd in handles:
+        os.close(fd)
+
+
+def grab_bind_sources(mounts, handles):
     """Clone every bind source into a detached mount (an fd), while this process still has
     the host's identity: once it becomes the sandbox's uid, host root's 0700 dirs (the
-    socket dir's parent, /root) are out of its reach."""
+    socket dir's parent, /root) are out of its reach. A mount can only be cloned from this
+    mount namespace, not from the launcher's handle (open_sources): the source is looked
+    up again here and must be the very file the handle holds."""
     # Private: nothing we mount leaks to the host, and nothing the host mounts later
     # (a USB stick, another kernel's socket dir) appears inside.
     _mount(None, "/", None, MountFlags.MS_REC | MountFlags.MS_PRIVATE, what="make / private")
     trees = {}
-    for i, m in enumerate(mounts):
-        if m.op in (Op.BIND, Op.DEVICE):
-            try:
-                trees[i] = (open_tree_clone(m.source), os.path.isdir(m.source))
-            except OSError as exc:
-                raise SetupError("mount", "bind", m.source, exc.errno) from None
+    binds = [i for i, m in enumerate(mounts) if m.op in (Op.BIND, Op.DEVICE)]
+    for i, handle in zip(binds, handles, strict=True):
+        source = mounts[i].source
+        try:
+            here = os.open(source, os.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SetupError("mount", "open", source, exc.errno) from None
+        try:
+            held, found = os.fstat(handle), os.fstat(here)
+            if (held.st_dev, held.st_ino) != (found.st_dev, found.st_ino):
+                raise _moved(source)
+            trees[i] = (open_tree_clone(here, source), stat.S_ISDIR(found.st_mode))
+        except OSError as exc:
+            raise SetupError("mount", "bind", source, exc.errno) from None
+        finally:
+            os.close(here)
     return trees
+
+
+def _moved(source):
+    return SetupError("mount", f"{source} moved or became a link while the kernel started",
+                      hint=("a folder the kernel would see was changed meanwhile, perhaps by "
+                            "another kernel that may write its parent; start it again"))
 
 
 def enter_new_root(mounts, trees, cwd):

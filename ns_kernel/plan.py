@@ -23,6 +23,13 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 SOCKET_DIR_INSIDE = "/run/ns-kernel"
 MAX_PTYS = 64          # per kernel: terminals, pexpect sessions, one per running `!cmd`
+# In a home shown to the kernel, the non-dot entries a shell or desktop still runs as code
+# (Debian's ~/.profile puts ~/bin on PATH): read-only.
+HOME_CODE = ("bin",)
+# In the notebook folder's own git repository, what git on the host runs or obeys at the
+# next commit (hooks; core.hooksPath, core.fsmonitor, filters): read-only.
+GIT_HOST_READS = ("config", "hooks")
+SANDBOX_HOME = ".isolated-home"   # $HOME inside, when the real home is the notebook's folder
 
 
 class Op(enum.Enum):
@@ -69,6 +76,12 @@ class Host:
     runtime_dirs: tuple = ()  # Jupyter's runtime dir and /run/user/UID: always hidden
     venv: str = ""            # this interpreter's venv (sys.prefix), if it runs in one
     venv_entries: tuple = ()  # (name, symlink target or "" for a dir, None for a file)
+    home_entries: tuple = ()  # the same, of the real home
+    data_home: str = ""       # $XDG_DATA_HOME, else ~/.local/share
+    cwd_shared: bool = False  # cwd is writable by every user, as /tmp is
+    homes: tuple = ()         # every user's own home
+    config_paths: tuple = ()  # (path, exists): what the host side reads as configuration
+    cwd_git: tuple = ()       # kind of <cwd>/.git ("dir", "file") and the entries it has
 
     @classmethod
     def probe(cls):
@@ -79,13 +92,62 @@ class Host:
                 links.append((path, os.readlink(path)))
             elif not os.path.isdir(path):
                 missing.add(path)
+        import pwd
         uid = os.getuid()
+        # Real paths, as every source of a mount is (mount.open_sources compares).
+        home = os.path.realpath(os.path.expanduser("~"))
+        cwd = os.getcwd()
         venv = os.path.realpath(sys.prefix) if sys.prefix != sys.base_prefix else ""
-        return cls(uid=uid, gid=os.getgid(), home=os.path.expanduser("~"), cwd=os.getcwd(),
+        return cls(uid=uid, gid=os.getgid(), home=home, cwd=cwd,
                    environ=tuple(sorted(os.environ.items())), python_paths=python_paths(),
                    symlinks=tuple(links), missing=frozenset(missing),
                    runtime_dirs=(jupyter_runtime_dir(), f"/run/user/{uid}"),
-                   venv=venv, venv_entries=_entries(venv) if venv else ())
+                   venv=venv, venv_entries=_entries(venv) if venv else (),
+                   home_entries=_entries(home) if os.path.isdir(home) else (),
+                   cwd_shared=_shared(cwd),
+                   homes=_homes(pwd.getpwall()),
+                   config_paths=config_paths(), cwd_git=_git(cwd),
+                   data_home=os.path.realpath(os.environ.get("XDG_DATA_HOME")
+                                              or os.path.join(home, ".local/share")))
+
+
+def _git(cwd):
+    git = os.path.join(cwd, ".git")
+    if os.path.islink(git) or not os.path.exists(git):
+        return ()
+    if not os.path.isdir(git):
+        return ("file",)
+    return ("dir", *(name for name in GIT_HOST_READS if os.path.lexists(f"{git}/{name}")))
+
+
+def _homes(users):
+    """The homes that are someone's own (owned by their user: not /usr/games, /bin, ...)."""
+    homes = set()
+    for user in users:
+        try:
+            if user.pw_dir not in ("", "/") and os.stat(user.pw_dir).st_uid == user.pw_uid:
+                homes.add(user.pw_dir)
+        except OSError:
+            pass
+    return tuple(sorted(homes))
+
+
+def _shared(path):
+    """Writable by every user and sticky, as /tmp, /var/tmp and /dev/shm are."""
+    import stat
+    mode = os.stat(path).st_mode
+    return bool(mode & stat.S_ISVTX and mode & stat.S_IWOTH)
+
+
+def config_paths():
+    """Where the host side reads configuration or code that a kernel must never write:
+    Jupyter's config and data paths (kernelspecs), IPython's profiles, the user site."""
+    import site
+    from jupyter_core.paths import jupyter_config_path, jupyter_path
+    ipython = os.environ.get("IPYTHONDIR") or os.path.expanduser("~/.ipython")
+    paths = {*jupyter_config_path(), *jupyter_path(), ipython, site.getuserbase()}
+    return tuple(sorted((p, os.path.exists(p)) for p in map(os.path.realpath, paths)
+                        if os.path.isabs(p)))
 
 
 def _entries(path):
@@ -139,6 +201,7 @@ class Plan:
     state_dirs: tuple = ()    # host dirs that outlive the kernel, made before the start
     package_paths: tuple = () # sys.path entries (inside) of the packages the user installs
     discarded: tuple = ()     # (dir, skip dot entries): what vanishes with the sandbox
+    sockets: tuple = ()       # the kernel's socket names in the socket dir, once bound
 
 
 def under(path, parent):
@@ -148,10 +211,7 @@ def under(path, parent):
 def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
     """Return the Plan for running argv in a sandbox configured by `sandbox` on `host`."""
     cwd = os.path.normpath(host.cwd)
-    if cwd == "/":
-        raise SetupError("plan", "working directory", "/", hint=(
-            "sharing / read-write would expose the whole host; start Jupyter from the "
-            "notebook's folder"))
+    check_cwd(cwd, host)
     if host.uid == 0:
         if sandbox.sandbox_uid == 0 or sandbox.sandbox_gid == 0:
             raise SetupError("plan", "Sandbox.sandbox_uid/sandbox_gid = 0", hint=(
@@ -162,7 +222,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
     else:
         uid, gid, outside_uid, outside_gid = host.uid, host.gid, host.uid, host.gid
         home = host.home
-    data_home = dict(host.environ).get("XDG_DATA_HOME") or os.path.join(host.home, ".local/share")
+    data_home = host.data_home or os.path.join(host.home, ".local/share")
     state = os.path.join(sandbox.state_dir or os.path.join(data_home, "ns-kernel"),
                          sandbox.kernel_name)
     state_dirs = []
@@ -204,20 +264,30 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
                Mount(Op.PROC, "/proc", attrs=RW | MountAttr.MOUNT_ATTR_NOEXEC)]
     if sandbox.network != "host":
         mounts.append(Mount(Op.SYSFS, "/sys", attrs=RO | MountAttr.MOUNT_ATTR_NOEXEC))
+    # What the kernel may write. Nothing the host side runs or reads as configuration may
+    # be in it (checked below): not the launcher's own code, not Jupyter's settings.
+    writable = [*(os.path.normpath(p) for p in sandbox.rw_binds)]
+    seals = []     # made read-only last, once everything below them is mounted
+    kernel_home = home
+    if sandbox.home in ("readonly", "shared") or cwd == home:
+        # The real home's own files, never its dot entries (keys, tokens, the settings of
+        # shells, git, Jupyter, IPython): those the kernel can neither read nor create.
+        own = RO if sandbox.home == "readonly" and cwd != home else RW
+        shown = home_mounts(home, host.home_entries, own)
+        mounts += shown
+        seals.append(Mount(Op.SEAL, home))
+        visible += [m.dest for m in shown[1:]]
+        writable += [m.dest for m in shown if m.op is Op.BIND and m.attrs == RW]
+        if sandbox.home in ("persistent", "private"):
+            kernel_home = f"{home}/{SANDBOX_HOME}"
     if sandbox.home == "private":
-        mounts.append(Mount(Op.TMPFS, home, data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}"))
+        mounts.append(Mount(Op.TMPFS, kernel_home,
+                            data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}"))
     elif sandbox.home == "persistent":
         state_dirs.append(f"{state}/home")
-        mounts.append(Mount(Op.BIND, home, source=state_dirs[-1], attrs=RW))
-    elif not any(under(home, v) for v in visible):
-        mounts.append(Mount(Op.BIND, home, source=home,
-                            attrs=RO if sandbox.home == "readonly" else RW))
-        visible.append(home)
-    # What the kernel may write. The launcher's interpreter and packages must not be in it:
-    # a module planted there would run outside the sandbox at the next start.
-    writable = [cwd, *(os.path.normpath(p) for p in sandbox.rw_binds)]
-    if sandbox.home == "shared":
-        writable.append(home)
+        mounts.append(Mount(Op.BIND, kernel_home, source=state_dirs[-1], attrs=RW))
+    if cwd != home:
+        writable.insert(0, cwd)
     below_writable = []
     for path in host.python_paths:
         if path in writable:
@@ -238,11 +308,27 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
             path = os.path.normpath(path)
             mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
             visible.append(path)
-    mounts.append(Mount(Op.BIND, cwd, source=cwd, attrs=RW))
-    visible.append(cwd)
+    if cwd != home:     # else shown above, without its dot entries
+        mounts.append(Mount(Op.BIND, cwd, source=cwd, attrs=RW))
+        visible.append(cwd)
+    read_only = []
     for path in below_writable:     # e.g. the notebook folder's own .venv
         mounts += python_mounts(path, host, packages)
         visible.append(path)
+        read_only.append(path)
+    mounts += git_mounts(cwd, host.cwd_git) if cwd != home else []
+    for path, exists in host.config_paths:
+        covering = max((p for p in (*writable, *read_only) if under(path, p)), key=len,
+                       default=None)
+        if covering not in writable:
+            continue
+        if not exists:
+            raise SetupError("plan", f"{path} would be the kernel's to create", hint=(
+                f"it lies in {covering}, which the kernel may write, and Jupyter or IPython "
+                "on the host would read it as configuration; create it, or run notebooks "
+                "from another folder"))
+        mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+        read_only.append(path)
     mounts.append(Mount(Op.BIND, SOCKET_DIR_INSIDE, source=socket_dir, attrs=RW))
     # Other kernels' connection files and sockets: cover them wherever a bind shows them.
     socket_base = os.path.dirname(socket_dir)
@@ -254,9 +340,10 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
                 "run notebooks from another folder"))
         if any(under(path, v) for v in visible):
             mounts.append(Mount(Op.HIDE, path, data="mode=0755,size=4k", attrs=RO))
+    mounts += seals
 
     package_paths = ()
-    env = kernel_env(dict(host.environ), sandbox, home)
+    env = kernel_env(dict(host.environ), sandbox, kernel_home)
     if host.venv:
         package_paths, env = with_packages(env, host.venv)
     return Plan(
@@ -274,6 +361,55 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
 
 
 PACKAGES = "user"     # <venv>/user inside: where `%pip install` puts what the user adds
+
+
+def check_cwd(cwd, host):
+    """Refuse a notebook folder whose sharing read-write would give the kernel what is not
+    the user's to give, or what the host side reads as configuration."""
+    if cwd == "/":
+        raise SetupError("plan", "working directory", "/", hint=(
+            "sharing / read-write would expose the whole host; start Jupyter from the "
+            "notebook's folder"))
+    if host.cwd_shared:
+        raise SetupError("plan", "working directory", cwd, hint=(
+            "every user may write it (as /tmp); the kernel would share it with all of "
+            "them: start Jupyter from a folder of your own, e.g. ~/notebooks"))
+    held = [h for h in host.homes if h != cwd and under(h, cwd)]
+    if held:
+        raise SetupError("plan", "working directory", cwd, hint=(
+            f"it holds {held[0]}{' and other homes' if len(held) > 1 else ''}, with "
+            "their keys and settings; start Jupyter from your home or a folder in it"))
+    for path, _ in host.config_paths:
+        if under(cwd, path):
+            raise SetupError("plan", "working directory", cwd, hint=(
+                f"it lies in {path}, which Jupyter or IPython on the host reads as "
+                "configuration; run notebooks from another folder"))
+
+
+def home_mounts(home, entries, attrs):
+    """A tmpfs at home with the real home's non-dot entries on it (`attrs`; HOME_CODE
+    read-only); the caller seals it read-only once all its mounts are made."""
+    mounts = [Mount(Op.TMPFS, home, data="mode=0755,size=64k")]
+    for name, target in entries:
+        if name.startswith("."):
+            continue
+        if target:
+            mounts.append(Mount(Op.SYMLINK, f"{home}/{name}", data=target))
+        else:
+            mounts.append(Mount(Op.BIND, f"{home}/{name}", source=f"{home}/{name}",
+                                attrs=RO if name in HOME_CODE else attrs))
+    return mounts
+
+
+def git_mounts(cwd, git):
+    """The notebook folder's own repository: what git on the host obeys, read-only."""
+    if not git:
+        return []
+    if git[0] == "file" or "hooks" not in git:
+        # A gitdir link the kernel could point anywhere, or no hooks dir it could not make.
+        return [Mount(Op.BIND, f"{cwd}/.git", source=f"{cwd}/.git", attrs=RO)]
+    return [Mount(Op.BIND, f"{cwd}/.git/{name}", source=f"{cwd}/.git/{name}", attrs=RO)
+            for name in git[1:]]
 
 
 def python_mounts(path, host, packages):

@@ -20,8 +20,11 @@ import socket
 
 from . import forked, leftovers, limits, mount, net, pid, prestart, socketdir
 from .errors import SetupError
-from .syscalls import CloneFlags, drop_all_capabilities, set_no_new_privs, \
-    set_parent_death_signal, sethostname, unshare
+from .mount import RO_TOP
+from .plan import SOCKET_DIR_INSIDE
+from .syscalls import IN_CREATE, IN_MOVED_TO, CloneFlags, drop_all_capabilities, \
+    inotify_watch, mount_setattr, set_dumpable, set_no_new_privs, set_parent_death_signal, \
+    sethostname, unshare
 from .user import userns_hint, write_id_maps
 
 MSG_UNSHARED = b"U"
@@ -32,8 +35,9 @@ MSG_STATUS = b"S"
 class Sandbox:
     """The launcher's handle on a running sandbox."""
 
-    def __init__(self, plan, attach=None, prestarted=None):
+    def __init__(self, plan, attach=None, prestarted=None, handles=()):
         self.plan = plan
+        self.handles = handles     # of the bind sources, in order (mount.open_sources)
         self.attach = attach       # puts the monitor in the kernel's cgroup (limits.py)
         self.prestarted = prestarted   # the kernel's interpreter, if spawned (prestart.py)
         self.pid = None            # the monitor's pid
@@ -47,13 +51,13 @@ class Sandbox:
 
     def start(self, spawn=None):
         """Start the monitor, map its ids, and return; the rest happens in the children.
-        The monitor is forked here, or by spawn(plan, ctl, err_w) -> pid: a warm template
+        The monitor is forked here, or by spawn(plan, ctl, err_w, handles) -> pid: a warm template
         that has ipykernel imported already runs the same steps (warm.py)."""
         ctl, ctl_child = socket.socketpair()
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         if spawn:
             try:
-                child = spawn(self.plan, ctl_child, err_w)
+                child = spawn(self.plan, ctl_child, err_w, self.handles)
             except BaseException:
                 ctl.close()
                 os.close(err_r)
@@ -68,7 +72,8 @@ class Sandbox:
             if child == 0:
                 ctl.close()
                 os.close(err_r)
-                forked.run(functools.partial(_monitor, prestarted=prestarted),
+                forked.run(functools.partial(_monitor, prestarted=prestarted,
+                                             handles=self.handles),
                            self.plan, ctl_child, err_w)
             if self.prestarted:
                 self.prestarted.release()   # init has it now
@@ -151,9 +156,10 @@ def _wait_foreign(pid_):
     return signal.SIGKILL
 
 
-def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None):
+def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=()):
     """kernel_step(plan, ctl, err_w): the kernel's last step, forked.exec_kernel by default;
-    prestarted: the socket to the kernel's prestarted interpreter (prestart.py)."""
+    prestarted: the socket to the kernel's prestarted interpreter (prestart.py); handles:
+    of the bind sources (mount.open_sources)."""
     # Out of the launcher's process group: Jupyter's killpg(SIGINT) reaches the launcher
     # alone, which forwards it exactly once; and no controlling terminal (TIOCSTI).
     os.setsid()
@@ -176,10 +182,11 @@ def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None):
     init = os.fork()
     if init == 0:
         forked.run(functools.partial(_init, kernel_step=kernel_step or forked.exec_kernel,
-                                     prestarted=prestarted), plan, ctl, err_w)
+                                     prestarted=prestarted, handles=handles), plan, ctl, err_w)
     os.close(err_w)
     if prestarted:
         prestarted.close()
+    mount.close_all(handles)
     pid.forward_signals(init)
     _supervise(plan, ctl, init, origin)
 
@@ -206,7 +213,7 @@ def _supervise(plan, ctl, init, origin):
     os._exit(code if code >= 0 else 128 - code)
 
 
-def _init(plan, ctl, err_w, kernel_step, prestarted):
+def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # If the monitor dies, init dies, and with it every process of the PID namespace.
     set_parent_death_signal(signal.SIGKILL)
     flags = CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
@@ -217,7 +224,8 @@ def _init(plan, ctl, err_w, kernel_step, prestarted):
     except OSError as exc:
         raise SetupError("unshare", f"unshare({flags!s})".replace("CloneFlags.", ""), "",
                          exc.errno) from None
-    trees = mount.grab_bind_sources(plan.mounts)
+    trees = mount.grab_bind_sources(plan.mounts, handles)
+    mount.close_all(handles)
     # Become the plan's uid now: files made in the new mounts need an owner that is mapped
     # (host root is not).
     forked.take_ids(plan)
@@ -238,13 +246,63 @@ def _init(plan, ctl, err_w, kernel_step, prestarted):
     limits.apply_rlimits(plan.limits)
     set_no_new_privs()
     kernel = prestart.hand_off(prestarted, plan, err_w) if prestarted else None
-    drop_all_capabilities()
     if kernel is None:
         kernel = os.fork()
         if kernel == 0:
-            forked.run(kernel_step, plan, ctl, err_w)
+            forked.run(functools.partial(_kernel, kernel_step), plan, ctl, err_w)
+    # Init keeps its capabilities a little longer (seal_socket_dir): the kernel, same uid,
+    # must not be able to borrow them through ptrace or /proc/1/mem meanwhile.
+    set_dumpable(False)
+    pid.forward_signals(-kernel)
+    seal_socket_dir(plan.sockets, kernel)
+    drop_all_capabilities()
     os.close(err_w)
     pid.run_init(kernel, functools.partial(_report_end, plan, ctl))
+
+
+def _kernel(kernel_step, plan, ctl, err_w):
+    drop_all_capabilities()
+    kernel_step(plan, ctl, err_w)
+
+
+def seal_socket_dir(sockets, kernel):
+    """Once the kernel has bound its sockets, make the socket dir read-only for it: the
+    host side connects to those paths (the bridge, the provisioner's client), so the
+    kernel must not replace one by a link to a host socket, nor fill the host's disk
+    there. Before that moment it has run none of the notebook's code."""
+    if not sockets:
+        return      # `ns-kernel run`: no sockets, nobody connects
+    watch = inotify_watch(SOCKET_DIR_INSIDE, IN_CREATE | IN_MOVED_TO)
+    exited = os.pidfd_open(kernel)
+    try:
+        while not all(_is_socket(f"{SOCKET_DIR_INSIDE}/{name}") for name in sockets):
+            if exited in select.select([watch, exited], [], [])[0]:
+                return      # it died first: init reaps it and leaves
+            _drain(watch)
+    finally:
+        os.close(watch)
+        os.close(exited)
+    try:
+        mount_setattr(SOCKET_DIR_INSIDE, RO_TOP, recursive=False)
+    except OSError as exc:
+        raise SetupError("mount", f"mount_setattr({SOCKET_DIR_INSIDE}, read-only)",
+                         SOCKET_DIR_INSIDE, exc.errno) from None
+
+
+def _is_socket(path):
+    import stat
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _report_end(plan, ctl, status):

@@ -52,6 +52,7 @@ def flag_names(flags):
 MNT_DETACH = 2
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
@@ -110,10 +111,12 @@ def pivot_root(new_root, put_old):
     _check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()), new_root)
 
 
-def open_tree_clone(path):
-    """A detached copy of the mount tree at path, as an fd (a bind mount not yet placed)."""
-    return _check(_libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD), path.encode(),
-                                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)),
+def open_tree_clone(handle, path):
+    """A detached copy of the mount tree at `handle` (an O_PATH fd, for `path`), as an fd:
+    a bind mount not yet placed."""
+    return _check(_libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(handle), b"",
+                                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+                                              | AT_EMPTY_PATH)),
                   path)
 
 
@@ -153,8 +156,8 @@ def set_no_new_privs():
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def set_dumpable():
-    prctl(PR_SET_DUMPABLE, 1)
+def set_dumpable(dumpable=True):
+    prctl(PR_SET_DUMPABLE, int(dumpable))
 
 
 def last_capability():

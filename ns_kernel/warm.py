@@ -39,6 +39,7 @@ from . import preload
 
 IDLE_EXIT = 600.0
 MAX_REQUEST = 1 << 20
+MAX_HANDLES = 250     # bind sources a plan may have (SCM_RIGHTS takes at most 253 fds)
 
 
 def socket_path(environ=os.environ):
@@ -266,9 +267,9 @@ def _die_with(client):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _spawn_monitor(monitor, plan, ctl, err_w):
+def _spawn_monitor(monitor, plan, ctl, err_w, handles):
     """Sandbox.start's spawn: hand the plan to the spare monitor; returns its pid."""
-    socket.send_fds(monitor, [_dumps(plan)], [ctl.fileno(), err_w, 0, 1, 2])
+    socket.send_fds(monitor, [_dumps(plan)], [ctl.fileno(), err_w, 0, 1, 2, *handles])
     pid = monitor.recv(64)
     if not pid:
         from .errors import SetupError
@@ -283,13 +284,14 @@ def _spare_monitor(sock):
     import pickle
     from . import forked, sandbox
     try:
-        data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5)
+        data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5 + MAX_HANDLES)
     except OSError:
         os._exit(0)
-    if not data or len(fds) != 5:
+    if not data or len(fds) < 5:
         os._exit(0)
     plan = pickle.loads(data)
-    ctl_fd, err_w, *stdio = fds
+    ctl_fd, err_w, *stdio = fds[:5]
+    handles = tuple(fds[5:])
     _take_stdio(stdio)
     for fd in (ctl_fd, err_w):
         os.set_inheritable(fd, False)   # err_w closes at execve, as in a cold start
@@ -302,8 +304,8 @@ def _spare_monitor(sock):
         forked.report(err_w, SetupError("warm", f"warm template has {preload.threads()} threads",
                                         hint="unshare(CLONE_NEWUSER) needs one thread"))
         os._exit(127)
-    forked.run(functools.partial(sandbox._monitor, kernel_step=preload.run_preloaded),
-               plan, ctl, err_w)
+    forked.run(functools.partial(sandbox._monitor, kernel_step=preload.run_preloaded,
+                                 handles=handles), plan, ctl, err_w)
 
 
 def template_pid():

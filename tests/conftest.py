@@ -34,6 +34,17 @@ def write_spec(name, options=(), provisioner=False, config=None):
 
 
 write_spec(KERNEL_NAME)
+
+
+def start_paths(prefix, options=()):
+    """A kernelspec for each way a kernel starts (argv with its TCP bridge, the
+    provisioner's direct ipc, init exec'ing the kernel, the warm template), with options."""
+    return {
+        "argv": write_spec(f"{prefix}-argv", options),
+        "provisioner": write_spec(f"{prefix}-provisioner", options, provisioner=True),
+        "no-prestart": write_spec(f"{prefix}-exec", [*options, "--no-prestart"]),
+        "warm": write_spec(f"{prefix}-warm", [*options, "--warm"]),
+    }
 os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
 
 
@@ -110,9 +121,11 @@ class Kernel:
         return ast.literal_eval(out.strip())
 
 
-def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, **kw):
+def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, env=None, **kw):
+    """env: variables to set (e.g. HOME) for the launcher, as a server's would be."""
     km = KernelManager(kernel_name=kernel_name, **kw)
-    km.start_kernel(cwd=cwd, extra_arguments=list(extra_arguments))
+    km.start_kernel(cwd=cwd, extra_arguments=list(extra_arguments),
+                    **({"env": {**os.environ, **env}} if env else {}))
     kc = km.client()
     kc.start_channels()
     try:

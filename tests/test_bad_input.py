@@ -2,6 +2,7 @@
 and nothing left behind."""
 import json
 import os
+import stat
 import shutil
 import socket
 import subprocess
@@ -47,7 +48,11 @@ def assert_nothing_left(base):
 
 def conn_file(base, **changes):
     path = os.path.join(base, "kernel-00000000-0000-0000-0000-000000000000.json")
+    mode = os.stat(base).st_mode
     write_connection_file(path)
+    # jupyter_client makes the folder it writes into sticky (against /tmp cleaners); with a
+    # 0777 test folder that would read as a folder shared by every user, like /tmp.
+    os.chmod(base, stat.S_IMODE(mode))
     with open(path) as f:
         info = json.load(f)
     info.update(changes)

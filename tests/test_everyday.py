@@ -16,15 +16,10 @@ import pytest
 
 from jupyter_client.manager import KernelManager
 
-from conftest import Kernel, start_kernel, stop_kernel, write_spec
+from conftest import Kernel, start_kernel, start_paths, stop_kernel, write_spec
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "everyday.ipynb")
-PATHS = {
-    "argv": write_spec("everyday-argv"),
-    "provisioner": write_spec("everyday-provisioner", provisioner=True),
-    "no-prestart": write_spec("everyday-exec", ["--no-prestart"]),
-    "warm": write_spec("everyday-warm", ["--warm"]),
-}
+PATHS = start_paths("everyday")
 
 
 def run_cells(kernel):

@@ -74,8 +74,7 @@ def test_private_home_is_a_tmpfs_and_is_reported():
 
 
 def test_state_per_kernelspec_name_and_data_home():
-    p = plan(Sandbox(kernel_name="course-2g"),
-             environ=(("XDG_DATA_HOME", "/data/ada"), ("PATH", "/usr/bin")))
+    p = plan(Sandbox(kernel_name="course-2g"), data_home="/data/ada")
     assert p.state_dirs == ("/data/ada/ns-kernel/course-2g/home",)
     p = plan(Sandbox(state_dir="/srv/state"))
     assert by_dest(p)["/home/ada"].source == "/srv/state/isolated-python/home"
@@ -124,9 +123,86 @@ def test_a_venv_entry_named_user_is_refused():
         plan(**{**VENV, "venv_entries": (("user", ""),)})
 
 
-def test_runtime_dir_hidden_when_home_is_shown():
-    assert by_dest(plan(Sandbox(home="shared")))[
-        "/home/ada/.local/share/jupyter/runtime"].op is Op.HIDE
+HOME_ENTRIES = (("notebooks", ""), ("bin", ""), ("data", "/srv/data"), ("notes.txt", None),
+                (".ssh", ""), (".bashrc", None), (".jupyter", ""), (".local", ""))
+
+
+def test_home_shown_without_its_dot_entries():
+    for mode, attrs in (("shared", RW), ("readonly", RO)):
+        p = plan(Sandbox(home=mode), home_entries=HOME_ENTRIES)
+        home = [m for m in p.mounts if m.dest.startswith("/home/ada") and
+                not m.dest.startswith("/home/ada/.venv")]
+        assert home[:5] == [
+            Mount(Op.TMPFS, "/home/ada", data="mode=0755,size=64k"),
+            Mount(Op.BIND, "/home/ada/notebooks", source="/home/ada/notebooks", attrs=attrs),
+            Mount(Op.BIND, "/home/ada/bin", source="/home/ada/bin", attrs=RO),   # on PATH
+            Mount(Op.SYMLINK, "/home/ada/data", data="/srv/data"),
+            Mount(Op.BIND, "/home/ada/notes.txt", source="/home/ada/notes.txt", attrs=attrs)]
+        assert p.mounts[-1] == Mount(Op.SEAL, "/home/ada")     # no new entry at the top
+        assert not [m for m in p.mounts if m.dest.startswith("/home/ada/.")
+                    and not m.dest.startswith("/home/ada/.venv")]
+        assert dict(p.env)["HOME"] == "/home/ada"
+
+
+def test_notebook_in_the_home_folder():
+    # JupyterLab's default: the notebook folder is the home. Its files are the kernel's,
+    # its dot entries are not; $HOME is the sandbox's own home, beside them.
+    p = plan(cwd="/home/ada", home_entries=HOME_ENTRIES)
+    mounts = by_dest(p)
+    assert [m.op for m in p.mounts if m.dest == "/home/ada"] == [Op.TMPFS, Op.SEAL]
+    assert mounts["/home/ada/notebooks"].attrs == RW
+    assert mounts["/home/ada/notes.txt"].attrs == RW
+    assert mounts["/home/ada/bin"].attrs == RO
+    assert mounts["/home/ada/.isolated-home"] == Mount(
+        Op.BIND, "/home/ada/.isolated-home",
+        source="/home/ada/.local/share/ns-kernel/isolated-python/home", attrs=RW)
+    assert dict(p.env)["HOME"] == "/home/ada/.isolated-home"
+    assert "/home/ada/.ssh" not in mounts and "/home/ada/.jupyter" not in mounts
+    assert [m for m in p.mounts if m.source == "/home/ada"] == []    # never the whole home
+    assert p.mounts[-1] == Mount(Op.SEAL, "/home/ada")
+    p = plan(Sandbox(home="private"), cwd="/home/ada", home_entries=HOME_ENTRIES)
+    assert by_dest(p)["/home/ada/.isolated-home"].op is Op.TMPFS
+
+
+@pytest.mark.parametrize("facts, fragment", [
+    (dict(cwd="/tmp", cwd_shared=True), "every user may write it"),
+    (dict(cwd="/home", homes=("/home/ada", "/home/bob")), "it holds /home/ada and other homes"),
+    (dict(cwd="/srv", home="/srv/ada", homes=("/srv/ada",)), "it holds /srv/ada,"),
+    (dict(cwd="/home/ada/.jupyter/nb", config_paths=(("/home/ada/.jupyter", True),)),
+     "it lies in /home/ada/.jupyter"),
+])
+def test_folders_that_are_not_the_users_to_share_are_refused(facts, fragment):
+    with pytest.raises(SetupError, match=fragment):
+        plan(**facts)
+
+
+def test_configuration_in_a_writable_folder_is_read_only_or_refused():
+    p = plan(config_paths=(("/home/ada/notebooks/share/jupyter", True),
+                           ("/home/ada/.jupyter", True), ("/etc/jupyter", True)))
+    dests = [m.dest for m in p.mounts]
+    assert by_dest(p)["/home/ada/notebooks/share/jupyter"].attrs == RO
+    assert dests.index("/home/ada/notebooks/share/jupyter") > dests.index("/home/ada/notebooks")
+    assert "/home/ada/.jupyter" not in dests and "/etc/jupyter" not in dests
+    with pytest.raises(SetupError, match="would be the kernel's to create"):
+        plan(config_paths=(("/home/ada/notebooks/etc/jupyter", False),))
+    with pytest.raises(SetupError, match="/srv/x/.ipython would be the kernel's to create"):
+        plan(Sandbox(rw_binds=["/srv/x"]), config_paths=(("/srv/x/.ipython", False),))
+    # Under a read-only view of a writable folder (a venv there) nothing can be created.
+    plan(python_paths=("/home/ada/notebooks/.venv",),
+         config_paths=(("/home/ada/notebooks/.venv/etc/jupyter", False),))
+
+
+def test_the_notebook_folders_git_is_obeyed_by_the_host_so_read_only():
+    mounts = by_dest(plan(cwd_git=("dir", "config", "hooks")))
+    assert mounts["/home/ada/notebooks/.git/config"].attrs == RO
+    assert mounts["/home/ada/notebooks/.git/hooks"].attrs == RO
+    for git in (("dir", "config"), ("file",)):
+        assert by_dest(plan(cwd_git=git))["/home/ada/notebooks/.git"].attrs == RO
+
+
+def test_runtime_dir_never_shown():
+    # A shown home has no dot entries, so Jupyter's runtime dir is not there at all.
+    assert "/home/ada/.local/share/jupyter/runtime" not in by_dest(plan(Sandbox(home="shared")))
     # With a home of the sandbox's own it is not visible at all: nothing to hide.
     assert "/home/ada/.local/share/jupyter/runtime" not in by_dest(plan())
 

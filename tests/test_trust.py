@@ -1,0 +1,298 @@
+"""The host side never runs, loads or follows what a kernel may write (issue 9). Each test
+performs an attack a kernel (or a kernel racing another) made on an earlier main, on every
+way a kernel starts, and checks that it fails while the legitimate use beside it works."""
+import ctypes
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import start_kernel, start_paths, stop_kernel, wait_until
+
+PATHS = start_paths("trust")
+SHARED_HOME = start_paths("trust-shared", ["--home=shared"])
+
+ATTACKS = """
+import os
+def attempt(what, action):
+    try:
+        action()
+        print(what, "ALLOWED")
+    except Exception as exc:
+        print(what, type(exc).__name__)
+home = {home!r}
+def write(path, text="x"):
+    with open(path, "a") as f:
+        f.write(text)
+attempt("read-key", lambda: open(home + "/.ssh/id_ed25519").read())
+attempt("bashrc", lambda: write(home + "/.bashrc", "echo pwned\\n"))
+attempt("authorized_keys", lambda: write(home + "/.ssh/authorized_keys"))
+attempt("new-dotfile", lambda: write(home + "/.profile"))
+attempt("jupyter-config", lambda: write(home + "/.jupyter/ns_kernel_config.py"))
+attempt("kernelspec", lambda: (os.makedirs(home + "/.local/share/jupyter/kernels/isolated-python",
+                                           exist_ok=True),
+                               write(home + "/.local/share/jupyter/kernels/isolated-python/kernel.json")))
+attempt("home-bin", lambda: write(home + "/bin/ls"))
+attempt("notebooks", lambda: write(home + "/notebooks/out.txt", "ok"))
+attempt("existing-file", lambda: write(home + "/results.csv", "3,4\\n"))
+attempt("new-top-file", lambda: write(home + "/new.csv"))
+print("HOME", os.environ["HOME"], os.access(os.environ["HOME"], os.W_OK))
+"""
+
+
+@pytest.fixture
+def fake_home(tmp_path):
+    """A home as JupyterLab's users have one: keys, shell and Jupyter settings, ~/bin, a
+    notebooks folder and a file beside it; writable by the sandbox's uid where the user's
+    own kernel could write (root's runs as nobody)."""
+    home = tmp_path / "home"
+    for d in (".ssh", ".jupyter", ".local/share/jupyter/kernels", "bin", "notebooks"):
+        (home / d).mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("SECRET KEY")
+    (home / ".bashrc").write_text("# rc\n")
+    (home / "results.csv").write_text("1,2\n")
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    tmp_path.chmod(0o755)
+    return home
+
+
+def results(out):
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def assert_home_untouched(home):
+    assert (home / ".bashrc").read_text() == "# rc\n"
+    assert not (home / ".ssh" / "authorized_keys").exists()
+    assert not (home / ".profile").exists()
+    assert not (home / ".jupyter" / "ns_kernel_config.py").exists()
+    assert os.listdir(home / ".local" / "share" / "jupyter" / "kernels") == []
+    assert os.listdir(home / "bin") == []
+    assert not (home / "new.csv").exists()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_notebook_in_the_home_folder_cannot_touch_the_hosts_settings(fake_home, path):
+    # JupyterLab's root is usually ~, so ~/Untitled.ipynb runs with the home as its folder.
+    home = str(fake_home)
+    k = start_kernel(home, kernel_name=PATHS[path], env={"HOME": home})
+    try:
+        out, error, _ = k.execute(ATTACKS.format(home=home))
+    finally:
+        stop_kernel(k)
+    assert error is None, out
+    seen = results(out)
+    for attack in ("read-key", "bashrc", "authorized_keys", "new-dotfile", "jupyter-config",
+                   "kernelspec", "home-bin"):
+        assert seen[attack] != "ALLOWED", (attack, out)
+    assert seen["read-key"] == "FileNotFoundError"      # dot entries are not there at all
+    # The user's own files stay theirs to change; a new file at the top gets a clear error.
+    assert seen["notebooks"] == "ALLOWED" and seen["existing-file"] == "ALLOWED"
+    assert seen["new-top-file"] == "OSError"
+    assert seen["HOME"] == f"{home}/.isolated-home True"
+    assert (fake_home / "notebooks" / "out.txt").read_text() == "ok"
+    assert (fake_home / "results.csv").read_text() == "1,2\n3,4\n"
+    assert_home_untouched(fake_home)
+
+
+@pytest.mark.parametrize("path", ["argv", "provisioner"])
+def test_shared_home_shares_files_not_settings(fake_home, workdir, path):
+    home = str(fake_home)
+    k = start_kernel(workdir, kernel_name=SHARED_HOME[path], env={"HOME": home})
+    try:
+        out, error, _ = k.execute(ATTACKS.format(home=home))
+    finally:
+        stop_kernel(k)
+    assert error is None, out
+    seen = results(out)
+    for attack in ("read-key", "bashrc", "authorized_keys", "new-dotfile", "jupyter-config",
+                   "kernelspec", "home-bin", "new-top-file"):
+        assert seen[attack] != "ALLOWED", (attack, out)
+    assert seen["notebooks"] == "ALLOWED" and seen["existing-file"] == "ALLOWED"
+    assert seen["HOME"] == f"{home} False"
+    assert_home_untouched(fake_home)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_notebook_folders_git_hooks_and_config_are_read_only(workdir, path):
+    subprocess.run(["git", "init", "-q", workdir], check=True)
+    subprocess.run(["chmod", "-R", "a+rwX", f"{workdir}/.git"], check=True)
+    k = start_kernel(workdir, kernel_name=PATHS[path])
+    try:
+        out, error, _ = k.execute(
+            "def attempt(what, path):\n"
+            "    try:\n"
+            "        open(path, 'a').write('#!/bin/sh\\necho pwned\\n')\n"
+            "        print(what, 'ALLOWED')\n"
+            "    except OSError as exc:\n"
+            "        print(what, type(exc).__name__)\n"
+            "attempt('hook', '.git/hooks/pre-commit')\n"
+            "attempt('config', '.git/config')\n"
+            "attempt('description', '.git/description')\n")
+    finally:
+        stop_kernel(k)
+    seen = results(out)
+    assert seen["hook"] == "OSError" and seen["config"] == "OSError", out
+    assert seen["description"] == "ALLOWED"      # the rest of the repository is the user's
+    assert not os.path.exists(f"{workdir}/.git/hooks/pre-commit")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_socket_dir_is_sealed_once_the_kernel_runs(workdir, path, tmp_path):
+    # A host Unix socket the kernel must never get the launcher or the client to reach.
+    tmp_path.chmod(0o755)
+    target = socket.socket(socket.AF_UNIX)
+    target.bind(str(tmp_path / "host.sock"))
+    target.listen()
+    k = start_kernel(workdir, kernel_name=PATHS[path])
+    try:
+        out, error, _ = k.execute(
+            "import os, socket\n"
+            "def attempt(what, action):\n"
+            "    try:\n"
+            "        action()\n"
+            "        print(what, 'ALLOWED')\n"
+            "    except OSError as exc:\n"
+            "        print(what, type(exc).__name__)\n"
+            "d = '/run/ns-kernel'\n"
+            "k = sorted(n for n in os.listdir(d) if n.startswith('k-'))[0]\n"
+            "attempt('rename', lambda: os.rename(f'{d}/{k}', f'{d}/old'))\n"
+            f"attempt('link', lambda: os.symlink({str(tmp_path / 'host.sock')!r}, f'{{d}}/x'))\n"
+            "attempt('fill', lambda: open(f'{d}/big', 'wb').write(b'x' * 4096))\n"
+            "attempt('mkdir', lambda: os.mkdir(f'{d}/sub', 0))\n"
+            "attempt('unlink', lambda: os.unlink(f'{d}/{k}'))\n")
+        assert error is None, out
+        assert k.value("6 * 7") == 42      # the client's paths still reach the kernel
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=60)
+        assert k.value("6 * 7") == 42
+    finally:
+        stop_kernel(k)
+        target.close()
+    seen = results(out)
+    for attack in ("rename", "link", "fill", "mkdir", "unlink"):
+        assert seen[attack] == "OSError", out
+
+
+def test_the_bridge_connects_only_to_the_kernels_own_socket(tmp_path):
+    # What the bridge would meet if a kernel had swapped its socket for a link to a host
+    # socket before the seal: it must not relay to it.
+    from ns_kernel.bridge import kernel_socket
+    tmp_path.chmod(0o755)
+    host = socket.socket(socket.AF_UNIX)
+    host.bind(str(tmp_path / "host.sock"))
+    host.listen()
+    os.symlink(tmp_path / "host.sock", tmp_path / "k-1234")
+    # A monitor of another sandbox: its children get a PID namespace of their own.
+    other = subprocess.Popen(["unshare", "--user", "--map-root-user", "--pid", "--fork", "sleep",
+                              "60"])
+    try:
+        # (The namespace can be looked at once its first process, sleep, is there.)
+        def made():
+            try:
+                return os.stat(f"/proc/{other.pid}/ns/pid_for_children").st_ino != \
+                    os.stat("/proc/self/ns/pid").st_ino
+            except FileNotFoundError:
+                return False
+        assert wait_until(made)
+        assert kernel_socket(str(tmp_path / "k-1234"), os.getpid()) is None   # a link
+        # A real socket, but its listener is outside that sandbox's PID namespace.
+        assert kernel_socket(str(tmp_path / "host.sock"), other.pid) is None
+        # The same socket is accepted where its listener does live (the check can pass).
+        sock = kernel_socket(str(tmp_path / "host.sock"), os.getpid())
+        assert sock is not None
+        sock.close()
+    finally:
+        other.kill()
+        other.wait()
+        host.close()
+
+
+# -- refused folders ----------------------------------------------------------------------
+
+def run_in(cwd, *args, env=None):
+    done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", *args, "--",
+                           "/bin/true"], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+    return done.returncode, done.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("folder, fragment", [
+    ("/tmp", "every user may write it"),
+    ("/dev/shm", "every user may write it"),
+    ("/home", "it holds /home/"),
+])
+def test_folders_shared_by_every_user_are_refused(folder, fragment):
+    if not os.path.isdir(folder):
+        pytest.fail(f"{folder} is missing on this machine")
+    code, lines = run_in(folder)
+    assert code != 0
+    errors = [line for line in lines if line.startswith("ns-kernel:")]
+    assert len(errors) == 1 and fragment in errors[0], lines
+    assert "start Jupyter from" in errors[0]
+
+
+def test_a_folder_inside_jupyters_settings_is_refused(tmp_path):
+    config = tmp_path / "jupyter-config"
+    (config / "nb").mkdir(parents=True)
+    code, lines = run_in(config / "nb", env={"JUPYTER_CONFIG_DIR": str(config)})
+    assert code != 0
+    assert lines[-1].startswith(f"ns-kernel: working directory {config / 'nb'}")
+    assert f"it lies in {config}, which Jupyter or IPython on the host reads" in lines[-1]
+
+
+# -- a kernel racing another's start --------------------------------------------------------
+
+RENAME_EXCHANGE = 2
+
+
+def test_a_folder_swapped_for_a_link_while_a_kernel_starts_is_never_mounted(tmp_path):
+    """A kernel whose folder holds another kernel's folder swaps that folder with a link to
+    / in a loop while the other starts: each start either refuses, naming the race, or
+    mounts the real folder; never the host's /."""
+    tmp_path.chmod(0o755)
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o777)
+    (victim / "marker").write_text("the real folder")
+    (victim / "marker").chmod(0o644)
+    os.symlink("/", tmp_path / "swap")
+    libc = ctypes.CDLL(None, use_errno=True)
+    stop = threading.Event()
+
+    def swap():
+        a, b = str(victim).encode(), str(tmp_path / "swap").encode()
+        while not stop.is_set():
+            libc.renameat2(-100, a, -100, b, RENAME_EXCHANGE)
+
+    outcomes = set()
+    for _ in range(12):
+        # The launcher starts in the real folder (its cwd is the folder, not a name); the
+        # swapping starts as it does.
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                                 "/bin/sh", "-c", "cat marker; ls /proc | grep -c '^[0-9]'"],
+                                cwd=victim, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        thread = threading.Thread(target=swap)
+        thread.start()
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            stop.set()
+            thread.join()
+            stop.clear()
+        # Put things back as they were for the next round.
+        if os.path.islink(victim):
+            libc.renameat2(-100, str(victim).encode(), -100, str(tmp_path / "swap").encode(),
+                           RENAME_EXCHANGE)
+        if proc.returncode == 0:
+            assert out.startswith("the real folder"), (out, err)
+            outcomes.add("real folder")
+        else:
+            assert "moved or became a link while the kernel started" in err or \
+                "working directory" in err, err
+            outcomes.add("refused")
+    assert outcomes    # every round ended in one of the two
