@@ -221,6 +221,24 @@ def stray_prestarted():
     return alive(stray)
 
 
+def socket_inodes(pids):
+    """The inodes of the sockets these processes hold. Init is not dumpable (sandbox.py):
+    an ordinary user may not list its fds, so the root pass alone sees those."""
+    found, unreadable = set(), []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            unreadable.append(pid)
+            continue
+        for fd in fds:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                found.add(target[8:-1])
+    assert len(unreadable) <= (0 if os.getuid() == 0 else 1), unreadable
+    return found
+
+
 def wait_until(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

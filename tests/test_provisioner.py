@@ -10,7 +10,7 @@ import stat
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from conftest import write_spec
+from conftest import socket_inodes, write_spec
 from ns_kernel.connection import CHANNELS
 from conftest import alive, descendants, wait_until
 
@@ -51,16 +51,6 @@ def tcp_socket_inodes():
         with open(table) as f:
             inodes.update(line.split()[9] for line in list(f)[1:])
     return inodes
-
-
-def socket_inodes(pids):
-    found = set()
-    for pid in pids:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                found.add(target[8:-1])
-    return found
 
 
 def test_client_talks_to_the_kernels_own_sockets(workdir, socket_base):
