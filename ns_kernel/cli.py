@@ -32,10 +32,13 @@ SANDBOX_ALIASES = {
     "gid": "Sandbox.sandbox_gid",
     "limits": "Sandbox.limits_backend",
     "cgroup-parent": "Sandbox.cgroup_parent",
+    "seccomp": "Sandbox.seccomp",
 }
 SANDBOX_FLAGS = {
     "best-effort": ({"Sandbox": {"best_effort": True}},
                     "Skip (with a warning) limits the backend cannot enforce."),
+    "allow-userns": ({"Sandbox": {"allow_userns": True}},
+                     "Let the kernel make namespaces of its own (Sandbox.allow_userns)."),
 }
 
 

@@ -83,6 +83,19 @@ class Sandbox(Configurable):
         $XDG_RUNTIME_DIR/ns-kernel if that is set and writable, else /tmp/ns-kernel-UID.
         Keep it short: Unix socket paths are limited to 107 bytes.""")
 
+    seccomp = CaselessStrEnum(["default", "off"], default_value="default", config=True, help="""
+        'default': a seccomp filter answers EPERM to the syscalls a notebook never needs
+        (keyrings, bpf, perf_event_open, userfaultfd, io_uring, kexec, modules,
+        open_by_handle_at, the host's clock, mounts, unshare/setns; see ns_kernel/seccomp.py),
+        loaded last before the kernel runs. 'off': none (the server log says so).""")
+
+    allow_userns = Bool(False, config=True, help="""
+        Let the kernel create namespaces of its own (user, mount, pid, net, ...), e.g. for a
+        browser's own sandbox. Default False: the sandbox's user namespace allows none
+        (bubblewrap's --disable-userns), which keeps the largest part of the host kernel's
+        attack surface out of reach. True also lets unshare and setns through the seccomp
+        filter.""")
+
     memory = Unicode("", config=True, help="""
         Memory limit of the whole sandbox (e.g. 512M, 2G; '' = none). Enforced by a cgroup
         when one can be made, else by RLIMIT_DATA (see limits_backend).""")

@@ -98,6 +98,9 @@ class Launch:
             plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
             for line in self.limits.log_lines(plan.limits, self._who()):
                 print(line, file=sys.stderr, flush=True)
+            if not plan.seccomp:
+                print(f"ns-kernel: {self._who()}: no seccomp filter (Sandbox.seccomp = off)",
+                      file=sys.stderr, flush=True)
             if self.prestarted:
                 # Before it forks anything: the kernel is born in the kernel's cgroup.
                 self.limits.attach(self.prestarted.pid)

@@ -202,6 +202,8 @@ class Plan:
     package_paths: tuple = () # sys.path entries (inside) of the packages the user installs
     discarded: tuple = ()     # (dir, skip dot entries): what vanishes with the sandbox
     sockets: tuple = ()       # the kernel's socket names in the socket dir, once bound
+    seccomp: bool = True      # load the default seccomp filter (seccomp.py)
+    allow_userns: bool = False  # let the kernel make namespaces of its own
 
 
 def under(path, parent):
@@ -353,7 +355,8 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
         network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
         env=tuple(sorted(env.items())), cwd=cwd, socket_dir=socket_dir,
         limits=Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
-        package_paths=package_paths,
+        package_paths=package_paths, seccomp=sandbox.seccomp == "default",
+        allow_userns=sandbox.allow_userns,
         discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
                    *([(home, True)] if sandbox.home == "private" else []),
                    *((path, False) for path in package_paths

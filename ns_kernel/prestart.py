@@ -13,7 +13,7 @@ other those add up; here they overlap, on the two sides of one socket:
                (hand_off) instead of forking the kernel
   interpreter  joins all of init's namespaces at once (setns on the pidfd), takes the
                plan's ids and cwd, and forks a helper inside the PID namespace, which sets
-               rlimits, no_new_privs, drops every capability and forks the kernel; helper
+               the last steps every kernel takes (seal.py) and forks the kernel; helper
                and interpreter exit, so the kernel is init's child and PID 2, as after a
                cold start, and the only holder of the modules imported for it
 
@@ -38,7 +38,7 @@ from . import preload
 
 READY_PID = 2         # the kernel's pid inside, as init's first child has it
 JOIN_MODULES = ("ns_kernel.forked", "ns_kernel.limits", "ns_kernel.mount", "ns_kernel.plan",
-                "ns_kernel.syscalls")
+                "ns_kernel.seal", "ns_kernel.seccomp", "ns_kernel.syscalls")
 MAX_PLAN = 1 << 20
 
 
@@ -192,7 +192,7 @@ def _join(plan, sock, pidfd, err_w):
     from .errors import SetupError
     from .syscalls import CloneFlags, setns
     flags = (CloneFlags.CLONE_NEWUSER | CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC
-             | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID)
+             | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID | CloneFlags.CLONE_NEWCGROUP)
     if plan.network != "host":
         flags |= CloneFlags.CLONE_NEWNET
     if plan.drop_groups:
@@ -220,16 +220,13 @@ def _join(plan, sock, pidfd, err_w):
 
 def _helper(w, plan, sock, err_w):
     """PID 3 of the sandbox: init's last steps, then the kernel, then gone."""
-    from . import forked, limits
+    from . import forked, seal
     from .errors import SetupError
-    from .syscalls import drop_all_capabilities, set_no_new_privs
     try:
         _set_last_pid(READY_PID - 1)
     except OSError as exc:
         raise SetupError("prestart", "write", "/proc/sys/kernel/ns_last_pid", exc.errno) from None
-    limits.apply_rlimits(plan.limits)
-    set_no_new_privs()
-    drop_all_capabilities()
+    seal.seal(plan)
     kernel = os.fork()
     if kernel == 0:
         os.close(w)

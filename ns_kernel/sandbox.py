@@ -18,13 +18,12 @@ import selectors
 import signal
 import socket
 
-from . import forked, leftovers, limits, mount, net, pid, prestart, socketdir
+from . import forked, leftovers, limits, mount, net, pid, prestart, seal, socketdir, user
 from .errors import SetupError
 from .mount import RO_TOP
 from .plan import SOCKET_DIR_INSIDE
 from .syscalls import IN_CREATE, IN_MOVED_TO, CloneFlags, drop_all_capabilities, \
-    inotify_watch, mount_setattr, set_dumpable, set_no_new_privs, set_parent_death_signal, \
-    sethostname, unshare
+    inotify_watch, mount_setattr, set_dumpable, set_parent_death_signal, sethostname, unshare
 from .user import userns_hint, write_id_maps
 
 MSG_UNSHARED = b"U"
@@ -216,7 +215,10 @@ def _supervise(plan, ctl, init, origin):
 def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # If the monitor dies, init dies, and with it every process of the PID namespace.
     set_parent_death_signal(signal.SIGKILL)
-    flags = CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
+    # A cgroup namespace too: init is in the kernel's cgroup already (Sandbox.start), which
+    # becomes its root, so the kernel does not learn the host's cgroup layout.
+    flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
+             | CloneFlags.CLONE_NEWCGROUP)
     if plan.network != "host":
         flags |= CloneFlags.CLONE_NEWNET
     try:
@@ -243,8 +245,8 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
         mount.makedirs(path)
     if plan.network == "loopback":
         net.bring_up_loopback()
-    limits.apply_rlimits(plan.limits)
-    set_no_new_privs()
+    if not plan.allow_userns:
+        user.forbid_namespaces()
     kernel = prestart.hand_off(prestarted, plan, err_w) if prestarted else None
     if kernel is None:
         kernel = os.fork()
@@ -261,7 +263,7 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
 
 
 def _kernel(kernel_step, plan, ctl, err_w):
-    drop_all_capabilities()
+    seal.seal(plan)
     kernel_step(plan, ctl, err_w)
 
 

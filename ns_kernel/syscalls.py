@@ -12,6 +12,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # Syscall numbers past 424 are the same on every architecture (the unified table).
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
 SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine)
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
@@ -19,6 +20,7 @@ SYS_MOUNT_SETATTR = 442
 
 class CloneFlags(enum.IntFlag):
     CLONE_NEWNS = 0x00020000
+    CLONE_NEWCGROUP = 0x02000000
     CLONE_NEWUTS = 0x04000000
     CLONE_NEWIPC = 0x08000000
     CLONE_NEWUSER = 0x10000000
@@ -146,6 +148,15 @@ def sethostname(name):
 def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
     return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
                               ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+
+
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring():
+    """keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): a fresh anonymous session keyring."""
+    _check(_libc.syscall(ctypes.c_long(SYS_KEYCTL), ctypes.c_int(KEYCTL_JOIN_SESSION_KEYRING),
+                         ctypes.c_char_p(None)))
 
 
 def set_parent_death_signal(sig):

@@ -51,3 +51,31 @@ def write_id_maps(pid, plan):
                 os.close(fd)
         except OSError as exc:
             raise SetupError("user", f"write {text.strip()!r} to", path, exc.errno) from None
+
+
+# What a kernel could otherwise make or exhaust: namespaces of every kind (a nested user
+# namespace reopens most of the host kernel's attack surface, and let one kernel mount a
+# devpts of its own and take every pty of the host), and inotify instances, which every
+# kernel of one uid draws from the same host-wide count.
+NAMESPACE_LIMITS = tuple(f"max_{kind}_namespaces" for kind in (
+    "user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time"))
+INOTIFY_INSTANCES = 32
+
+
+def forbid_namespaces():
+    """In init, with its capabilities over the sandbox's user namespace: its per-namespace
+    limits (user.* sysctls) say no new namespace may be made in it, and cap inotify."""
+    for name, value in [*((n, 0) for n in NAMESPACE_LIMITS),
+                        ("max_inotify_instances", INOTIFY_INSTANCES)]:
+        path = f"/proc/sys/user/{name}"
+        if not os.path.exists(path):
+            continue     # a namespace kind this kernel does not have
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, str(value).encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SetupError("user", f"write {value} to", path, exc.errno,
+                             "or let the kernel make namespaces: --allow-userns") from None

@@ -1,0 +1,47 @@
+"""The last steps before the kernel (or `ns-kernel run`'s command) runs: once, in order,
+for every way in. Init's forked child takes them before it execs the kernel (a cold start,
+`--no-prestart`, `ns-kernel run`) or runs the warm template's preloaded one; the
+prestarted interpreter's helper takes them before it forks the kernel. What hardens a
+kernel goes here, so that no way in can miss it.
+"""
+from . import limits, seccomp
+from .errors import SetupError
+from .syscalls import drop_all_capabilities, join_new_session_keyring, set_dumpable, \
+    set_no_new_privs
+
+# The host's OOM killer takes a kernel before the Jupyter server (0) and the rest of the
+# host: a runaway cell costs its own kernel, not everyone's.
+OOM_SCORE_ADJ = 500
+
+
+def seal(plan):
+    # Per user namespace, now that this one exists: RLIMIT_NPROC counts the sandbox's
+    # processes, not every process of the uid on the host.
+    limits.apply_rlimits(plan.limits)
+    # Its /proc/self is its own (a change of uid, or init's choice, left it undumpable:
+    # owned by the host's root, so not even oom_score_adj could be written).
+    set_dumpable(True)
+    # The keyring the Jupyter server had (its keys, root's for a hub) is not the kernel's.
+    _step("keyctl(KEYCTL_JOIN_SESSION_KEYRING)", join_new_session_keyring)
+    _step("write /proc/self/oom_score_adj", _raise_oom_score)
+    # setuid binaries stay inert, and the filter below may be loaded without privileges.
+    _step("prctl(PR_SET_NO_NEW_PRIVS)", set_no_new_privs)
+    _step("capset (drop every capability)", drop_all_capabilities)
+    # Last: what the steps above call (keyctl, prctl) is denied by it.
+    if plan.seccomp:
+        _step("load the seccomp filter", lambda: seccomp.load(plan.allow_userns))
+
+
+def _raise_oom_score():
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(OOM_SCORE_ADJ))
+
+
+def _step(what, action):
+    try:
+        action()
+    except OSError as exc:
+        hint = ""
+        if isinstance(exc, seccomp.SeccompError) and exc.strerror and "libseccomp" in exc.strerror:
+            hint = f"{exc.strerror}, or run without the filter: --seccomp off"
+        raise SetupError("seal", what, "", exc.errno, hint) from None

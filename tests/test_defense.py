@@ -1,0 +1,125 @@
+"""Defense in depth (issue 10): the final state of the kernel process is the same on every
+way a kernel starts, and each attack made from a kernel on an earlier main fails."""
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import start_kernel, start_paths, stop_kernel, write_spec
+
+PATHS = start_paths("defense")
+NO_FILTER = write_spec("defense-no-seccomp", ["--seccomp=off"])
+
+STATE = r"""
+import os, subprocess, ctypes
+fields = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
+print("Seccomp", fields["Seccomp"].strip())
+print("NoNewPrivs", fields["NoNewPrivs"].strip())
+print("CapEff", fields["CapEff"].strip())
+print("oom_score_adj", open("/proc/self/oom_score_adj").read().strip())
+print("cgroup", sorted({l.split(":", 2)[2] for l in open("/proc/self/cgroup").read().splitlines()}))
+print("max_user_namespaces", open("/proc/sys/user/max_user_namespaces").read().strip())
+print("unshare", subprocess.run(["unshare", "--user", "true"], capture_output=True).returncode)
+libc = ctypes.CDLL(None, use_errno=True)
+for name in ("keyctl", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
+             "open_by_handle_at", "kexec_load", "mount", "setns"):
+    nr = {"keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+          "io_uring_setup": 425, "open_by_handle_at": 304, "kexec_load": 246, "mount": 165,
+          "setns": 308}[name]
+    ctypes.set_errno(0)
+    libc.syscall(nr, 0, 0, 0, 0, 0)
+    print(name, os.strerror(ctypes.get_errno()).replace(" ", "_"))
+"""
+DENIED = ("keyctl", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
+          "open_by_handle_at", "kexec_load", "mount", "setns")
+
+
+@pytest.fixture(scope="module")
+def host_key():
+    """A key in the test's own session keyring, as a Jupyter server may hold one (its
+    kernels inherited the server's keyring before)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    serial = libc.syscall(248, b"user", b"ns-kernel-test-key", b"secret", 6, -3)  # add_key, @s
+    assert serial > 0, os.strerror(ctypes.get_errno())
+    yield serial
+    libc.syscall(250, 3, serial)   # KEYCTL_REVOKE
+
+
+def state(out):
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+@pytest.mark.parametrize("path", PATHS)
+def test_final_state_is_the_same_on_every_path(host_key, workdir, path):
+    k = start_kernel(workdir, kernel_name=PATHS[path])
+    try:
+        out, error, _ = k.execute(STATE, timeout=60)
+        assert error is None, out
+        # numpy, threads, multiprocessing still work under the filter (and everyday.ipynb
+        # runs pty, subprocess, matplotlib, widgets, the debugger under it too).
+        out2, error, _ = k.execute(
+            "import numpy, multiprocessing, threading\n"
+            "with multiprocessing.Pool(2) as p: print(p.map(abs, [-1, -2]))\n"
+            "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+            "print(int(numpy.arange(10).sum()))", timeout=60)
+        assert (error, out2) == (None, "[1, 2]\nthread\n45\n")
+    finally:
+        stop_kernel(k)
+    seen = state(out)
+    assert seen["Seccomp"] == "2" and seen["NoNewPrivs"] == "1"
+    assert seen["CapEff"] == "0000000000000000"
+    assert seen["oom_score_adj"] == "500"            # the host's OOM killer takes it first
+    assert seen["cgroup"] == "['/']"                # its own cgroup namespace
+    assert seen["max_user_namespaces"] == "0" and seen["unshare"] != "0"
+    for name in DENIED:
+        assert seen[name] == "Operation_not_permitted", (name, out)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+def test_ns_kernel_run_is_sealed_the_same_way(host_key, workdir):
+    done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                           sys.executable, "-c", STATE], cwd=workdir, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = state(done.stdout)
+    assert (seen["Seccomp"], seen["NoNewPrivs"], seen["CapEff"]) == ("2", "1", "0000000000000000")
+    assert seen["max_user_namespaces"] == "0"
+    assert seen["bpf"] == "Operation_not_permitted"
+
+
+def test_not_the_servers_keyring(host_key, workdir):
+    # keyctl is denied by the filter; without it the kernel still has a keyring of its own.
+    ours = ctypes.CDLL(None).syscall(250, 0, -3, 0)
+    k = start_kernel(workdir, kernel_name=NO_FILTER)
+    try:
+        # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING)
+        theirs = k.value("__import__('ctypes').CDLL(None).syscall(250, 0, -3, 0)")
+        visible = k.value("'ns-kernel-test-key' in open('/proc/keys').read()")
+    finally:
+        stop_kernel(k)
+    assert theirs > 0 and theirs != ours
+    if os.getuid() == 0:
+        assert visible is False   # root's key, and the kernel (nobody) no longer holds it
+    else:
+        # The user's own key stays viewable by its uid (key permissions), not possessed.
+        assert visible is True
+
+
+def test_seccomp_off_says_so(workdir, tmp_path):
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        from jupyter_client.manager import KernelManager
+        from conftest import Kernel
+        km = KernelManager(kernel_name=NO_FILTER)
+        km.start_kernel(cwd=workdir, stderr=stderr)
+        k = Kernel(km, km.client())
+        k.kc.start_channels()
+        try:
+            k.kc.wait_for_ready(timeout=60)
+            assert "Seccomp:\t0" in k.value("open('/proc/self/status').read()")
+        finally:
+            stop_kernel(k)
+    assert ": no seccomp filter (Sandbox.seccomp = off)" in log.read_text()
