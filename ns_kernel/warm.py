@@ -8,10 +8,10 @@ process has imported both already and forks, per kernel:
              nothing, hands its argv, environment, cwd and stdio to the template, forwards
              signals, and exits like the kernel did
   launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
-             client (cli.main, the same Launch as a cold start: config, plan, socket dir,
-             bridge, limits) except that it hands the plan to a monitor the template
-             forked beside it instead of forking one: it holds the client's environment
-             (tokens), a kernel must not
+             client (cli.start_kernel, the same Launch as a cold start: config, plan,
+             socket dir, bridge, limits) except that it hands the plan to a monitor the
+             template forked beside it instead of forking one: it holds the client's
+             environment (tokens), a kernel must not
   monitor    another fork of the template, made with the launcher (while that reads the
              config) and waiting for its plan, with the same sandbox.py steps as ever (user
              ns, then init: mounts, hostname, uid, caps), except the kernel's last step:
@@ -57,13 +57,13 @@ def socket_path(environ=os.environ):
 
 # -- the client ---------------------------------------------------------------------------
 
-def client_main(argv):
-    """What Jupyter runs. Returns (or exits) like the kernel did."""
+def client_main(start):
+    """What Jupyter runs for `start` (argv.KernelStart) with --warm. Returns (or exits)
+    like the kernel did."""
     from .pid import exit_like, forward_signals
-    argv = [arg for arg in argv if arg != "--warm"]
     sock = _connect_or_start()
-    request = {"kind": "kernel", "argv": argv, "env": dict(os.environ), "cwd": os.getcwd(),
-               "client": os.getpid()}
+    request = {"kind": "kernel", "argv": start.argv(), "env": dict(os.environ),
+               "cwd": os.getcwd(), "client": os.getpid()}
     socket.send_fds(sock, [_dumps(request)], [0, 1, 2])
     launcher = int(sock.recv(64) or 0)
     if not launcher:
@@ -235,6 +235,7 @@ def _launcher_child(conn, request, fds, monitor):
     """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
     import functools
     from . import cli
+    from .argv import kernel_start
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])
@@ -248,7 +249,7 @@ def _launcher_child(conn, request, fds, monitor):
         sys.stderr.flush()
         os._exit(0)
     spawn = functools.partial(_spawn_monitor, monitor)
-    code = cli.main(request["argv"], spawn=spawn, finish=finish)
+    code = cli.start_kernel(kernel_start(request["argv"]), spawn=spawn, finish=finish)
     finish((code or 0) << 8)
 
 
