@@ -86,9 +86,11 @@ class Sandbox(Configurable):
         Variables kept even when a pattern in env_deny matches them.""")
 
     socket_dir = Unicode("", config=True, help="""
-        Directory that holds each kernel's private 0700 socket directory. Default:
-        $XDG_RUNTIME_DIR/ns-kernel if that is set and writable, else /tmp/ns-kernel-UID.
-        Keep it short: Unix socket paths are limited to 107 bytes.""")
+        Directory that holds each kernel's private 0700 socket directory; it must be the
+        user's own, 0700, not a symlink (made so if missing). Default:
+        $XDG_RUNTIME_DIR/ns-kernel if that is set and writable, else /tmp/ns-kernel-UID,
+        or, when another user made that first, a 0700 dir of the user's own under $TMPDIR
+        (said in the log). Keep it short: Unix socket paths are limited to 107 bytes.""")
 
     memory = Unicode("", config=True, help="""
         Memory limit of the whole sandbox (e.g. 512M, 2G; '' = none). Enforced by a cgroup

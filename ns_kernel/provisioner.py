@@ -94,7 +94,7 @@ class IsolatedProvisioner(LocalProvisioner):
             # The launcher's view of its settings (argv, stanza, JSON config files): the same
             # socket base, and bad options fail here, in the server's words, before any launch.
             base = self._launcher_config(start.options, extra).socket_dir
-            self.kernel_socket_dir = socketdir.choose(base)
+            self.kernel_socket_dir = socketdir.choose(base, warn=self.log.warning)
         km.transport = "ipc"
         km.ip = f"{self.kernel_socket_dir}/k"
         kwargs = await super().pre_launch(**kwargs)

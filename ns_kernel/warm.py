@@ -95,8 +95,8 @@ def _connect_or_start(timeout=60.0):
     if sock:
         return sock
     import time
-    from .socketdir import _ensure_base
-    _ensure_base(os.path.dirname(path))
+    from .socketdir import ensure_base
+    ensure_base(os.path.dirname(path))
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     # The template daemonizes (its first fork); this child returns at once.
     try:
