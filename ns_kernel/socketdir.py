@@ -137,6 +137,61 @@ def create(path, owner=None):
     return path
 
 
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def remove(path):
-    import shutil   # here only: it costs a warm client ~5 ms (bz2, lzma) before it connects
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a socket dir and whatever its kernel left in it, in whatever modes (a dir it
+    closed to its own uid, mode 000): every step by a directory fd, never following a
+    symlink the kernel may have planted to send us elsewhere."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        parent_fd = os.open(parent, DIR_FLAGS)
+    except OSError:
+        return
+    try:
+        _remove_entry(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_entry(dir_fd, name):
+    try:
+        os.unlink(name, dir_fd=dir_fd)      # a file, socket or symlink: never followed
+        return
+    except IsADirectoryError:
+        pass
+    except OSError:
+        return
+    fd = _open_dir(dir_fd, name)
+    if fd is None:
+        return
+    try:
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries]
+        for entry in names:
+            _remove_entry(fd, entry)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def _open_dir(dir_fd, name):
+    """An fd to read the dir `name`, made ours to empty first: a kernel may have closed
+    its own dirs (mode 000 or 0500; of our own uid, for an ordinary user). By an O_PATH fd
+    of that very dir, not by name, which the kernel could have swapped for a symlink."""
+    try:
+        path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
+        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(path_fd)

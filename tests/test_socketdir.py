@@ -1,6 +1,6 @@
 """The socket dirs' base is never one another user (or anyone but us) made, and nobody can
-stop kernels by making it first. Real kernels, on the argv path and through the
-provisioner."""
+stop kernels by making it first; what a kernel leaves in its socket dir goes with it.
+Real kernels, on the argv path and through the provisioner."""
 import asyncio
 import os
 import stat
@@ -8,7 +8,7 @@ import stat
 import pytest
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 
-from conftest import Kernel, stop_kernel, write_spec
+from conftest import Kernel, start_kernel, stop_kernel, write_spec
 
 ARGV = write_spec("isolated-python-base")
 PROVISIONER = write_spec("isolated-python-base-provisioner", provisioner=True)
@@ -108,3 +108,29 @@ def test_private_dirs_someone_else_made_are_not_ours(user_base, workdir, tmp_pat
     assert os.listdir(decoys[1]) == []
     if os.getuid() == 0:
         assert os.listdir(decoys[3]) == []
+
+
+def test_cleanup_removes_what_the_kernel_left(workdir, socket_base):
+    # A dir the kernel closed to its own uid (000), one it cannot write (0500), and
+    # symlinks out of the socket dir: all of it goes, and nothing outside does.
+    keep = os.path.join(workdir, "keep")
+    os.mkdir(keep)
+    with open(os.path.join(keep, "file"), "w"):
+        pass
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        k.execute(
+            "import os\n"
+            "for d, mode in (('closed', 0o000), ('readonly', 0o500)):\n"
+            "    os.makedirs(f'/run/ns-kernel/{d}/sub')\n"
+            "    open(f'/run/ns-kernel/{d}/sub/file', 'w').close()\n"
+            f"    os.symlink({keep!r}, f'/run/ns-kernel/{{d}}/out')\n"
+            "    os.chmod(f'/run/ns-kernel/{d}/sub', mode)\n"
+            "    os.chmod(f'/run/ns-kernel/{d}', mode)\n"
+            f"os.symlink({keep!r}, '/run/ns-kernel/out')\n")
+        assert k.value("sorted(os.listdir('/run/ns-kernel'))").count("closed") == 1
+    finally:
+        stop_kernel(k)
+    # socket_base checks that nothing is left in it.
+    assert os.listdir(keep) == ["file"]
