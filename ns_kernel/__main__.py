@@ -9,7 +9,9 @@ if start:
     # the kernel's own interpreter starts now, while the launcher works (prestart.py).
     if start.warm:
         from .warm import client_main
-        sys.exit(client_main(start))
+        status = client_main(start)
+        if status is not None:      # None: no template took it; the kernel starts cold
+            sys.exit(status)
     if start.prestart:
         from . import prestart
         prestarted = prestart.spawn()
