@@ -306,3 +306,18 @@ def test_template_refuses_a_client_of_another_uid(template, user_base):
     assert done.stdout.strip() in ("b''", "BrokenPipeError", "ConnectionResetError"), done
     time.sleep(1)    # what a stop would have done by now
     assert alive([template]) and warm.template_pid() == template
+
+
+def test_template_socket_is_hidden_from_kernels(template, user_base, workdir, socket_base):
+    # Whatever Sandbox.socket_dir says, and even where a bind shows the base's parent, no
+    # kernel (of this user's uid) sees the template's socket to ask it for anything.
+    base, _ = user_base
+    runtime = os.path.dirname(base)
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}",
+                      [f"--socket-dir={socket_base}", f"--ro-bind={runtime}"])
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        assert k.value(f"__import__('os').path.isdir({runtime!r})")
+        assert not k.value(f"__import__('os').path.exists({warm.socket_path()!r})")
+    finally:
+        stop_kernel(k)
