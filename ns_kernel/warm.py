@@ -403,6 +403,10 @@ def stop():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["stop"]:
+    from .errors import SetupError
+    if sys.argv[1:] != ["stop"]:
+        sys.exit("usage: python -m ns_kernel.warm stop")
+    try:
         sys.exit(0 if stop() else 1)
-    sys.exit("usage: python -m ns_kernel.warm stop")
+    except SetupError as exc:       # not our template listening there
+        sys.exit(exc.line())
