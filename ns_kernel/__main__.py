@@ -2,17 +2,18 @@ import sys
 
 from . import argv
 
-args = sys.argv[1:]
-options = argv.options(args) if args[:1] not in (["install"], ["run"], ["doctor"]) else None
+start = argv.kernel_start(sys.argv[1:])
 prestarted = None
-if options is not None:
+if start:
     # Before cli and its traitlets: a warm client must not pay for them (warm.py), and
     # the kernel's own interpreter starts now, while the launcher works (prestart.py).
-    if "--warm" in options:
+    if start.warm:
         from .warm import client_main
-        sys.exit(client_main(args))
-    from . import prestart
-    if prestart.wanted(options):
+        status = client_main(start)
+        if status is not None:      # None: no template took it; the kernel starts cold
+            sys.exit(status)
+    if start.prestart:
+        from . import prestart
         prestarted = prestart.spawn()
 
 from .cli import main  # noqa: E402

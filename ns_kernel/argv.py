@@ -1,24 +1,56 @@
-"""How the launcher's command line reads (kernel.json's argv): its own options, then the
+"""How a kernel start's command line reads, in one place: kernel.json's argv as the launcher
+gets it, as a warm client hands it to its template, and as the provisioner finds it in a
+kernelspec.
+
+  python -P -m ns_kernel [--warm] [options] -f CONNECTION_FILE [ipykernel args...]
+
+The launcher's options come first (traitlets reads them: cli.KernelApp), then the
 connection file, then whatever goes on to ipykernel. Read before anything is imported:
-__main__ decides from it whether to start a warm client or a prestarted interpreter."""
+__main__ decides from it whether to start a warm client or a prestarted interpreter, so
+this module imports nothing. `--warm` is read here alone, from the command line only: it
+decides which process starts the kernel before any config file is read.
+"""
 
+SUBCOMMANDS = ("install", "run", "doctor")
 CONNECTION_FILE_OPTIONS = ("-f", "--f", "--connection-file")
+WARM = "--warm"
+# KernelApp.prestart = False, said on the command line (a config file may say it too: cli).
+NO_PRESTART = ("--no-prestart", "--KernelApp.prestart=False")
 
 
-def split(argv):
-    """(options, connection file, ipykernel's arguments); None if no connection file."""
+class KernelStart:
+    """A kernel start's command line, split. options: the launcher's, without --warm."""
+    __slots__ = ("options", "connection_file", "extra", "warm")
+
+    def __init__(self, options, connection_file, extra, warm):
+        self.options, self.connection_file, self.extra, self.warm = \
+            options, connection_file, extra, warm
+
+    @property
+    def prestart(self):
+        return not any(option in NO_PRESTART for option in self.options)
+
+    def argv(self):
+        """The command line again, without --warm (what a warm template's launcher runs)."""
+        return [*self.options, "-f", self.connection_file, *self.extra]
+
+
+def kernel_start(argv):
+    """The KernelStart of argv; None if argv is not one (a subcommand, --help, no
+    connection file)."""
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return None
     for i, arg in enumerate(argv):
         if arg in CONNECTION_FILE_OPTIONS:
             if i + 1 >= len(argv):
                 return None
-            return argv[:i], argv[i + 1], argv[i + 2:]
-        for option in CONNECTION_FILE_OPTIONS:
-            if arg.startswith(option + "="):
-                return argv[:i], arg[len(option) + 1:], argv[i + 1:]
-    return None
-
-
-def options(argv):
-    """The launcher's options of a kernel start, None if argv is not one."""
-    parts = split(argv)
-    return parts[0] if parts else None
+            options, connection_file, extra = argv[:i], argv[i + 1], argv[i + 2:]
+            break
+        option = next((o for o in CONNECTION_FILE_OPTIONS if arg.startswith(o + "=")), None)
+        if option:
+            options, connection_file, extra = argv[:i], arg[len(option) + 1:], argv[i + 1:]
+            break
+    else:
+        return None
+    return KernelStart([o for o in options if o != WARM], connection_file, list(extra),
+                       WARM in options)

@@ -1,78 +1,23 @@
 """`ns-kernel` and `python -m ns_kernel`: traitlets applications over the sandbox config.
 
-  python -P -m ns_kernel [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json)
-  ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [options]
+  python -P -m ns_kernel [--warm] [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json)
+  ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [--warm] [options]
   ns-kernel run [options] -- CMD [ARGS...]
-  ns-kernel doctor
+  ns-kernel doctor [options]
 """
 import os
 import sys
 import textwrap
 
-from traitlets import Bool, TraitError, Unicode
-from traitlets.config import Application
-from traitlets.config.loader import ArgumentError
+from traitlets import Bool, Unicode
 
-from . import kernelspec
-from .config import Sandbox
+from . import argv as command_line, kernelspec
+from .config import SANDBOX_ALIASES, SANDBOX_FLAGS, Sandbox, SandboxApp
 from .errors import SetupError
 
-SANDBOX_ALIASES = {
-    "memory": "Sandbox.memory",
-    "pids": "Sandbox.pids",
-    "cpus": "Sandbox.cpus",
-    "tmp-size": "Sandbox.tmp_size",
-    "home": "Sandbox.home",
-    "network": "Sandbox.network",
-    "ro-bind": "Sandbox.ro_binds",
-    "rw-bind": "Sandbox.rw_binds",
-    "hide": "Sandbox.hide",
-    "socket-dir": "Sandbox.socket_dir",
-    "uid": "Sandbox.sandbox_uid",
-    "gid": "Sandbox.sandbox_gid",
-    "limits": "Sandbox.limits_backend",
-    "cgroup-parent": "Sandbox.cgroup_parent",
-    "seccomp": "Sandbox.seccomp",
-}
-SANDBOX_FLAGS = {
-    "best-effort": ({"Sandbox": {"best_effort": True}},
-                    "Skip (with a warning) limits the backend cannot enforce."),
-    "allow-userns": ({"Sandbox": {"allow_userns": True}},
-                     "Let the kernel make namespaces of its own (Sandbox.allow_userns)."),
-}
-
-
-class SandboxApp(Application):
-    """Shared by the commands that build a sandbox: config files, then the command line."""
-    aliases = SANDBOX_ALIASES
-    flags = SANDBOX_FLAGS
-    classes = [Sandbox]
-
-    def parse_command_line(self, argv=None):
-        # traitlets would log a bad option as a CRITICAL record and exit 1; we say it in
-        # our one-line form instead (main() prints it).
-        try:
-            return Application.parse_command_line.__wrapped__(self, argv)
-        except (TraitError, ArgumentError) as exc:
-            raise SetupError("options", f"bad option: {exc}",
-                             hint="see `ns-kernel --help-all`") from None
-
-    def load_sandbox_config(self, argv):
-        from jupyter_core.paths import jupyter_config_path
-        for path in reversed(jupyter_config_path()):
-            self.load_config_file("ns_kernel_config", path=path)
-        self.parse_command_line(argv)
-        return Sandbox(parent=self)
-
-
-def split_at_connection_file(argv):
-    """Launcher options come before `-f FILE`; everything after FILE goes to ipykernel."""
-    from .argv import split
-    parts = split(argv)
-    if parts is None:
-        raise SetupError("usage", "no connection file", hint=(
-            "run as `python -P -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
-    return parts
+# The launcher's own flags besides the Sandbox's: `ns-kernel install` passes them on too.
+KERNEL_FLAGS = {"no-prestart": ({"KernelApp": {"prestart": False}},
+                                "Exec the kernel once the sandbox is built (KernelApp.prestart).")}
 
 
 class KernelApp(SandboxApp):
@@ -89,23 +34,21 @@ class KernelApp(SandboxApp):
         the finished sandbox (prestart.py): a cold start then costs about what a plain
         kernel's does. False: init execs the kernel once the sandbox is built.""")
     aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
-    flags = {**SANDBOX_FLAGS,
-             "no-prestart": ({"KernelApp": {"prestart": False}},
-                             "Exec the kernel once the sandbox is built (KernelApp.prestart).")}
+    flags = {**SANDBOX_FLAGS, **KERNEL_FLAGS}
 
-    def start_kernel(self, argv, spawn=None, finish=None, prestarted=None):
-        """spawn: who starts the monitor; finish(status): how to leave (default: exit like
-        the kernel). A warm template's launcher child passes both (warm.py).
-        prestarted: the kernel's interpreter, spawned by __main__ (prestart.py)."""
+    def start_kernel(self, start, spawn=None, finish=None, prestarted=None):
+        """start: the command line (argv.KernelStart). spawn: who starts the monitor;
+        finish(status): how to leave (default: exit like the kernel). A warm template's
+        launcher child passes both (warm.py). prestarted: the kernel's interpreter,
+        spawned by __main__ (prestart.py)."""
         from .launcher import Launch
         from .pid import exit_like
-        options, connection_file, extra = split_at_connection_file(argv)
-        config = self.load_sandbox_config(options)
+        config = self.load_sandbox_config(start.options)
         if prestarted and not self.prestart:    # said so in a config file
             prestarted.close()
             prestarted = None
-        launch = Launch(config, connection_file, extra, self.kernel_socket_dir or None, spawn,
-                        prestarted)
+        launch = Launch(config, start.connection_file, start.extra,
+                        self.kernel_socket_dir or None, spawn, prestarted)
         status = launch.run()
         line = launch.explain(status)
         if line:
@@ -126,7 +69,7 @@ class InstallApp(SandboxApp):
         sandbox in a fraction of a cold start. See docs/performance.md.""")
     aliases = {**SANDBOX_ALIASES, "name": "InstallApp.kernel_name",
                "display-name": "InstallApp.display_name", "prefix": "InstallApp.prefix"}
-    flags = {**SANDBOX_FLAGS,
+    flags = {**SANDBOX_FLAGS, **KERNEL_FLAGS,
              "user": ({"InstallApp": {"user": True}}, "Install for the current user."),
              "sys-prefix": ({"InstallApp": {"prefix": sys.prefix}},
                             f"Install into this Python's prefix ({sys.prefix}), e.g. a "
@@ -137,7 +80,7 @@ class InstallApp(SandboxApp):
     def start_install(self, argv):
         self.parse_command_line(argv)
         Sandbox(parent=self)   # validate the options now, not at the first kernel start
-        options = self.sandbox_options(argv) + (["--warm"] if self.warm else [])
+        options = self.sandbox_options(argv) + ([command_line.WARM] if self.warm else [])
         if (self.kernel_name != kernelspec.NAME
                 and "kernel_name" not in self.cli_config.get("Sandbox", {})):
             # Its own persistent home and packages (Sandbox.kernel_name).
@@ -150,9 +93,9 @@ class InstallApp(SandboxApp):
     @classmethod
     def sandbox_options(cls, argv):
         """argv minus install's own options (and their values, `--name N` as `--name=N`):
-        what is left (the sandbox's options) goes into the spec's argv."""
+        what is left (the launcher's options) goes into the spec's argv."""
         with_value = [f"--{a}" for a in cls.aliases if a not in SANDBOX_ALIASES]
-        flags = [f"--{f}" for f in cls.flags if f not in SANDBOX_FLAGS]
+        flags = [f"--{f}" for f in cls.flags if f not in SANDBOX_FLAGS and f not in KERNEL_FLAGS]
         options, skip = [], False
         for arg in argv:
             if skip:
@@ -184,21 +127,40 @@ class RunApp(SandboxApp):
         exit_like(status)
 
 
-def main(argv=None, spawn=None, finish=None, prestarted=None):
-    """Entry point of `ns-kernel` and `python -m ns_kernel` (spawn, finish, prestarted:
-    see KernelApp.start_kernel)."""
+def main(argv=None, prestarted=None):
+    """Entry point of `ns-kernel` and `python -m ns_kernel` (prestarted: see
+    KernelApp.start_kernel)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    start = command_line.kernel_start(argv)
+    if start:
+        return start_kernel(start, prestarted=prestarted)
+    return _one_line(_command, argv)
+
+
+def start_kernel(start, spawn=None, finish=None, prestarted=None):
+    """Run the kernel start `start` (argv.KernelStart): what __main__ does, and a warm
+    template's launcher (see KernelApp.start_kernel)."""
+    return _one_line(KernelApp().start_kernel, start, spawn, finish, prestarted)
+
+
+def _command(argv):
+    if argv[:1] == ["install"]:
+        return InstallApp().start_install(argv[1:])
+    if argv[:1] == ["run"]:
+        return RunApp().start_run(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from .doctor import main as doctor
+        return doctor(argv[1:])
+    if not argv or argv[0] in ("-h", "--help", "--help-all"):
+        KernelApp().parse_command_line(argv or ["--help"])   # prints help, exits 0
+    raise SetupError("usage", "no connection file", hint=(
+        "run as `python -P -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
+
+
+def _one_line(func, *args):
+    """func(*args); a failure as one line on stderr and exit code 1 (2: not ours)."""
     try:
-        if argv and argv[0] == "install":
-            return InstallApp().start_install(argv[1:])
-        if argv and argv[0] == "run":
-            return RunApp().start_run(argv[1:])
-        if argv and argv[0] == "doctor":
-            from .doctor import main as doctor
-            return doctor(argv[1:])
-        if not argv or argv[0] in ("-h", "--help", "--help-all"):
-            KernelApp().parse_command_line(argv or ["--help"])   # prints help, exits 0
-        return KernelApp().start_kernel(argv, spawn, finish, prestarted)
+        return func(*args)
     except SetupError as exc:
         print(exc.line(), file=sys.stderr, flush=True)
         return 1

@@ -1,12 +1,19 @@
-"""The sandbox's settings: one traitlets Configurable, documented by `ns-kernel --help-all`.
+"""The sandbox's settings, one traitlets Configurable documented by `ns-kernel --help-all`,
+and the one parser that reads them for every command and for the provisioner.
 
 Read from ns_kernel_config.py/.json on the Jupyter config path, then the kernelspec's argv
 flags (or the provisioner's config stanza), then the command line, later ones winning.
 """
-from traitlets import Bool, CaselessStrEnum, Float, Int, List, TraitError, Unicode, validate
-from traitlets.config import Configurable
+import argparse
 
+from traitlets import Bool, CaselessStrEnum, Float, Int, List, TraitError, Unicode, validate
+from traitlets.config import Application, Configurable
+from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
+
+from .errors import SetupError
 from .sizes import parse_size
+
+CONFIG_FILE = "ns_kernel_config"
 
 
 class Sandbox(Configurable):
@@ -79,9 +86,11 @@ class Sandbox(Configurable):
         Variables kept even when a pattern in env_deny matches them.""")
 
     socket_dir = Unicode("", config=True, help="""
-        Directory that holds each kernel's private 0700 socket directory. Default:
-        $XDG_RUNTIME_DIR/ns-kernel if that is set and writable, else /tmp/ns-kernel-UID.
-        Keep it short: Unix socket paths are limited to 107 bytes.""")
+        Directory that holds each kernel's private 0700 socket directory; it must be the
+        user's own, 0700, not a symlink (made so if missing). Default:
+        $XDG_RUNTIME_DIR/ns-kernel if that is set and writable, else /tmp/ns-kernel-UID,
+        or, when another user made that first, a 0700 dir of the user's own under $TMPDIR
+        (said in the log). Keep it short: Unix socket paths are limited to 107 bytes.""")
 
     seccomp = CaselessStrEnum(["default", "off"], default_value="default", config=True, help="""
         'default': a seccomp filter answers EPERM to the syscalls a notebook never needs
@@ -144,3 +153,79 @@ class Sandbox(Configurable):
         if proposal["value"] < 0:
             raise TraitError(f"cpus: {proposal['value']} is negative (0 means no limit)")
         return proposal["value"]
+
+
+SANDBOX_ALIASES = {
+    "memory": "Sandbox.memory",
+    "pids": "Sandbox.pids",
+    "cpus": "Sandbox.cpus",
+    "tmp-size": "Sandbox.tmp_size",
+    "home": "Sandbox.home",
+    "network": "Sandbox.network",
+    "ro-bind": "Sandbox.ro_binds",
+    "rw-bind": "Sandbox.rw_binds",
+    "hide": "Sandbox.hide",
+    "socket-dir": "Sandbox.socket_dir",
+    "uid": "Sandbox.sandbox_uid",
+    "gid": "Sandbox.sandbox_gid",
+    "limits": "Sandbox.limits_backend",
+    "cgroup-parent": "Sandbox.cgroup_parent",
+    "seccomp": "Sandbox.seccomp",
+}
+SANDBOX_FLAGS = {
+    "best-effort": ({"Sandbox": {"best_effort": True}},
+                    "Skip (with a warning) limits the backend cannot enforce."),
+    "allow-userns": ({"Sandbox": {"allow_userns": True}},
+                     "Let the kernel make namespaces of its own (Sandbox.allow_userns)."),
+}
+
+
+class _Parser(KVArgParseConfigLoader.parser_class):
+    def error(self, message):
+        raise argparse.ArgumentError(None, message)    # not a usage text and sys.exit(2)
+
+
+class _Loader(KVArgParseConfigLoader):
+    parser_class = _Parser
+
+
+class SandboxApp(Application):
+    """What every command that builds a sandbox shares, and the provisioner too: the
+    Sandbox's settings from config files, then the command line."""
+    aliases = SANDBOX_ALIASES
+    flags = SANDBOX_FLAGS
+    classes = [Sandbox]
+
+    def parse_command_line(self, argv=None):
+        # traitlets would log a bad option as a CRITICAL record and exit 1, and argparse
+        # exit 2 on a missing value (a SystemExit inside a Jupyter server); we say it in
+        # our one-line form instead.
+        try:
+            return Application.parse_command_line.__wrapped__(self, argv)
+        except (TraitError, ArgumentError, argparse.ArgumentError) as exc:
+            raise SetupError("options", f"bad option: {exc}",
+                             hint="see `ns-kernel --help-all`") from None
+
+    def _create_loader(self, argv, aliases, flags, classes):
+        return _Loader(argv, aliases, flags, classes=classes, log=self.log,
+                       subcommands=self.subcommands)
+
+    def load_sandbox_config(self, argv, run_config_code=True):
+        """The Sandbox of the config files on the Jupyter config path, then argv.
+        run_config_code=False: read ns_kernel_config.json alone, never run the .py (the
+        provisioner, inside the Jupyter server, reads settings as data)."""
+        from jupyter_core.paths import jupyter_config_path
+        from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader
+        for path in reversed(jupyter_config_path()):
+            if run_config_code:
+                self.load_config_file(CONFIG_FILE, path=path)
+                continue
+            try:
+                self.update_config(JSONFileConfigLoader(f"{CONFIG_FILE}.json", path).load_config())
+            except ConfigFileNotFound:
+                pass
+            except ValueError as exc:    # not JSON
+                raise SetupError("options", "read", f"{path}/{CONFIG_FILE}.json",
+                                 hint=str(exc)) from None
+        self.parse_command_line(argv)
+        return Sandbox(parent=self)

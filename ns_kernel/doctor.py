@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 from . import cgroup, limits
-from .cli import SandboxApp
+from .config import SandboxApp
 from .plan import Limits
 from .errors import SetupError
 from .syscalls import CloneFlags, unshare

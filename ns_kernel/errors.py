@@ -4,7 +4,6 @@ A SetupError names the operation and the path, then the OS's reason, the way
 bubblewrap's die_with_error() does; a hint says how to fix the known causes.
 It crosses the fork boundary as a small JSON record on the error pipe.
 """
-import json
 import os
 
 
@@ -31,6 +30,7 @@ class SetupError(Exception):
         return text
 
     def to_json(self):
+        import json     # here: the warm client imports this module, and json imports re
         return json.dumps({"step": self.step, "syscall": self.syscall, "path": self.path,
                            "errno": self.errno, "hint": self.hint})
 
@@ -38,5 +38,6 @@ class SetupError(Exception):
     def from_json(cls, data):
         """The first record: the step that failed first; who noticed it after (e.g. init,
         when the prestarted interpreter it waited for gave up) may add another."""
+        import json
         record, _ = json.JSONDecoder().raw_decode(data.decode() if isinstance(data, bytes) else data)
         return cls(record["step"], record["syscall"], record["path"], record["errno"], record["hint"])

@@ -20,12 +20,11 @@ def kernel_argv(options=()):
     return [sys.executable, *LAUNCHER, *options, "-f", "{connection_file}"]
 
 
-def launcher_options(argv):
-    """The launcher options in a kernel.json argv made by kernel_argv (None if it is not
+def launcher_start(argv):
+    """The argv.KernelStart of a kernel.json argv made by kernel_argv (None if it is not
     `PYTHON -P -m ns_kernel [options] -f {connection_file} ...`)."""
-    if argv[1:4] != LAUNCHER or "-f" not in argv:
-        return None
-    return argv[4:argv.index("-f")]
+    from .argv import kernel_start
+    return kernel_start(argv[4:]) if argv[1:4] == LAUNCHER else None
 
 
 def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True):

@@ -73,7 +73,9 @@ class Host:
     python_paths: tuple
     symlinks: tuple = ()      # (path, target) of system dirs that are symlinks (merged /usr)
     missing: frozenset = frozenset()
-    runtime_dirs: tuple = ()  # Jupyter's runtime dir and /run/user/UID: always hidden
+    # Jupyter's runtime dir, /run/user/UID and ns-kernel's default socket base (the warm
+    # template's socket, whatever Sandbox.socket_dir says): always hidden
+    runtime_dirs: tuple = ()
     venv: str = ""            # this interpreter's venv (sys.prefix), if it runs in one
     venv_entries: tuple = ()  # (name, symlink target or "" for a dir, None for a file)
     home_entries: tuple = ()  # the same, of the real home
@@ -86,6 +88,7 @@ class Host:
     @classmethod
     def probe(cls):
         from jupyter_core.paths import jupyter_runtime_dir
+        from .socketdir import default_base
         links, missing = [], set()
         for path in SYSTEM_DIRS:
             if os.path.islink(path):
@@ -101,7 +104,7 @@ class Host:
         return cls(uid=uid, gid=os.getgid(), home=home, cwd=cwd,
                    environ=tuple(sorted(os.environ.items())), python_paths=python_paths(),
                    symlinks=tuple(links), missing=frozenset(missing),
-                   runtime_dirs=(jupyter_runtime_dir(), f"/run/user/{uid}"),
+                   runtime_dirs=(jupyter_runtime_dir(), f"/run/user/{uid}", default_base()),
                    venv=venv, venv_entries=_entries(venv) if venv else (),
                    home_entries=_entries(home) if os.path.isdir(home) else (),
                    cwd_shared=_shared(cwd),

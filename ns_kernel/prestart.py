@@ -67,11 +67,6 @@ class Prestarted:
             self.pid = None
 
 
-def wanted(options):
-    """options: the launcher's (argv.options)."""
-    return not {"--no-prestart", "--KernelApp.prestart=False"} & set(options)
-
-
 def spawn():
     """Start the kernel's interpreter; None if it cannot be (the kernel then execs). In
     its own session (preload.spawn): Jupyter's killpg (an interrupt, a restart) is for the

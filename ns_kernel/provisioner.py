@@ -12,6 +12,10 @@ sockets reconnect to the same paths by themselves. Settings in the kernelspec's
 `kernel_provisioner.config` stanza are Sandbox traits (`{"memory": "1G", "home":
 "readonly"}`); they reach the launcher as `--Sandbox.<name>=<value>` after the argv's own
 options, so they win over them.
+
+It reads the launcher's options with the launcher's own parser (cli.KernelApp), but the
+config files as data only: ns_kernel_config.json, never ns_kernel_config.py, which would
+run in the Jupyter server (the launcher, a process of its own, runs both).
 """
 import asyncio
 import os
@@ -21,7 +25,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Dict, TraitError, Unicode
 
 from . import kernelspec, socketdir
-from .cli import SandboxApp
+from .cli import KernelApp
 from .config import Sandbox
 from .errors import SetupError
 
@@ -78,8 +82,8 @@ class IsolatedProvisioner(LocalProvisioner):
 
     async def pre_launch(self, **kwargs):
         km = self.parent
-        options = kernelspec.launcher_options(self.kernel_spec.argv)
-        if options is None:
+        start = kernelspec.launcher_start(self.kernel_spec.argv)
+        if start is None:
             raise ProvisionerConfigError(
                 f"{kernelspec.PROVISIONER} runs the launcher only: kernel.json argv must be "
                 "`python -P -m ns_kernel [options] -f {connection_file}`, not "
@@ -87,10 +91,10 @@ class IsolatedProvisioner(LocalProvisioner):
                 "`ns-kernel install` again)")
         extra = settings_argv(self.settings)
         if not self.kernel_socket_dir:
-            # The launcher's own view of its settings (config files, argv, stanza): the same
+            # The launcher's view of its settings (argv, stanza, JSON config files): the same
             # socket base, and bad options fail here, in the server's words, before any launch.
-            base = self._launcher_config(options, extra).socket_dir
-            self.kernel_socket_dir = socketdir.choose(base)
+            base = self._launcher_config(start.options, extra).socket_dir
+            self.kernel_socket_dir = socketdir.choose(base, warn=self.log.warning)
         km.transport = "ipc"
         km.ip = f"{self.kernel_socket_dir}/k"
         kwargs = await super().pre_launch(**kwargs)
@@ -102,7 +106,7 @@ class IsolatedProvisioner(LocalProvisioner):
 
     def _launcher_config(self, options, extra):
         try:
-            app = SandboxApp()
+            app = KernelApp()
             app.parse_command_line(options)
             # traitlets takes one value per option: a setting in both places would make the
             # launcher refuse to start, so say which one, here.
@@ -111,7 +115,7 @@ class IsolatedProvisioner(LocalProvisioner):
                 raise ProvisionerConfigError(
                     f"{', '.join(both)} set both in kernel.json's argv and in its "
                     "kernel_provisioner config: keep one")
-            return SandboxApp().load_sandbox_config(options + extra)
+            return KernelApp().load_sandbox_config(options + extra, run_config_code=False)
         except (SetupError, TraitError) as exc:
             why = exc.line().removeprefix("ns-kernel: ") if isinstance(exc, SetupError) else exc
             raise ProvisionerConfigError(f"launcher options {options + extra}: {why}") from None

@@ -1,7 +1,10 @@
 """Each kernel's private socket directory on the host: made 0700, removed without trace.
 
-Under $XDG_RUNTIME_DIR/ns-kernel when usable, else /tmp/ns-kernel-UID; short, since a
-Unix socket path must fit in 107 bytes.
+They live in a base directory of the user's own, which also holds the warm template's
+socket: $XDG_RUNTIME_DIR/ns-kernel when usable, else /tmp/ns-kernel-UID; short, since a
+Unix socket path must fit in 107 bytes. A base is used only if it is a directory (not a
+symlink) owned by the user that nobody else may enter: /tmp is everyone's, and another
+user may have made /tmp/ns-kernel-UID first.
 """
 import os
 import stat
@@ -19,22 +22,94 @@ def default_base():
     return f"/tmp/ns-kernel-{os.getuid()}"
 
 
-def _ensure_base(base):
+def unsafe(info):
+    """Why a base with this lstat() must not be used, or ''."""
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if info.st_uid != os.getuid():
+        return f"is owned by uid {info.st_uid}, not {os.getuid()}"
+    if info.st_mode & 0o077:
+        return f"is open to other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    return ""
+
+
+def _make(base):
+    """Make `base` (0700) unless it exists; why it is then not safely ours, or ''."""
     try:
         os.makedirs(base, mode=0o700, exist_ok=True)
-        info = os.lstat(base)
+    except FileExistsError:
+        pass            # not a directory: lstat says what it is
     except OSError as exc:
         raise SetupError("socket dir", "mkdir", exc.filename or base, exc.errno, FIX) from None
-    # /tmp is shared: refuse a base someone else made (or a symlink planted to redirect us).
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise SetupError("socket dir", f"{base} is not a 0700 directory owned by uid "
-                         f"{os.getuid()}", hint=f"remove it, or {FIX}")
+    try:
+        return unsafe(os.lstat(base))
+    except OSError as exc:
+        raise SetupError("socket dir", "lstat", base, exc.errno, FIX) from None
 
 
-def choose(base):
-    """The path of a new socket dir (made later by create()), checked for length now."""
-    base = os.path.abspath(base or default_base())
+def ensure_base(base):
+    """Make `base` (0700) unless it exists; then a SetupError unless it is safely ours."""
+    why = _make(base)
+    if why:
+        raise SetupError("socket dir", f"socket base {base}: {why}",
+                         hint=f"another user or program made it; have it removed, or {FIX}")
+
+
+def choose(base="", warn=None):
+    """The path of a new socket dir (made later by create()), checked for length now:
+    under `base` (Sandbox.socket_dir) if given, else under the user's own base.
+    warn(line): how to say that the default base is not ours (default: stderr)."""
+    base = os.path.abspath(base) if base else _user_base(warn)
     return check_length(os.path.join(base, os.urandom(6).hex()))
+
+
+def _user_base(warn):
+    """The default base; when it is not safely ours, a private dir of ours instead.
+
+    Someone else's /tmp/ns-kernel-UID must not stop the user's kernels (refusing would give
+    every other user of the machine a way to deny them service), so kernels go on in a
+    0700 dir of the user's own under $TMPDIR (or /tmp), with a random name nobody could
+    have made first, found again by its owner and mode at later starts (a restart must
+    find its provisioner's dir again). The warm template stays on the default base, so
+    warm kernels start cold meanwhile (warm.py). The line says what happened and how to
+    end it."""
+    base = default_base()
+    why = _make(base)
+    if not why:
+        return base
+    parent = os.environ.get("TMPDIR") or "/tmp"
+    prefix = f"ns-kernel-{os.getuid()}-"
+    try:
+        names = sorted(name for name in os.listdir(parent) if name.startswith(prefix))
+    except OSError as exc:
+        raise SetupError("socket dir", "listdir", parent, exc.errno, FIX) from None
+    private = next((os.path.join(parent, name) for name in names
+                    if _ours(os.path.join(parent, name))), None)
+    while private is None:
+        private = os.path.join(parent, prefix + os.urandom(4).hex())
+        try:
+            os.mkdir(private, 0o700)
+        except FileExistsError:
+            private = None
+        except OSError as exc:
+            raise SetupError("socket dir", "mkdir", private, exc.errno, FIX) from None
+    (warn or _stderr)(f"ns-kernel: socket base {base}: {why} (another user or program made "
+                      f"it first; kernels use {private} instead: have it removed, or {FIX})")
+    return private
+
+
+def _ours(path):
+    try:
+        return not unsafe(os.lstat(path))
+    except OSError:
+        return False
+
+
+def _stderr(line):
+    import sys
+    print(line, file=sys.stderr, flush=True)
 
 
 def check_length(path):
@@ -47,7 +122,7 @@ def check_length(path):
 
 def create(path, owner=None):
     """Make `path`, 0700, owned by `owner` (uid, gid) if given (root's sandbox)."""
-    _ensure_base(os.path.dirname(path))
+    ensure_base(os.path.dirname(path))
     try:
         os.mkdir(path, 0o700)
     except OSError as exc:
@@ -62,6 +137,61 @@ def create(path, owner=None):
     return path
 
 
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def remove(path):
-    import shutil   # here only: it costs a warm client ~5 ms (bz2, lzma) before it connects
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a socket dir and whatever its kernel left in it, in whatever modes (a dir it
+    closed to its own uid, mode 000): every step by a directory fd, never following a
+    symlink the kernel may have planted to send us elsewhere."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        parent_fd = os.open(parent, DIR_FLAGS)
+    except OSError:
+        return
+    try:
+        _remove_entry(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_entry(dir_fd, name):
+    try:
+        os.unlink(name, dir_fd=dir_fd)      # a file, socket or symlink: never followed
+        return
+    except IsADirectoryError:
+        pass
+    except OSError:
+        return
+    fd = _open_dir(dir_fd, name)
+    if fd is None:
+        return
+    try:
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries]
+        for entry in names:
+            _remove_entry(fd, entry)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def _open_dir(dir_fd, name):
+    """An fd to read the dir `name`, made ours to empty first: a kernel may have closed
+    its own dirs (mode 000 or 0500; of our own uid, for an ordinary user). By an O_PATH fd
+    of that very dir, not by name, which the kernel could have swapped for a symlink."""
+    try:
+        path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
+        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(path_fd)

@@ -8,10 +8,10 @@ process has imported both already and forks, per kernel:
              nothing, hands its argv, environment, cwd and stdio to the template, forwards
              signals, and exits like the kernel did
   launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
-             client (cli.main, the same Launch as a cold start: config, plan, socket dir,
-             bridge, limits) except that it hands the plan to a monitor the template
-             forked beside it instead of forking one: it holds the client's environment
-             (tokens), a kernel must not
+             client (cli.start_kernel, the same Launch as a cold start: config, plan,
+             socket dir, bridge, limits) except that it hands the plan to a monitor the
+             template forked beside it instead of forking one: it holds the client's
+             environment (tokens), a kernel must not
   monitor    another fork of the template, made with the launcher (while that reads the
              config) and waiting for its plan, with the same sandbox.py steps as ever (user
              ns, then init: mounts, hostname, uid, caps), except the kernel's last step:
@@ -28,6 +28,12 @@ The template listens on <socket base>/warm-<key>.sock (the 0700 per-user dir of
 socketdir.py), is started by the first warm client (that start costs a cold one), and
 exits after IDLE_EXIT seconds without a request, or on `python -m ns_kernel.warm stop`.
 
+Who may talk to whom: each side checks the other before it trusts it (_untrusted): the
+same uid, and the host's own user namespace, which no kernel is in (a kernel of an
+ordinary user has that user's uid). A client checks the base too, and talks to no
+template in a dir another user made: it starts the kernel cold instead (__main__). A
+request is plain data (JSON) of one of KINDS; a kernel's argv must be a kernel start.
+
 This module's top level stays cheap: the client imports it before anything else.
 """
 import os
@@ -40,6 +46,8 @@ from . import preload
 IDLE_EXIT = 600.0
 MAX_REQUEST = 1 << 20
 MAX_HANDLES = 250     # bind sources a plan may have (SCM_RIGHTS takes at most 253 fds)
+# What a request may ask, with the keys it has; a kernel's comes with the client's stdio.
+KINDS = {"kernel": ({"kind", "argv", "env", "cwd"}, 3), "stop": ({"kind"}, 0)}
 
 
 def socket_path(environ=os.environ):
@@ -58,19 +66,24 @@ def socket_path(environ=os.environ):
 
 # -- the client ---------------------------------------------------------------------------
 
-def client_main(argv):
-    """What Jupyter runs. Returns (or exits) like the kernel did."""
+def client_main(start):
+    """What Jupyter runs for `start` (argv.KernelStart) with --warm. Returns (or exits) like
+    the kernel did; None if no template took the kernel (nothing was started: __main__
+    starts it cold)."""
+    from .errors import SetupError
     from .pid import exit_like, forward_signals
-    argv = [arg for arg in argv if arg != "--warm"]
-    sock = _connect_or_start()
-    request = {"kind": "kernel", "argv": argv, "env": dict(os.environ), "cwd": os.getcwd(),
-               "client": os.getpid()}
-    socket.send_fds(sock, [_dumps(request)], [0, 1, 2])
+    try:
+        sock = connect_or_start()
+    except SetupError as exc:
+        _cold(exc.line().removeprefix("ns-kernel: "))
+        return None
+    request = {"kind": "kernel", "argv": start.argv(), "env": dict(os.environ),
+               "cwd": os.getcwd()}
+    socket.send_fds(sock, [_encode(request).encode()], [0, 1, 2])
     launcher = int(sock.recv(64) or 0)
     if not launcher:
-        print("ns-kernel: the warm template failed to start a kernel (run without --warm "
-              "to see why)", file=sys.stderr, flush=True)
-        return 1
+        _cold(f"the template {socket_path()} started no launcher")
+        return None
 
     forward_signals(launcher)
     data = sock.recv(64)
@@ -80,24 +93,62 @@ def client_main(argv):
     exit_like(int(data[1:]))
 
 
+def _cold(why):
+    print(f"ns-kernel: warm start: {why}; this kernel starts cold", file=sys.stderr, flush=True)
+
+
 def _connect(path):
+    """A socket to the template at path; None if none listens; a SetupError if what
+    listens is not one we may trust (another uid, or inside a sandbox)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(path)
-        return sock
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None
+    why = _untrusted(sock)
+    if why:
+        sock.close()
+        from .errors import SetupError
+        raise SetupError("warm", "connect", path, hint=f"{why}: not our template")
+    return sock
 
 
-def _connect_or_start(timeout=60.0):
+def _untrusted(sock):
+    """Why the process at the other end of sock is not one of ours on the host, or ''."""
+    pid, uid, _ = _peer(sock)
+    if uid != os.getuid():
+        return f"the peer is uid {uid}, not {os.getuid()}"
+    try:
+        if os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+            return ""
+    except OSError:
+        pass
+    return f"the peer, pid {pid}, is not in the host's user namespace (a sandbox's?)"
+
+
+def _encode(value):
+    """JSON of the str, list and dict values a request holds, without the json module
+    (which imports `re`: 4 ms of the warm client's start)."""
+    from _json import encode_basestring_ascii as string
+    if isinstance(value, str):
+        return string(value)
+    if isinstance(value, list):
+        return "[" + ",".join(map(_encode, value)) + "]"
+    return "{" + ",".join(f"{string(k)}:{_encode(v)}" for k, v in value.items()) + "}"
+
+
+def connect_or_start(timeout=60.0):
+    """A socket to this user's template, started if none listens; a SetupError if none
+    can be trusted (nothing was sent to it)."""
+    from .socketdir import ensure_base
     path = socket_path()
+    # Before connecting: a template in a dir another user made is theirs to fake.
+    ensure_base(os.path.dirname(path))
     sock = _connect(path)
     if sock:
         return sock
     import time
-    from .socketdir import _ensure_base
-    _ensure_base(os.path.dirname(path))
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     # The template daemonizes (its first fork); this child returns at once.
     try:
@@ -113,12 +164,7 @@ def _connect_or_start(timeout=60.0):
         time.sleep(0.005)
     from .errors import SetupError
     raise SetupError("warm", "start the warm template", path,
-                     hint="start the kernel without --warm: what stops the template stops it too")
-
-
-def _dumps(obj):
-    import pickle
-    return pickle.dumps(obj)
+                     hint="it never listened; the cold start says what stops it")
 
 
 # -- the template -------------------------------------------------------------------------
@@ -173,7 +219,7 @@ def template_main(path=None):
     try:
         while select.select([listener], [], [], IDLE_EXIT)[0]:
             conn, _ = listener.accept()
-            if _peer(conn)[1] != os.getuid():
+            if _untrusted(conn):
                 conn.close()
                 continue
             # Two forks per request: one reads it; the other, made now while the first
@@ -208,22 +254,51 @@ def _peer(conn):
     return struct.unpack("3i", creds)
 
 
+def _dumps(plan):
+    """A plan, from a request's launcher to its spare monitor: two forks of the template
+    over a socketpair the template made, which nobody else holds (not a request)."""
+    import pickle
+    return pickle.dumps(plan)
+
+
 def _serve(conn, monitor):
     """In a fresh fork of the template: read the one request and act on it. monitor: a
     socket to the spare monitor forked beside this process (_spare_monitor)."""
-    import pickle
     try:
         conn.settimeout(30)     # a client that connects and says nothing
-        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 8)
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 4)
         conn.settimeout(None)
-        request = pickle.loads(data) if data else {"kind": "none"}
-        kind = request["kind"]
-        if kind == "stop":
+        request = _request(data, fds)
+        if request is None:
+            return
+        if request["kind"] == "stop":
             os.kill(os.getppid(), signal.SIGTERM)
-        elif kind == "kernel":
-            _launcher_child(conn, request, fds, monitor)
+        else:
+            _launcher_child(conn, request, fds, _peer(conn)[0], monitor)
     finally:
         os._exit(0)
+
+
+def _request(data, fds):
+    """The request in data, if it is one of KINDS with all it must have; else None."""
+    import json
+    from .argv import kernel_start
+    try:
+        request = json.loads(data)
+        keys, nfds = KINDS[request["kind"]]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if set(request) != keys or len(fds) != nfds:
+        return None
+    if request["kind"] == "stop":
+        return request
+    argv, env, cwd = request["argv"], request["env"], request["cwd"]
+    if not (isinstance(argv, list) and isinstance(env, dict) and isinstance(cwd, str)
+            and all(isinstance(item, str) for item in (*argv, *env, *env.values()))):
+        return None
+    # The launcher of a kernel, nothing else that cli.main could run (install, run).
+    request["start"] = kernel_start(argv)
+    return request if request["start"] else None
 
 
 def _take_stdio(fds):
@@ -232,14 +307,15 @@ def _take_stdio(fds):
         os.close(fd)
 
 
-def _launcher_child(conn, request, fds, monitor):
-    """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
+def _launcher_child(conn, request, fds, client, monitor):
+    """Become `python -m ns_kernel ARGV` for the client (pid), from its environment and
+    cwd."""
     import functools
     from . import cli
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])
-    _die_with(request["client"])
+    _die_with(client)
     os.chdir(request["cwd"])
     conn.sendall(str(os.getpid()).encode())
 
@@ -249,7 +325,7 @@ def _launcher_child(conn, request, fds, monitor):
         sys.stderr.flush()
         os._exit(0)
     spawn = functools.partial(_spawn_monitor, monitor)
-    code = cli.main(request["argv"], spawn=spawn, finish=finish)
+    code = cli.start_kernel(request["start"], spawn=spawn, finish=finish)
     finish((code or 0) << 8)
 
 
@@ -323,12 +399,16 @@ def stop():
     if sock is None:
         return False
     with sock:
-        socket.send_fds(sock, [_dumps({"kind": "stop"})], [])
+        sock.sendall(_encode({"kind": "stop"}).encode())
         sock.recv(1)
     return True
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["stop"]:
+    from .errors import SetupError
+    if sys.argv[1:] != ["stop"]:
+        sys.exit("usage: python -m ns_kernel.warm stop")
+    try:
         sys.exit(0 if stop() else 1)
-    sys.exit("usage: python -m ns_kernel.warm stop")
+    except SetupError as exc:       # not our template listening there
+        sys.exit(exc.line())

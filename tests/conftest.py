@@ -282,3 +282,23 @@ def interrupt_busy_loop(kernel):
     reply = kernel.kc.get_shell_msg(timeout=20)
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+
+# -- the user's socket base: where a test says, never the real /tmp/ns-kernel-UID ------
+
+@pytest.fixture
+def user_base(monkeypatch):
+    """Point socketdir.default_base() (and the warm template's socket with it) at a dir of
+    the test's own, through $XDG_RUNTIME_DIR, and the private dirs used instead of an
+    unsafe one at another ($TMPDIR): (default base, tmpdir). Both are made 0755, so that
+    what a test puts in them is what decides who may enter."""
+    runtime = tempfile.mkdtemp(prefix="nsk-run-")
+    tmpdir = tempfile.mkdtemp(prefix="nsk-tmp-")
+    for path in (runtime, tmpdir):
+        os.chmod(path, 0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    monkeypatch.setenv("TMPDIR", tmpdir)
+    yield os.path.join(runtime, "ns-kernel"), tmpdir
+    import shutil
+    for path in (runtime, tmpdir):
+        shutil.rmtree(path, ignore_errors=True)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import start_kernel, stop_kernel
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -61,3 +63,42 @@ def test_jupyter_kernelspec_install_of_the_shipped_spec(tmp_path, workdir):
             stop_kernel(k)
     finally:
         os.environ["JUPYTER_PATH"] = old
+
+
+# Each way `ns-kernel install` can write a spec, and what shows inside that it took.
+VARIANTS = {
+    "warm": (["--warm"], "b'ns_kernel.warm' in open('/proc/self/cmdline', 'rb').read()", True),
+    "no-prestart": (["--no-prestart"], "open('/proc/self/cmdline', 'rb').read().split(b'\\0')[1:3]",
+                    [b"-m", b"ipykernel_launcher"]),
+    "limits": (["--memory", "512M", "--pids", "64"], None, None),
+    "home": (["--home=private"], "[m.split()[2] for m in open('/proc/self/mounts') "
+             "if m.split()[1] == __import__('os').path.expanduser('~')]", ["tmpfs"]),
+    "network": (["--network=none"], "open('/sys/class/net/lo/operstate').read().strip()", "down"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_install_variant_starts_through_the_provisioner(tmp_path, workdir, monkeypatch,
+                                                              user_base, variant):
+    # What JupyterLab does with an installed spec: start it through the provisioner the
+    # spec names, whose own reading of the spec's options must take every one of them.
+    from ns_kernel import warm
+    from ns_kernel.provisioner import IsolatedProvisioner
+    from test_limits import assert_memory_limit_in_force
+    options, probe, expected = VARIANTS[variant]
+    name = f"variant-{variant}"
+    subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={tmp_path}",
+                    f"--name={name}", *options], check=True, capture_output=True)
+    monkeypatch.setenv("JUPYTER_PATH", os.path.join(tmp_path, "share", "jupyter"))
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        assert isinstance(k.km.provisioner, IsolatedProvisioner)
+        assert k.km.get_connection_info()["transport"] == "ipc"
+        assert k.value("__import__('os').getpid()") == 2
+        if probe:
+            assert k.value(probe) == expected
+        else:
+            assert_memory_limit_in_force(k)
+    finally:
+        stop_kernel(k)
+        warm.stop()

@@ -3,6 +3,7 @@ drives it: direct ipc sockets in the kernel's socket dir, the exact lifecycle (p
 send_signal, kill, terminate, cleanup, restart), settings from the config stanza, and
 refusals of a bad stanza. Real kernels in real namespaces."""
 import asyncio
+import json
 import os
 import signal
 import stat
@@ -158,6 +159,8 @@ def test_config_stanza_reaches_the_launcher(workdir, socket_base):
     ((), {"memroy": "1G"}, "ns-kernel: kernel_provisioner config: unknown setting 'memroy'"),
     ((), {"memory": "lots"}, "ns-kernel: kernel_provisioner config: memory: not a size: 'lots'"),
     (("--home=elsewhere",), None, "ns-kernel: launcher options"),
+    (("--memory",), None, "ns-kernel: launcher options"),     # argparse: no SystemExit
+    (("--no-such-option",), None, "ns-kernel: launcher options"),
     (("--tmp-size=16M",), {"tmp_size": "8M"},
      "ns-kernel: tmp_size set both in kernel.json's argv and in its kernel_provisioner config"),
 ])
@@ -188,3 +191,29 @@ def test_spec_that_does_not_run_the_launcher_is_refused(workdir, socket_base):
                                              "only: kernel.json argv must be"):
             await km.start_kernel(cwd=workdir)
     asyncio.run(main())
+
+
+def test_the_provisioner_runs_no_config_code(workdir, socket_base, tmp_path, monkeypatch):
+    # ns_kernel_config.py is code: the launcher, a process of its own, runs it; the
+    # provisioner, inside the Jupyter server, never does. It reads ns_kernel_config.json,
+    # which is data.
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "ns_kernel_config.py").write_text(
+        f"import os\nopen(os.path.join({str(config)!r}, f'ran-{{os.getpid()}}'), 'w').close()\n"
+        "c.Sandbox.hostname_prefix = 'frompy'\n")
+    (config / "ns_kernel_config.json").write_text(
+        json.dumps({"Sandbox": {"socket_dir": socket_base}}))
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", str(config))
+
+    async def main():
+        km, kc = await start(write_spec("prov-config-files", provisioner=True), workdir)
+        try:
+            assert os.path.dirname(km.provisioner.kernel_socket_dir) == socket_base
+            assert (await value(kc, "__import__('socket').gethostname()")).startswith("frompy-")
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel()
+    asyncio.run(main())
+    ran = sorted(path.name for path in config.glob("ran-*"))
+    assert ran and f"ran-{os.getpid()}" not in ran, ran

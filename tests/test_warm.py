@@ -1,14 +1,20 @@
 """Warm start (`--warm`): kernels forked from a per-user template, with the same isolation
 as a cold start (test_isolation.py runs every probe on warm kernels too) and nothing
 carried from one kernel to the next."""
+import json
 import os
+import pickle
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 
 import pytest
+from jupyter_client.manager import KernelManager
 
-from conftest import interrupt_busy_loop, start_kernel, stop_kernel, write_spec
+from conftest import Kernel, alive, interrupt_busy_loop, start_kernel, stop_kernel, write_spec
 from ns_kernel import warm
 
 WARM = write_spec("isolated-python-warm", ["--warm"])
@@ -115,3 +121,203 @@ def test_stop_without_template_says_so(monkeypatch):
     # Another startup environment is another template, and none runs for it.
     monkeypatch.setenv("LANG", "C.UTF-8-no-template-for-this")
     assert warm.stop() is False
+
+
+# -- who may talk to whom (warm.py: _untrusted, KINDS) ---------------------------------
+
+OTHER_UID = 12345
+ROOT_ONLY = pytest.mark.skipif(os.getuid() != 0, reason="needs a second uid: root makes one")
+
+# A "template" of another uid, at the warm template's path: it binds as root (who may
+# write the base), then listens as OTHER_UID, which is what a client's SO_PEERCRED shows.
+# One JSON line per connection: what the client sent it.
+FAKE_TEMPLATE = r"""
+import json, os, socket, sys
+path, uid = sys.argv[1], int(sys.argv[2])
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+sock.bind(path)
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+sock.listen(8)
+print("listening", flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.settimeout(10)
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 8)
+    except OSError:
+        data, fds = b"", []
+    print(json.dumps({"bytes": len(data), "fds": len(fds)}), flush=True)
+    conn.close()
+"""
+
+
+def start_warm_kernel(workdir, log):
+    km = KernelManager(kernel_name=WARM)
+    km.start_kernel(cwd=workdir, stderr=log)
+    kc = km.client()
+    kc.start_channels()
+    k = Kernel(km, kc)
+    try:
+        kc.wait_for_ready(timeout=60)
+    except Exception:
+        stop_kernel(k)
+        raise
+    return k
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("base_owner", ["ours", "theirs"])
+def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, tmp_path,
+                                                           base_owner):
+    # Another user's process listens where our template would: in our own base (SO_PEERCRED
+    # says it is not ours), or in a base that user made first (not even a connect). The
+    # client sends it nothing, neither the server's environment nor its stdio, and the
+    # kernel starts cold.
+    base, _ = user_base
+    os.mkdir(base, 0o700)
+    if base_owner == "theirs":
+        os.chown(base, OTHER_UID, OTHER_UID)
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_TEMPLATE, warm.socket_path(),
+                             str(OTHER_UID)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline() == "listening\n"
+        log = open(tmp_path / "log", "w+")
+        k = start_warm_kernel(workdir, log)
+        try:
+            assert k.value("__import__('os').getpid()") == 2
+            assert b"ns_kernel.warm" not in k.value(
+                "open('/proc/self/cmdline', 'rb').read()")    # a cold kernel
+        finally:
+            stop_kernel(k)
+    finally:
+        fake.kill()
+    got = [json.loads(line) for line in fake.communicate()[0].splitlines()]
+    assert all(seen == {"bytes": 0, "fds": 0} for seen in got), got
+    if base_owner == "theirs":
+        assert got == []
+    log.seek(0)
+    lines = [line for line in log.read().splitlines() if line.startswith("ns-kernel: warm start")]
+    assert len(lines) == 1 and lines[0].endswith("; this kernel starts cold"), lines
+    assert (f"is owned by uid {OTHER_UID}" if base_owner == "theirs"
+            else f"the peer is uid {OTHER_UID}") in lines[0], lines[0]
+
+
+@pytest.fixture
+def template(user_base):
+    """A real template of ours, in the test's own base; stopped at the end."""
+    warm.connect_or_start().close()
+    pid = warm.template_pid()
+    yield pid
+    warm.stop()
+    assert gone(pid)
+
+
+def ask(sock, data, fds=()):
+    """Send one request; what comes back before the template closes the connection."""
+    try:
+        socket.send_fds(sock, [data], list(fds))
+        return sock.recv(64)
+    except (BrokenPipeError, ConnectionResetError):
+        return b""
+    finally:
+        sock.close()
+
+
+def connect():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(warm.socket_path())
+    return sock
+
+
+def test_template_takes_plain_requests_of_known_kinds_only(template, workdir):
+    marker = os.path.join(workdir, "ran")
+    stdio = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+    env = dict(os.environ)
+    try:
+        for data, fds in (
+                (pickle.dumps({"kind": "stop"}), ()),                       # not data
+                (json.dumps({"kind": "shell", "argv": ["/bin/true"]}).encode(), ()),
+                (json.dumps({"kind": "stop", "and": "more"}).encode(), ()),
+                (json.dumps(["stop"]).encode(), ()),
+                # A kernel's request whose argv is not a kernel start: `ns-kernel run`.
+                (json.dumps({"kind": "kernel", "argv": ["run", "--", "/bin/touch", marker],
+                             "env": env, "cwd": workdir}).encode(), stdio),
+                (json.dumps({"kind": "kernel", "argv": ["-f", "x.json"], "env": env,
+                             "cwd": workdir}).encode(), ()),               # without its stdio
+        ):
+            assert ask(connect(), data, fds) == b"", data
+        time.sleep(1)    # what a request started would have done by now
+        assert alive([template]) and warm.template_pid() == template
+        assert not os.path.exists(marker)
+    finally:
+        for fd in stdio:
+            os.close(fd)
+    # The same channel works for a request of a known kind (so the above could fail).
+    assert ask(connect(), json.dumps({"kind": "stop"}).encode()) == b""
+    assert gone(template)
+
+
+def test_template_refuses_a_client_inside_a_sandbox(template):
+    # A kernel has its user's uid (an ordinary user's kernels): what tells it apart is
+    # its user namespace. A process in a fresh one asks the template to stop.
+    from ns_kernel.syscalls import CloneFlags, unshare
+    ready_r, ready_w = os.pipe()
+    mapped_r, mapped_w = os.pipe()
+    done_r, done_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            unshare(CloneFlags.CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            os.read(mapped_r, 1)
+            os.write(done_w, b"closed" if ask(connect(), b'{"kind": "stop"}') == b"" else b"?")
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"u"
+        with open(f"/proc/{child}/uid_map", "w") as f:
+            f.write(f"{os.getuid()} {os.getuid()} 1\n")
+        os.write(mapped_w, b"m")
+        assert os.read(done_r, 16) == b"closed"
+    finally:
+        os.waitpid(child, 0)
+        for fd in (ready_r, ready_w, mapped_r, mapped_w, done_r, done_w):
+            os.close(fd)
+    time.sleep(1)    # what a stop would have done by now
+    assert alive([template]) and warm.template_pid() == template
+
+
+@ROOT_ONLY
+def test_template_refuses_a_client_of_another_uid(template, user_base):
+    # The base is 0700: another uid reaches the socket here only through a hard link
+    # (root made it; the socket's own mode opened to all) to ask the template to stop.
+    base, tmpdir = user_base
+    link = os.path.join(tmpdir, "template.sock")
+    os.link(warm.socket_path(), link)
+    os.chmod(link, 0o777)
+    client = ("import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
+              "s.connect(sys.argv[1])\ntry:\n s.sendall(b'{\"kind\": \"stop\"}'); "
+              "print(repr(s.recv(64)))\nexcept OSError as e:\n print(type(e).__name__)")
+    done = subprocess.run([sys.executable, "-c", client, link], user=OTHER_UID,
+                          group=OTHER_UID, extra_groups=[], capture_output=True, text=True,
+                          timeout=30)
+    assert done.stdout.strip() in ("b''", "BrokenPipeError", "ConnectionResetError"), done
+    time.sleep(1)    # what a stop would have done by now
+    assert alive([template]) and warm.template_pid() == template
+
+
+def test_template_socket_is_hidden_from_kernels(template, user_base, workdir, socket_base):
+    # Whatever Sandbox.socket_dir says, and even where a bind shows the base's parent, no
+    # kernel (of this user's uid) sees the template's socket to ask it for anything.
+    base, _ = user_base
+    runtime = os.path.dirname(base)
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}",
+                      [f"--socket-dir={socket_base}", f"--ro-bind={runtime}"])
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        assert k.value(f"__import__('os').path.isdir({runtime!r})")
+        assert not k.value(f"__import__('os').path.exists({warm.socket_path()!r})")
+    finally:
+        stop_kernel(k)
