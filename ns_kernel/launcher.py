@@ -18,7 +18,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import bridge, connection, leftovers, limits, mount, offline, socketdir, state
+from . import bridge, connection, leftovers, limits, mount, offline, output, socketdir, state
 from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, build_plan
@@ -70,6 +70,7 @@ class Launch:
         self.kernel_id = kernel_id_from(connection_file)
         self.limits = limits.Enforcement()
         self.usage = None          # what the cgroup saw, read once the kernel has ended
+        self.output = None         # the kernel's stdout/stderr relay (output.py)
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -120,11 +121,16 @@ class Launch:
             handles = mount.open_sources(plan.mounts, host.cwd, trusted={
                 *self.config.ro_binds, *self.config.rw_binds, self.socket_dir,
                 *plan.state_dirs})
+            # A kernel's stdio: /dev/null and a pipe to the log (output.py); a command of
+            # `ns-kernel run` keeps the admin's terminal.
+            stdio = self._kernel_stdio() if info else (0, 1, 2)
             try:
                 self.box = Sandbox(plan, self.limits.attach, self.prestarted,
-                                   handles).start(self.spawn)
+                                   handles, stdio).start(self.spawn)
             finally:
                 mount.close_all(handles)    # the monitor has them now
+                if info:
+                    mount.close_all(set(stdio))
             for signum in self.pending_signals:
                 self.box.signal(signum)
             self._supervise()
@@ -133,6 +139,11 @@ class Launch:
             return status
         finally:
             self.cleanup()
+
+    def _kernel_stdio(self):
+        read, write = os.pipe2(os.O_CLOEXEC)
+        self.output = output.Relay(read, self._who())
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), write, write
 
     def _who(self):
         if not self.connection_file:
@@ -194,6 +205,8 @@ class Launch:
             sel.register(server, selectors.EVENT_READ, "server")
         relay = (bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid)
                  if self.listeners else None)
+        if self.output:
+            sel.register(self.output.fd, selectors.EVENT_READ, "output")
         try:
             while True:
                 timeout = relay.timeout() if relay else None
@@ -211,6 +224,9 @@ class Launch:
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)
+                    elif key.data == "output":
+                        if self.output.handle() is False:
+                            sel.unregister(self.output.fd)
                     elif key.data == "server":
                         # The Jupyter server is gone: nobody will ever talk to this kernel.
                         box.kill()
@@ -260,6 +276,9 @@ class Launch:
         self._release_prestarted()
         if self.box and self.box.pid:
             self.box.kill()
+        if self.output:
+            self.output.drain()
+            self.output = None
         self.limits.remove()
         for sock, _ in self.listeners:
             sock.close()

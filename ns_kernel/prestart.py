@@ -101,7 +101,9 @@ def hand_off(sock, plan, err_w):
     try:
         # Too big a plan (EMSGSIZE), an interpreter killed while importing (EPIPE,
         # ECONNRESET): it has joined nothing; the exec'd kernel will say what it says.
-        socket.send_fds(sock, [pickle.dumps(plan)], [me, err_w])
+        # With init's stdio (Launch's /dev/null and pipe), not what the interpreter was
+        # spawned with (the server's): the kernel inherits the helper's.
+        socket.send_fds(sock, [pickle.dumps(plan)], [me, err_w, 0, 1, 2])
         reply = sock.recv(64)
     except OSError:
         pass
@@ -162,12 +164,15 @@ def main():
     from . import forked
     from .errors import SetupError
     try:
-        data, fds, _, _ = socket.recv_fds(sock, MAX_PLAN, 2)
+        data, fds, _, _ = socket.recv_fds(sock, MAX_PLAN, 5)
     except OSError:
         os._exit(0)
-    if not data or len(fds) != 2:
+    if not data or len(fds) != 5:
         os._exit(0)      # the launcher gave up, or init execs the kernel itself
-    pidfd, err_w = fds
+    pidfd, err_w, *stdio = fds
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+        os.close(fd)
     if preload.threads() != 1:
         # setns into a user namespace needs a single thread (a sitecustomize started one).
         sock.send(b"N")

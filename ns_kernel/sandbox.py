@@ -34,9 +34,10 @@ MSG_STATUS = b"S"
 class Sandbox:
     """The launcher's handle on a running sandbox."""
 
-    def __init__(self, plan, attach=None, prestarted=None, handles=()):
+    def __init__(self, plan, attach=None, prestarted=None, handles=(), stdio=(0, 1, 2)):
         self.plan = plan
         self.handles = handles     # of the bind sources, in order (mount.open_sources)
+        self.stdio = stdio         # the sandbox's fds 0, 1, 2 (Launch: /dev/null and a pipe)
         self.attach = attach       # puts the monitor in the kernel's cgroup (limits.py)
         self.prestarted = prestarted   # the kernel's interpreter, if spawned (prestart.py)
         self.pid = None            # the monitor's pid
@@ -50,13 +51,13 @@ class Sandbox:
 
     def start(self, spawn=None):
         """Start the monitor, map its ids, and return; the rest happens in the children.
-        The monitor is forked here, or by spawn(plan, ctl, err_w, handles) -> pid: a warm template
+        The monitor is forked here, or by spawn(plan, ctl, err_w, handles, stdio) -> pid: a warm template
         that has ipykernel imported already runs the same steps (warm.py)."""
         ctl, ctl_child = socket.socketpair()
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         if spawn:
             try:
-                child = spawn(self.plan, ctl_child, err_w, self.handles)
+                child = spawn(self.plan, ctl_child, err_w, self.handles, self.stdio)
             except BaseException:
                 ctl.close()
                 os.close(err_r)
@@ -71,6 +72,8 @@ class Sandbox:
             if child == 0:
                 ctl.close()
                 os.close(err_r)
+                for target, fd in enumerate(self.stdio):
+                    os.dup2(fd, target)
                 forked.run(functools.partial(_monitor, prestarted=prestarted,
                                              handles=self.handles),
                            self.plan, ctl_child, err_w)

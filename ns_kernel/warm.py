@@ -343,9 +343,9 @@ def _die_with(client):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _spawn_monitor(monitor, plan, ctl, err_w, handles):
+def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio):
     """Sandbox.start's spawn: hand the plan to the spare monitor; returns its pid."""
-    socket.send_fds(monitor, [_dumps(plan)], [ctl.fileno(), err_w, 0, 1, 2, *handles])
+    socket.send_fds(monitor, [_dumps(plan)], [ctl.fileno(), err_w, *stdio, *handles])
     pid = monitor.recv(64)
     if not pid:
         from .errors import SetupError

@@ -123,3 +123,36 @@ def test_seccomp_off_says_so(workdir, tmp_path):
         finally:
             stop_kernel(k)
     assert ": no seccomp filter (Sandbox.seccomp = off)" in log.read_text()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_kernel_has_none_of_the_servers_fds(workdir, tmp_path, path):
+    """On a terminal the kernel read what the user typed and rewrote the screen; on a log
+    file it read the server's token. It gets /dev/null and a pipe to the log instead, its
+    lines marked as its own and without terminal escapes."""
+    from jupyter_client.manager import KernelManager
+    from conftest import Kernel
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        stderr.write("token=SERVER-SECRET\n")
+        stderr.flush()
+        km = KernelManager(kernel_name=PATHS[path])
+        km.start_kernel(cwd=workdir, stderr=stderr, stdout=stderr)
+        k = Kernel(km, km.client())
+        k.kc.start_channels()
+        try:
+            k.kc.wait_for_ready(timeout=60)
+            inode = os.fstat(stderr.fileno()).st_ino
+            held = k.value(f"[fd for fd in map(int, __import__('os').listdir('/proc/self/fd')) "
+                           f"if __import__('os').path.exists(f'/proc/self/fd/{{fd}}') and "
+                           f"__import__('os').stat(f'/proc/self/fd/{{fd}}').st_ino == {inode}]")
+            assert held == []
+            assert k.value("open('/proc/self/fd/0', 'rb').read()") == b""     # /dev/null
+            k.execute("import os; os.write(2, b'ns-kernel: kernel 0 killed: out of memory"
+                      "\\x1b]0;pwned\\x07\\n')")
+        finally:
+            stop_kernel(k)
+    text = log.read_text()
+    assert "\x1b" not in text and "\x07" not in text
+    forged = [line for line in text.splitlines() if "killed: out of memory" in line]
+    assert len(forged) == 1 and forged[0].startswith("[kernel "), forged

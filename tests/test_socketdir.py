@@ -111,8 +111,11 @@ def test_private_dirs_someone_else_made_are_not_ours(user_base, workdir, tmp_pat
 
 
 def test_cleanup_removes_what_the_kernel_left(workdir, socket_base):
-    # A dir the kernel closed to its own uid (000), one it cannot write (0500), and
-    # symlinks out of the socket dir: all of it goes, and nothing outside does.
+    # A running kernel can no longer write its socket dir (sealed once its sockets are
+    # bound: test_trust.py); cleanup must still remove whatever such a dir holds: a dir
+    # closed to its owner (000), one it cannot write (0500), symlinks out of it; and
+    # nothing outside.
+    from ns_kernel import socketdir
     keep = os.path.join(workdir, "keep")
     os.mkdir(keep)
     with open(os.path.join(keep, "file"), "w"):
@@ -120,17 +123,19 @@ def test_cleanup_removes_what_the_kernel_left(workdir, socket_base):
     name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
     k = start_kernel(workdir, kernel_name=name)
     try:
-        k.execute(
-            "import os\n"
-            "for d, mode in (('closed', 0o000), ('readonly', 0o500)):\n"
-            "    os.makedirs(f'/run/ns-kernel/{d}/sub')\n"
-            "    open(f'/run/ns-kernel/{d}/sub/file', 'w').close()\n"
-            f"    os.symlink({keep!r}, f'/run/ns-kernel/{{d}}/out')\n"
-            "    os.chmod(f'/run/ns-kernel/{d}/sub', mode)\n"
-            "    os.chmod(f'/run/ns-kernel/{d}', mode)\n"
-            f"os.symlink({keep!r}, '/run/ns-kernel/out')\n")
-        assert k.value("sorted(os.listdir('/run/ns-kernel'))").count("closed") == 1
+        out, error, _ = k.execute("import os; os.makedirs('/run/ns-kernel/closed')")
+        assert error == "OSError", out
     finally:
         stop_kernel(k)
+    box = socketdir.create(os.path.join(socket_base, "left"))
+    for d, mode in (("closed", 0o000), ("readonly", 0o500)):
+        os.makedirs(f"{box}/{d}/sub")
+        open(f"{box}/{d}/sub/file", "w").close()
+        os.symlink(keep, f"{box}/{d}/out")
+        os.chmod(f"{box}/{d}/sub", mode)
+        os.chmod(f"{box}/{d}", mode)
+    os.symlink(keep, f"{box}/out")
+    socketdir.remove(box)
+    assert not os.path.lexists(box)
     # socket_base checks that nothing is left in it.
     assert os.listdir(keep) == ["file"]
