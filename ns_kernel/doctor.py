@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import cgroup, limits
+from . import cgroup, limits, seccomp
 from .config import SandboxApp
 from .plan import Limits
 from .errors import SetupError
@@ -34,7 +34,8 @@ print(json.dumps({
     "processes": sum(p.isdigit() for p in os.listdir("/proc")),
     "proc": mounts.get("/proc"), "tmp": mounts.get("/tmp"),
     "net": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else [],
-    "ipykernel": importlib.util.find_spec("ipykernel") is not None}))
+    "ipykernel": importlib.util.find_spec("ipykernel") is not None,
+    "seccomp": [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0]}))
 """
 RLIMIT_CAVEAT = ("rlimits only: memory gives MemoryError instead of a kill, pids count per "
                  "sandbox, no CPU share; for cgroups run the server as root (cgroup v1/v2) or "
@@ -72,6 +73,17 @@ def check_user_namespaces():
         return error.line()
     show("ok", "user namespaces", "a process of uid %d can make one" % os.getuid())
     return None
+
+
+def check_seccomp(config):
+    """The filter every kernel loads last (seal.py) needs the system's libseccomp."""
+    if config.seccomp == "off":
+        show("--", "seccomp", "off (Sandbox.seccomp): kernels reach every syscall")
+        return None
+    why = seccomp.available()
+    show("FAIL" if why else "ok", "seccomp", why or "libseccomp.so.2 loads; the default "
+         f"filter denies {len(seccomp.DENIED)} syscalls")
+    return f"ns-kernel: {why}, or run without the filter: --seccomp off" if why else None
 
 
 def check_cgroups(config):
@@ -125,6 +137,8 @@ def judge(seen, config):
         return f"ns-kernel: /proc is {seen['proc']}, /tmp is {seen['tmp']} inside"
     if config.network != "host" and seen["net"] not in (["lo"], []):
         return f"ns-kernel: the sandbox sees network interfaces {seen['net']}"
+    if config.seccomp == "default" and seen["seccomp"] != "2":
+        return f"ns-kernel: no seccomp filter inside (Seccomp: {seen['seccomp']})"
     if not seen["ipykernel"]:
         return (f"ns-kernel: ipykernel is not importable by {sys.executable} inside the "
                 "sandbox (install it in this environment, readable by every user)")
@@ -136,7 +150,7 @@ def main(argv):
     config = app.load_sandbox_config(argv)
     print(f"ns-kernel doctor: Linux {platform.release()}, Python {platform.python_version()} "
           f"({sys.executable}), uid {os.getuid()}", flush=True)
-    error = check_user_namespaces()
+    error = check_user_namespaces() or check_seccomp(config)
     check_cgroups(config)
     seen = None
     if not error:
@@ -149,7 +163,8 @@ def main(argv):
              f"pid {seen['pid']} of {seen['processes']} processes, /proc {seen['proc']}, "
              f"/tmp {seen['tmp']} (writable), hostname {seen['hostname']}, uid {seen['uid']}, "
              f"network {' '.join(seen['net']) or 'host'}, ipykernel "
-             f"{'importable' if seen['ipykernel'] else 'missing'}")
+             f"{'importable' if seen['ipykernel'] else 'missing'}, seccomp mode "
+             f"{seen['seccomp']}")
     if error:
         print(f"{error}\nns-kernel doctor: isolated kernels cannot run here; fix the above.",
               file=sys.stderr, flush=True)

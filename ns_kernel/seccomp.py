@@ -12,7 +12,6 @@ have it), by ctypes: it knows every architecture's syscall numbers and the x32 a
 32-bit compat ABIs, which a hand-written BPF program would have to get right itself.
 """
 import ctypes
-import ctypes.util
 import errno
 
 # Denied by default (EPERM). Names unknown to this architecture are skipped.
@@ -46,9 +45,10 @@ class SeccompError(OSError):
 
 
 def _library():
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    # By its soname: ctypes.util.find_library runs ldconfig, a fork the sealed process
+    # must not make (the prestarted kernel's pid is planned: prestart.py).
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
         return None
     lib.seccomp_init.restype = ctypes.c_void_p

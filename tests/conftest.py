@@ -221,6 +221,19 @@ def stray_prestarted():
     return alive(stray)
 
 
+def kernel_host_pid(kernel):
+    """The host pid of the kernel (PID 2 inside), found below its launcher."""
+    for pid in descendants(kernel.km.provisioner.process.pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                nspid = next(line for line in f if line.startswith("NSpid:")).split()
+        except OSError:
+            continue
+        if len(nspid) > 2 and nspid[-1] == "2":
+            return pid
+    raise AssertionError("no kernel below the launcher")
+
+
 def socket_inodes(pids):
     """The inodes of the sockets these processes hold. Init is not dumpable (sandbox.py):
     an ordinary user may not list its fds, so the root pass alone sees those."""

@@ -36,7 +36,7 @@ open("result.txt", "w").write("alice was here")
 HOG = """
 import resource
 limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
-in_cgroup = any("/ns-kernel-" in line for line in open("/proc/self/cgroup"))
+in_cgroup = {in_cgroup}    # (the kernel's cgroup is not visible inside: its own namespace)
 print("limit in force:", limit == 512 << 20 or in_cgroup)
 assert limit == 512 << 20 or in_cgroup, "no memory limit in force: not hogging"
 try:
@@ -74,12 +74,15 @@ def grader_spec(tmp_path):
 
 
 def execute(notebook, data_dir, out_dir):
+    """The recipe in docs/limits.md: from a folder of the grader's, never the submission's."""
     env = {**os.environ, "JUPYTER_PATH": data_dir}
+    grader = os.path.join(os.path.dirname(str(out_dir)), "grader")
+    os.makedirs(grader, exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "jupyter", "nbconvert", "--execute", "--to", "notebook",
          "--ExecutePreprocessor.kernel_name=isolated-python",
          "--ExecutePreprocessor.timeout=60", "--output-dir", str(out_dir), str(notebook)],
-        capture_output=True, text=True, timeout=180, env=env)
+        capture_output=True, text=True, timeout=180, env=env, cwd=grader)
 
 
 def write_notebook(path, *sources):
@@ -125,7 +128,8 @@ def test_student_cannot_read_others_nor_reach_the_network(course, grader_spec, t
 
 def test_student_is_held_by_the_memory_limit(course, grader_spec, tmp_path):
     bob = course / "students" / "bob"
-    write_notebook(bob / "hw.ipynb", HOG, "print('survived')")
+    write_notebook(bob / "hw.ipynb", HOG.format(in_cgroup=BACKEND != "rlimit"),
+                   "print('survived')")
     done = execute(bob / "hw.ipynb", grader_spec, tmp_path / "out")
     if BACKEND == "rlimit":
         # The allocation fails inside the kernel; grading goes on.
@@ -173,3 +177,19 @@ def test_nothing_one_submission_leaves_reaches_the_next(course, grader_spec, tmp
     done = execute(bob / "hw.ipynb", grader_spec, tmp_path / "b")
     assert not (bob / "CHEATED").exists()
     assert "ModuleNotFoundError" in done.stderr and "json_helper" in done.stderr
+
+
+def test_recipe_imports_nothing_from_the_submission(course, grader_spec, tmp_path):
+    # nbconvert puts its cwd first on sys.path: a module the student's code left in its
+    # folder would run on the host, as the grader, at the next run from there.
+    alice = course / "students" / "alice"
+    marker = tmp_path / "ran-on-the-host"
+    module = f"open({str(marker)!r}, 'w')\nexec(open('/usr/lib/python3.11/getopt.py').read())\n"
+    write_notebook(alice / "ps1.ipynb",
+                   f"import os\nopen('getopt.py', 'w').write({module!r})\nprint(os.getcwd())")
+    for run in ("first", "second"):
+        done = execute(alice / "ps1.ipynb", grader_spec, tmp_path / run)
+        assert done.returncode == 0, done.stderr
+        assert str(alice) in outputs(tmp_path / run / "ps1.ipynb")   # ran in its folder
+    assert (alice / "getopt.py").exists()        # the attempt was made
+    assert not marker.exists()

@@ -22,7 +22,8 @@ def test_doctor_passes_here():
     assert f"  ok    limits backend: {BACKEND}, for the limits configured: memory 512M, pids 64" \
         in out
     assert "  ok    trial sandbox: pid 2 of 2 processes, /proc proc, /tmp tmpfs (writable)" in out
-    assert "network lo, ipykernel importable" in out
+    assert "network lo, ipykernel importable, seccomp mode 2" in out
+    assert "  ok    seccomp: libseccomp.so.2 loads; the default filter denies " in out
     assert out.rstrip().endswith("isolated kernels can run here.")
 
 

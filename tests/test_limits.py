@@ -15,7 +15,7 @@ import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
-from conftest import start_kernel, stop_kernel
+from conftest import kernel_host_pid, start_kernel, stop_kernel
 from ns_kernel import cgroup, limits
 from ns_kernel.launcher import Launch
 
@@ -52,8 +52,10 @@ def specs():
 
 
 def cgroup_dir(kernel, controller):
-    """The host directory of the kernel's cgroup for `controller` (from /proc inside)."""
-    lines = kernel.value("open('/proc/self/cgroup').read()").splitlines()
+    """The host directory of the kernel's cgroup for `controller`, from the host's /proc
+    (inside, a cgroup namespace shows it as /)."""
+    with open(f"/proc/{kernel_host_pid(kernel)}/cgroup") as f:
+        lines = f.read().splitlines()
     key = "" if BACKEND == "cgroup2" else controller
     path = next(line.split(":", 2)[2] for line in lines if line.split(":")[1] == key)
     name = "cgroup2" if BACKEND == "cgroup2" else controller
