@@ -73,17 +73,31 @@ class Sandbox(Configurable):
     hostname_prefix = Unicode("isolated", config=True, help="""
         The kernel's hostname is PREFIX-<first 8 characters of the kernel id>.""")
 
+    env_allow = List(Unicode(), default_value=[
+        "PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "COLORTERM", "NO_COLOR",
+        "FORCE_COLOR", "CLICOLOR*", "PAGER", "EDITOR", "USER", "LOGNAME", "SHELL",
+        "PYTHON*", "VIRTUAL_ENV", "CONDA_*", "PIP_*", "JUPYTER_*", "JPY_*", "MPLBACKEND",
+        "PYDEVD_*", "OMP_*", "OPENBLAS_*", "MKL_*", "NUMEXPR_*", "CUDA_VISIBLE_DEVICES",
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    ], config=True, help="""
+        The only environment variables that reach the kernel (shell-style patterns, matched
+        case-insensitively), unless env_deny matches them too; a value holding credentials
+        in a URL (scheme://user:password@host) never does. Add what your kernels need with
+        env_keep. The kernel's HOME, JPY_PARENT_PID and its packages' PYTHONPATH, PIP_PREFIX
+        and PATH entry are set by ns-kernel.""")
+
     env_deny = List(Unicode(), default_value=[
         "JPY_PARENT_PID", "JUPYTERHUB_*", "JUPYTER_TOKEN", "JPY_API_TOKEN", "*TOKEN*", "*SECRET*",
         "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*_KEY", "SSH_AUTH_SOCK", "SSH_AGENT_PID",
         "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY",
         "KRB5CCNAME", "GPG_AGENT_INFO", "SUDO_*",
     ], config=True, help="""
-        Environment variables removed before the kernel starts (shell-style patterns, matched
+        Variables removed even when env_allow matches them (shell-style patterns, matched
         case-insensitively): tokens and sockets of the host have no business inside.""")
 
     env_keep = List(Unicode(), default_value=["PYTHONHASHSEED"], config=True, help="""
-        Variables kept even when a pattern in env_deny matches them.""")
+        Variables passed to the kernel as they are, whatever env_allow and env_deny say
+        (shell-style patterns).""")
 
     socket_dir = Unicode("", config=True, help="""
         Directory that holds each kernel's private 0700 socket directory; it must be the

@@ -8,6 +8,7 @@ any work starts.
 import enum
 import fnmatch
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -295,11 +296,16 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
         writable.insert(0, cwd)
     below_writable = []
     for path in host.python_paths:
-        if path in writable:
+        if path in writable or (cwd == home and path == home):
             raise SetupError("plan", f"sys.path entry {path}", hint=(
                 "the kernel may write it, and the next launcher would import what it put "
                 "there outside the sandbox; take it (or an empty entry, which means the "
                 "current folder) out of PYTHONPATH, and run `python -P -m ns_kernel`"))
+        if under(home, path):
+            # Shown read-only it would show the home's keys and settings.
+            raise SetupError("plan", f"sys.path entry {path}", hint=(
+                f"it holds the home {home}, which the kernel must not see whole; take it "
+                "(or an empty entry, which means the current folder) out of PYTHONPATH"))
         if any(under(path, w) for w in writable):
             below_writable.append(path)     # read-only on top of it, below
         elif path == host.venv or not any(under(path, v) for v in visible):
@@ -367,6 +373,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
 
 
 PACKAGES = "user"     # <venv>/user inside: where `%pip install` puts what the user adds
+URL_CREDENTIALS = re.compile(r"://[^/@\s]+@")     # https://user:secret@index/..., git+https://token@
 
 
 def check_cwd(cwd, host):
@@ -454,12 +461,17 @@ def with_packages(env, venv):
 
 
 def kernel_env(environ, sandbox, home):
-    """The kernel's environment: the caller's, minus secrets and host sockets (a dict)."""
-    def denied(name):
-        upper = name.upper()
-        return (any(fnmatch.fnmatchcase(upper, p.upper()) for p in sandbox.env_deny)
-                and not any(fnmatch.fnmatchcase(upper, p.upper()) for p in sandbox.env_keep))
-    env = {k: v for k, v in environ.items() if not denied(k)}
+    """The kernel's environment (a dict): of the caller's, what env_allow names, minus
+    what env_deny names and credentials in URLs; env_keep passes as it is."""
+    def matches(name, patterns):
+        return any(fnmatch.fnmatchcase(name.upper(), p.upper()) for p in patterns)
+
+    def passes(name, value):
+        if matches(name, sandbox.env_keep):
+            return True
+        return (matches(name, sandbox.env_allow) and not matches(name, sandbox.env_deny)
+                and not URL_CREDENTIALS.search(value))
+    env = {k: v for k, v in environ.items() if passes(k, v)}
     env["HOME"] = home
     # 1 tells ipykernel there is no parent to poll (it would see init, and quit); the
     # launcher watches the Jupyter server itself.

@@ -118,6 +118,14 @@ def test_without_a_persistent_home_installed_packages_go_with_the_kernel():
     assert (p.package_paths[0], False) in p.discarded
 
 
+def test_a_home_on_the_launchers_path_is_refused():
+    # PYTHONPATH=$PYTHONPATH:/x leaves an empty entry: the current folder, here the home.
+    for facts in (dict(cwd="/home/ada", python_paths=("/home/ada",)),
+                  dict(python_paths=("/home/ada",)), dict(python_paths=("/home",))):
+        with pytest.raises(SetupError, match="sys.path entry /home"):
+            plan(**facts)
+
+
 def test_a_venv_entry_named_user_is_refused():
     with pytest.raises(SetupError, match="/opt/venv/user exists"):
         plan(**{**VENV, "venv_entries": (("user", ""),)})
@@ -217,6 +225,20 @@ def test_cwd_root_is_refused():
         plan(cwd="/")
 
 
+def test_environment_is_an_allowlist():
+    environ = (("PATH", "/usr/bin"), ("LANG", "C"), ("DATABASE_URL", "postgres://u:p@db/x"),
+               ("MYSQL_PWD", "pw"), ("GH_PAT", "ghp_x"), ("AZURE_STORAGE_CONNECTION_STRING",
+               "AccountKey=k"), ("https_proxy", "http://user:pw@proxy:3128"),
+               ("PIP_INDEX_URL", "https://user:pw@mirror/simple"),
+               ("PIP_EXTRA_INDEX_URL", "https://mirror.example/simple"),
+               ("PYTHONHASHSEED", "0"), ("OMP_NUM_THREADS", "2"), ("CUSTOM", "x"))
+    env = dict(plan(environ=environ).env)
+    assert sorted(env) == ["HOME", "JPY_PARENT_PID", "LANG", "OMP_NUM_THREADS", "PATH",
+                           "PIP_EXTRA_INDEX_URL", "PYTHONHASHSEED"]
+    env = dict(plan(Sandbox(env_keep=["CUSTOM", "PIP_INDEX_URL"]), environ=environ).env)
+    assert env["CUSTOM"] == "x" and env["PIP_INDEX_URL"] == "https://user:pw@mirror/simple"
+
+
 def test_environment_without_secrets():
     env = dict(plan().env)
     assert env["PATH"] == "/usr/bin" and env["LANG"] == "C" and env["JPY_PARENT_PID"] == "1"
@@ -270,7 +292,7 @@ def test_launcher_code_the_kernel_could_write_is_refused_or_read_only():
     assert venv.op == Op.BIND and venv.attrs == RO
     assert dests.index("/home/ada/notebooks/.venv") > dests.index("/home/ada/notebooks")
     # Above the folder (a parent on sys.path): read-only below it, the folder stays writable.
-    p = plan(Sandbox(home="readonly"), python_paths=("/home/ada",))
+    p = plan(python_paths=("/srv",), cwd="/srv/notebooks", home="/home/ada")
     dests = [m.dest for m in p.mounts]
-    assert dests.index("/home/ada") < dests.index("/home/ada/notebooks")
-    assert by_dest(p)["/home/ada/notebooks"].attrs == RW
+    assert dests.index("/srv") < dests.index("/srv/notebooks")
+    assert by_dest(p)["/srv/notebooks"].attrs == RW
