@@ -58,6 +58,8 @@ def makedirs(path):
 
 def _touch(path):
     makedirs(os.path.dirname(path))
+    if os.path.lexists(path):
+        return      # a file of a bind already (.git/config): not ours to open for writing
     try:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
     except OSError as exc:
