@@ -129,12 +129,20 @@ def create(path, owner=None):
         raise SetupError("socket dir", "mkdir", path, exc.errno, FIX) from None
     if owner:
         try:
-            os.chown(path, *owner)
-        except OSError as exc:
+            give(path, owner, "socket dir")
+        except SetupError:
             remove(path)
-            raise SetupError("socket dir", f"chown {owner[0]}:{owner[1]}", path, exc.errno,
-                             "that uid has no mapping here; pick another with --uid/--gid")
+            raise
     return path
+
+
+def give(path, owner, step):
+    """chown a dir made for root's sandbox to its uid and gid (`owner`)."""
+    try:
+        os.chown(path, *owner)
+    except OSError as exc:
+        raise SetupError(step, f"chown {owner[0]}:{owner[1]}", path, exc.errno,
+                         "that uid has no mapping here; pick another with --uid/--gid") from None
 
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

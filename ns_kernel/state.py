@@ -11,6 +11,7 @@ import os
 import stat
 
 from .errors import SetupError
+from .socketdir import give
 
 FIX = "set Sandbox.state_dir to a directory you own, or remove what is in the way"
 
@@ -35,12 +36,7 @@ def prepare(paths, owner=None):
         except OSError as exc:
             raise SetupError("state dir", "mkdir", path, exc.errno, FIX) from None
         if owner:
-            try:
-                os.chown(path, *owner)
-            except OSError as exc:
-                raise SetupError("state dir", f"chown {owner[0]}:{owner[1]}", path, exc.errno,
-                                 "that uid has no mapping here; pick another with --uid/--gid"
-                                 ) from None
+            give(path, owner, "state dir")
 
 
 def _check(path, uid):

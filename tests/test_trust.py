@@ -4,7 +4,6 @@ way a kernel starts, and checks that it fails while the legitimate use beside it
 import ctypes
 import os
 import socket
-import stat
 import subprocess
 import sys
 import threading
