@@ -11,6 +11,7 @@ from traitlets.config import Application, Configurable
 from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
 
 from .errors import SetupError
+from .limits import DEFAULT_PIDS
 from .sizes import parse_size
 
 CONFIG_FILE = "ns_kernel_config"
@@ -123,10 +124,13 @@ class Sandbox(Configurable):
         Memory limit of the whole sandbox (e.g. 512M, 2G; '' = none). Enforced by a cgroup
         when one can be made, else by RLIMIT_DATA (see limits_backend).""")
 
-    pids = Int(0, config=True, help="""
+    pids = Int(DEFAULT_PIDS, config=True, help=f"""
         Maximum number of processes and threads in the sandbox (0 = none). Enforced by the
         pids cgroup when one can be made, else by RLIMIT_NPROC counted in the sandbox's own
-        user namespace.""")
+        user namespace (never above the host's own RLIMIT_NPROC). Default {DEFAULT_PIDS}:
+        a fork bomb in one cell stops there instead of filling the host's process table,
+        while a multiprocessing pool on a big machine, each worker with a thread per core
+        (BLAS, OpenMP), still fits; OpenShift's default pod limit is the same number.""")
 
     cpus = Float(0.0, config=True, help="""
         CPU share of the sandbox in cores (e.g. 1.5; 0 = none), by the cpu cgroup's quota.

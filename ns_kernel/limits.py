@@ -18,6 +18,8 @@ from .errors import SetupError
 
 # What rlimits can do: RLIMIT_CPU caps total seconds, it is not a share of a core.
 RLIMIT_CAN = ("memory", "pids")
+# Every kernel's, unless configured (Sandbox.pids says why this number).
+DEFAULT_PIDS = 4096
 NOTICE_INSIDE = "/run/ns-kernel/previous-exit"
 EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.limits"
 
@@ -146,7 +148,10 @@ def apply_rlimits(limits):
         # while DATA fails big allocations with MemoryError and leaves threads working.
         settings.append(("RLIMIT_DATA", resource.RLIMIT_DATA, limits.memory))
     if limits.pids:
-        settings.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, limits.pids))
+        # Only a privilege on the host could raise the hard limit; a lower one holds anyway.
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        value = limits.pids if hard == resource.RLIM_INFINITY else min(limits.pids, hard)
+        settings.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, value))
     for name, which, value in settings:
         try:
             resource.setrlimit(which, (value, value))

@@ -23,7 +23,8 @@ from .errors import SetupError
 from .mount import RO_TOP
 from .plan import SOCKET_DIR_INSIDE
 from .syscalls import IN_CREATE, IN_MOVED_TO, CloneFlags, drop_all_capabilities, \
-    inotify_watch, mount_setattr, set_dumpable, set_parent_death_signal, sethostname, unshare
+    inotify_watch, mount_setattr, set_dumpable, set_parent_death_signal, set_process_title, \
+    sethostname, unshare
 from .user import userns_hint, write_id_maps
 
 MSG_UNSHARED = b"U"
@@ -218,6 +219,9 @@ def _supervise(plan, ctl, init, origin):
 def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # If the monitor dies, init dies, and with it every process of the PID namespace.
     set_parent_death_signal(signal.SIGKILL)
+    # Init is a fork of the launcher (or of a warm template): its command line would show
+    # the kernel the host's paths (the connection file's, the socket dir's).
+    set_process_title("ns-kernel-init")
     # A cgroup namespace too: init is in the kernel's cgroup already (Sandbox.start), which
     # becomes its root, so the kernel does not learn the host's cgroup layout.
     flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS

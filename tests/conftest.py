@@ -8,7 +8,7 @@ import time
 import pytest
 from jupyter_client.manager import KernelManager
 
-from ns_kernel import kernelspec
+from ns_kernel import cgroup, kernelspec, limits
 
 KERNEL_NAME = "isolated-python"
 
@@ -222,16 +222,43 @@ def stray_prestarted():
 
 
 def kernel_host_pid(kernel):
-    """The host pid of the kernel (PID 2 inside), found below its launcher."""
-    for pid in descendants(kernel.km.provisioner.process.pid):
+    """The host pid of the kernel (PID 2 inside): below its launcher, or (a warm
+    template's child) the PID 2 of the PID namespace the kernel says it is in."""
+    def is_kernel(pid):
         try:
             with open(f"/proc/{pid}/status") as f:
                 nspid = next(line for line in f if line.startswith("NSpid:")).split()
         except OSError:
-            continue
-        if len(nspid) > 2 and nspid[-1] == "2":
-            return pid
-    raise AssertionError("no kernel below the launcher")
+            return False
+        return len(nspid) > 2 and nspid[-1] == "2"
+
+    found = [p for p in descendants(kernel.km.provisioner.process.pid) if is_kernel(p)]
+    if not found:
+        ns = kernel.value("__import__('os').readlink('/proc/self/ns/pid')")
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/pid") == ns:
+                    found += [int(entry)] if is_kernel(entry) else []
+            except OSError:
+                continue
+    assert len(found) == 1, f"kernels found: {found}"
+    return found[0]
+
+
+# The limits backend this caller gets: the first usable one, as the launcher picks it
+# (cgroup v1 as root here, rlimits as an ordinary user).
+LIMITS_BACKEND = limits.first_usable(limits.probe())[0]
+
+
+def kernel_cgroup_dir(kernel, controller):
+    """The host directory of the kernel's cgroup for `controller`, from the host's /proc
+    (inside, a cgroup namespace shows it as /)."""
+    with open(f"/proc/{kernel_host_pid(kernel)}/cgroup") as f:
+        lines = f.read().splitlines()
+    v2 = LIMITS_BACKEND == "cgroup2"
+    path = next(line.split(":", 2)[2] for line in lines
+                if line.split(":")[1] == ("" if v2 else controller))
+    return cgroup.hierarchies()["cgroup2" if v2 else controller][0] + path
 
 
 def socket_inodes(pids):

@@ -12,9 +12,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from ns_kernel import limits
+from conftest import LIMITS_BACKEND
 
-BACKEND = limits.first_usable(limits.probe())[0]
 
 PROBES = """
 import os, socket
@@ -128,10 +127,10 @@ def test_student_cannot_read_others_nor_reach_the_network(course, grader_spec, t
 
 def test_student_is_held_by_the_memory_limit(course, grader_spec, tmp_path):
     bob = course / "students" / "bob"
-    write_notebook(bob / "hw.ipynb", HOG.format(in_cgroup=BACKEND != "rlimit"),
+    write_notebook(bob / "hw.ipynb", HOG.format(in_cgroup=LIMITS_BACKEND != "rlimit"),
                    "print('survived')")
     done = execute(bob / "hw.ipynb", grader_spec, tmp_path / "out")
-    if BACKEND == "rlimit":
+    if LIMITS_BACKEND == "rlimit":
         # The allocation fails inside the kernel; grading goes on.
         assert done.returncode == 0, done.stderr
         text = outputs(tmp_path / "out" / "hw.ipynb")

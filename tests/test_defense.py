@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from conftest import start_kernel, start_paths, stop_kernel, write_spec
+from conftest import LIMITS_BACKEND, kernel_cgroup_dir, start_kernel, start_paths, stop_kernel, \
+    write_spec
+from ns_kernel import cgroup
+from ns_kernel.limits import DEFAULT_PIDS
 
 PATHS = start_paths("defense")
 NO_FILTER = write_spec("defense-no-seccomp", ["--seccomp=off"])
@@ -19,6 +22,8 @@ print("Seccomp", fields["Seccomp"].strip())
 print("NoNewPrivs", fields["NoNewPrivs"].strip())
 print("CapEff", fields["CapEff"].strip())
 print("oom_score_adj", open("/proc/self/oom_score_adj").read().strip())
+print("init", open("/proc/1/cmdline", "rb").read())
+print("nproc", __import__("resource").getrlimit(__import__("resource").RLIMIT_NPROC))
 print("cgroup", sorted({l.split(":", 2)[2] for l in open("/proc/self/cgroup").read().splitlines()}))
 print("max_user_namespaces", open("/proc/sys/user/max_user_namespaces").read().strip())
 print("unshare", subprocess.run(["unshare", "--user", "true"], capture_output=True).returncode)
@@ -66,9 +71,23 @@ def test_final_state_is_the_same_on_every_path(host_key, workdir, path):
             "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
             "print(int(numpy.arange(10).sum()))", timeout=60)
         assert (error, out2) == (None, "[1, 2]\nthread\n45\n")
+        seen = state(out)
+        seen["pids"] = pids_limit(k, seen)
     finally:
         stop_kernel(k)
-    seen = state(out)
+    assert_sealed(seen, out)
+
+
+def pids_limit(k, seen):
+    """The kernel's pids limit on this caller's backend, as a string."""
+    if LIMITS_BACKEND == "rlimit":
+        soft, hard = eval(seen["nproc"])
+        assert soft == hard
+        return str(soft)
+    return cgroup.read(f"{kernel_cgroup_dir(k, 'pids')}/pids.max")
+
+
+def assert_sealed(seen, out):
     assert seen["Seccomp"] == "2" and seen["NoNewPrivs"] == "1"
     assert seen["CapEff"] == "0000000000000000"
     assert seen["oom_score_adj"] == "500"            # the host's OOM killer takes it first
@@ -76,6 +95,10 @@ def test_final_state_is_the_same_on_every_path(host_key, workdir, path):
     assert seen["max_user_namespaces"] == "0" and seen["unshare"] != "0"
     for name in DENIED:
         assert seen[name] == "Operation_not_permitted", (name, out)
+    # Init's command line was the launcher's, with the host's paths in it.
+    assert seen["init"] == repr(b"ns-kernel-init\0")
+    # A fork bomb is held without any --pids (test_limits: one held for real).
+    assert seen["pids"] == str(DEFAULT_PIDS), out
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
@@ -88,6 +111,7 @@ def test_ns_kernel_run_is_sealed_the_same_way(host_key, workdir):
     assert (seen["Seccomp"], seen["NoNewPrivs"], seen["CapEff"]) == ("2", "1", "0000000000000000")
     assert seen["max_user_namespaces"] == "0"
     assert seen["bpf"] == "Operation_not_permitted"
+    assert seen["init"] == repr(b"ns-kernel-init\0")
 
 
 def test_not_the_servers_keyring(host_key, workdir):

@@ -4,9 +4,9 @@ sysctl is per user namespace and its root may lower it)."""
 import subprocess
 import sys
 
+from conftest import LIMITS_BACKEND
 from ns_kernel import limits
 
-BACKEND = limits.first_usable(limits.probe())[0]
 
 
 def doctor(*args, prefix=()):
@@ -19,7 +19,7 @@ def test_doctor_passes_here():
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "  ok    user namespaces: " in out
-    assert f"  ok    limits backend: {BACKEND}, for the limits configured: memory 512M, pids 64" \
+    assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M, pids 64" \
         in out
     assert "  ok    trial sandbox: pid 2 of 2 processes, /proc proc, /tmp tmpfs (writable)" in out
     assert "network lo, ipykernel importable, seccomp mode 2" in out

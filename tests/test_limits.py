@@ -15,15 +15,13 @@ import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
-from conftest import kernel_host_pid, start_kernel, stop_kernel
+from conftest import LIMITS_BACKEND, kernel_cgroup_dir, start_kernel, stop_kernel
 from ns_kernel import cgroup, limits
 from ns_kernel.launcher import Launch
 
 LIMITED = "isolated-python-512m"
 OPTIONS = ["--memory", "512M", "--pids", "64"]
 MiB = 1 << 20
-# The backend this caller gets: the first usable one, as the launcher will pick it.
-BACKEND = limits.first_usable(limits.probe())[0]
 
 
 def ns_kernel(*args, cwd=None):
@@ -51,32 +49,21 @@ def specs():
     shutil.rmtree(prefix, ignore_errors=True)
 
 
-def cgroup_dir(kernel, controller):
-    """The host directory of the kernel's cgroup for `controller`, from the host's /proc
-    (inside, a cgroup namespace shows it as /)."""
-    with open(f"/proc/{kernel_host_pid(kernel)}/cgroup") as f:
-        lines = f.read().splitlines()
-    key = "" if BACKEND == "cgroup2" else controller
-    path = next(line.split(":", 2)[2] for line in lines if line.split(":")[1] == key)
-    name = "cgroup2" if BACKEND == "cgroup2" else controller
-    return cgroup.hierarchies()[name][0] + path
-
-
 def assert_memory_limit_in_force(kernel):
-    if BACKEND == "rlimit":
+    if LIMITS_BACKEND == "rlimit":
         assert kernel.value("__import__('resource').getrlimit(__import__('resource')"
                             ".RLIMIT_DATA)") == (512 * MiB, 512 * MiB)
     else:
-        d = cgroup_dir(kernel, "memory")
-        name = "memory.max" if BACKEND == "cgroup2" else "memory.limit_in_bytes"
+        d = kernel_cgroup_dir(kernel, "memory")
+        name = "memory.max" if LIMITS_BACKEND == "cgroup2" else "memory.limit_in_bytes"
         assert cgroup.read(f"{d}/{name}") == str(512 * MiB)
 
 
 def test_backend_for_this_caller():
-    """The tests below adapt to BACKEND; this pins it, so a broken cgroup probe cannot turn
+    """The tests below adapt to the backend; this pins it, so a broken cgroup probe cannot turn
     root's tests into rlimit tests: root gets cgroups, an ordinary user (no delegated
     subtree configured) rlimits."""
-    assert BACKEND in (("cgroup1", "cgroup2") if os.getuid() == 0 else ("rlimit",))
+    assert LIMITS_BACKEND in (("cgroup1", "cgroup2") if os.getuid() == 0 else ("rlimit",))
 
 
 def test_install_writes_limits_and_specs_coexist(specs):
@@ -127,7 +114,7 @@ def test_memory_hog_fails_only_its_kernel(specs, workdir):
     hog, other = start_kernel(workdir, kernel_name=LIMITED), start_kernel(workdir)
     try:
         assert_memory_limit_in_force(hog)
-        if BACKEND == "rlimit":
+        if LIMITS_BACKEND == "rlimit":
             # RLIMIT_DATA: the allocation fails, the kernel lives on.
             _, error, _ = hog.execute("x = bytearray(8 << 30)")
             assert error == "MemoryError"
@@ -155,8 +142,9 @@ def test_run_says_out_of_memory(workdir):
     done = ns_kernel("run", "--memory", "256M", "--", sys.executable, "-c",
                      "import resource; print(resource.getrlimit(resource.RLIMIT_DATA)[0]); "
                      "x = bytearray(8 << 30)", cwd=workdir)
-    assert f"ns-kernel: command limits: memory 256M (by {BACKEND})" in done.stderr
-    if BACKEND == "rlimit":
+    assert f"ns-kernel: command limits: memory 256M, pids {limits.DEFAULT_PIDS} (by {LIMITS_BACKEND})" \
+        in done.stderr
+    if LIMITS_BACKEND == "rlimit":
         assert done.stdout.strip() == str(256 * MiB)
         assert done.returncode == 1 and "MemoryError" in done.stderr
     else:
@@ -186,11 +174,11 @@ def test_fork_bomb_is_held_by_the_pids_limit(specs, workdir):
     k = start_kernel(workdir, kernel_name=LIMITED)
     group = None
     try:
-        if BACKEND == "rlimit":
+        if LIMITS_BACKEND == "rlimit":
             assert k.value("__import__('resource').getrlimit(__import__('resource')"
                            ".RLIMIT_NPROC)") == (64, 64)
         else:
-            group = cgroup_dir(k, "pids")
+            group = kernel_cgroup_dir(k, "pids")
             assert cgroup.read(f"{group}/pids.max") == "64"
         # Bounded: at most 200 children, each killed at the end, whatever the limit did.
         out, error, _ = k.execute("""
@@ -226,8 +214,37 @@ print(len(kids), refused)
         assert not os.path.exists(group)
 
 
+def test_a_thread_bomb_is_held_without_any_limit_configured(workdir):
+    """The default pids limit (limits.DEFAULT_PIDS), for real: threads, which count like
+    processes, until one is refused; bounded above it, in case the limit failed."""
+    k = start_kernel(workdir)
+    try:
+        out, error, _ = k.execute(f"""
+import threading
+threading.stack_size(256 * 1024)
+stop, started = threading.Event(), []
+try:
+    for _ in range({limits.DEFAULT_PIDS + 200}):
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        started.append(t)
+except RuntimeError as exc:
+    print("refused", exc)
+stop.set()
+for t in started:
+    t.join()
+print(len(started))
+""", timeout=120)
+        assert error is None, out
+        assert "refused can't start new thread" in out
+        assert 0 < int(out.split()[-1]) < limits.DEFAULT_PIDS
+        assert k.value("6 * 7") == 42
+    finally:
+        stop_kernel(k)
+
+
 def test_cpu_share(specs, workdir):
-    if BACKEND == "rlimit":
+    if LIMITS_BACKEND == "rlimit":
         # RLIMIT_CPU caps seconds, it is no share: refused, unless the admin says best-effort.
         done = ns_kernel("run", "--cpus", "0.5", "--", "/bin/true", cwd=workdir)
         assert done.returncode == 1
@@ -240,8 +257,8 @@ def test_cpu_share(specs, workdir):
     k = start_kernel(workdir, kernel_name="isolated-python-2g")
     free = start_kernel(workdir, kernel_name=LIMITED)   # no cpu limit: the yardstick
     try:
-        quota = cgroup_dir(k, "cpu")
-        assert (cgroup.read(f"{quota}/cpu.cfs_quota_us") == "50000" if BACKEND == "cgroup1"
+        quota = kernel_cgroup_dir(k, "cpu")
+        assert (cgroup.read(f"{quota}/cpu.cfs_quota_us") == "50000" if LIMITS_BACKEND == "cgroup1"
                 else cgroup.read(f"{quota}/cpu.max") == "50000 100000")
         # Spin for 2 s of wall time (bounded); CPU seconds used per second of wall time.
         spin = ("import time\n"
@@ -263,7 +280,7 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     """Jupyter's automatic restart: the server log says why, and the new kernel's first
     cell output too."""
     log_path = tmp_path / "server.log"
-    killed = BACKEND != "rlimit"
+    killed = LIMITS_BACKEND != "rlimit"
     code = "x = bytearray(8 << 30)" if killed else "import os; os.kill(os.getpid(), 9)"
     reason = ("killed: out of memory (limit 512 MiB, peak " if killed else "killed by SIGKILL")
 
@@ -305,7 +322,7 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     name = launch.kernel_id[:8] or os.path.basename(connection_file)
     lines = log_path.read_text().splitlines()
     assert any(line.startswith(f"ns-kernel: kernel {name} {reason}") for line in lines), lines
-    assert f"ns-kernel: kernel {name} limits: memory 512M, pids 64 (by {BACKEND})" in lines
+    assert f"ns-kernel: kernel {name} limits: memory 512M, pids 64 (by {LIMITS_BACKEND})" in lines
     stderr = "".join(text for stream, text in out if stream == "stderr")
     assert stderr.startswith(f"ns-kernel: kernel {name} {reason}"), out
     assert stderr.rstrip().endswith("; this is a new kernel")
