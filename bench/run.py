@@ -63,6 +63,8 @@ class Kinds:
         self._spec("isolated", argv_only(spec))
         # For comparison: the kernel exec'd once the sandbox is built (prestart.py).
         self._spec("exec", argv_only(kernelspec.kernel_dict(["--no-prestart"])))
+        # What the seccomp filter costs: the argv path without it.
+        self._spec("nofilter", argv_only(kernelspec.kernel_dict(["--seccomp=off"])))
         if importlib.util.find_spec("ns_kernel.warm"):
             self._spec("warm", argv_only(kernelspec.kernel_dict(["--warm"])))
         else:
@@ -369,23 +371,26 @@ def main(argv=None):
             # The first warm kernel starts the template (as long as a cold start): the
             # rows show the steady state.
             bench.stop(*bench.start("warm")[:2])
-        starts = bench.starts(["plain", *iso, "exec"], rounds)
+        starts = bench.starts(["plain", *iso, "exec", "nofilter"], rounds)
         raw["start"] = starts
         plain_start = statistics.median(starts["plain"])
         labels = {"isolated": "start, argv launcher", "provisioner": "start, provisioner",
-                  "warm": "start, warm (--warm)", "exec": "start, argv, --no-prestart"}
+                  "warm": "start, warm (--warm)", "exec": "start, argv, --no-prestart",
+                  "nofilter": "start, argv, --seccomp off"}
         for kind in iso:
             if kind == "warm":
                 table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 0.30)
             else:
                 table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 1.05)
-        table.add(labels["exec"], plain_start, statistics.median(starts["exec"]), "s")
+        for kind in ("exec", "nofilter"):
+            table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s")
         for kind, why in kinds.missing.items():
             table.note(labels[kind], f"missing: {why}")
         print(table.render(), flush=True)
 
         lanes = {"plain tcp": ("plain", "tcp"), "bridge": ("isolated", "tcp"),
-                 "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc")}
+                 "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc"),
+                 "bridge, --seccomp off": ("nofilter", "tcp")}
         if "warm" in kinds:
             lanes["warm"] = ("warm", "tcp")
         rtt, out, disp, mem = bench.latency_and_output(lanes, rounds, n_rtt, out_mb, display_mb)
@@ -393,7 +398,8 @@ def main(argv=None):
         ms = lambda xs, q: pct(xs, q) * 1000
         for label, base, target in (("bridge", "plain tcp", 1.15),
                                     ("direct ipc", "plain ipc", 1.05),
-                                    ("warm", "plain tcp", 1.15)):
+                                    ("warm", "plain tcp", 1.15),
+                                    ("bridge, --seccomp off", "plain tcp", None)):
             if label not in rtt:
                 continue
             table.add(f"round trip p50, {label}", ms(rtt[base], .5), ms(rtt[label], .5), "ms",

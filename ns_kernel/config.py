@@ -5,6 +5,7 @@ Read from ns_kernel_config.py/.json on the Jupyter config path, then the kernels
 flags (or the provisioner's config stanza), then the command line, later ones winning.
 """
 import argparse
+import os
 
 from traitlets import Bool, CaselessStrEnum, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Application, Configurable
@@ -107,11 +108,25 @@ class Sandbox(Configurable):
         or, when another user made that first, a 0700 dir of the user's own under $TMPDIR
         (said in the log). Keep it short: Unix socket paths are limited to 107 bytes.""")
 
-    seccomp = CaselessStrEnum(["default", "off"], default_value="default", config=True, help="""
+    seccomp = Unicode("default", config=True, help="""
         'default': a seccomp filter answers EPERM to the syscalls a notebook never needs
         (keyrings, bpf, perf_event_open, userfaultfd, io_uring, kexec, modules,
         open_by_handle_at, the host's clock, mounts, unshare/setns; see ns_kernel/seccomp.py),
-        loaded last before the kernel runs. 'off': none (the server log says so).""")
+        loaded last before the kernel runs. 'off': none (the server log says so). Or the
+        absolute path of a Docker/OCI seccomp profile (JSON), e.g. the one your containers
+        run with: read by the launcher on the host, applied as runc applies it to a
+        container without capabilities; it must be root's or yours, not group- or
+        world-writable, and not where the kernel may write.""")
+
+    @validate("seccomp")
+    def _valid_seccomp(self, proposal):
+        value = proposal["value"]
+        if value.lower() in ("default", "off"):
+            return value.lower()
+        if not os.path.isabs(value):
+            raise TraitError(f"seccomp: {value!r} is not 'default', 'off' or the absolute "
+                             "path of a Docker/OCI seccomp profile")
+        return value
 
     allow_userns = Bool(False, config=True, help="""
         Let the kernel create namespaces of its own (user, mount, pid, net, ...), e.g. for a

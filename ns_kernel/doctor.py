@@ -81,6 +81,14 @@ def check_seccomp(config):
         show("--", "seccomp", "off (Sandbox.seccomp): kernels reach every syscall")
         return None
     why = seccomp.available()
+    if not why and seccomp.is_profile(config.seccomp):
+        try:
+            rules = len(seccomp.read_profile(config.seccomp).rules)
+        except SetupError as exc:
+            show("FAIL", "seccomp", str(exc))
+            return str(exc)
+        show("ok", "seccomp", f"libseccomp.so.2 loads; profile {config.seccomp}: {rules} rules")
+        return None
     show("FAIL" if why else "ok", "seccomp", why or "libseccomp.so.2 loads; the default "
          f"filter denies {len(seccomp.DENIED)} syscalls")
     return f"ns-kernel: {why}, or run without the filter: --seccomp off" if why else None
@@ -137,7 +145,7 @@ def judge(seen, config):
         return f"ns-kernel: /proc is {seen['proc']}, /tmp is {seen['tmp']} inside"
     if config.network != "host" and seen["net"] not in (["lo"], []):
         return f"ns-kernel: the sandbox sees network interfaces {seen['net']}"
-    if config.seccomp == "default" and seen["seccomp"] != "2":
+    if config.seccomp != "off" and seen["seccomp"] != "2":
         return f"ns-kernel: no seccomp filter inside (Seccomp: {seen['seccomp']})"
     if not seen["ipykernel"]:
         return (f"ns-kernel: ipykernel is not importable by {sys.executable} inside the "

@@ -18,7 +18,8 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import bridge, connection, leftovers, limits, mount, offline, output, socketdir, state
+from . import bridge, connection, leftovers, limits, mount, offline, output, seccomp, socketdir, \
+    state
 from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, build_plan
@@ -88,7 +89,9 @@ class Launch:
             argv.append(limits.EXTENSION_ARGV)
         if info and self.config.network != "host":
             argv.append(offline.EXTENSION_ARGV)
-        plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id)
+        profile = (seccomp.read_profile(self.config.seccomp)
+                   if seccomp.is_profile(self.config.seccomp) else None)
+        plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id, profile)
         if info:
             plan = replace(plan, sockets=tuple(
                 os.path.basename(connection.socket_path(SOCKET_DIR_INSIDE, info[name]))
@@ -99,9 +102,10 @@ class Launch:
             plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
             for line in self.limits.log_lines(plan.limits, self._who()):
                 print(line, file=sys.stderr, flush=True)
-            if not plan.seccomp:
-                print(f"ns-kernel: {self._who()}: no seccomp filter (Sandbox.seccomp = off)",
-                      file=sys.stderr, flush=True)
+            if not plan.seccomp or plan.seccomp.source:
+                print(f"ns-kernel: {self._who()}: " + (
+                    f"seccomp profile {plan.seccomp.source}" if plan.seccomp else
+                    "no seccomp filter (Sandbox.seccomp = off)"), file=sys.stderr, flush=True)
             if self.prestarted:
                 # Before it forks anything: the kernel is born in the kernel's cgroup.
                 self.limits.attach(self.prestarted.pid)

@@ -12,6 +12,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from . import seccomp
 from .sizes import format_size, parse_size
 from .errors import SetupError
 from .syscalls import MountAttr
@@ -206,7 +207,7 @@ class Plan:
     package_paths: tuple = () # sys.path entries (inside) of the packages the user installs
     discarded: tuple = ()     # (dir, skip dot entries): what vanishes with the sandbox
     sockets: tuple = ()       # the kernel's socket names in the socket dir, once bound
-    seccomp: bool = True      # load the default seccomp filter (seccomp.py)
+    seccomp: object = None    # the seccomp.Filter loaded last (seal.py), None for none
     allow_userns: bool = False  # let the kernel make namespaces of its own
 
 
@@ -214,8 +215,9 @@ def under(path, parent):
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
-    """Return the Plan for running argv in a sandbox configured by `sandbox` on `host`."""
+def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=None):
+    """Return the Plan for running argv in a sandbox configured by `sandbox` on `host`;
+    seccomp_profile: the seccomp.Filter read from the file Sandbox.seccomp names, if any."""
     cwd = os.path.normpath(host.cwd)
     check_cwd(cwd, host)
     if host.uid == 0:
@@ -364,12 +366,26 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id=""):
         network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
         env=tuple(sorted(env.items())), cwd=cwd, socket_dir=socket_dir,
         limits=Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
-        package_paths=package_paths, seccomp=sandbox.seccomp == "default",
+        package_paths=package_paths,
+        seccomp=seccomp_filter(sandbox, seccomp_profile, [*writable, *state_dirs]),
         allow_userns=sandbox.allow_userns,
         discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
                    *([(home, True)] if sandbox.home == "private" else []),
                    *((path, False) for path in package_paths
                      if packages and packages.op is Op.TMPFS)))
+
+
+def seccomp_filter(sandbox, profile, writable):
+    if sandbox.seccomp == "off":
+        return None
+    if sandbox.seccomp == "default":
+        return seccomp.default_filter(sandbox.allow_userns)
+    inside = next((w for w in writable if under(profile.source, w)), None)
+    if inside:
+        raise SetupError("plan", f"seccomp profile {sandbox.seccomp}", hint=(
+            f"it lies in {inside}, which the kernel may write: its next start would load "
+            "the kernel's own filter; keep profiles where only you or the admin write"))
+    return profile
 
 
 PACKAGES = "user"     # <venv>/user inside: where `%pip install` puts what the user adds

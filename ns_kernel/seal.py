@@ -29,7 +29,7 @@ def seal(plan):
     _step("capset (drop every capability)", drop_all_capabilities)
     # Last: what the steps above call (keyctl, prctl) is denied by it.
     if plan.seccomp:
-        _step("load the seccomp filter", lambda: seccomp.load(plan.allow_userns))
+        _step("load the seccomp filter", lambda: seccomp.load(plan.seccomp))
 
 
 def _raise_oom_score():

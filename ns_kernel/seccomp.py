@@ -13,6 +13,10 @@ have it), by ctypes: it knows every architecture's syscall numbers and the x32 a
 """
 import ctypes
 import errno
+import os
+from dataclasses import dataclass, replace
+
+from .errors import SetupError
 
 # Denied by default (EPERM). Names unknown to this architecture are skipped.
 DENIED = (
@@ -40,8 +44,159 @@ def SCMP_ACT_ERRNO(code):  # noqa: N802 - libseccomp's name
     return 0x00050000 | (code & 0xFFFF)
 
 
+# The actions a Docker/OCI profile may name. SCMP_ACT_TRACE and SCMP_ACT_NOTIFY need a
+# tracer or a listener, which a kernel does not have: refused, not silently changed.
+ACTIONS = {"SCMP_ACT_ALLOW": lambda code: SCMP_ACT_ALLOW,
+           "SCMP_ACT_ERRNO": SCMP_ACT_ERRNO,
+           "SCMP_ACT_KILL": lambda code: 0x00000000,
+           "SCMP_ACT_KILL_THREAD": lambda code: 0x00000000,
+           "SCMP_ACT_KILL_PROCESS": lambda code: 0x80000000,
+           "SCMP_ACT_TRAP": lambda code: 0x00030000,
+           "SCMP_ACT_LOG": lambda code: 0x7FFC0000}
+COMPARE = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
+           "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
+# Docker's names for this machine's architecture (a rule's includes/excludes "arches").
+DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "armv7l": "arm",
+               "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
 class SeccompError(OSError):
     pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    names: tuple
+    action: int
+    args: tuple = ()     # ((index, op, datum_a, datum_b), ...): all must hold
+
+
+@dataclass(frozen=True)
+class Filter:
+    """What seccomp_load is given: plain data, so a plan can carry it."""
+    default: int
+    rules: tuple
+    arches: tuple = ()   # libseccomp names ("x86", "x32") besides this machine's own
+    source: str = ""     # the profile file it came from, '' for the default filter
+
+
+def default_filter(allow_userns=False):
+    """Allow all but DENIED, which answers EPERM (unshare and setns too, unless
+    allow_userns)."""
+    denied = tuple(n for n in DENIED if not (allow_userns and n in NAMESPACES))
+    return Filter(SCMP_ACT_ALLOW, (Rule(denied, SCMP_ACT_ERRNO(errno.EPERM)),))
+
+
+def is_profile(setting):
+    return setting not in ("default", "off")
+
+
+def read_profile(path):
+    """A Docker/OCI seccomp profile (JSON) as a Filter. Read once, here, on the host: the
+    admin's file, so it must be nobody else's to change (build_plan also refuses one the
+    kernel may write)."""
+    import json
+    import stat
+    real = os.path.realpath(path)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SetupError("seccomp", "open seccomp profile", path, exc.errno) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SetupError("seccomp", "seccomp profile", path, hint="not a regular file")
+        if info.st_uid not in (0, os.getuid()) or info.st_mode & 0o022:
+            raise SetupError("seccomp", "seccomp profile", path, hint=(
+                "another user may change it: make it yours or root's, and not group- or "
+                "world-writable"))
+        data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+    finally:
+        os.close(fd)
+    try:
+        profile = json.loads(data)
+    except ValueError as exc:
+        raise SetupError("seccomp", "seccomp profile", path, hint=f"not JSON: {exc}") from None
+    return replace(from_profile(profile, path), source=real)
+
+
+def from_profile(profile, path="profile"):
+    """A Filter from a profile's dict, as runc reads one for a container without
+    capabilities: rules that need a capability are left out, since a kernel has none."""
+    def fail(why):
+        raise SetupError("seccomp", "seccomp profile", path, hint=why)
+
+    def action(name, code):
+        if name not in ACTIONS:
+            fail(f"action {name} needs a tracer or listener, and none runs beside a kernel"
+                 if name in ("SCMP_ACT_TRACE", "SCMP_ACT_NOTIFY") else f"unknown action {name}")
+        return ACTIONS[name](errno.EPERM if code is None else code)
+
+    if not isinstance(profile, dict) or "defaultAction" not in profile:
+        fail("no defaultAction (is it a Docker/OCI seccomp profile?)")
+    default = action(profile["defaultAction"], profile.get("defaultErrnoRet"))
+    machine = os.uname().machine
+    arches = [a for entry in profile.get("archMap") or ()
+              if _arch(entry.get("architecture", "")) == machine
+              for a in entry.get("subArchitectures") or ()] + list(profile.get("architectures") or ())
+    rules = []
+    for rule in profile.get("syscalls") or ():
+        if not _applies(rule, machine):
+            continue
+        act = action(rule.get("action", ""), rule.get("errnoRet"))
+        if act == default:
+            continue    # libseccomp refuses a rule that repeats the default
+        args = []
+        for arg in rule.get("args") or ():
+            if arg.get("op") not in COMPARE:
+                fail(f"unknown comparison {arg.get('op')}")
+            args.append((int(arg["index"]), COMPARE[arg["op"]], int(arg.get("value", 0)),
+                         int(arg.get("valueTwo", 0))))
+        names = tuple(rule.get("names") or ([rule["name"]] if rule.get("name") else []))
+        # As runc: conditions on one argument each are ANDed in one rule; two on the same
+        # argument cannot both hold, so each becomes a rule of its own (ORed).
+        indexes = [a[0] for a in args]
+        if len(set(indexes)) == len(indexes):
+            rules.append(Rule(names, act, tuple(args)))
+        else:
+            rules += [Rule(names, act, (a,)) for a in args]
+    own = _arch("SCMP_ARCH_" + machine.upper())
+    return Filter(default, tuple(rules), tuple(dict.fromkeys(
+        _arch(a) for a in arches if _arch(a) != own)))
+
+
+def _arch(name):
+    """SCMP_ARCH_X86_64 -> x86_64: libseccomp's name, and uname's for this machine."""
+    return name.removeprefix("SCMP_ARCH_").lower()
+
+
+def _applies(rule, machine):
+    """A rule's includes and excludes, read as Docker does, for this machine and a process
+    without capabilities (so "caps" in includes drops a rule, in excludes keeps it)."""
+    arch = DOCKER_ARCH.get(machine)
+    includes, excludes = rule.get("includes") or {}, rule.get("excludes") or {}
+    if arch in (excludes.get("arches") or ()):
+        return False
+    if excludes.get("minKernel") and _kernel() >= _version(excludes["minKernel"]):
+        return False
+    if includes.get("arches") and arch not in includes["arches"]:
+        return False
+    if includes.get("minKernel") and _kernel() < _version(includes["minKernel"]):
+        return False
+    return not includes.get("caps")
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("-")[0].split(".")[:2])
+
+
+def _kernel():
+    return _version(os.uname().release)
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
 def _library():
@@ -56,8 +211,11 @@ def _library():
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                     ctypes.c_uint]
+    lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+    lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     return lib
 
@@ -70,24 +228,30 @@ def available():
 NAMESPACES = ("unshare", "setns")
 
 
-def load(allow_userns=False):
-    """Deny DENIED with EPERM for this process and every child it makes from now on
-    (unshare and setns too, unless allow_userns). Needs no_new_privs (seal.py)."""
-    denied = [n for n in DENIED if not (allow_userns and n in NAMESPACES)]
+def load(filter_):
+    """Load filter_ for this process and every child it makes from now on. Needs
+    no_new_privs (seal.py)."""
     lib = _library()
     if lib is None:
         raise SeccompError(errno.ENOSYS, available())
-    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    ctx = lib.seccomp_init(filter_.default)
     if not ctx:
         raise SeccompError(errno.ENOMEM, "seccomp_init")
     try:
-        for name in denied:
-            nr = lib.seccomp_syscall_resolve_name(name.encode())
-            if nr < 0:
-                continue    # not a syscall on this architecture
-            rc = lib.seccomp_rule_add(ctx, SCMP_ACT_ERRNO(errno.EPERM), nr, 0)
-            if rc < 0:
-                raise SeccompError(-rc, f"seccomp_rule_add({name})")
+        for arch in filter_.arches:
+            token = lib.seccomp_arch_resolve_name(arch.encode())
+            rc = lib.seccomp_arch_add(ctx, token) if token else -errno.EINVAL
+            if rc < 0 and rc != -errno.EEXIST:
+                raise SeccompError(-rc, f"seccomp_arch_add({arch})")
+        for rule in filter_.rules:
+            args = (_ArgCmp * max(len(rule.args), 1))(*(_ArgCmp(*a) for a in rule.args))
+            for name in rule.names:
+                nr = lib.seccomp_syscall_resolve_name(name.encode())
+                if nr < 0:
+                    continue    # not a syscall on this architecture
+                rc = lib.seccomp_rule_add_array(ctx, rule.action, nr, len(rule.args), args)
+                if rc < 0:
+                    raise SeccompError(-rc, f"seccomp_rule_add({name})")
         rc = lib.seccomp_load(ctx)
         if rc < 0:
             raise SeccompError(-rc, "seccomp_load")

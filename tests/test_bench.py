@@ -15,7 +15,8 @@ def test_bench_quick_runs_every_row(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for row in ("start, argv launcher", "round trip p50, bridge", "round trip p50, direct ipc",
                 "print 4 MB, bridge", "display 2 MB, direct ipc", "memory PSS per kernel",
-                "4 starts at once"):
+                "4 starts at once", "start, argv, --seccomp off",
+                "round trip p50, bridge, --seccomp off"):
         assert row in proc.stdout, proc.stdout
     raw = json.loads(out.read_text())
     assert raw["start"]["plain"] and raw["start"]["isolated"]

@@ -149,6 +149,79 @@ def test_seccomp_off_says_so(workdir, tmp_path):
     assert ": no seccomp filter (Sandbox.seccomp = off)" in log.read_text()
 
 
+# Allows all but two things a kernel's startup never does, one of them by an argument.
+SMALL_PROFILE = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+    {"names": ["sched_setaffinity"], "action": "SCMP_ACT_ERRNO", "errnoRet": 95},
+    {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 97,
+     "args": [{"index": 0, "value": 10, "op": "SCMP_CMP_EQ"}]}]}      # AF_INET6
+UNDER_SMALL_PROFILE = r"""
+import os, socket
+for name, call in (("affinity", lambda: os.sched_setaffinity(0, {0})),
+                   ("inet6", lambda: socket.socket(socket.AF_INET6).close()),
+                   ("inet", lambda: socket.socket(socket.AF_INET).close())):
+    try:
+        call()
+        print(name, "ok")
+    except OSError as exc:
+        print(name, exc.errno)
+print("Seccomp", open("/proc/self/status").read().split("Seccomp:")[1].split()[0])
+"""
+
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory):
+    """A small profile, and Docker's own default (moby's profiles/seccomp/default.json)."""
+    import json
+    import shutil
+    folder = tmp_path_factory.mktemp("profiles")
+    small = folder / "small.json"
+    small.write_text(json.dumps(SMALL_PROFILE))
+    docker = folder / "docker.json"
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "docker-default-seccomp.json"),
+                docker)
+    for path in (small, docker):
+        path.chmod(0o644)
+    return {"small": str(small), "docker": str(docker)}
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_a_docker_or_oci_profile_file_is_the_filter(profiles, workdir, path):
+    if path == "run":
+        done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--seccomp",
+                               profiles["small"], "--", sys.executable, "-c",
+                               UNDER_SMALL_PROFILE], cwd=workdir, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+        assert f"seccomp profile {profiles['small']}" in done.stderr     # said in the log
+    else:
+        k = start_kernel(workdir, kernel_name=start_paths("profile", [
+            "--seccomp", profiles["small"]])[path])
+        try:
+            out, error, _ = k.execute(UNDER_SMALL_PROFILE)
+            assert error is None, out
+        finally:
+            stop_kernel(k)
+    assert out == "affinity 95\ninet6 97\ninet ok\nSeccomp 2\n"
+
+
+def test_a_notebook_runs_under_dockers_default_profile(profiles, workdir):
+    k = start_kernel(workdir, kernel_name=write_spec(
+        "profile-docker", ["--seccomp", profiles["docker"]], provisioner=True))
+    try:
+        out, error, _ = k.execute(
+            "import numpy, multiprocessing, threading, subprocess, pty, ctypes, os\n"
+            "with multiprocessing.Pool(2) as p: print(p.map(abs, [-1, -2]))\n"
+            "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+            "print(int(numpy.arange(10).sum()), subprocess.run(['true']).returncode)\n"
+            "m, s = pty.openpty(); os.write(s, b'x'); print(os.read(m, 1))\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(libc.syscall(250, 0, 0, 0, 0, 0), ctypes.get_errno())  # keyctl", timeout=60)
+    finally:
+        stop_kernel(k)
+    assert (error, out) == (None, "[1, 2]\nthread\n45 0\nb'x'\n-1 1\n")
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_the_kernel_has_none_of_the_servers_fds(workdir, tmp_path, path):
     """On a terminal the kernel read what the user typed and rewrote the screen; on a log

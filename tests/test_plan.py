@@ -296,3 +296,111 @@ def test_launcher_code_the_kernel_could_write_is_refused_or_read_only():
     dests = [m.dest for m in p.mounts]
     assert dests.index("/srv") < dests.index("/srv/notebooks")
     assert by_dest(p)["/srv/notebooks"].attrs == RW
+
+
+PROFILE = {
+    "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+    "archMap": [{"architecture": "SCMP_ARCH_X86_64",
+                 "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]},
+                {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": ["SCMP_ARCH_ARM"]}],
+    "syscalls": [
+        {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["mount"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
+        {"names": ["ptrace"], "action": "SCMP_ACT_ALLOW", "excludes": {"caps": ["CAP_SYS_PTRACE"]}},
+        {"names": ["ancient"], "action": "SCMP_ACT_ALLOW", "excludes": {"minKernel": "4.8"}},
+        {"names": ["modern"], "action": "SCMP_ACT_ALLOW", "includes": {"minKernel": "4.8"}},
+        {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"},
+                  {"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]},
+        {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 2114060288, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"},
+                  {"index": 1, "value": 5, "op": "SCMP_CMP_GT"}]},
+        {"names": ["kill"], "action": "SCMP_ACT_ERRNO"},          # the default again
+        {"names": ["uname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38},
+    ]}
+
+
+def test_a_docker_profile_as_runc_applies_it_to_a_process_without_capabilities():
+    import os
+    from ns_kernel import seccomp
+    f = seccomp.from_profile(PROFILE)
+    rules = {r.names[0]: r for r in f.rules}
+    assert f.default == seccomp.SCMP_ACT_ERRNO(1)
+    assert "mount" not in rules and "ptrace" in rules      # a kernel has no capabilities
+    assert "ancient" not in rules and "modern" in rules     # this host runs Linux >= 4.8
+    assert "kill" not in rules                              # repeats the default
+    assert rules["uname"].action == seccomp.SCMP_ACT_ERRNO(38)
+    # Two conditions on one argument: either holds (two rules); on two arguments: both.
+    assert [r.args for r in f.rules if r.names == ("personality",)] == [((0, 4, 0, 0),), ((0, 4, 8, 0),)]
+    assert rules["clone"].args == ((0, 7, 2114060288, 0), (1, 6, 5, 0))
+    own = {"x86_64": ("x86", "x32"), "aarch64": ("arm",)}.get(os.uname().machine)
+    assert f.arches == own
+
+
+@pytest.mark.parametrize("profile, fragment", [
+    ({"syscalls": []}, "no defaultAction"),
+    ({"defaultAction": "SCMP_ACT_NOTIFY"}, "SCMP_ACT_NOTIFY needs a tracer or listener"),
+    ({"defaultAction": "SCMP_ACT_ALLOW",
+      "syscalls": [{"names": ["read"], "action": "SCMP_ACT_TRACE"}]}, "SCMP_ACT_TRACE needs"),
+    ({"defaultAction": "SCMP_ACT_BOGUS"}, "unknown action SCMP_ACT_BOGUS"),
+    ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["read"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 0, "op": "LIKE"}]}]},
+     "unknown comparison LIKE"),
+])
+def test_a_profile_we_cannot_apply_faithfully_is_refused(profile, fragment):
+    from ns_kernel import seccomp
+    with pytest.raises(SetupError) as err:
+        seccomp.from_profile(profile, "/etc/p.json")
+    assert str(err.value).startswith("ns-kernel: seccomp profile /etc/p.json (")
+    assert fragment in str(err.value)
+
+
+def test_a_profile_file_someone_else_may_change_is_refused(tmp_path):
+    import json
+    import os
+    from ns_kernel import seccomp
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(PROFILE))
+    assert seccomp.read_profile(str(path)).source == str(path)
+    for mode, fragment in ((0o664, "another user may change it"),
+                           (0o646, "another user may change it")):
+        path.chmod(mode)
+        with pytest.raises(SetupError, match=fragment):
+            seccomp.read_profile(str(path))
+    path.chmod(0o644)
+    link = tmp_path / "link.json"
+    link.symlink_to(path)           # resolved once: the admin's symlinks work
+    assert seccomp.read_profile(str(link)).source == str(path)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SetupError, match="not JSON"):
+        seccomp.read_profile(str(tmp_path / "bad.json"))
+    with pytest.raises(SetupError, match="not a regular file"):
+        seccomp.read_profile(str(tmp_path))
+    with pytest.raises(SetupError, match="No such file"):
+        seccomp.read_profile(str(tmp_path / "none.json"))
+    os.chmod(tmp_path, 0o700)
+
+
+def test_a_profile_the_kernel_may_write_is_refused():
+    from dataclasses import replace
+    from ns_kernel import seccomp
+    profile = seccomp.from_profile(PROFILE)
+    for where in ("/home/ada/notebooks/p.json", "/data/p.json",
+                  "/home/ada/.local/share/ns-kernel/isolated-python/home/p.json"):
+        with pytest.raises(SetupError, match="which the kernel may write"):
+            build_plan(Sandbox(seccomp="/x/p.json", rw_binds=["/data"]), host(),
+                       ["/usr/bin/python3"], "/run/user/1000/ns-kernel/abc", "ab",
+                       replace(profile, source=where))
+    kept = build_plan(Sandbox(seccomp="/x/p.json"), host(), ["/usr/bin/python3"],
+                      "/run/user/1000/ns-kernel/abc", "ab", replace(profile, source="/etc/p.json"))
+    assert kept.seccomp.source == "/etc/p.json"
+    assert plan(Sandbox(seccomp="off")).seccomp is None
+    assert plan().seccomp == seccomp.default_filter()
+    assert "unshare" not in plan(Sandbox(allow_userns=True)).seccomp.rules[0].names
+
+
+def test_seccomp_setting_is_a_keyword_or_an_absolute_path():
+    from traitlets import TraitError
+    assert Sandbox(seccomp="OFF").seccomp == "off"
+    with pytest.raises(TraitError, match="absolute path of a Docker/OCI seccomp profile"):
+        Sandbox(seccomp="profile.json")
