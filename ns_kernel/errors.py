@@ -29,6 +29,16 @@ class SetupError(Exception):
             text += f" ({self.hint})"
         return text
 
+    @classmethod
+    def from_exception(cls, exc, step, what):
+        """Any failure of a child's steps, as one: an OSError names the call that failed
+        (the wrappers in syscalls.py say which), anything else is `what` and its repr."""
+        if isinstance(exc, cls):
+            return exc
+        if isinstance(exc, OSError):
+            return cls(step, getattr(exc, "call", what), exc.filename or "", exc.errno)
+        return cls(step, f"{what}: {exc!r}")
+
     def to_json(self):
         import json     # here: the warm client imports this module, and json imports re
         return json.dumps({"step": self.step, "syscall": self.syscall, "path": self.path,

@@ -23,11 +23,7 @@ def run(step, plan, ctl, err_w):
     except BaseException as exc:  # noqa: BLE001 - a child must never return into the launcher
         if os.environ.get("NS_KERNEL_DEBUG"):
             traceback.print_exc()
-        if isinstance(exc, OSError):
-            exc = SetupError("sandbox", "sandbox setup", exc.filename or "", exc.errno)
-        elif not isinstance(exc, SetupError):
-            exc = SetupError("sandbox", f"sandbox setup: {exc!r}")
-        report(err_w, exc)
+        report(err_w, SetupError.from_exception(exc, "sandbox", "sandbox setup"))
     os._exit(127)
 
 

@@ -72,6 +72,7 @@ class Launch:
         self.limits = limits.Enforcement()
         self.usage = None          # what the cgroup saw, read once the kernel has ended
         self.output = None         # the kernel's stdout/stderr relay (output.py)
+        self.started_lines = []    # for the log once the sandbox stands: limits, filter
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -100,12 +101,11 @@ class Launch:
             # Probes the host (cgroups), so it happens here, not in the pure build_plan.
             self.limits = limits.enforce(plan.limits, self.config.cgroup_parent, self.kernel_id)
             plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
-            for line in self.limits.log_lines(plan.limits, self._who()):
-                print(line, file=sys.stderr, flush=True)
+            self.started_lines = self.limits.log_lines(plan.limits, self._who())
             if not plan.seccomp or plan.seccomp.source:
-                print(f"ns-kernel: {self._who()}: " + (
+                self.started_lines.append(f"ns-kernel: {self._who()}: " + (
                     f"seccomp profile {plan.seccomp.source}" if plan.seccomp else
-                    "no seccomp filter (Sandbox.seccomp = off)"), file=sys.stderr, flush=True)
+                    "no seccomp filter (Sandbox.seccomp = off)"))
             if self.prestarted:
                 # Before it forks anything: the kernel is born in the kernel's cgroup.
                 self.limits.attach(self.prestarted.pid)
@@ -225,6 +225,10 @@ class Launch:
                             if failure:
                                 box.kill()
                                 raise failure
+                            # Said once the sandbox stands: a start that fails says
+                            # only why, in one line.
+                            for line in self.started_lines:
+                                print(line, file=sys.stderr, flush=True)
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)

@@ -9,8 +9,8 @@ import stat
 
 from .errors import SetupError
 from .plan import Op
-from .syscalls import MNT_DETACH, MountAttr, MountFlags, flag_names, mount, mount_setattr, \
-    move_mount, open_tree_clone, pivot_root, umount2
+from .syscalls import MNT_DETACH, MountAttr, MountFlags, chdir, flag_names, mount, \
+    mount_setattr, move_mount, open_tree_clone, pivot_root, umount2
 
 BASE = "/tmp"          # any existing dir works: the tmpfs mounted here moves to / at once
 NEWROOT = "/newroot"
@@ -136,26 +136,26 @@ def enter_new_root(mounts, trees, cwd):
     """Make the plan's mounts and pivot into them. Runs as PID 1 of the new PID namespace,
     so the fresh /proc shows only the sandbox."""
     _mount("tmpfs", BASE, "tmpfs", NOSUID_NODEV, "mode=0755,size=64k")
-    os.chdir(BASE)
+    chdir(BASE)
     makedirs(BASE + NEWROOT)
     makedirs(BASE + OLDROOT)
     try:
         pivot_root(BASE, BASE + OLDROOT)
     except OSError as exc:
         raise SetupError("mount", "pivot_root", BASE, exc.errno) from None
-    os.chdir("/")
+    chdir("/")
     _mount("tmpfs", NEWROOT, "tmpfs", NOSUID_NODEV, "mode=0755")
     for i, m in enumerate(mounts):
         apply_mount(m, trees.get(i))
     # The host root goes first, then the scaffold tmpfs under the new root goes with it.
     umount2(OLDROOT, MNT_DETACH)
-    os.chdir(NEWROOT)
+    chdir(NEWROOT)
     try:
         pivot_root(".", ".")
     except OSError as exc:
         raise SetupError("mount", "pivot_root", NEWROOT, exc.errno) from None
     umount2(".", MNT_DETACH)
-    os.chdir("/")
+    chdir("/")
     # The new root itself is read-only: the kernel writes only where the plan allows.
     _setattr("/", RO_TOP, recursive=False)
     enter_cwd(cwd)

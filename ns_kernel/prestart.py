@@ -181,22 +181,20 @@ def main():
         kernel = _join(pickle.loads(data), sock, pidfd, err_w)
         sock.send(b"K%d" % kernel)
     except BaseException as exc:  # noqa: BLE001 - reported, never raised into nothing
-        if not isinstance(exc, SetupError):
-            exc = SetupError("prestart", f"enter the sandbox: {exc!r}")
-        forked.report(err_w, exc)
+        forked.report(err_w, SetupError.from_exception(exc, "prestart", "enter the sandbox"))
     os._exit(0)
 
 
 def _join(plan, sock, pidfd, err_w):
     from . import forked, mount
     from .errors import SetupError
-    from .syscalls import CloneFlags, setns
+    from .syscalls import CloneFlags, drop_supplementary_groups, setns
     flags = (CloneFlags.CLONE_NEWUSER | CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC
              | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID | CloneFlags.CLONE_NEWCGROUP)
     if plan.network != "host":
         flags |= CloneFlags.CLONE_NEWNET
     if plan.drop_groups:
-        os.setgroups([])
+        drop_supplementary_groups()
     try:
         setns(pidfd, flags)
     except OSError as exc:

@@ -23,8 +23,8 @@ from .errors import SetupError
 from .mount import RO_TOP
 from .plan import SOCKET_DIR_INSIDE
 from .syscalls import IN_CREATE, IN_MOVED_TO, CloneFlags, drop_all_capabilities, \
-    inotify_watch, mount_setattr, set_dumpable, set_parent_death_signal, set_process_title, \
-    sethostname, unshare
+    drop_supplementary_groups, inotify_watch, mount_setattr, set_dumpable, \
+    set_parent_death_signal, set_process_title, sethostname, unshare
 from .user import userns_hint, write_id_maps
 
 MSG_UNSHARED = b"U"
@@ -167,7 +167,7 @@ def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=()):
     # alone, which forwards it exactly once; and no controlling terminal (TIOCSTI).
     os.setsid()
     if plan.drop_groups:
-        os.setgroups([])
+        drop_supplementary_groups()
     try:
         # Alone and first (runc): the other namespaces must be owned by the new user ns.
         unshare(CloneFlags.CLONE_NEWUSER)
@@ -219,9 +219,6 @@ def _supervise(plan, ctl, init, origin):
 def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # If the monitor dies, init dies, and with it every process of the PID namespace.
     set_parent_death_signal(signal.SIGKILL)
-    # Init is a fork of the launcher (or of a warm template): its command line would show
-    # the kernel the host's paths (the connection file's, the socket dir's).
-    set_process_title("ns-kernel-init")
     # A cgroup namespace too: init is in the kernel's cgroup already (Sandbox.start), which
     # becomes its root, so the kernel does not learn the host's cgroup layout.
     flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
@@ -259,6 +256,10 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
         kernel = os.fork()
         if kernel == 0:
             forked.run(functools.partial(_kernel, kernel_step), plan, ctl, err_w)
+    # Init is a fork of the launcher (or of a warm template): its command line would show
+    # the kernel the host's paths (the connection file's, the socket dir's). Not before
+    # the fork: a kernel forked from init (warm) would inherit the title.
+    set_process_title("ns-kernel-init")
     # Init keeps its capabilities a little longer (seal_socket_dir): the kernel, same uid,
     # must not be able to borrow them through ptrace or /proc/1/mem meanwhile.
     set_dumpable(False)

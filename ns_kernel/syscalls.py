@@ -65,23 +65,47 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PRCTL_NAMES = {PR_SET_PDEATHSIG: "PR_SET_PDEATHSIG", PR_SET_DUMPABLE: "PR_SET_DUMPABLE",
+               PR_SET_NAME: "PR_SET_NAME", PR_CAPBSET_DROP: "PR_CAPBSET_DROP",
+               PR_SET_NO_NEW_PRIVS: "PR_SET_NO_NEW_PRIVS", PR_CAP_AMBIENT: "PR_CAP_AMBIENT"}
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def _check(result, *args):
+class SyscallError(OSError):
+    """An OSError that knows which call failed (`call`), for the one-line error."""
+
+    def __init__(self, err, call, path=None):
+        super().__init__(err, os.strerror(err), path)
+        self.call = call
+
+
+def _check(result, call, path=None):
     if result == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), *args)
+        raise SyscallError(ctypes.get_errno(), call, path)
     return result
 
 
+def chdir(path):
+    try:
+        os.chdir(path)
+    except OSError as exc:
+        raise SyscallError(exc.errno, "chdir", path) from None
+
+
+def drop_supplementary_groups():
+    try:
+        os.setgroups([])
+    except OSError as exc:
+        raise SyscallError(exc.errno, "setgroups([])") from None
+
+
 def unshare(flags):
-    _check(_libc.unshare(ctypes.c_int(int(flags))))
+    _check(_libc.unshare(ctypes.c_int(int(flags))), f"unshare({flag_names(flags)})")
 
 
 def setns(fd, flags):
     """Join the namespaces `flags` of the process that pidfd `fd` refers to, all at once."""
-    _check(_libc.setns(fd, ctypes.c_int(int(flags))))
+    _check(_libc.setns(fd, ctypes.c_int(int(flags))), f"setns({flag_names(flags)})")
 
 
 IN_MOVED_TO = 0x80
@@ -92,9 +116,9 @@ IN_CLOEXEC = os.O_CLOEXEC
 
 def inotify_watch(path, mask):
     """A non-blocking inotify fd watching `path` for `mask` events."""
-    fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+    fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
     try:
-        _check(_libc.inotify_add_watch(fd, path.encode(), ctypes.c_uint32(mask)), path)
+        _check(_libc.inotify_add_watch(fd, path.encode(), ctypes.c_uint32(mask)), "inotify_add_watch", path)
     except OSError:
         os.close(fd)
         raise
@@ -103,15 +127,17 @@ def inotify_watch(path, mask):
 
 def mount(source, target, fstype, flags=0, data=None):
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(int(flags)), enc(data)), target)
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(int(flags)), enc(data)),
+           f"mount({fstype}, {flag_names(flags)})", target)
 
 
 def umount2(target, flags=0):
-    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), target)
+    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), "umount2", target)
 
 
 def pivot_root(new_root, put_old):
-    _check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()), new_root)
+    _check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()), "pivot_root",
+           new_root)
 
 
 def open_tree_clone(handle, path):
@@ -120,13 +146,13 @@ def open_tree_clone(handle, path):
     return _check(_libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(handle), b"",
                                 ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
                                               | AT_EMPTY_PATH)),
-                  path)
+                  "open_tree", path)
 
 
 def move_mount(fd, target):
     _check(_libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(fd), b"",
                          ctypes.c_int(AT_FDCWD), target.encode(),
-                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), target)
+                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount", target)
 
 
 class _MountAttrStruct(ctypes.Structure):
@@ -138,17 +164,18 @@ def mount_setattr(path, attr_set, recursive=True):
     attr = _MountAttrStruct(int(attr_set), 0, 0, 0)
     _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
                          ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr))), path)
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr", path)
 
 
 def sethostname(name):
     raw = name.encode()
-    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))))
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname", name)
 
 
 def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
     return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)),
+                  f"prctl({PRCTL_NAMES.get(option, option)})")
 
 
 KEYCTL_JOIN_SESSION_KEYRING = 1
@@ -157,7 +184,7 @@ KEYCTL_JOIN_SESSION_KEYRING = 1
 def join_new_session_keyring():
     """keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): a fresh anonymous session keyring."""
     _check(_libc.syscall(ctypes.c_long(SYS_KEYCTL), ctypes.c_int(KEYCTL_JOIN_SESSION_KEYRING),
-                         ctypes.c_char_p(None)))
+                         ctypes.c_char_p(None)), "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")
 
 
 def set_parent_death_signal(sig):
@@ -208,4 +235,5 @@ def drop_all_capabilities():
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    _check(_libc.syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), ctypes.byref(data)))
+    _check(_libc.syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), ctypes.byref(data)),
+           "capset")

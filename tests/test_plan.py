@@ -404,3 +404,21 @@ def test_seccomp_setting_is_a_keyword_or_an_absolute_path():
     assert Sandbox(seccomp="OFF").seccomp == "off"
     with pytest.raises(TraitError, match="absolute path of a Docker/OCI seccomp profile"):
         Sandbox(seccomp="profile.json")
+
+
+def test_a_failed_syscall_names_itself_in_the_one_line_error():
+    """Not a catch-all 'sandbox setup' with only a path (bubblewrap's die_with_error)."""
+    from ns_kernel import syscalls
+    for call, expected in ((lambda: syscalls.umount2("/nonexistent-ns-kernel"),
+                            "ns-kernel: umount2 /nonexistent-ns-kernel: "),
+                           (lambda: syscalls.chdir("/nonexistent-ns-kernel"),
+                            "ns-kernel: chdir /nonexistent-ns-kernel: No such file or directory"),
+                           (lambda: syscalls.prctl(syscalls.PR_SET_DUMPABLE, 7),
+                            "ns-kernel: prctl(PR_SET_DUMPABLE): Invalid argument"),
+                           (lambda: syscalls.setns(-1, syscalls.CloneFlags.CLONE_NEWNS
+                                                   | syscalls.CloneFlags.CLONE_NEWUTS),
+                            "ns-kernel: setns(CLONE_NEWNS|CLONE_NEWUTS): Bad file descriptor")):
+        with pytest.raises(OSError) as err:
+            call()
+        line = str(SetupError.from_exception(err.value, "sandbox", "sandbox setup"))
+        assert line.startswith(expected), line

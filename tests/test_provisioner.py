@@ -93,7 +93,9 @@ def test_lifecycle_signal_restart_terminate_kill_cleanup(workdir, socket_base):
                     break
             await km.interrupt_kernel()
             reply = await kc._async_get_shell_msg(timeout=10)
-            assert reply["parent_header"]["msg_id"] == msg_id
+            while reply["parent_header"]["msg_id"] != msg_id:   # a late kernel_info_reply
+                assert reply["msg_type"] == "kernel_info_reply", reply
+                reply = await kc._async_get_shell_msg(timeout=10)
             assert reply["content"]["ename"] == "KeyboardInterrupt"
             assert await value(kc, "6 * 7") == 42
 
