@@ -4,6 +4,8 @@ for every way in. Init's forked child takes them before it execs the kernel (a c
 prestarted interpreter's helper takes them before it forks the kernel. What hardens a
 kernel goes here, so that no way in can miss it.
 """
+import errno
+
 from . import limits, seccomp
 from .errors import SetupError
 from .syscalls import drop_all_capabilities, join_new_session_keyring, set_dumpable, \
@@ -22,7 +24,7 @@ def seal(plan):
     # owned by the host's root, so not even oom_score_adj could be written).
     set_dumpable(True)
     # The keyring the Jupyter server had (its keys, root's for a hub) is not the kernel's.
-    _step("keyctl(KEYCTL_JOIN_SESSION_KEYRING)", join_new_session_keyring)
+    _step("keyctl(KEYCTL_JOIN_SESSION_KEYRING)", _join_new_session_keyring)
     _step("write /proc/self/oom_score_adj", _raise_oom_score)
     # setuid binaries stay inert, and the filter below may be loaded without privileges.
     _step("prctl(PR_SET_NO_NEW_PRIVS)", set_no_new_privs)
@@ -30,6 +32,17 @@ def seal(plan):
     # Last: what the steps above call (keyctl, prctl) is denied by it.
     if plan.seccomp:
         _step("load the seccomp filter", lambda: seccomp.load(plan.seccomp))
+
+
+def _join_new_session_keyring():
+    try:
+        join_new_session_keyring()
+    except OSError as exc:
+        # EPERM is none of keyctl's own errors: a seccomp filter denies it (Docker's
+        # default profile does, for the whole container). The kernel inherits that filter
+        # and can reach no keyring at all: there is nothing to leave.
+        if exc.errno != errno.EPERM:
+            raise
 
 
 def _raise_oom_score():
