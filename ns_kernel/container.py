@@ -85,6 +85,23 @@ def masked(mountinfo="/proc/self/mountinfo"):
     return found
 
 
+CGROUP_FIX = ("limit the container itself (`docker run --cpus 2 --memory 4g --pids-limit 512`; "
+              "Kubernetes: the container's resources.limits) and let kernels start with what "
+              "rlimits can do: --best-effort, or no --cpus")
+
+
+def cgroups_read_only(mountinfo="/proc/self/mountinfo"):
+    """Is every cgroup filesystem mounted read-only here (as Docker, podman and
+    Kubernetes mount them in an unprivileged container)?"""
+    found = []
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
+                found.append("ro" in fields[5].split(","))
+    return bool(found) and all(found)
+
+
 def probe():
     """Make each syscall the sandbox needs, and a fresh proc and sysfs mount, in throwaway
     namespaces; {name: errno (0: it worked)}. With harmless arguments: a call the filter

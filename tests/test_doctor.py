@@ -1,12 +1,14 @@
 """`ns-kernel doctor`: on this host (a real trial sandbox), and on a host where user
 namespaces are off (a user namespace whose own user.max_user_namespaces is 0: that
 sysctl is per user namespace and its root may lower it)."""
+import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import LIMITS_BACKEND
 from ns_kernel import limits
-
 
 
 def doctor(*args, prefix=()):
@@ -21,8 +23,13 @@ def test_doctor_passes_here():
     assert "  ok    user namespaces: " in out
     assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M, pids 64" \
         in out
-    assert "  ok    trial sandbox: pid 2 of 2 processes, /proc proc, /tmp tmpfs (writable)" in out
-    assert "network lo, ipykernel importable, seccomp mode 2" in out
+    # A real kernel each way one starts, each as a kernel started that way is.
+    for how, started in (("provisioner", "prestarted"), ("argv", "prestarted"), ("warm", "warm")):
+        assert (f"  ok    kernel ({how}): {started}, pid 2 of 2 processes, /proc proc, /tmp "
+                "tmpfs (writable)") in out
+    assert "network lo, cgroup /, seccomp mode 2" in out
+    assert "  ok    sandbox syscalls: unshare, mount, umount2, pivot_root, open_tree, " in out
+    assert "  ok    fresh proc and sysfs: mountable" in out
     assert "  ok    seccomp: libseccomp.so.2 loads; the default filter denies " in out
     assert out.rstrip().endswith("isolated kernels can run here.")
 
@@ -46,4 +53,51 @@ def test_doctor_names_the_sysctl_when_user_namespaces_are_off():
             "disabled: sysctl -w user.max_user_namespaces=15000)")
     assert f"  FAIL  user namespaces: {line}" in done.stdout
     assert done.stderr.splitlines()[0] == line
-    assert "trial sandbox" not in done.stdout
+    assert "  --    kernels: none started: fix the above first" in done.stdout
+
+
+# What a container runtime does, done to the doctor here: it names the cause and the
+# runtime's setting (docs/containers.md), and starts no kernel.
+def test_doctor_names_the_container_seccomp_profile():
+    from test_prestart import denying
+    done = doctor(prefix=denying("sethostname", "pivot_root"))
+    assert done.returncode == 1
+    assert "  FAIL  sandbox syscalls: denied: pivot_root, sethostname" in done.stdout
+    assert done.stderr.startswith(
+        "ns-kernel: a seccomp filter (the container's) denies pivot_root, sethostname (the "
+        "sandbox makes 9 such syscalls); run the container with ns_kernel's seccomp profile ")
+    assert "container-seccomp.json: `docker run --security-opt seccomp=FILE`" in done.stderr
+    assert "seccompProfile: {type: Localhost, localhostProfile: FILE}" in done.stderr
+    assert "  --    kernels: none started: fix the above first" in done.stdout
+
+
+def test_doctor_names_masked_proc():
+    # A file of /proc mounted over, as Docker's masked paths are: no fresh proc may then be
+    # mounted (it would show what the mask hides).
+    done = doctor(prefix=["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                          'mount --bind /dev/null /proc/version && exec "$@"', "sh"])
+    assert done.returncode == 1
+    assert "  FAIL  fresh proc and sysfs: refused (/proc/version)" in done.stdout
+    assert ("ns-kernel: a fresh proc mount is refused: the container runtime masks parts of "
+            "/proc and /sys (/proc/version mounted over); unmask them: `docker run "
+            "--security-opt systempaths=unconfined`, `podman run --security-opt unmask=ALL`; "
+            "Kubernetes: securityContext.procMount: Unmasked") in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only host root can drop its capabilities")
+def test_doctor_names_roots_capabilities():
+    done = doctor(prefix=["setpriv", "--inh-caps=-chown,-setuid", "--bounding-set=-chown,-setuid"])
+    assert done.returncode == 1
+    assert "  FAIL  root's kernels: run as uid 65534; capabilities lacking CAP_CHOWN, " \
+        "CAP_SETUID" in done.stdout
+    assert ("this root lacks CAP_CHOWN, CAP_SETUID (a container with --cap-drop ALL?): "
+            "`docker run --cap-add CHOWN --cap-add SETUID --cap-add SETGID`") in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only host root can drop its capabilities")
+def test_doctor_explains_an_exec_instead_of_the_prestart():
+    done = doctor(prefix=["setpriv", "--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "  ok    kernel (provisioner): exec, pid 2 of 2 processes" in done.stdout
+    assert ("  info  prestart: kernels are exec'd instead (root without CAP_SYS_PTRACE (a "
+            "container's default) may not join") in done.stdout

@@ -191,27 +191,35 @@ def test_launcher_killed_before_the_sandbox_leaves_no_interpreter(tmp_path):
     assert wait_until(lambda: not stray_prestarted(), timeout=3), stray_prestarted()
 
 
-# The launcher under a seccomp filter that denies setns alone (as a container's may), then
-# the ordinary launcher: everything it starts inherits the filter.
-DENY_SETNS = """
+# A command under a seccomp filter that denies `names` alone (as a container's may), then
+# exec'd: everything it starts inherits the filter.
+DENY = """
 import errno, os, sys
 from ns_kernel import seccomp
 from ns_kernel.syscalls import set_no_new_privs
 lib = seccomp._library()
 ctx = lib.seccomp_init(seccomp.SCMP_ACT_ALLOW)
-lib.seccomp_rule_add(ctx, seccomp.SCMP_ACT_ERRNO(errno.EPERM),
-                     lib.seccomp_syscall_resolve_name(b"setns"), 0)
+for name in sys.argv[1].split(","):
+    lib.seccomp_rule_add(ctx, seccomp.SCMP_ACT_ERRNO(errno.EPERM),
+                         lib.seccomp_syscall_resolve_name(name.encode()), 0)
 set_no_new_privs()
 assert lib.seccomp_load(ctx) == 0
-os.execv(sys.executable, [sys.executable, "-P", "-m", "ns_kernel", *sys.argv[1:]])
+os.execvp(sys.argv[2], sys.argv[2:])
 """
+
+
+def denying(*names):
+    """The argv prefix that runs a command under a filter denying `names`."""
+    return [sys.executable, "-P", "-c", DENY, ",".join(names)]
+
+
+LAUNCHER = [sys.executable, "-P", "-m", "ns_kernel"]
 REFUSALS = {
     # what any launcher meets under a filter like Docker's or podman's without setns
-    "seccomp denies setns": [sys.executable, "-P", "-c", DENY_SETNS],
+    "seccomp denies setns": [*denying("setns"), *LAUNCHER],
     # a container's root: no CAP_SYS_PTRACE, and init (nobody by then) is another uid
     "root without CAP_SYS_PTRACE": ["setpriv", "--inh-caps=-sys_ptrace",
-                                    "--bounding-set=-sys_ptrace", sys.executable, "-P", "-m",
-                                    "ns_kernel"],
+                                    "--bounding-set=-sys_ptrace", *LAUNCHER],
 }
 
 
