@@ -72,6 +72,13 @@ def map_text(kind="uid"):
     return ", ".join(f"{first}-{first + count - 1}" for first, _, count in id_map(kind))
 
 
+def unmapped_fix(uid):
+    return (f"uid {uid} has no mapping in this user namespace (uids {map_text()}: a "
+            "container's map?): pick a mapped uid (--uid 1000 --gid 1000) or give the container "
+            "a map of 65536 ids (podman --userns=auto:size=65536; Kubernetes' hostUsers: false "
+            "maps 65536)")
+
+
 def masked(mountinfo="/proc/self/mountinfo"):
     """Mount points over parts of /proc and /sys (Docker's and podman's masked paths)."""
     found = []

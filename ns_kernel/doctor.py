@@ -168,11 +168,8 @@ def check_container(config):
                       f"{container.ROOT_CAPS_FIX}")
     unmapped = os.getuid() == 0 and not container.mapped(config.sandbox_uid)
     if unmapped and not missing:
-        errors.append(f"ns-kernel: root's kernels run as uid {config.sandbox_uid}, which this "
-                      f"user namespace does not map (uids {container.map_text()}: a container's "
-                      "map): pick a mapped uid (--uid 1000 --gid 1000) or give the container a "
-                      "map of 65536 ids (podman --userns=auto:size=65536; Kubernetes' "
-                      "hostUsers: false maps 65536)")
+        errors.append(f"ns-kernel: root's kernels run as uid {config.sandbox_uid}: "
+                      f"{container.unmapped_fix(config.sandbox_uid)}")
     if os.getuid() == 0:
         show("FAIL" if missing or unmapped else "ok", "root's kernels",
              f"run as uid {config.sandbox_uid}; capabilities "

@@ -1,4 +1,5 @@
 """The user namespace: who the sandbox is, seen from inside and from the host."""
+import errno
 import os
 
 from .errors import SetupError
@@ -30,6 +31,16 @@ def userns_hint(read=read_sysctl):
             return hint
     return ("user namespaces are not allowed here (a seccomp filter, e.g. Docker's default "
             "profile, or a Kubernetes pod without hostUsers: false); run `ns-kernel doctor`")
+
+
+def owner_hint(err, uid):
+    """Why host root could not give a dir to its sandbox's uid (chown), and the fix."""
+    from . import container
+    if err == errno.EINVAL:
+        return container.unmapped_fix(uid)
+    if err == errno.EPERM:
+        return f"root without CAP_CHOWN: {container.ROOT_CAPS_FIX}"
+    return ""
 
 
 def write_id_maps(pid, plan):
