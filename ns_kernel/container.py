@@ -15,6 +15,12 @@ SECCOMP_FIX = (f"run the container with ns_kernel's seccomp profile {PROFILE}: `
                "--security-opt seccomp=FILE` (podman alike); Kubernetes: copy it into the "
                "node's /var/lib/kubelet/seccomp/ and set the container's securityContext."
                "seccompProfile: {type: Localhost, localhostProfile: FILE}")
+
+
+def seccomp_denies(names):
+    return f"a seccomp filter (the container's) denies {', '.join(names)}; {SECCOMP_FIX}"
+
+
 MASKED_FIX = ("`docker run --security-opt systempaths=unconfined`, `podman run --security-opt "
               "unmask=ALL`; Kubernetes: securityContext.procMount: Unmasked (with the pod's "
               "hostUsers: false)")

@@ -141,9 +141,7 @@ def check_container(config):
     errors = []
     denied = container.denied(seen)
     if denied:
-        errors.append(f"ns-kernel: a seccomp filter (the container's) denies {', '.join(denied)} "
-                      f"(the sandbox makes {len(container.SANDBOX_SYSCALLS)} such syscalls); "
-                      f"{container.SECCOMP_FIX}")
+        errors.append(f"ns-kernel: {container.seccomp_denies(denied)}")
     show("FAIL" if denied else "ok", "sandbox syscalls",
          f"denied: {', '.join(denied)}" if denied else
          f"{', '.join(container.SANDBOX_SYSCALLS)} allowed" +

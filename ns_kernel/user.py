@@ -26,9 +26,12 @@ def read_sysctl(path):
 
 def userns_hint(read=read_sysctl):
     """Why unshare(CLONE_NEWUSER) fails on this host, from the sysctls that govern it."""
+    from . import container
     for path, bad, hint in _HINT_SYSCTLS:
         if read(path) == bad:
             return hint
+    if container.seccomp_filtered():
+        return container.seccomp_denies(["unshare"])
     return ("user namespaces are not allowed here (a seccomp filter, e.g. Docker's default "
             "profile, or a Kubernetes pod without hostUsers: false); run `ns-kernel doctor`")
 

@@ -64,11 +64,20 @@ def test_doctor_names_the_container_seccomp_profile():
     assert done.returncode == 1
     assert "  FAIL  sandbox syscalls: denied: pivot_root, sethostname" in done.stdout
     assert done.stderr.startswith(
-        "ns-kernel: a seccomp filter (the container's) denies pivot_root, sethostname (the "
-        "sandbox makes 9 such syscalls); run the container with ns_kernel's seccomp profile ")
+        "ns-kernel: a seccomp filter (the container's) denies pivot_root, sethostname; run the "
+        "container with ns_kernel's seccomp profile ")
     assert "container-seccomp.json: `docker run --security-opt seccomp=FILE`" in done.stderr
     assert "seccompProfile: {type: Localhost, localhostProfile: FILE}" in done.stderr
     assert "  --    kernels: none started: fix the above first" in done.stdout
+
+
+def test_doctor_names_a_seccomp_filter_that_denies_user_namespaces():
+    from test_prestart import denying
+    done = doctor(prefix=denying("unshare"))
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "ns-kernel: unshare(CLONE_NEWUSER): Operation not permitted (a seccomp filter (the "
+        "container's) denies unshare; run the container with ns_kernel's seccomp profile ")
 
 
 def test_doctor_names_masked_proc():
