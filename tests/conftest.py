@@ -128,11 +128,13 @@ class Kernel:
         return ast.literal_eval(out.strip())
 
 
-def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, env=None, **kw):
-    """env: variables to set (e.g. HOME) for the launcher, as a server's would be."""
+def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, env=None, stderr=None, **kw):
+    """env: variables to set (e.g. HOME) for the launcher, as a server's would be; stderr:
+    a file for the launcher's (the server log's) lines."""
     km = KernelManager(kernel_name=kernel_name, **kw)
     km.start_kernel(cwd=cwd, extra_arguments=list(extra_arguments),
-                    **({"env": {**os.environ, **env}} if env else {}))
+                    **({"env": {**os.environ, **env}} if env else {}),
+                    **({"stderr": stderr} if stderr else {}))
     kc = km.client()
     kc.start_channels()
     try:

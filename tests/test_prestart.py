@@ -234,13 +234,8 @@ def test_setns_refused_means_exec(workdir, refusal):
     name = f"isolated-python-{refusal.replace(' ', '-')}"
     kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name), spec)
     log = tempfile.TemporaryFile("w+")
-    km = KernelManager(kernel_name=name)
-    km.start_kernel(cwd=workdir, stderr=log)
-    kc = km.client()
-    kc.start_channels()
-    k = Kernel(km, kc)
+    k = start_kernel(workdir, kernel_name=name, stderr=log)
     try:
-        kc.wait_for_ready(timeout=60)
         assert started_how(k) == "exec"
         assert k.value("(__import__('os').getpid(), __import__('os').getppid())") == (2, 1)
         # The prestarted interpreter tried and gave way: it is gone, and it said nothing.
