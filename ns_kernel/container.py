@@ -126,6 +126,9 @@ def probe():
         seen = {}
         try:
             _probe_in_child(seen)
+        except BaseException:  # noqa: BLE001 - a bug must show, not read as "allowed"
+            import traceback
+            traceback.print_exc()
         finally:
             os.write(w, json.dumps(seen).encode())
             os._exit(0)
@@ -172,7 +175,7 @@ def _probe_in_child(seen):
         attempt("setns", setns, uts.fileno(), CloneFlags.CLONE_NEWUTS)
     # Stacked on a tmpfs on /tmp, in this private mount namespace (nothing is created),
     # with the flags the sandbox gives them (a runtime's read-only /sys locks that one).
-    if private and attempt("tmpfs", mount, "tmpfs", "/tmp", "tmpfs", 0):
+    if private and attempt("tmpfs", mount, "tmpfs", "/tmp", "tmpfs", MountFlags(0)):
         attempt("proc", mount, "proc", "/tmp", "proc", FILESYSTEMS[Op.PROC][1])
         attempt("sysfs", mount, "sysfs", "/tmp", "sysfs",
                 FILESYSTEMS[Op.SYSFS][1] | MountFlags.MS_RDONLY)

@@ -243,4 +243,6 @@ def test_setns_refused_means_exec(workdir, refusal):
     finally:
         stop_kernel(k)
     log.seek(0)
-    assert "ns-kernel:" not in log.read()
+    # The limits line is every kernel's; no other line: the fallback is no error.
+    assert [line for line in log.read().splitlines()
+            if line.startswith("ns-kernel:") and " limits: " not in line] == []
