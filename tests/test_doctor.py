@@ -1,6 +1,8 @@
-"""`ns-kernel doctor`: on this host (a real trial sandbox), and on a host where user
-namespaces are off (a user namespace whose own user.max_user_namespaces is 0: that
-sysctl is per user namespace and its root may lower it)."""
+"""`ns-kernel doctor`: on this host (a real kernel each way one starts), on a host where
+user namespaces are off (a user namespace whose own user.max_user_namespaces is 0: that
+sysctl is per user namespace and its root may lower it), and under what a container runtime
+does (a seccomp filter, a masked /proc, dropped capabilities, a short id map), made here
+with the same means; tests/test_containers.py has the real containers."""
 import os
 import subprocess
 import sys
@@ -110,3 +112,29 @@ def test_doctor_explains_an_exec_instead_of_the_prestart():
     assert "  ok    kernel (provisioner): exec, pid 2 of 2 processes" in done.stdout
     assert ("  info  prestart: kernels are exec'd instead (root without CAP_SYS_PTRACE (a "
             "container's default) may not join") in done.stdout
+
+
+# The launcher's own line for the same causes (the server log's), when root gives its
+# kernel's dirs to nobody: which capability is missing, or which map lacks the uid.
+LAUNCHER_HINTS = {
+    "no CAP_CHOWN": (["setpriv", "--inh-caps=-chown", "--bounding-set=-chown"],
+                     "Operation not permitted (root without CAP_CHOWN: `docker run --cap-add "
+                     "CHOWN --cap-add SETUID --cap-add SETGID`"),
+    "a map without 65534": (["unshare", "--user", "--map-root-user"],
+                            "Invalid argument (uid 65534 has no mapping in this user namespace "
+                            "(uids 0-0: a container's map?): pick a mapped uid (--uid 1000 "
+                            "--gid 1000) or give the container a map of 65536 ids"),
+}
+
+
+@pytest.mark.parametrize("cause", LAUNCHER_HINTS)
+def test_launcher_names_why_root_cannot_give_nobody_its_dirs(cause, tmp_path):
+    prefix, hint = LAUNCHER_HINTS[cause]
+    if cause == "no CAP_CHOWN" and os.geteuid() != 0:
+        pytest.skip("only host root can drop its capabilities")
+    os.chmod(tmp_path, 0o777)
+    done = subprocess.run([*prefix, sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                           "/bin/true"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("ns-kernel: chown 65534:65534 ") and hint in line, line
