@@ -1,0 +1,123 @@
+"""Red team of issue 10 (defense in depth), second pass: what a kernel can still take from
+the host. Each test performs the attack from a real kernel on every start path and fails
+while it works.
+
+Per-uid budgets (pending signals, POSIX message queue bytes, inotify watches) are counted
+by the host's Linux kernel in every user namespace up the chain (ucounts): what a kernel
+holds in its sandbox is also charged to the uid that OWNS the sandbox's user namespace on
+the host. For an ordinary user that is the user (the server, the desktop, their other
+kernels); for a root-run server it is root, although the kernel runs as nobody: one cell
+then makes sigqueue(3)/timer_create(2) fail with EAGAIN, mq_open(3) and inotify fail, for
+every root process of the machine. The sandbox caps none of them today (user.py caps
+inotify instances only, and only per kernel).
+"""
+import ctypes
+import os
+import signal
+
+import pytest
+
+from conftest import start_kernel, start_paths, stop_kernel
+
+PATHS = start_paths("redteam10")
+
+# The cell: a child of the kernel takes all it can of each budget and holds it, until the
+# test kills the kernel. Prints what it took.
+HOG = r"""
+import ctypes, os, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(r)
+    took = {}
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+    class Value(ctypes.Union):
+        _fields_ = [("i", ctypes.c_int), ("p", ctypes.c_void_p)]
+    n = 0
+    while n < 10**6 and libc.sigqueue(os.getpid(), signal.SIGRTMIN, Value(i=1)) == 0:
+        n += 1
+    took["signals"] = n
+    class Attr(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_long), ("maxmsg", ctypes.c_long),
+                    ("msgsize", ctypes.c_long), ("cur", ctypes.c_long), ("pad", ctypes.c_long * 4)]
+    libc.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Attr)]
+    n = 0
+    while n < 256 and libc.mq_open(b"/redteam-%d" % n, os.O_CREAT | os.O_RDWR, 0o600,
+                                   ctypes.byref(Attr(0, 10, 8192, 0))) >= 0:
+        n += 1
+    took["mqueues"] = n
+    dirs = [d for d, _, _ in os.walk("/usr")]
+    n = 0
+    while True:
+        fd = libc.inotify_init1(0)
+        if fd < 0:
+            break
+        for d in dirs:
+            if libc.inotify_add_watch(fd, d.encode(), 0x100) < 0:
+                break
+            n += 1
+        else:
+            continue
+        break
+    took["watches"] = n
+    os.write(w, repr(took).encode())
+    os.close(w)
+    time.sleep(600)
+    os._exit(0)
+os.close(w)
+print(os.read(r, 4096).decode())
+"""
+
+
+def host_budgets():
+    """Whether this process (the server's uid) can still queue a signal, open a message
+    queue, watch a file."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    seen = {}
+    pid = os.fork()
+    if pid == 0:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN + 1])
+
+        class Value(ctypes.Union):
+            _fields_ = [("i", ctypes.c_int), ("p", ctypes.c_void_p)]
+        os._exit(0 if libc.sigqueue(os.getpid(), signal.SIGRTMIN + 1, Value(i=1)) == 0
+                 else ctypes.get_errno())
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    seen["sigqueue"] = os.strerror(code) if code else "ok"
+
+    class Attr(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_long), ("maxmsg", ctypes.c_long),
+                    ("msgsize", ctypes.c_long), ("cur", ctypes.c_long), ("pad", ctypes.c_long * 4)]
+    libc.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Attr)]
+    name = f"/redteam-host-{os.getpid()}".encode()
+    fd = libc.mq_open(name, os.O_CREAT | os.O_RDWR, 0o600, ctypes.byref(Attr(0, 10, 8192, 0)))
+    seen["mq_open"] = "ok" if fd >= 0 else os.strerror(ctypes.get_errno())
+    if fd >= 0:
+        os.close(fd)
+        libc.mq_unlink(name)
+    fd = libc.inotify_init1(0)
+    if fd < 0:
+        seen["inotify"] = os.strerror(ctypes.get_errno())
+    else:
+        ok = libc.inotify_add_watch(fd, b"/", 0x100) >= 0
+        seen["inotify"] = "ok" if ok else os.strerror(ctypes.get_errno())
+        os.close(fd)
+    return seen
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_kernel_cannot_drain_the_hosts_per_uid_budgets(workdir, path):
+    """Attack: a cell queues realtime signals, opens message queues and adds inotify
+    watches until each fails. Fix: cap each below the host's (seal: RLIMIT_SIGPENDING,
+    RLIMIT_MSGQUEUE; forbid_namespaces: max_inotify_watches next to its instances), and
+    for root's sandbox let nobody, not root, own its user namespace."""
+    assert host_budgets() == {"sigqueue": "ok", "mq_open": "ok", "inotify": "ok"}
+    k = start_kernel(workdir, kernel_name=PATHS[path])
+    try:
+        took, error, _ = k.execute(HOG, timeout=180)
+        assert error is None, took
+        seen = host_budgets()
+    finally:
+        stop_kernel(k)
+    assert seen == {"sigqueue": "ok", "mq_open": "ok", "inotify": "ok"}, \
+        f"the kernel took {took.strip()}; the host then got {seen}"
