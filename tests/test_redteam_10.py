@@ -121,3 +121,45 @@ def test_a_kernel_cannot_drain_the_hosts_per_uid_budgets(workdir, path):
         stop_kernel(k)
     assert seen == {"sigqueue": "ok", "mq_open": "ok", "inotify": "ok"}, \
         f"the kernel took {took.strip()}; the host then got {seen}"
+
+
+FLOOD = 32 << 20     # bytes the cell writes
+LOGGED = 4 << 20     # what the server log may take of them, at most
+
+
+def launcher_log(path):
+    """Start a kernel whose launcher (as the server's children do) writes to `path`."""
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return saved
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_kernel_cannot_fill_the_server_log(workdir, tmp_path, path):
+    """Attack: a cell writes 32 MiB to its original stderr (ipykernel keeps it as
+    _original_stdstream_copy; os.write(2, ...) does the same and echoes to the notebook
+    too). The relay (output.py) copies all of it into the server's log (a file, the
+    journal) with no budget, on the host's disk, and spends the launcher's CPU, which is
+    outside the kernel's cgroup and --cpus, on every byte. Fix: a byte budget per kernel
+    in Relay, then one line saying how much was left out."""
+    log = tmp_path / "server.log"
+    saved = launcher_log(log)
+    try:
+        k = start_kernel(workdir, kernel_name=PATHS[path])
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    try:
+        out, error, _ = k.execute(
+            "import os, sys\n"
+            "fd = sys.stderr._original_stdstream_copy\n"
+            f"for _ in range({FLOOD >> 16}):\n"
+            "    os.write(fd, (b'x' * 1023 + b'\\n') * 64)\n"
+            "print('written')", timeout=180)
+        assert (out, error) == ("written\n", None)
+    finally:
+        stop_kernel(k)
+    size = log.stat().st_size
+    assert size <= LOGGED, f"the server log took {size >> 20} MiB of the kernel's {FLOOD >> 20}"
