@@ -14,6 +14,8 @@ inotify instances only, and only per kernel).
 import ctypes
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -121,6 +123,26 @@ def test_a_kernel_cannot_drain_the_hosts_per_uid_budgets(workdir, path):
         stop_kernel(k)
     assert seen == {"sigqueue": "ok", "mq_open": "ok", "inotify": "ok"}, \
         f"the kernel took {took.strip()}; the host then got {seen}"
+
+
+def test_ns_kernel_run_cannot_drain_the_hosts_per_uid_budgets(workdir):
+    """The same attack from a command of `ns-kernel run`."""
+    assert host_budgets() == {"sigqueue": "ok", "mq_open": "ok", "inotify": "ok"}
+    code = HOG.replace("print(os.read(r, 4096).decode())",
+                       "print(os.read(r, 4096).decode(), flush=True)\ntime.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                             sys.executable, "-c", code], cwd=workdir,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        took = proc.stdout.readline()
+        seen = host_budgets()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert took.startswith("{"), took
+    assert seen == {"sigqueue": "ok", "mq_open": "ok", "inotify": "ok"}, \
+        f"the command took {took.strip()}; the host then got {seen}"
 
 
 FLOOD = 32 << 20     # bytes the cell writes
