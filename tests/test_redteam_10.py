@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import start_kernel, start_paths, stop_kernel
+from conftest import start_kernel, start_paths, stop_kernel, write_spec
 
 PATHS = start_paths("redteam10")
 
@@ -185,3 +185,59 @@ def test_a_kernel_cannot_fill_the_server_log(workdir, tmp_path, path):
         stop_kernel(k)
     size = log.stat().st_size
     assert size <= LOGGED, f"the server log took {size >> 20} MiB of the kernel's {FLOOD >> 20}"
+
+
+MEMORY = write_spec("redteam10-memory", ["--memory", "256M"])
+HOLD = r"""
+import os, time
+r, w = os.pipe()
+kids = []
+for _ in range(3):                     # three processes of 100 MB each
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            block = bytearray(100 << 20)
+            block[::4096] = b"x" * len(block[::4096])
+            os.write(w, b"1")
+        except MemoryError:
+            os.write(w, b"0")
+        time.sleep(600)
+        os._exit(0)
+    kids.append(pid)
+os.close(w)
+import select
+held, deadline = 0, time.monotonic() + 30
+for _ in kids:                         # a child the OOM killer took never answers
+    if not select.select([r], [], [], max(0, deadline - time.monotonic()))[0]:
+        break
+    held += 100 * int(os.read(r, 1))
+try:                                   # and 300 MB of /dev/shm, a tmpfs: no process's
+    with open("/dev/shm/blob", "wb") as f:
+        for _ in range(300):
+            f.write(b"x" * (1 << 20))
+    held += 300
+except OSError:
+    pass
+print("held", held, "MB")
+"""
+
+
+def test_the_memory_limit_holds_for_the_kernel_as_a_whole(workdir):
+    """Attack (rlimit backend: an ordinary user without a delegated cgroup, as here): with
+    --memory 256M, a cell holds 600 MB: RLIMIT_DATA is per process (three children of
+    100 MB each pass it) and counts no tmpfs page (/tmp, /var/tmp, /dev/shm and a private
+    home are 1G each by default, --tmp-size). The docs say only that limits 'need cgroups
+    for full strength'. Fix: under rlimits, cap --tmp-size's tmpfs sizes by --memory and
+    say in the docs and the limits log line that memory is per process there (or refuse
+    --memory without --best-effort, as --cpus is refused)."""
+    k = start_kernel(workdir, kernel_name=MEMORY)
+    try:
+        try:
+            out, _, _ = k.execute(HOLD, timeout=60)
+        except Exception:  # noqa: BLE001 - queue.Empty: the cgroup's OOM killer took it
+            out = "killed"
+    finally:
+        stop_kernel(k)
+    held = int(out.split()[1]) if out.startswith("held") else 0
+    assert held <= 256, f"a kernel limited to 256M held {held} MB"
