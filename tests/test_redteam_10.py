@@ -241,3 +241,43 @@ def test_the_memory_limit_holds_for_the_kernel_as_a_whole(workdir):
         stop_kernel(k)
     held = int(out.split()[1]) if out.startswith("held") else 0
     assert held <= 256, f"a kernel limited to 256M held {held} MB"
+
+
+def socket_dir_usage(base):
+    total = 0
+    for root, _, files in os.walk(base):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def test_ns_kernel_run_cannot_write_the_hosts_socket_dir(workdir, socket_base):
+    """Attack: a command of `ns-kernel run` writes 64 MiB into /run/ns-kernel, its socket
+    dir, which is a host directory (under /tmp/ns-kernel-UID, or $XDG_RUNTIME_DIR, a tmpfs
+    in the host's RAM): no --tmp-size caps it, and only a kernel's socket dir is sealed
+    read-only (sandbox.seal_socket_dir: plan.sockets is empty for a command). Fix: no
+    socket dir for `ns-kernel run` (nobody connects to it), or mount it read-only."""
+    code = ("import sys, time\n"
+            "try:\n"
+            "    with open('/run/ns-kernel/blob', 'wb') as f:\n"
+            "        for _ in range(64): f.write(b'x' * (1 << 20))\n"
+            "except OSError as exc:\n"
+            "    print('refused', exc.errno, flush=True)\n"
+            "else:\n"
+            "    print('written', flush=True)\n"
+            "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "ns_kernel", "run",
+                             f"--socket-dir={socket_base}", "--", sys.executable, "-c", code],
+                            cwd=workdir, stdout=subprocess.PIPE, text=True)
+    try:
+        said = proc.stdout.readline()
+        used = socket_dir_usage(socket_base)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert said.startswith("refused") and used < 1 << 20, \
+        f"the command said {said.strip()!r}; the host's socket dir held {used >> 20} MiB"
