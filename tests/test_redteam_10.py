@@ -281,3 +281,27 @@ def test_ns_kernel_run_cannot_write_the_hosts_socket_dir(workdir, socket_base):
         proc.stdout.close()
     assert said.startswith("refused") and used < 1 << 20, \
         f"the command said {said.strip()!r}; the host's socket dir held {used >> 20} MiB"
+
+
+def test_network_host_does_not_open_the_hosts_abstract_sockets(workdir):
+    """Attack: with --network host, a command (or kernel) connects to any abstract unix
+    socket of the host (X11's @/tmp/.X11-unix/X0: keystrokes into the user's desktop;
+    D-Bus, systemd, containerd listen on some), though the README's table says abstract
+    sockets are private. Fix: Landlock's LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET (Linux 6.12)
+    in the seal, where the host's kernel has it; else say so in the README's table."""
+    import socket
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    name = f"\0ns-kernel-redteam-{os.getpid()}"
+    listener.bind(name)
+    listener.listen(1)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-P", "-m", "ns_kernel", "run", "--network", "host", "--",
+             sys.executable, "-c",
+             "import socket\nc = socket.socket(socket.AF_UNIX)\n"
+             f"try:\n    c.connect({name!r})\n    print('connected')\n"
+             "except OSError as exc:\n    print('refused', exc.errno)"],
+            cwd=workdir, capture_output=True, text=True, timeout=60)
+    finally:
+        listener.close()
+    assert done.stdout.startswith("refused"), done.stdout + done.stderr
