@@ -122,7 +122,8 @@ def check_cgroups(config):
         note = f" ({RLIMIT_CAVEAT})"
         ok = config.best_effort or not limits.rlimit_cannot(limits.wanted(configured))
     show("ok" if ok else "FAIL", "limits backend",
-         f"{chosen[0]}, for the limits configured: {limits.describe(configured)}{note}")
+         f"{chosen[0]}, for the limits configured: {limits.describe(configured, backend=chosen[0])}"
+         f"{note}")
     # Elsewhere the trial kernels' launchers say why, in their words.
     if not ok and container.cgroups_read_only():
         return (f"ns-kernel: {limits.describe(configured)} needs a cgroup of the kernel's own, "
@@ -196,7 +197,12 @@ def trial_kernels(argv, config):
     os.chmod(data, 0o755)
     os.chmod(cwd, 0o777 if os.getuid() == 0 else 0o755)
     specs = KernelSpecManager(kernel_dirs=[os.path.join(data, "kernels")])
-    had_template = warm.template_pid() is not None
+    try:
+        had_template = warm.template_pid() is not None
+    except SetupError:
+        # One this process may not check (e.g. started with capabilities it lacks): not
+        # its to stop; the warm trial starts cold and says why.
+        had_template = True
     first = None
     try:
         for how, (options, provisioner) in START_PATHS.items():

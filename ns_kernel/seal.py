@@ -8,8 +8,8 @@ import errno
 
 from . import limits, seccomp
 from .errors import SetupError
-from .syscalls import drop_all_capabilities, join_new_session_keyring, set_dumpable, \
-    set_no_new_privs
+from .syscalls import drop_all_capabilities, join_new_session_keyring, landlock_abi, \
+    scope_abstract_unix_sockets, set_dumpable, set_no_new_privs
 
 # The host's OOM killer takes a kernel before the Jupyter server (0) and the rest of the
 # host: a runaway cell costs its own kernel, not everyone's.
@@ -20,6 +20,7 @@ def seal(plan):
     # Per user namespace, now that this one exists: RLIMIT_NPROC counts the sandbox's
     # processes, not every process of the uid on the host.
     limits.apply_rlimits(plan.limits)
+    limits.cap_shared_budgets()
     # Its /proc/self is its own (a change of uid, or init's choice, left it undumpable:
     # owned by the host's root, so not even oom_score_adj could be written).
     set_dumpable(True)
@@ -28,6 +29,11 @@ def seal(plan):
     _step("write /proc/self/oom_score_adj", _raise_oom_score)
     # setuid binaries stay inert, and the filter below may be loaded without privileges.
     _step("prctl(PR_SET_NO_NEW_PRIVS)", set_no_new_privs)
+    # The host's abstract unix sockets (X11's, D-Bus's) are in its network namespace,
+    # which `--network host` shares: none of them may be reached from here. Older Linux
+    # (Landlock ABI < 6) cannot scope them; the README says so.
+    if plan.network == "host" and landlock_abi() >= 6:
+        scope_abstract_unix_sockets()
     _step("capset (drop every capability)", drop_all_capabilities)
     # Last: what the steps above call (keyctl, prctl) is denied by it.
     if plan.seccomp:

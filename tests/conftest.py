@@ -257,6 +257,8 @@ def kernel_host_pid(kernel):
 # The limits backend this caller gets: the first usable one, as the launcher picks it
 # (cgroup v1 as root here, rlimits as an ordinary user).
 LIMITS_BACKEND = limits.first_usable(limits.probe())[0]
+# How the log and the doctor say a memory limit there (RLIMIT_DATA holds each process).
+PER_PROCESS = " per process" if LIMITS_BACKEND == "rlimit" else ""
 
 
 def kernel_cgroup_dir(kernel, controller):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import LIMITS_BACKEND
+from conftest import LIMITS_BACKEND, PER_PROCESS
 from ns_kernel import limits
 
 
@@ -23,7 +23,7 @@ def test_doctor_passes_here():
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "  ok    user namespaces: " in out
-    assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M, pids 64" \
+    assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M{PER_PROCESS}, pids 64" \
         in out
     # A real kernel each way one starts, each as a kernel started that way is.
     for how, started in (("provisioner", "prestarted"), ("argv", "prestarted"), ("warm", "warm")):
