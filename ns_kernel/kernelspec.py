@@ -29,17 +29,20 @@ def launcher_start(argv):
     return kernel_start(argv[4:]) if argv[1:4] == LAUNCHER else None
 
 
-def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True):
+def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True, debugger=True):
     """provisioner: name ours in metadata, so jupyter_client >= 7 clients (JupyterLab,
     nbclient) connect to the kernel's sockets directly; older clients use argv alone.
 
     The kernel inside is ipykernel, so the spec declares what ipykernel's own spec does
     (ipykernel 7: the debugger, CurveZMQ transport encryption, the protocol version):
     JupyterLab shows its debugger by `debugger`, and jupyter_client provisions Curve keys
-    only for a spec whose `supported_encryption` says "curve"."""
+    only for a spec whose `supported_encryption` says "curve". debugger: False for a kernel
+    without a loopback (--network none), where debugpy has nowhere to listen."""
     from ipykernel.kernelspec import get_kernel_dict
     plain = get_kernel_dict()
     metadata = dict(plain["metadata"])
+    if not debugger:
+        metadata["debugger"] = False
     if provisioner:
         metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER, "config": {}}
     return {
