@@ -163,6 +163,12 @@ def test_curve_keeps_iopub_from_a_client_without_the_keys(workdir, path, encrypt
         inside = k.value("__import__('json').load(open('/run/ns-kernel/connection.json'))"
                          ".get('curve_publickey')")
         assert inside == info.get("curve_publickey")
+        if encryption == "required":
+            # A restart keeps the keys (jupyter_client reuses them) and the sandbox takes them.
+            k.km.restart_kernel()
+            k.kc.wait_for_ready(timeout=60)
+            assert k.km.get_connection_info()["curve_publickey"] == info["curve_publickey"]
+            assert k.value("__import__('os').getpid()") == 2
     finally:
         stop_kernel(k)
 
@@ -189,6 +195,24 @@ def test_another_user_reads_nothing_from_iopub(workdir, capfd, encryption, clien
         assert "from uid 65534: only the kernel owner's clients may connect" in refusals[0]
     else:
         assert refusals == []
+
+
+@pytest.mark.parametrize("listen, connect", [("127.0.0.1", "127.0.0.1"), ("::1", "::1"),
+                                             ("::", "127.0.0.1")])
+def test_the_owner_of_a_loopback_client_is_found(listen, connect):
+    """peer.refused, as the bridge asks it (an IPv4 client of a dual-stack listener too)."""
+    from ns_kernel import peer
+    import socket
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    with socket.socket(family) as listener:
+        listener.bind((listen, 0))
+        listener.listen()
+        with socket.socket(socket.AF_INET6 if ":" in connect else socket.AF_INET) as client:
+            client.connect((connect, listener.getsockname()[1]))
+            accepted, _ = listener.accept()
+            with accepted:
+                assert peer.refused(accepted, {os.getuid()}) is None
+                assert peer.refused(accepted, {os.getuid() + 1}) == f"uid {os.getuid()}"
 
 
 # -- jupyter-resource-usage's kernel usage request ------------------------------------------
