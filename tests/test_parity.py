@@ -90,10 +90,7 @@ def test_debugger_stops_at_a_breakpoint_shows_variables_and_continues(workdir, p
         shown = {v["name"]: v["value"] for v in variables["variables"]}
         assert shown["a"] == "2" and shown["b"] == "40"
         dbg.request("continue", {"threadId": thread})
-        reply = k.kc.get_shell_msg(timeout=60)
-        while reply["parent_header"].get("msg_id") != msg_id:   # wait_for_ready's, maybe
-            reply = k.kc.get_shell_msg(timeout=60)
-        assert reply["content"]["status"] == "ok"
+        assert k.reply(msg_id, timeout=60)["content"]["status"] == "ok"
         dbg.request("disconnect", {"restart": False, "terminateDebuggee": True})
         assert k.value("add(1, 1)") == 2     # the kernel goes on, undebugged
     finally:
