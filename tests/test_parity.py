@@ -26,6 +26,23 @@ def no_warm_template_left():
     warm.stop()
 
 
+def kernel_info(kernel):
+    content = kernel.reply(kernel.kc.kernel_info())["content"]
+    # IPython's banner ends with a random tip.
+    return dict(content, banner=content["banner"].split("Tip:")[0])
+
+
+def test_kernel_info_is_the_plain_kernels(workdir, kernel):
+    """What JupyterLab reads from kernel_info (language, help links, the debugger among
+    supported features) is what the plain kernel of the same environment says."""
+    plain = start_kernel(workdir, kernel_name="python3")
+    try:
+        assert kernel_info(kernel) == kernel_info(plain)
+        assert "debugger" in kernel_info(kernel)["supported_features"]
+    finally:
+        stop_kernel(plain)
+
+
 # -- the debugger --------------------------------------------------------------------------
 
 class Debugger:
