@@ -207,6 +207,13 @@ def alive(pids):
     return running
 
 
+def _owner(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
 def stray_prestarted():
     """Prestarted interpreters (prestart.py; or kernels grown from one, which keep its
     command line) whose parent is not a launcher (or init, titled ns-kernel-init): every one is a
@@ -219,7 +226,8 @@ def stray_prestarted():
             return b""
     stray = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and b"from ns_kernel.prestart import main" in cmdline(entry):
+        if (entry.isdigit() and _owner(entry) == os.getuid()   # not others' test runs
+                and b"from ns_kernel.prestart import main" in cmdline(entry)):
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     ppid = int(f.read().rsplit(")", 1)[1].split()[1])
