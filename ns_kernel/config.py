@@ -51,11 +51,27 @@ class Sandbox(Configurable):
         Per user: a root-run hub's kernels keep theirs under root's, owned by the sandbox
         uid.""")
 
-    network = CaselessStrEnum(["loopback", "none", "host"], default_value="loopback", config=True,
-                              help="""
+    network = CaselessStrEnum(["loopback", "none", "proxy", "host"], default_value="loopback",
+                              config=True, help="""
         'loopback' (default): a private network namespace with only `lo`, up; no route out and
         the host's loopback services unreachable. 'none': the same namespace with `lo` down.
-        'host': share the host's network (no isolation of ports or services).""")
+        'proxy': the loopback namespace, plus an HTTP/HTTPS proxy at 127.0.0.1:3128 inside
+        (HTTP_PROXY and the like are set) that the launcher runs on the host for this kernel
+        alone, going where proxy_allow and proxy_deny say, never to the host's own, loopback,
+        private, link-local or metadata addresses unless proxy_allow names that exact
+        address. 'host': share the host's network (no isolation of ports or services).""")
+
+    proxy_allow = List(Unicode(), config=True, help="""
+        With network 'proxy': where the kernel may go, as HOST[:PORT] entries (several per
+        item, comma-separated): a name (pypi.org), a pattern (*.github.com: its subdomains;
+        *: every name), an exact address (203.0.113.7:8080, [2001:db8::1]), or a preset
+        (pypi, conda, github, huggingface: their hosts, port 443). Empty (default): the
+        public internet. An address entry is the only way to open the host's own, loopback,
+        private, link-local or metadata addresses, and opens only that address.""")
+
+    proxy_deny = List(Unicode(), config=True, help="""
+        With network 'proxy': where the kernel may not go, even if proxy_allow says so
+        (same entries as proxy_allow; an address entry also catches names resolving to it).""")
 
     tmp_size = Unicode("1G", config=True, help="""
         Size cap of each private tmpfs: /tmp, /var/tmp, /dev/shm and a private $HOME
@@ -184,6 +200,15 @@ class Sandbox(Configurable):
             raise TraitError(f"{proposal['trait'].name}: {exc}") from None
         return proposal["value"]
 
+    @validate("proxy_allow", "proxy_deny")
+    def _valid_entries(self, proposal):
+        from .proxy import parse_entries
+        try:
+            parse_entries(proposal["value"], f"Sandbox.{proposal['trait'].name}")
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
     @validate("pids")
     def _valid_pids(self, proposal):
         if proposal["value"] < 0:
@@ -204,6 +229,8 @@ SANDBOX_ALIASES = {
     "tmp-size": "Sandbox.tmp_size",
     "home": "Sandbox.home",
     "network": "Sandbox.network",
+    "allow": "Sandbox.proxy_allow",
+    "deny": "Sandbox.proxy_deny",
     "ro-bind": "Sandbox.ro_binds",
     "rw-bind": "Sandbox.rw_binds",
     "hide": "Sandbox.hide",

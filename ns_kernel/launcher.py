@@ -73,6 +73,7 @@ class Launch:
         self.usage = None          # what the cgroup saw, read once the kernel has ended
         self.output = None         # the kernel's stdout/stderr relay (output.py)
         self.started_lines = []    # for the log once the sandbox stands: limits, filter
+        self.proxy = None          # its egress proxy, with network 'proxy' (proxy.py)
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -88,7 +89,7 @@ class Launch:
         notice = limits.recall(self.connection_file, info) if info else ""
         if notice:
             argv.append(limits.EXTENSION_ARGV)
-        if info and self.config.network != "host":
+        if info and self.config.network not in ("host", "proxy"):
             argv.append(offline.EXTENSION_ARGV)
         if info and connection.CURVE_KEYS[0] in info:
             argv.append(connection.CURVE_CONFIG_ARGV)
@@ -239,6 +240,10 @@ class Launch:
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)
+                        if box.proxy_listener and not self.proxy:
+                            from .proxy import Proxy
+                            self.proxy = Proxy(box.proxy_listener, box.plan.egress,
+                                               self._who(), output.log).start()
                     elif key.data == "output":
                         if self.output.handle() is False:
                             sel.unregister(self.output.fd)
@@ -294,6 +299,8 @@ class Launch:
         if self.output:
             self.output.drain()
             self.output = None
+        if self.proxy:
+            self.proxy.close()
         self.limits.remove()
         for sock, _ in self.listeners:
             sock.close()

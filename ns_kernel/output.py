@@ -62,18 +62,11 @@ class Relay:
             self._say_dropped()
         text = raw[:MAX_LINE].decode("utf-8", "replace")
         text = "".join(c if c.isprintable() or c == "\t" else "?" for c in text)
-        try:
-            print(f"[{self.who}] {text}", file=sys.stderr, flush=True)
-        except OSError:
-            pass
+        log(f"[{self.who}] {text}")
 
     def _say_dropped(self):
-        try:
-            print(f"ns-kernel: {self.who}: {self.dropped} bytes of its output left out of "
-                  f"this log (over {BURST >> 20} MiB at once, then {RATE >> 10} KiB/s)",
-                  file=sys.stderr, flush=True)
-        except OSError:
-            pass
+        log(f"ns-kernel: {self.who}: {self.dropped} bytes of its output left out of this "
+            f"log (over {BURST >> 20} MiB at once, then {RATE >> 10} KiB/s)")
         self.dropped = 0
 
     def drain(self):
@@ -85,3 +78,12 @@ class Relay:
         if self.dropped:
             self._say_dropped()
         os.close(self.fd)
+
+
+def log(line):
+    """One line to the server's log, in one write: the proxy's threads log too (proxy.py)."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass

@@ -209,6 +209,7 @@ class Plan:
     sockets: tuple = ()       # the kernel's socket names in the socket dir, once bound
     seccomp: object = None    # the seccomp.Filter loaded last (seal.py), None for none
     allow_userns: bool = False  # let the kernel make namespaces of its own
+    egress: object = None     # network 'proxy': where its proxy may go (proxy.Policy)
 
 
 def under(path, parent):
@@ -357,6 +358,14 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
 
     package_paths = ()
     env = kernel_env(dict(host.environ), sandbox, kernel_home)
+    egress = None
+    if sandbox.network == "proxy":
+        from .proxy import Policy
+        egress = Policy.parse(sandbox.proxy_allow, sandbox.proxy_deny)
+        env.update(proxy_env())
+    elif sandbox.proxy_allow or sandbox.proxy_deny:
+        raise SetupError("plan", "--allow/--deny without --network proxy", hint=(
+            f"they say where the proxy may go; this kernel's network is {sandbox.network}"))
     if host.venv:
         package_paths, env = with_packages(env, host.venv)
     return Plan(
@@ -368,7 +377,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         limits=Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
         package_paths=package_paths,
         seccomp=seccomp_filter(sandbox, seccomp_profile, [*writable, *state_dirs]),
-        allow_userns=sandbox.allow_userns,
+        allow_userns=sandbox.allow_userns, egress=egress,
         discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
                    *([(home, True)] if sandbox.home == "private" else []),
                    *((path, False) for path in package_paths
@@ -474,6 +483,16 @@ def with_packages(env, venv):
     env["PIP_PREFIX"] = prefix
     env["PATH"] = os.pathsep.join([paths["scripts"], *filter(None, [env.get("PATH")])])
     return sites, env
+
+
+def proxy_env():
+    """What points the kernel's clients (pip, conda, requests, urllib, httpx, curl, git) at
+    its proxy: both cases, since curl reads only the lower and others only the upper. Its
+    own loopback (a server the notebook starts) stays direct."""
+    from .proxy import PORT
+    env = {"http_proxy": f"http://127.0.0.1:{PORT}", "no_proxy": "localhost,127.0.0.1,::1"}
+    env["https_proxy"] = env["all_proxy"] = env["http_proxy"]
+    return {**env, **{name.upper(): value for name, value in env.items()}}
 
 
 def kernel_env(environ, sandbox, home):

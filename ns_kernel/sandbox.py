@@ -30,6 +30,7 @@ from .user import userns_hint, write_id_maps
 MSG_UNSHARED = b"U"
 MSG_MAPPED = b"M"
 MSG_STATUS = b"S"
+MSG_PROXY = b"P"       # with init's proxy listener (network 'proxy')
 
 
 class Sandbox:
@@ -47,6 +48,7 @@ class Sandbox:
         self.kernel_status = None  # raw wait status of the kernel, once reported
         self.status = None         # the monitor's wait status, once waited for
         self.leftovers = [], 0     # (paths, how many more), once reported
+        self.proxy_listener = None # the socket init listens on for the proxy, once sent
         self._error_data = b""
         self._status_data = b""
 
@@ -112,10 +114,15 @@ class Sandbox:
         return SetupError.from_json(self._error_data) if self._error_data else None
 
     def read_status(self):
-        """Collect what init sends just before it exits: the kernel's wait status and what
-        it left where nothing is kept (leftovers.py)."""
-        data = self.ctl.recv(65536)
-        self._status_data += data
+        """Collect what init sends: its proxy listener (network 'proxy'), and just before it
+        exits the kernel's wait status and what it left where nothing is kept (leftovers.py)."""
+        data, fds, _, _ = socket.recv_fds(self.ctl, 65536, 1)
+        if fds:
+            # Its byte ends this read (the kernel stops a read at passed fds).
+            self.proxy_listener = socket.socket(fileno=fds[0])
+            self._status_data += data.removesuffix(MSG_PROXY)
+        else:
+            self._status_data += data
         if self._status_data.startswith(MSG_STATUS) and self._status_data.endswith(b"\n"):
             report = json.loads(self._status_data[1:])
             self.kernel_status = report["status"]
@@ -247,8 +254,13 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # package the first `%pip install` puts there would not import until a restart.
     for path in plan.package_paths:
         mount.makedirs(path)
-    if plan.network == "loopback":
+    if plan.network in ("loopback", "proxy"):
         net.bring_up_loopback()
+    if plan.network == "proxy":
+        # Made here, in the kernel's namespace, and handed up: the launcher serves it from
+        # the host's side (proxy.py). Before the kernel runs: the port is never the kernel's.
+        with net.proxy_listener() as listener:
+            socket.send_fds(ctl, [MSG_PROXY], [listener.fileno()])
     user.set_namespace_limits(plan.allow_userns)
     kernel = prestart.hand_off(prestarted, plan, err_w) if prestarted else None
     if kernel is None:

@@ -1,9 +1,12 @@
 """Fixtures shared by the test tiers: a kernelspec for this interpreter, real kernels
 started through jupyter_client, and a helper that runs code and collects what it printed."""
+import base64
+import hashlib
 import os
 import sys
 import tempfile
 import time
+import zipfile
 
 import pytest
 from jupyter_client.manager import KernelManager
@@ -151,6 +154,30 @@ def stop_kernel(kernel):
     if kernel.km.has_kernel:
         # Graceful, as a client normally does: the launcher cleans up before it exits.
         kernel.km.shutdown_kernel()
+
+
+def make_wheel(folder, name, version, source):
+    """A pure-Python wheel with one module and one console script."""
+    dist = f"{name}-{version}"
+    files = {
+        f"{name}.py": source + "\ndef main():\n    print(VERSION)\n",
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                   "Tag: py3-none-any\n",
+        f"{dist}.dist-info/entry_points.txt": f"[console_scripts]\n{name} = {name}:main\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{dist}.dist-info/RECORD,,")
+    files[f"{dist}.dist-info/RECORD"] = "\n".join(record) + "\n"
+    path = os.path.join(folder, f"{dist}-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as zf:
+        for name_, text in files.items():
+            zf.writestr(name_, text)
+    os.chmod(path, 0o644)
+    return path
 
 
 @pytest.fixture

@@ -3,20 +3,17 @@ input(), the debugger): notebooks/everyday.ipynb runs on the plain Python kernel
 every way Isolated Python starts, and the outputs must match cell by cell. Then what
 %pip installs: where it goes, that it survives a restart, and who sees it; and what a
 kernel leaves where nothing is kept."""
-import base64
-import hashlib
 import os
 import re
 import subprocess
 import sys
-import zipfile
 
 import nbformat
 import pytest
 
 from jupyter_client.manager import KernelManager
 
-from conftest import Kernel, start_kernel, start_paths, stop_kernel, write_spec
+from conftest import Kernel, make_wheel, start_kernel, start_paths, stop_kernel, write_spec
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "everyday.ipynb")
 PATHS = start_paths("everyday")
@@ -97,30 +94,6 @@ def test_ptys_per_kernel_are_capped(kernel):
 
 
 # -- %pip install ------------------------------------------------------------------------
-
-def make_wheel(folder, name, version, source):
-    """A pure-Python wheel with one module and one console script."""
-    dist = f"{name}-{version}"
-    files = {
-        f"{name}.py": source + "\ndef main():\n    print(VERSION)\n",
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                   "Tag: py3-none-any\n",
-        f"{dist}.dist-info/entry_points.txt": f"[console_scripts]\n{name} = {name}:main\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
-        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
-    record.append(f"{dist}.dist-info/RECORD,,")
-    files[f"{dist}.dist-info/RECORD"] = "\n".join(record) + "\n"
-    path = os.path.join(folder, f"{dist}-py3-none-any.whl")
-    with zipfile.ZipFile(path, "w") as zf:
-        for name_, text in files.items():
-            zf.writestr(name_, text)
-    os.chmod(path, 0o644)
-    return path
-
 
 def started(workdir, spec):
     k = start_kernel(workdir, kernel_name=spec)

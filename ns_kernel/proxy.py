@@ -1,0 +1,441 @@
+"""`--network proxy`: the kernel's one way out, an HTTP proxy the launcher runs for it.
+
+The kernel still has only `lo`. Init binds 127.0.0.1:PORT in the kernel's network namespace
+and hands the listening socket up to the launcher (sandbox.py), which accepts on it from the
+host's namespace: a socket stays in the namespace it was made in, whoever holds it. So no
+relay runs inside, no socket file joins the kernel-writable socket dir, and only this
+kernel's processes can connect to its proxy (another kernel's 127.0.0.1 is its own).
+HTTP_PROXY and the rest point the kernel's clients at it (plan.py).
+
+Per connection: read the request (CONNECT host:port, or a plain-HTTP request in absolute
+form); check the name against --deny and --allow before looking it up (a refused name is
+never resolved, so it cannot carry data out through DNS); resolve it once; check each
+address (always_denied: the host's own, loopback, private, link-local, metadata ...) and
+connect to the first that passes, that very address, never a second lookup (DNS rebinding);
+then copy bytes both ways. TLS is not decrypted, and its SNI is not compared with the
+CONNECT host: what is checked is the address connected to; a CDN that routes by SNI would
+route by the Host header inside TLS too, which no proxy sees without decrypting.
+
+Threads in the launcher, one per connection (at most MAX_CONNECTIONS): the ZMQ relay runs in
+the launcher's main thread and a kernel that floods its proxy only waits for its own.
+"""
+import dataclasses
+import errno
+import fnmatch
+import ipaddress
+import re
+
+PORT = 3128                 # inside the kernel's namespace: its own, so always free
+MAX_CONNECTIONS = 64        # per kernel, at once; more wait in the listen backlog
+MAX_HEAD = 64 << 10
+HEAD_TIMEOUT = 30.0         # to send the request head
+CONNECT_TIMEOUT = 30.0
+CHUNK = 256 << 10
+
+PRESETS = {
+    "pypi": ("pypi.org:443", "files.pythonhosted.org:443"),
+    "conda": ("conda.anaconda.org:443", "repo.anaconda.com:443"),
+    "github": ("github.com:443", "*.github.com:443", "*.githubusercontent.com:443"),
+    "huggingface": ("huggingface.co:443", "*.huggingface.co:443", "*.hf.co:443"),
+}
+
+# Where the host's and its networks' own services live: never reached unless the admin
+# names the exact address. A table, not ipaddress's is_global, whose contents change between
+# Python versions. Documentation ranges (TEST-NET-1/2/3, 2001:db8::/32) are not on it: they
+# hold no host service, and some networks do use them (this project's CI resolves pypi.org
+# to 203.0.113.80). The host's own addresses, public ones included, are refused besides
+# (is_local).
+ALWAYS_DENIED = tuple((ipaddress.ip_network(net), kind) for net, kind in (
+    ("0.0.0.0/8", "'this host'"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (CGNAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.169.254/32", "cloud metadata"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF special-purpose"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::/96", "deprecated IPv4-compatible"),
+    ("100::/64", "discard-only"),
+    ("fc00::/7", "private (unique local)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local (deprecated)"),
+    ("ff00::/8", "multicast"),
+))
+NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+PATTERN = re.compile(r"(\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One --allow/--deny entry: a name pattern (`*`, `*.github.com`, `pypi.org`) or an
+    exact address, with a port or None for every port."""
+    name: str = ""
+    address: object = None      # ipaddress.IPv4Address / IPv6Address
+    port: int = None
+
+    def __str__(self):
+        host = self.name or (f"[{self.address}]" if self.address.version == 6
+                             else str(self.address))
+        return f"{host}:{self.port}" if self.port else host
+
+    def matches(self, host, port, address=None):
+        """Whether the entry names this request: a pattern the host name, an address the
+        address connected to (or, before resolving, the host when it is that literal)."""
+        if self.port is not None and self.port != port:
+            return False
+        if self.address is not None:
+            return self.address == (address if address is not None else literal(host))
+        return fnmatch.fnmatchcase(host, self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    allow: tuple = ()     # of Entry; empty: the public internet
+    deny: tuple = ()
+
+    @classmethod
+    def parse(cls, allow=(), deny=()):
+        return cls(parse_entries(allow, "--allow"), parse_entries(deny, "--deny"))
+
+    def describe(self):
+        allowed = ", ".join(map(str, self.allow)) if self.allow else "the public internet"
+        denied = f" except {', '.join(map(str, self.deny))}" if self.deny else ""
+        return f"{allowed}{denied}"
+
+
+def parse_entries(items, option):
+    """Entries of items (each may hold several, comma-separated; presets expanded);
+    ValueError naming the bad one."""
+    entries = []
+    for item in items:
+        for word in filter(None, (w.strip().lower() for w in item.split(","))):
+            for text in PRESETS.get(word, (word,)):
+                entries.append(parse_entry(text, option))
+    return tuple(entries)
+
+
+def parse_entry(text, option):
+    def bad(why):
+        return ValueError(f"{option} {text!r}: {why} (HOST[:PORT], *.DOMAIN, an address, "
+                          f"or a preset: {', '.join(sorted(PRESETS))})")
+    try:
+        host, port = split_host_port(text, None)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    address = literal(host)
+    if address is not None:
+        return Entry(address=address, port=port)
+    if not PATTERN.fullmatch(host):
+        raise bad("not a host name, *.domain or address")
+    return Entry(name=host, port=port)
+
+
+def split_host_port(text, default):
+    """(host lowercased, without brackets or a trailing dot; port) of HOST[:PORT] or
+    [V6][:PORT]; ValueError if it is neither."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError("unbalanced [ ]")
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, None     # a name, an IPv4 or a bare IPv6 address
+    if port is None or port == "":
+        if port == "":
+            raise ValueError("empty port")
+        port = default
+    else:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad port {port!r}")
+        port = int(port)
+    host = host.rstrip(".")
+    if not host:
+        raise ValueError("no host")
+    return host, port
+
+
+def literal(host):
+    """The address a host string is in strict notation (dotted quad, IPv6), else None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def always_denied(address):
+    """What this address is ('a loopback address') if it is one of ALWAYS_DENIED, else ''.
+    IPv4 inside IPv6 (mapped ::ffff:a.b.c.d, NAT64 64:ff9b::/96, 6to4) is judged as that
+    IPv4."""
+    if address.version == 6:
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and address in NAT64:
+            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if inner is not None:
+            what = always_denied(inner)
+            return f"{what} ({inner} in IPv6 form)" if what else ""
+    for net, kind in ALWAYS_DENIED:
+        if address.version == net.version and address in net:
+            return f"a {kind} address"
+    return ""
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def decide(policy, host, port, address=None, local=False):
+    """Why this request is refused, or '' if it may go. First (address None) on the name
+    alone, before any lookup; then on each address the name resolved to. local: the
+    address is one of the host's own (the proxy's is_local)."""
+    if any(e.matches(host, port, address) for e in policy.deny):
+        return f"{host} is on this kernel's denylist (--deny)"
+    if address is None:
+        if policy.allow and not any(e.matches(host, port) for e in policy.allow):
+            named = any(e.matches(host, e.port) for e in policy.allow)
+            return (f"{hostport(host, port) if named else host} is not on this kernel's "
+                    "allowlist (--allow)")
+        return ""
+    what = always_denied(address) or ("one of the host's own addresses" if local else "")
+    if what and not any(e.address is not None and e.matches(host, port, address)
+                        for e in policy.allow):
+        shown = host if literal(host) == address else f"{host} ({address})"
+        return f"{shown} is {what}, refused unless --allow names that exact address"
+    return ""
+
+
+def hostport(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class BadRequest(Exception):
+    """The client's request is not one a proxy serves; str(): why, for a 400."""
+
+
+def parse_head(head):
+    """(method, host, port, what to send upstream first or None for CONNECT) of a request
+    head (bytes up to the blank line)."""
+    try:
+        text = head.decode("latin-1")
+        line, *headers = text.split("\r\n")
+        method, target, version = line.split(" ")
+    except ValueError:
+        raise BadRequest("not an HTTP request") from None
+    if not version.startswith("HTTP/1.") or not method.isalpha():
+        raise BadRequest("not an HTTP/1 request")
+    if method == "CONNECT":
+        try:
+            host, port = split_host_port(target, None)
+        except ValueError as exc:
+            raise BadRequest(f"CONNECT {target}: {exc}") from None
+        if port is None:
+            raise BadRequest(f"CONNECT {target}: no port")
+        upstream = None
+    else:
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() != "http":
+            raise BadRequest(f"{method} {target[:100]}: this is a proxy; give an http:// URL "
+                             "(https goes through CONNECT)")
+        authority, slash, path = rest.partition("/")
+        try:
+            host, port = split_host_port(authority.rpartition("@")[2], 80)
+        except ValueError as exc:
+            raise BadRequest(f"{target[:100]}: {exc}") from None
+        # One request per connection: a next one may be for another host.
+        kept = [h for h in headers if h and h.split(":", 1)[0].strip().lower() not in
+                ("proxy-connection", "proxy-authorization", "connection", "keep-alive")]
+        upstream = "\r\n".join([f"{method} {slash}{path} {version}", *kept,
+                                "Connection: close", "", ""]).encode("latin-1")
+    if literal(host) is None and not NAME.fullmatch(host) or len(host) > 253:
+        raise BadRequest(f"{host[:100]!r} is not a host name or address")
+    return method, host, port, upstream
+
+
+def is_local(address):
+    """Whether the address is one of the host's own (its public ones too): only a local
+    address can be bound. Unsure (another error) counts as local: refuse."""
+    import socket
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((str(address), 0))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True
+
+
+class Proxy:
+    """The proxy of one kernel, on the listening socket init handed up."""
+
+    def __init__(self, listener, policy, who, log):
+        import threading
+        self.listener = listener
+        self.policy = policy
+        self.who = who          # "kernel 3f2a9c1e"
+        self.log = log          # log(line): one line to the server's log
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.thread = threading.Thread(target=self._accept, name="ns-kernel proxy",
+                                       daemon=True)
+
+    def start(self):
+        self.log(f"ns-kernel: {self.who} proxy on 127.0.0.1:{PORT} inside: "
+                 f"{self.policy.describe()}")
+        self.thread.start()
+        return self
+
+    def close(self):
+        import socket
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)    # wakes accept()
+        except OSError:
+            pass
+        self.listener.close()
+
+    def _accept(self):
+        import threading
+        while True:
+            self.slots.acquire()
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        try:
+            with client:
+                self._handle(client)
+        finally:
+            self.slots.release()
+
+    def _handle(self, client):
+        import socket
+        client.settimeout(HEAD_TIMEOUT)
+        try:
+            head, rest = read_head(client)
+            method, host, port, upstream = parse_head(head)
+        except (BadRequest, OSError) as exc:
+            why = str(exc) if isinstance(exc, BadRequest) else "no complete request"
+            self._refuse(client, 400, "?", 0, "?", why)
+            return
+        reason = decide(self.policy, host, port)
+        if reason:
+            self._refuse(client, 403, host, port, method, reason)
+            return
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            self._refuse(client, 502, host, port, method, f"cannot resolve {host}: "
+                         f"{getattr(exc, 'strerror', None) or exc}")
+            return
+        server, address, refusals, failures = None, None, [], []
+        for family, kind, proto, _, sockaddr in dict.fromkeys(
+                (f, k, p, c, s) for f, k, p, c, s in found):
+            address = ipaddress.ip_address(sockaddr[0])
+            why = decide(self.policy, host, port, address, is_local(address))
+            if why:
+                refusals.append(why)
+                continue
+            server = socket.socket(family, kind, proto)
+            server.settimeout(CONNECT_TIMEOUT)
+            try:
+                server.connect(sockaddr)    # that very address: no second lookup
+                break
+            except OSError as exc:
+                failures.append(f"{address}: {exc.strerror or exc}")
+                server.close()
+                server = None
+        if server is None:
+            if failures:
+                self._refuse(client, 502, host, port, method,
+                             f"cannot connect to {hostport(host, port)} ({'; '.join(failures)})")
+            else:
+                self._refuse(client, 403, host, port, method, refusals[0])
+            return
+        with server:
+            sent = received = 0
+            try:
+                if upstream is None:
+                    client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                else:
+                    server.sendall(upstream)
+                    sent += len(upstream)
+                if rest:
+                    server.sendall(rest)
+                    sent += len(rest)
+                counts = relay(client, server)
+                sent, received = sent + counts[0], counts[1]
+            except OSError:
+                pass
+            self.log(f"ns-kernel: {self.who} proxy: allowed {method} {hostport(host, port)} "
+                     f"({address}): {sent} bytes sent, {received} received")
+
+    def _refuse(self, client, status, host, port, method, why):
+        self.log(f"ns-kernel: {self.who} proxy: refused {method} {hostport(host, port)}: {why}")
+        # The reason phrase carries it too: a failed CONNECT shows only that (pip, requests:
+        # "Tunnel connection failed: 403 ns-kernel: ...").
+        line = "".join(c if c.isprintable() else "?" for c in f"ns-kernel: {why}")[:500]
+        body = (line + "\n").encode("utf-8", "replace")
+        try:
+            client.sendall(f"HTTP/1.1 {status} {line}\r\nContent-Type: text/plain; "
+                           f"charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: "
+                           "close\r\n\r\n".encode("utf-8", "replace") + body)
+        except OSError:
+            pass
+
+
+def read_head(sock):
+    """(head, what came after it) of a request; OSError if it does not come whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEAD:
+            raise BadRequest(f"request head longer than {MAX_HEAD} bytes")
+        chunk = sock.recv(MAX_HEAD)
+        if not chunk:
+            raise OSError(errno.ECONNRESET, "closed")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def relay(client, server):
+    """Copy bytes both ways until both sides are done; (client->server, server->client)."""
+    import selectors
+    import socket
+    client.settimeout(None)
+    server.settimeout(None)
+    counts = {client: 0, server: 0}
+    peers = {client: server, server: client}
+    with selectors.DefaultSelector() as sel:
+        for sock in peers:
+            sel.register(sock, selectors.EVENT_READ)
+        open_ = 2
+        while open_:
+            for key, _ in sel.select():
+                src = key.fileobj
+                try:
+                    data = src.recv(CHUNK)
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(src)
+                    open_ -= 1
+                    try:
+                        peers[src].shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    continue
+                try:
+                    peers[src].sendall(data)
+                except OSError:
+                    return counts[client], counts[server]    # that side has gone
+                counts[src] += len(data)
+    return counts[client], counts[server]

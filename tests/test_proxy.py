@@ -1,0 +1,379 @@
+"""`--network proxy`: the policy alone (pure), then real kernels reaching servers of the
+test's own on host loopback through their proxies, on every way a kernel starts, and one
+%pip install from PyPI itself (the CI reaches PyPI; nothing else here needs the internet).
+
+The servers listen on 127.0.0.2: inside a kernel 127.0.0.1 is its own loopback (NO_PROXY
+keeps it direct), so host services named for a kernel have another loopback address."""
+import functools
+import http.server
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from conftest import make_wheel, start_kernel, start_paths, stop_kernel, write_spec
+from ns_kernel import proxy
+from ns_kernel.proxy import BadRequest, Policy, always_denied, decide, parse_head
+
+SERVER = "127.0.0.2"
+
+
+def ip(text):
+    return ipaddress.ip_address(text)
+
+
+# -- the policy, pure ---------------------------------------------------------------------
+
+def test_names_allow_and_deny():
+    policy = Policy.parse(["pypi, *.github.com", "example.org:8080"], ["evil.github.com"])
+    assert decide(policy, "pypi.org", 443) == ""
+    assert decide(policy, "files.pythonhosted.org", 443) == ""
+    assert decide(policy, "pypi.org", 80) == \
+        "pypi.org:80 is not on this kernel's allowlist (--allow)"
+    assert decide(policy, "api.github.com", 22) == ""
+    assert decide(policy, "a.b.github.com", 443) == ""
+    assert decide(policy, "github.com", 443) == \
+        "github.com is not on this kernel's allowlist (--allow)"
+    assert decide(policy, "evil.github.com", 443) == \
+        "evil.github.com is on this kernel's denylist (--deny)"
+    assert decide(policy, "example.org", 8080) == ""
+    assert decide(policy, "files.example.com", 443) == \
+        "files.example.com is not on this kernel's allowlist (--allow)"
+    # No allowlist: the public internet; a public address passes.
+    assert decide(Policy(), "files.example.com", 443) == ""
+    assert decide(Policy(), "files.example.com", 443, ip("151.101.0.223")) == ""
+    # A denied address catches every name resolving to it.
+    deny = Policy.parse([], ["151.101.0.223"])
+    assert decide(deny, "pypi.org", 443, ip("151.101.0.223")) == \
+        "pypi.org is on this kernel's denylist (--deny)"
+
+
+@pytest.mark.parametrize("address, what", [
+    ("127.0.0.1", "a loopback address"), ("127.8.9.10", "a loopback address"),
+    ("::1", "a loopback address"), ("0.0.0.0", "a 'this host' address"),
+    ("10.1.2.3", "a private address"), ("172.31.0.1", "a private address"),
+    ("192.168.1.1", "a private address"), ("100.64.0.1", "a shared (CGNAT) address"),
+    ("169.254.169.254", "a cloud metadata address"), ("169.254.1.1", "a link-local address"),
+    ("fd00:ec2::254", "a private (unique local) address"), ("fe80::1", "a link-local address"),
+    ("224.0.0.1", "a multicast address"), ("255.255.255.255", "a reserved address"),
+    ("::ffff:127.0.0.1", "a loopback address (127.0.0.1 in IPv6 form)"),
+    ("::ffff:169.254.169.254", "a cloud metadata address (169.254.169.254 in IPv6 form)"),
+    ("64:ff9b::a00:1", "a private address (10.0.0.1 in IPv6 form)"),
+    ("2002:c0a8:101::", "a private address (192.168.1.1 in IPv6 form)"),
+    ("::7f00:1", "a deprecated IPv4-compatible address"),
+])
+def test_always_denied(address, what):
+    assert always_denied(ip(address)) == what
+    refused = decide(Policy.parse(["*"]), "name.example", 80, ip(address))
+    assert refused == f"name.example ({ip(address)}) is {what}, refused unless --allow " \
+                      "names that exact address"
+
+
+@pytest.mark.parametrize("address", ["151.101.0.223", "2a04:4e42::223", "203.0.113.80",
+                                     "198.51.100.7", "192.0.2.1", "2001:db8::1"])
+def test_public_and_documentation_addresses_pass(address):
+    # Documentation ranges hold no host service (and this CI resolves pypi.org into one).
+    assert always_denied(ip(address)) == ""
+    assert decide(Policy.parse(["*"]), "name.example", 443, ip(address)) == ""
+
+
+def test_only_the_exact_address_opens_a_denied_one():
+    policy = Policy.parse(["*", "127.0.0.2:8080", "[fd00::5]"])
+    assert decide(policy, "127.0.0.2", 8080, ip("127.0.0.2")) == ""
+    assert decide(policy, "0x7f000002", 8080, ip("127.0.0.2")) == ""    # the same address
+    assert "loopback" in decide(policy, "127.0.0.2", 8081, ip("127.0.0.2"))
+    assert "loopback" in decide(policy, "127.0.0.3", 8080, ip("127.0.0.3"))
+    assert "IPv6 form" in decide(policy, "::ffff:127.0.0.2", 8080, ip("::ffff:127.0.0.2"))
+    assert decide(policy, "fd00::5", 22, ip("fd00::5")) == ""
+    # A name is never enough, whatever the list says.
+    named = Policy.parse(["localhost", "*.internal"])
+    assert decide(named, "localhost", 80) == ""
+    assert decide(named, "localhost", 80, ip("127.0.0.1")) == \
+        "localhost (127.0.0.1) is a loopback address, refused unless --allow names that " \
+        "exact address"
+    # The host's own addresses, public ones too.
+    assert decide(Policy(), "me.example", 80, ip("198.51.100.9"), local=True) == \
+        "me.example (198.51.100.9) is one of the host's own addresses, refused unless " \
+        "--allow names that exact address"
+    # Before resolving, an address entry names only its own strict literal.
+    exact = Policy.parse(["127.0.0.2:8080"])
+    assert decide(exact, "127.0.0.2", 8080) == ""
+    assert decide(exact, "2130706434", 8080) == \
+        "2130706434 is not on this kernel's allowlist (--allow)"
+
+
+def own_address():
+    """The host's address toward the outside, None without a route out."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("198.51.100.1", 9))      # sends nothing: picks the source address
+        except OSError:
+            return None
+        return probe.getsockname()[0]
+
+
+def test_the_host_s_own_addresses_are_found():
+    assert proxy.is_local(ip("127.0.0.1")) and proxy.is_local(ip("127.0.0.2"))
+    assert not proxy.is_local(ip("198.51.100.254"))
+    if own_address():
+        assert proxy.is_local(ip(own_address()))
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("pypi.org:0", "bad port '0'"), ("pypi.org:http", "bad port 'http'"),
+    ("a b", "not a host name, *.domain or address"), ("*github.com", "not a host name"),
+    ("foo.*", "not a host name"), ("[::1", "unbalanced [ ]"), ("host:", "empty port"),
+])
+def test_bad_entries(entry, why):
+    with pytest.raises(ValueError) as info:
+        Policy.parse([entry])
+    assert str(info.value).startswith(f"--allow {entry!r}: {why}")
+
+
+def test_requests_parsed():
+    assert parse_head(b"CONNECT PyPI.org.:443 HTTP/1.1\r\nHost: pypi.org:443") == \
+        ("CONNECT", "pypi.org", 443, None)
+    assert parse_head(b"CONNECT [::ffff:127.0.0.1]:22 HTTP/1.1")[1:3] == \
+        ("::ffff:127.0.0.1", 22)
+    method, host, port, upstream = parse_head(
+        b"GET http://mirror.example/simple/x/ HTTP/1.1\r\nHost: mirror.example\r\n"
+        b"Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\nAccept: */*")
+    assert (method, host, port) == ("GET", "mirror.example", 80)
+    assert upstream == (b"GET /simple/x/ HTTP/1.1\r\nHost: mirror.example\r\nAccept: */*\r\n"
+                        b"Connection: close\r\n\r\n")
+    for head, why in ((b"GET / HTTP/1.1", "this is a proxy"),
+                      (b"CONNECT pypi.org HTTP/1.1", "no port"),
+                      (b"GET https://pypi.org/ HTTP/1.1", "this is a proxy"),
+                      (b"CONNECT a%eth0:1 HTTP/1.1", "is not a host name"),
+                      (b"hello", "not an HTTP request")):
+        with pytest.raises(BadRequest, match=why):
+            parse_head(head)
+
+
+# -- options: one line, before anything starts ----------------------------------------
+
+def test_bad_options_are_one_line(workdir):
+    for argv, line in (
+            (["--network", "proxy", "--allow", "a b"],
+             "ns-kernel: Sandbox.proxy_allow 'a b': not a host name, *.domain or address "
+             "(HOST[:PORT], *.DOMAIN, an address, or a preset: conda, github, huggingface, "
+             "pypi)"),
+            (["--allow", "pypi"], "ns-kernel: --allow/--deny without --network proxy (they "
+                                  "say where the proxy may go; this kernel's network is loopback)")):
+        done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", *argv, "--",
+                               "/bin/true"], cwd=workdir, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode != 0
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+        assert done.stderr.startswith(line), done.stderr
+
+
+def test_install_writes_the_mode(tmp_path):
+    done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "install", "--prefix",
+                           str(tmp_path), "--network", "proxy", "--allow", "pypi"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    import json
+    spec = json.loads((tmp_path / "share/jupyter/kernels/isolated-python/kernel.json").read_text())
+    argv = spec["argv"]
+    assert argv[argv.index("--network") + 1] == "proxy" and \
+        argv[argv.index("--allow") + 1] == "pypi", argv
+
+
+# -- real kernels -----------------------------------------------------------------------
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def serve(folder, context=None):
+    server = http.server.ThreadingHTTPServer((SERVER, 0),
+                                             functools.partial(Quiet, directory=folder))
+    if context:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """An index (a folder of wheels) and a file over HTTP, the same over HTTPS with a
+    self-signed certificate the kernels are told about, and one more server that no
+    kernelspec names; and the kernelspecs naming the first two."""
+    folder = tempfile.mkdtemp(prefix="nsk-proxy-")
+    os.chmod(folder, 0o755)
+    make_wheel(folder, "nskproxyprobe", "1.0", "VERSION = '1.0'")
+    with open(os.path.join(folder, "hello.txt"), "w") as f:
+        f.write("hello through the proxy\n")
+    os.chmod(os.path.join(folder, "hello.txt"), 0o644)
+    cert = os.path.join(folder, "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", f"/CN={SERVER}", "-addext", f"subjectAltName=IP:{SERVER}",
+                    "-keyout", os.path.join(folder, "key.pem"), "-out", cert],
+                   check=True, capture_output=True)
+    os.chmod(cert, 0o644)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, os.path.join(folder, "key.pem"))
+    plain, tls, other = serve(folder), serve(folder, context), serve(folder)
+    ports = {"http": plain.server_address[1], "https": tls.server_address[1],
+             "other": other.server_address[1]}
+    listed = f"{SERVER}:{ports['http']},{SERVER}:{ports['https']}"
+    # A private home: what %pip installs goes with each kernel.
+    specs = start_paths("proxy", ["--network", "proxy", "--allow", listed, "--allow", "pypi",
+                                  "--deny", "files.example.com", "--home", "private"])
+    yield {"folder": folder, "cert": cert, "ports": ports, "specs": specs,
+           "any": write_spec("proxy-any", ["--network", "proxy", "--allow", "*"])}
+    for server in (plain, tls, other):
+        server.shutdown()
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def logged(kernel, log):
+    """The launcher's proxy lines for this kernel."""
+    from ns_kernel.launcher import kernel_id_from
+    named = kernel.km.connection_file
+    who = f"ns-kernel: kernel {kernel_id_from(named)[:8] or os.path.basename(named)} proxy: "
+    return [line[len(who):] for line in log.read_text().splitlines() if line.startswith(who)]
+
+
+FETCH = r'''
+import urllib.request, urllib.error, ssl
+def fetch(url, cafile=None):
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
+    try:
+        with urllib.request.urlopen(url, timeout=20, context=context) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.reason
+    except urllib.error.URLError as e:
+        return 0, str(e.reason)
+'''
+
+
+@pytest.mark.parametrize("path", ["argv", "provisioner", "no-prestart", "warm"])
+def test_kernel_reaches_what_is_listed(servers, workdir, tmp_path, path):
+    ports = servers["ports"]
+    cert = os.path.join(workdir, "ca.pem")
+    with open(servers["cert"]) as src, open(cert, "w") as dst:
+        dst.write(src.read())
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=servers["specs"][path], stderr=stderr)
+        try:
+            k.execute(FETCH)
+            env = k.value("{k: v for k, v in __import__('os').environ.items() "
+                          "if 'proxy' in k.lower()}")
+            assert env["HTTPS_PROXY"] == env["http_proxy"] == "http://127.0.0.1:3128"
+            assert env["NO_PROXY"] == "localhost,127.0.0.1,::1"
+            assert k.value(f"fetch('http://{SERVER}:{ports['http']}/hello.txt')") == \
+                (200, "hello through the proxy\n")
+            assert k.value(f"fetch('https://{SERVER}:{ports['https']}/hello.txt', "
+                           f"{cert!r})") == (200, "hello through the proxy\n")
+            # The same host on a port not listed: refused, and the cell says why.
+            status, reason = k.value(f"fetch('http://{SERVER}:{ports['other']}/hello.txt')")
+            assert (status, reason) == (403, f"ns-kernel: {SERVER}:{ports['other']} is not "
+                                        "on this kernel's allowlist (--allow)")
+            out, error, _ = k.execute(f"%pip install --no-cache-dir --no-index --find-links "
+                                      f"http://{SERVER}:{ports['http']}/ nskproxyprobe",
+                                      timeout=180)
+            assert error is None and "Successfully installed nskproxyprobe-1.0" in out, out
+            assert k.value("__import__('nskproxyprobe').VERSION") == "1.0"
+            # Around the proxy there is no way out.
+            assert k.value("(lambda s: s.connect_ex(('198.51.100.1', 80)))"
+                           "(__import__('socket').socket())") == 101   # ENETUNREACH
+            # HTTPS to a host not listed: the tunnel's refusal reaches the cell.
+            status, reason = k.value("fetch('https://files.example.com/x')")
+            assert "Tunnel connection failed: 403 ns-kernel: files.example.com is on this " \
+                   "kernel's denylist (--deny)" in reason, reason
+        finally:
+            stop_kernel(k)
+    lines = logged(k, log)
+    assert f"allowed GET {SERVER}:{ports['http']} ({SERVER}): " in "\n".join(lines), lines
+    assert any(re.fullmatch(rf"allowed CONNECT {SERVER}:{ports['https']} \({SERVER}\): "
+                            r"\d+ bytes sent, \d+ received", line) for line in lines), lines
+    assert f"refused GET {SERVER}:{ports['other']}: {SERVER}:{ports['other']} is not on " \
+           "this kernel's allowlist (--allow)" in lines
+    assert "refused CONNECT files.example.com:443: files.example.com is on this kernel's " \
+           "denylist (--deny)" in lines
+
+
+ASK = r'''
+import http.client
+def ask(method, target):
+    c = http.client.HTTPConnection("127.0.0.1", 3128, timeout=20)
+    c.request(method, target if method == "CONNECT" else f"http://{target}/hello.txt")
+    r = c.getresponse()
+    return r.status, r.reason
+'''
+
+
+@pytest.mark.parametrize("path", ["argv", "provisioner"])
+def test_always_denied_even_with_allow_all(servers, workdir, tmp_path, path):
+    port = servers["ports"]["http"]
+    spec = servers["any"] if path == "argv" else write_spec(
+        "proxy-any-provisioner", ["--network", "proxy", "--allow", "*"], provisioner=True)
+    targets = [f"localhost:{port}", f"{SERVER}:{port}", f"127.1:{port}",
+               f"0x7f000002:{port}", f"2130706434:{port}", f"[::1]:{port}",
+               f"[::ffff:{SERVER}]:{port}", "10.0.0.1:80", "192.168.1.1:80", "172.16.0.1:80",
+               "169.254.169.254:80", "100.64.0.1:80", "0.0.0.0:80",
+               *([f"{own_address()}:{port}"] if own_address() else [])]
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
+        try:
+            k.execute(ASK)
+            for target in targets:
+                for method in ("GET", "CONNECT"):
+                    status, reason = k.value(f"ask({method!r}, {target!r})")
+                    assert status == 403 and reason.endswith(
+                        "refused unless --allow names that exact address"), (target, reason)
+        finally:
+            stop_kernel(k)
+    lines = logged(k, log)
+    assert len([line for line in lines if line.startswith("refused ")]) == 2 * len(targets)
+    assert f"refused GET localhost:{port}: localhost (127.0.0.1) is a loopback address, " \
+           "refused unless --allow names that exact address" in lines
+
+
+def test_each_kernel_has_its_own_proxy(servers, workdir, tmp_path):
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        a = start_kernel(workdir, kernel_name=servers["any"], stderr=stderr)
+        b = start_kernel(workdir, kernel_name=servers["any"], stderr=stderr)
+        try:
+            for k, target in ((a, "10.0.0.1:80"), (b, "10.0.0.2:80")):
+                k.execute(ASK)
+                assert k.value(f"ask('CONNECT', {target!r})")[0] == 403
+        finally:
+            stop_kernel(a)
+            stop_kernel(b)
+    assert [line.split(":")[0] for line in logged(a, log) if "refused" in line] == \
+        ["refused CONNECT 10.0.0.1"]
+    assert [line.split(":")[0] for line in logged(b, log) if "refused" in line] == \
+        ["refused CONNECT 10.0.0.2"]
+
+
+def test_pip_install_from_pypi(servers, workdir, tmp_path):
+    """The real index, through the proxy, with --allow pypi (needs PyPI reachable)."""
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=servers["specs"]["argv"], stderr=stderr)
+        try:
+            out, error, _ = k.execute("%pip install --no-cache-dir --no-deps --index-url "
+                                      "https://pypi.org/simple pyjokes", timeout=300)
+            assert error is None and "Successfully installed pyjokes" in out, out
+            assert k.value("bool(__import__('pyjokes').get_joke())") is True
+        finally:
+            stop_kernel(k)
+    lines = "\n".join(logged(k, log))
+    assert "allowed CONNECT pypi.org:443" in lines and \
+        "allowed CONNECT files.pythonhosted.org:443" in lines, lines
