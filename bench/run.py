@@ -14,6 +14,10 @@ Rows:
   output       a cell printing 100 MB in 1 MB chunks; a 20 MB display_data payload
   memory       PSS (/proc/PID/smaps_rollup) summed over the kernel's whole process tree
   scale        N kernels started at once: time until all answer, host memory held
+  proxy        a download from an HTTP server on host loopback by a `--network host`
+               kernel and by a `--network proxy` one (through its proxy), alternating; the
+               proxy's memory (its launcher's PSS over a host kernel's launcher's); round
+               trips while the kernel downloads in a loop (the ZMQ relay is not stalled)
 
 The client uses a 10 ms ZMQ reconnect interval (default 100 ms) for every kind alike, so
 that start times are not rounded up to the next reconnect attempt.
@@ -25,6 +29,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +42,17 @@ from ns_kernel import kernelspec
 TRIVIAL = "pass"
 PRINT_CODE = ("import sys\nchunk = 'x' * (1 << 20)\n"
               "for _ in range({n}):\n    sys.stdout.write(chunk)\n    sys.stdout.flush()\n")
+DOWNLOAD_CODE = r'''
+import threading, urllib.request
+def download(url):
+    with urllib.request.urlopen(url) as r:
+        while r.read(1 << 20):
+            pass
+def download_forever(url, done):
+    while not done.is_set():
+        download(url)
+'''
+PROXY_SERVER = "127.0.0.2"     # host loopback, not the kernel's own 127.0.0.1
 DISPLAY_CODE = ("from IPython.display import display\n"
                 "display({{'image/png': 'A' * ({n} << 20)}}, raw=True)\n")
 
@@ -74,6 +90,13 @@ class Kinds:
         name = f"bench-{kind}"
         kernelspec.write_kernel_spec(os.path.join(self.data, "kernels", name), spec)
         self.names[kind] = name
+
+    def add_network(self, port):
+        """A kernel with the host's network, and one with a proxy allowed to the bench's
+        file server (on `port`) alone."""
+        self._spec("host", argv_only(kernelspec.kernel_dict(["--network", "host"])))
+        self._spec("proxy", argv_only(kernelspec.kernel_dict([
+            "--network", "proxy", "--allow", f"{PROXY_SERVER}:{port}"])))
 
     def __contains__(self, kind):
         return kind in self.names
@@ -213,6 +236,47 @@ class Bench:
                 self.stop(km, kc)
         return elapsed, held, pss
 
+    def downloads(self, rounds, mb, n_rtt):
+        """{kind: seconds of each download of mb MB}, {kind: launcher PSS in MB} and
+        {kind: round trips while downloading} for kinds host and proxy."""
+        folder = tempfile.mkdtemp(prefix="ns-kernel-bench-files-")
+        os.chmod(folder, 0o755)
+        with open(os.path.join(folder, "blob"), "wb") as f:
+            f.write(os.urandom(1 << 20) * mb)
+        os.chmod(os.path.join(folder, "blob"), 0o644)
+        server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind",
+                                   PROXY_SERVER, "--directory", folder, "0"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        kernels = {}
+        try:
+            port = int(server.stdout.readline().split(" port ")[1].split()[0])
+            self.kinds.add_network(port)
+            url = f"http://{PROXY_SERVER}:{port}/blob"
+            kernels = {kind: self.start(kind)[:2] for kind in ("host", "proxy")}
+            took = {kind: [] for kind in kernels}
+            for _, kc in kernels.values():
+                self.execute(kc, DOWNLOAD_CODE)
+                self.execute(kc, f"download({url!r})")    # warm up
+            for r in range(rounds):
+                for kind in rotate(list(kernels), r):
+                    for _ in range(3):
+                        took[kind].append(self.execute(kernels[kind][1], f"download({url!r})"))
+            mem = {kind: pss_tree(kernel_pid(km), descend=False) / (1 << 20)
+                   for kind, (km, _) in kernels.items()}
+            busy = {}
+            for kind, (_, kc) in kernels.items():
+                self.execute(kc, "done = threading.Event(); threading.Thread(target="
+                             f"download_forever, args=({url!r}, done)).start()")
+                busy[kind] = [self.execute(kc, TRIVIAL) for _ in range(n_rtt)]
+                self.execute(kc, "done.set()")
+        finally:
+            for km, kc in kernels.values():
+                self.stop(km, kc)
+            server.terminate()
+            server.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+        return took, mem, busy
+
     def close(self):
         self.log.close()
         self.ctx.term()
@@ -261,11 +325,11 @@ def tree(pid, kids=None):
     return out
 
 
-def pss_tree(pid):
+def pss_tree(pid, descend=True):
     """Bytes of PSS of pid and all its descendants (the launcher, monitor, init and kernel
-    of an isolated kernel; the kernel alone for a plain one)."""
+    of an isolated kernel; the kernel alone for a plain one); of pid alone if not descend."""
     total = 0
-    for p in tree(pid):
+    for p in tree(pid) if descend else [pid]:
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
@@ -350,6 +414,7 @@ def main(argv=None):
                         help="smoke run: 1 round, few samples, small payloads, 4 kernels")
     parser.add_argument("--rounds", type=int, help="rounds (default 5; quick: 1)")
     parser.add_argument("--json", help="also write the raw samples to this file")
+    parser.add_argument("--only", choices=["proxy"], help="measure these rows alone")
     args = parser.parse_args(argv)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 5)
@@ -366,71 +431,23 @@ def main(argv=None):
     raw = {"machine": machine(), "rounds": rounds}
     print(f"machine: {raw['machine']}", flush=True)
     try:
-        iso = [k for k in ("isolated", "provisioner", "warm") if k in kinds]
-        if "warm" in kinds:
-            # The first warm kernel starts the template (as long as a cold start): the
-            # rows show the steady state.
-            bench.stop(*bench.start("warm")[:2])
-        starts = bench.starts(["plain", *iso, "exec", "nofilter"], rounds)
-        raw["start"] = starts
-        plain_start = statistics.median(starts["plain"])
-        labels = {"isolated": "start, argv launcher", "provisioner": "start, provisioner",
-                  "warm": "start, warm (--warm)", "exec": "start, argv, --no-prestart",
-                  "nofilter": "start, argv, --seccomp off"}
-        for kind in iso:
-            if kind == "warm":
-                table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 0.30)
-            else:
-                table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 1.05)
-        for kind in ("exec", "nofilter"):
-            table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s")
-        for kind, why in kinds.missing.items():
-            table.note(labels[kind], f"missing: {why}")
-        print(table.render(), flush=True)
-
-        lanes = {"plain tcp": ("plain", "tcp"), "bridge": ("isolated", "tcp"),
-                 "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc"),
-                 "bridge, --seccomp off": ("nofilter", "tcp")}
-        if "warm" in kinds:
-            lanes["warm"] = ("warm", "tcp")
-        rtt, out, disp, mem = bench.latency_and_output(lanes, rounds, n_rtt, out_mb, display_mb)
-        raw.update(rtt=rtt, output=out, display=disp, pss_mb=mem)
-        ms = lambda xs, q: pct(xs, q) * 1000
-        for label, base, target in (("bridge", "plain tcp", 1.15),
-                                    ("direct ipc", "plain ipc", 1.05),
-                                    ("warm", "plain tcp", 1.15),
-                                    ("bridge, --seccomp off", "plain tcp", None)):
-            if label not in rtt:
-                continue
-            table.add(f"round trip p50, {label}", ms(rtt[base], .5), ms(rtt[label], .5), "ms",
-                      target, fmt="{:.2f}")
-            table.add(f"round trip p99, {label}", ms(rtt[base], .99), ms(rtt[label], .99), "ms",
-                      fmt="{:.2f}")
-        for label, base in (("bridge", "plain tcp"), ("direct ipc", "plain ipc")):
-            table.add(f"print {out_mb} MB, {label}", statistics.median(out[base]),
-                      statistics.median(out[label]), "s", 1.05)
-            table.add(f"display {display_mb} MB, {label}", statistics.median(disp[base]),
-                      statistics.median(disp[label]), "s")
-        table.add("memory PSS per kernel", mem["plain tcp"], mem["bridge"], "MB", 10,
+        if args.only != "proxy":
+            general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb,
+                    n_scale)
+        mb = 4 if quick else 200
+        took, mem, busy = bench.downloads(rounds, mb, n_rtt)
+        raw.update(download=took, launcher_pss_mb=mem, rtt_downloading=busy)
+        # Throughput: the ratio of times, inverted, is proxy/host throughput.
+        table.add(f"download {mb} MB, proxy (vs --network host)",
+                  statistics.median(took["host"]), statistics.median(took["proxy"]), "s",
+                  1 / 0.9)
+        table.add("launcher PSS, proxy (vs --network host)", mem["host"], mem["proxy"], "MB",
                   kind="extra", fmt="{:.1f}")
-        if "warm" in mem:
-            table.add("memory PSS per kernel, warm", mem["plain tcp"], mem["warm"], "MB", 10,
-                      kind="extra", fmt="{:.1f}")
-
-        scale = {}
-        for r in range(1 if quick else 2):
-            for kind in rotate(["plain", *iso], r):
-                scale.setdefault(kind, []).append(bench.scale(kind, n_scale))
-        raw["scale"] = scale
-        med = lambda kind, i: statistics.median(s[i] for s in scale[kind])
-        for kind in iso:
-            suffix = "" if kind == "isolated" else f", {kind}"
-            table.add(f"{n_scale} starts at once{suffix}", med("plain", 0), med(kind, 0), "s",
-                      1.10)
-            table.add(f"{n_scale} kernels: host memory held{suffix}", med("plain", 1),
-                      med(kind, 1), "MB", fmt="{:.0f}")
-            table.add(f"{n_scale} kernels: summed PSS{suffix}", med("plain", 2),
-                      med(kind, 2), "MB", fmt="{:.0f}")
+        ms = lambda xs, q: pct(xs, q) * 1000
+        table.add("round trip p50 while downloading, proxy (vs host)", ms(busy["host"], .5),
+                  ms(busy["proxy"], .5), "ms", fmt="{:.2f}")
+        table.add("round trip p99 while downloading, proxy (vs host)", ms(busy["host"], .99),
+                  ms(busy["proxy"], .99), "ms", fmt="{:.2f}")
     finally:
         if "warm" in kinds:
             from ns_kernel import warm
@@ -452,6 +469,75 @@ def main(argv=None):
     if table.failed:
         print(f"targets not met: {', '.join(table.failed)}")
     return 0
+
+
+def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, n_scale):
+    """Every row but the proxy's."""
+    iso = [k for k in ("isolated", "provisioner", "warm") if k in kinds]
+    if "warm" in kinds:
+        # The first warm kernel starts the template (as long as a cold start): the
+        # rows show the steady state.
+        bench.stop(*bench.start("warm")[:2])
+    starts = bench.starts(["plain", *iso, "exec", "nofilter"], rounds)
+    raw["start"] = starts
+    plain_start = statistics.median(starts["plain"])
+    labels = {"isolated": "start, argv launcher", "provisioner": "start, provisioner",
+              "warm": "start, warm (--warm)", "exec": "start, argv, --no-prestart",
+              "nofilter": "start, argv, --seccomp off"}
+    for kind in iso:
+        if kind == "warm":
+            table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 0.30)
+        else:
+            table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 1.05)
+    for kind in ("exec", "nofilter"):
+        table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s")
+    for kind, why in kinds.missing.items():
+        table.note(labels[kind], f"missing: {why}")
+    print(table.render(), flush=True)
+
+    lanes = {"plain tcp": ("plain", "tcp"), "bridge": ("isolated", "tcp"),
+             "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc"),
+             "bridge, --seccomp off": ("nofilter", "tcp")}
+    if "warm" in kinds:
+        lanes["warm"] = ("warm", "tcp")
+    rtt, out, disp, mem = bench.latency_and_output(lanes, rounds, n_rtt, out_mb, display_mb)
+    raw.update(rtt=rtt, output=out, display=disp, pss_mb=mem)
+    ms = lambda xs, q: pct(xs, q) * 1000
+    for label, base, target in (("bridge", "plain tcp", 1.15),
+                                ("direct ipc", "plain ipc", 1.05),
+                                ("warm", "plain tcp", 1.15),
+                                ("bridge, --seccomp off", "plain tcp", None)):
+        if label not in rtt:
+            continue
+        table.add(f"round trip p50, {label}", ms(rtt[base], .5), ms(rtt[label], .5), "ms",
+                  target, fmt="{:.2f}")
+        table.add(f"round trip p99, {label}", ms(rtt[base], .99), ms(rtt[label], .99), "ms",
+                  fmt="{:.2f}")
+    for label, base in (("bridge", "plain tcp"), ("direct ipc", "plain ipc")):
+        table.add(f"print {out_mb} MB, {label}", statistics.median(out[base]),
+                  statistics.median(out[label]), "s", 1.05)
+        table.add(f"display {display_mb} MB, {label}", statistics.median(disp[base]),
+                  statistics.median(disp[label]), "s")
+    table.add("memory PSS per kernel", mem["plain tcp"], mem["bridge"], "MB", 10,
+              kind="extra", fmt="{:.1f}")
+    if "warm" in mem:
+        table.add("memory PSS per kernel, warm", mem["plain tcp"], mem["warm"], "MB", 10,
+                  kind="extra", fmt="{:.1f}")
+
+    scale = {}
+    for r in range(1 if quick else 2):
+        for kind in rotate(["plain", *iso], r):
+            scale.setdefault(kind, []).append(bench.scale(kind, n_scale))
+    raw["scale"] = scale
+    med = lambda kind, i: statistics.median(s[i] for s in scale[kind])
+    for kind in iso:
+        suffix = "" if kind == "isolated" else f", {kind}"
+        table.add(f"{n_scale} starts at once{suffix}", med("plain", 0), med(kind, 0), "s",
+                  1.10)
+        table.add(f"{n_scale} kernels: host memory held{suffix}", med("plain", 1),
+                  med(kind, 1), "MB", fmt="{:.0f}")
+        table.add(f"{n_scale} kernels: summed PSS{suffix}", med("plain", 2),
+                  med(kind, 2), "MB", fmt="{:.0f}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ print(json.dumps({
     "proc": mounts.get("/proc"), "tmp": mounts.get("/tmp"),
     "net": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else [],
     "cgroup": " ".join(sorted({l.strip().split(":", 2)[2] for l in open("/proc/self/cgroup")})),
+    "proxy": "HTTP_PROXY" in os.environ and socket.socket().connect_ex(("127.0.0.1", 3128)) == 0,
     "seccomp": [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0]}))
 """
 RLIMIT_CAVEAT = ("rlimits only: memory gives MemoryError instead of a kill, pids count per "
@@ -274,6 +275,26 @@ def prestart_note():
             "interpreter's imports; --no-prestart skips the attempt")
 
 
+NETWORKS = {
+    "loopback": "only lo, up: no way out (%pip cannot reach an index; --network proxy "
+                "gives one)",
+    "none": "only lo, down: no way out, not even to the kernel's own loopback",
+    "proxy": "only lo; HTTP(S) out through the kernel's own proxy (127.0.0.1:3128 inside, "
+             "run by its launcher) to {allowed}; the host's own, loopback, private, "
+             "link-local and metadata addresses refused unless named exactly",
+    "host": "the host's network, its loopback services and LAN included: no isolation",
+}
+
+
+def check_network(config):
+    allowed = ""
+    if config.network == "proxy":
+        from .proxy import Policy
+        allowed = Policy.parse(config.proxy_allow, config.proxy_deny).describe()
+    show("--" if config.network == "host" else "ok", f"network {config.network}",
+         NETWORKS[config.network].format(allowed=allowed))
+
+
 def judge(seen, config):
     """The fix for what the trial sandbox saw that a kernel must not, or None."""
     if seen["processes"] > 5 or seen["pid"] > 5:
@@ -283,6 +304,8 @@ def judge(seen, config):
         return f"ns-kernel: /proc is {seen['proc']}, /tmp is {seen['tmp']} inside"
     if config.network != "host" and seen["net"] not in (["lo"], []):
         return f"ns-kernel: the sandbox sees network interfaces {seen['net']}"
+    if config.network == "proxy" and not seen["proxy"]:
+        return "ns-kernel: no proxy answers at 127.0.0.1:3128 inside (--network proxy)"
     if config.seccomp != "off" and seen["seccomp"] != "2":
         return f"ns-kernel: no seccomp filter inside (Seccomp: {seen['seccomp']})"
     if seen["cgroup"] != "/":
@@ -300,6 +323,7 @@ def main(argv):
     errors = [first] if first else []
     errors += check_container(config)
     errors += filter(None, [check_cgroups(config)])
+    check_network(config)
     if errors:
         show("--", "kernels", "none started: fix the above first")
     else:

@@ -30,12 +30,14 @@ def mq(name, create):
 # The ways in: the argv launcher with its TCP bridge (clients that ignore provisioners),
 # the provisioner's direct ipc sockets (JupyterLab, nbclient), both with the kernel's
 # interpreter prestarted (prestart.py); the same exec'd once the sandbox is built (what
-# --no-prestart and every fallback do); and the opt-in warm start. Every probe below runs
-# on each.
+# --no-prestart and every fallback do); the opt-in warm start; and a kernel with the
+# proxy's network. Every probe below runs on each.
 PATHS = {"argv": KERNEL_NAME,
          "provisioner": write_spec("isolated-python-provisioned", provisioner=True),
          "exec": write_spec("isolated-python-no-prestart", ["--no-prestart"]),
-         "warm": write_spec("isolated-python-warm", ["--warm"])}
+         "warm": write_spec("isolated-python-warm", ["--warm"]),
+         # A network of its own's way out (test_proxy.py) must keep the rest as it was.
+         "proxy": write_spec("isolated-python-proxy", ["--network", "proxy"])}
 
 
 @pytest.fixture(scope="module", params=list(PATHS))

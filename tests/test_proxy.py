@@ -377,3 +377,14 @@ def test_pip_install_from_pypi(servers, workdir, tmp_path):
     lines = "\n".join(logged(k, log))
     assert "allowed CONNECT pypi.org:443" in lines and \
         "allowed CONNECT files.pythonhosted.org:443" in lines, lines
+
+
+def test_doctor_says_what_the_mode_gives():
+    done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "doctor", "--network",
+                           "proxy", "--allow", "pypi"], capture_output=True, text=True,
+                          timeout=120, cwd=tempfile.gettempdir())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "  ok    network proxy: only lo; HTTP(S) out through the kernel's own proxy " \
+           "(127.0.0.1:3128 inside, run by its launcher) to pypi.org:443, " \
+           "files.pythonhosted.org:443; the host's own" in done.stdout
+    assert "network lo, ipykernel importable" in done.stdout
