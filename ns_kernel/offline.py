@@ -11,7 +11,7 @@ EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.offline"
 LINE = ("ns-kernel: this kernel has no network, so {tool} cannot reach a remote index; "
         "install from a wheel or an index in the notebook's folder (`%pip install "
         "./pkg.whl`, `--no-index --find-links ./wheels`), or ask for a kernelspec with a "
-        "network (ns-kernel install --network host)")
+        "network (ns-kernel install --network proxy --allow pypi)")
 INDEX_COMMANDS = {"install", "download", "wheel", "index", "search", "create", "update",
                   "upgrade"}
 LOCAL_ONLY = {"--no-index", "--offline", "--use-local"}

@@ -203,7 +203,7 @@ def test_pip_without_network_says_why_first(kernel):
         "nosuchpackage-ns-kernel", timeout=120)
     first = out.splitlines()[0]
     assert first.startswith("ns-kernel: this kernel has no network, so pip cannot reach"), out
-    assert "--network host" in first
+    assert "--network proxy --allow pypi" in first
     assert "No matching distribution" in out or "ERROR" in out
 
 
