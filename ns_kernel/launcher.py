@@ -301,6 +301,8 @@ class Launch:
             self.output = None
         if self.proxy:
             self.proxy.close()
+        if self.box and self.box.proxy_listener:
+            self.box.proxy_listener.close()     # came too late to serve (the kernel died)
         self.limits.remove()
         for sock, _ in self.listeners:
             sock.close()

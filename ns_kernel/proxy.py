@@ -380,10 +380,13 @@ class Proxy:
                      f"({address}): {sent} bytes sent, {received} received")
 
     def _refuse(self, client, status, host, port, method, why):
+        # What the client sent (a bad request's target) may hold line breaks: one line in
+        # the log, one in the status line.
+        why = "".join(c if c.isprintable() else "?" for c in why)[:500]
         self.log(f"ns-kernel: {self.who} proxy: refused {method} {hostport(host, port)}: {why}")
         # The reason phrase carries it too: a failed CONNECT shows only that (pip, requests:
         # "Tunnel connection failed: 403 ns-kernel: ...").
-        line = "".join(c if c.isprintable() else "?" for c in f"ns-kernel: {why}")[:500]
+        line = f"ns-kernel: {why}"
         body = (line + "\n").encode("utf-8", "replace")
         try:
             client.sendall(f"HTTP/1.1 {status} {line}\r\nContent-Type: text/plain; "

@@ -319,8 +319,10 @@ def ask(method, target):
 @pytest.mark.parametrize("path", ["argv", "provisioner"])
 def test_always_denied_even_with_allow_all(servers, workdir, tmp_path, path):
     port = servers["ports"]["http"]
+    # The provisioner's kernelspec says it in its config stanza.
     spec = servers["any"] if path == "argv" else write_spec(
-        "proxy-any-provisioner", ["--network", "proxy", "--allow", "*"], provisioner=True)
+        "proxy-any-provisioner", provisioner=True,
+        config={"network": "proxy", "proxy_allow": ["*"]})
     targets = [f"localhost:{port}", f"{SERVER}:{port}", f"127.1:{port}",
                f"0x7f000002:{port}", f"2130706434:{port}", f"[::1]:{port}",
                f"[::ffff:{SERVER}]:{port}", "10.0.0.1:80", "192.168.1.1:80", "172.16.0.1:80",
@@ -342,6 +344,38 @@ def test_always_denied_even_with_allow_all(servers, workdir, tmp_path, path):
     assert len([line for line in lines if line.startswith("refused ")]) == 2 * len(targets)
     assert f"refused GET localhost:{port}: localhost (127.0.0.1) is a loopback address, " \
            "refused unless --allow names that exact address" in lines
+
+
+def test_bad_requests_are_one_log_line(servers, workdir, tmp_path):
+    """A target with a line break in it: one line in the log, one status line."""
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=servers["any"], stderr=stderr)
+        try:
+            k.execute("import socket\n"
+                      "s = socket.create_connection(('127.0.0.1', 3128))\n"
+                      "s.sendall(b'GET http://a\\nns-kernel:forged/ HTTP/1.1\\r\\n\\r\\n')\n"
+                      "answer = s.recv(4096)")
+            assert k.value("answer.split(b'\\r\\n')[0]") == \
+                b"HTTP/1.1 400 ns-kernel: http://a?ns-kernel:forged/: bad port 'forged'"
+        finally:
+            stop_kernel(k)
+    forged = [line for line in log.read_text().splitlines() if "forged" in line]
+    assert forged == [line for line in forged if line.startswith("ns-kernel: kernel ")]
+    assert len(forged) == 1, forged
+
+
+def test_run_command_goes_through_its_proxy(servers, workdir):
+    port = servers["ports"]["http"]
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "ns_kernel", "run", "--network", "proxy", "--allow",
+         f"{SERVER}:{port}", "--", sys.executable, "-c",
+         f"import urllib.request; print(urllib.request.urlopen('http://{SERVER}:{port}/"
+         "hello.txt').read().decode(), end='')"],
+        cwd=workdir, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hello through the proxy\n"
+    assert f"ns-kernel: command proxy: allowed GET {SERVER}:{port} ({SERVER}): " in done.stderr
 
 
 def test_each_kernel_has_its_own_proxy(servers, workdir, tmp_path):
