@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 64        # per kernel, at once; more wait in the listen backl
 MAX_HEAD = 64 << 10
 HEAD_TIMEOUT = 30.0         # to send the request head
 CONNECT_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 1.0         # for open connections to end and log when the kernel has gone
 CHUNK = 1 << 20             # per splice(2), and each pipe's size when the host allows
 
 PRESETS = {
@@ -282,6 +283,7 @@ class Proxy:
         self.who = who          # "kernel 3f2a9c1e"
         self.log = log          # log(line): one line to the server's log
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.active = {}        # client socket -> (its thread, [its server socket])
         self.thread = threading.Thread(target=self._accept, name="ns-kernel proxy",
                                        daemon=True)
 
@@ -292,12 +294,21 @@ class Proxy:
         return self
 
     def close(self):
+        """Stop accepting; end the connections still open, so that each says its line."""
         import socket
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)    # wakes accept()
-        except OSError:
-            pass
+        import time
+        active = list(self.active.items())
+        # Wakes accept(), and every relay, also one whose server would never close.
+        for sock in (self.listener, *(s for client, (_, server) in active
+                                      for s in (client, server[0]) if s)):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.listener.close()
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        for _, (thread, _) in active:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _accept(self):
         import threading
@@ -307,16 +318,21 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            server = [None]     # the upstream socket, once connected
+            thread = threading.Thread(target=self._serve, args=(client, server), daemon=True)
+            self.active[client] = thread, server
+            thread.start()
 
-    def _serve(self, client):
+    def _serve(self, client, connected):
         try:
             with client:
-                self._handle(client)
+                self._handle(client, connected)
         finally:
+            self.active.pop(client, None)
             self.slots.release()
 
-    def _handle(self, client):
+    def _handle(self, client, connected):
+        """Serve one request; connected[0]: the server socket, for close()."""
         import socket
         client.settimeout(HEAD_TIMEOUT)
         try:
@@ -349,6 +365,7 @@ class Proxy:
             server.settimeout(CONNECT_TIMEOUT)
             try:
                 server.connect(sockaddr)    # that very address: no second lookup
+                connected[0] = server
                 break
             except OSError as exc:
                 failures.append(f"{address}: {exc.strerror or exc}")

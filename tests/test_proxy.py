@@ -223,9 +223,11 @@ def servers():
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, os.path.join(folder, "key.pem"))
     plain, tls, other = serve(folder), serve(folder, context), serve(folder)
+    # Connections wait in its backlog: it never answers, nor closes them.
+    silent = socket.create_server((SERVER, 0))
     ports = {"http": plain.server_address[1], "https": tls.server_address[1],
-             "other": other.server_address[1]}
-    listed = f"{SERVER}:{ports['http']},{SERVER}:{ports['https']}"
+             "other": other.server_address[1], "silent": silent.getsockname()[1]}
+    listed = f"{SERVER}:{ports['http']},{SERVER}:{ports['https']},{SERVER}:{ports['silent']}"
     # A private home: what %pip installs goes with each kernel.
     specs = start_paths("proxy", ["--network", "proxy", "--allow", listed, "--allow", "pypi",
                                   "--deny", "files.example.com", "--home", "private"])
@@ -233,6 +235,7 @@ def servers():
            "any": write_spec("proxy-any", ["--network", "proxy", "--allow", "*"])}
     for server in (plain, tls, other):
         server.shutdown()
+    silent.close()
     import shutil
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -294,9 +297,17 @@ def test_kernel_reaches_what_is_listed(servers, workdir, tmp_path, path):
             status, reason = k.value("fetch('https://files.example.com/x')")
             assert "Tunnel connection failed: 403 ns-kernel: files.example.com is on this " \
                    "kernel's denylist (--deny)" in reason, reason
+            # A tunnel still open when the kernel ends, to a server that would never close
+            # it, gets its line too.
+            k.execute(f"held = __import__('socket').create_connection(('127.0.0.1', 3128))\n"
+                      f"held.sendall(b'CONNECT {SERVER}:{ports['silent']} HTTP/1.1\\r\\n\\r\\n')\n"
+                      "assert held.recv(100).startswith(b'HTTP/1.1 200 ')\n"
+                      "held.sendall(b'unanswered')")
         finally:
             stop_kernel(k)
     lines = logged(k, log)
+    assert f"allowed CONNECT {SERVER}:{ports['silent']} ({SERVER}): 10 bytes sent, 0 received" \
+        in lines, log.read_text()
     assert f"allowed GET {SERVER}:{ports['http']} ({SERVER}): " in "\n".join(lines), lines
     assert any(re.fullmatch(rf"allowed CONNECT {SERVER}:{ports['https']} \({SERVER}\): "
                             r"\d+ bytes sent, \d+ received", line) for line in lines), lines
