@@ -433,3 +433,60 @@ def test_doctor_says_what_the_mode_gives():
            "(127.0.0.1:3128 inside, run by its launcher) to pypi.org:443, " \
            "files.pythonhosted.org:443; the host's own" in done.stdout
     assert "network lo, ipykernel importable" in done.stdout
+
+
+@pytest.fixture
+def public_server(tmp_path):
+    """An HTTP server at an address that is neither the host's nor a private one (a
+    documentation range, 198.51.100.254), in a network namespace of its own joined to the
+    host by a veth pair whose host end, 198.51.100.253, is then one of the host's own.
+    Making them needs root."""
+    name = f"nsk-proxy-{os.getpid()}"
+    outside, inside = f"nskp{os.getpid() % 100000}", f"nskq{os.getpid() % 100000}"
+    steps = [["ip", "netns", "add", name],
+             ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside, "netns",
+              name],
+             ["ip", "addr", "add", "198.51.100.253/30", "dev", outside],
+             ["ip", "link", "set", outside, "up"],
+             ["ip", "-n", name, "addr", "add", "198.51.100.254/30", "dev", inside],
+             ["ip", "-n", name, "link", "set", inside, "up"],
+             ["ip", "-n", name, "link", "set", "lo", "up"]]
+    (tmp_path / "hello.txt").write_text("hello from a public address\n")
+    os.chmod(tmp_path, 0o755)
+    server = None
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-u", "-m",
+                                   "http.server", "--bind", "198.51.100.254", "--directory",
+                                   str(tmp_path), "0"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        yield int(server.stdout.readline().split(" port ")[1].split()[0])
+    finally:
+        if server:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", outside], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="makes a network namespace and a veth pair on "
+                    "the host (root); the ordinary user's runs reach PyPI instead")
+def test_public_address_without_the_internet(public_server, workdir, tmp_path):
+    port = public_server
+    log = tmp_path / "server.log"
+    spec = write_spec("proxy-public", ["--network", "proxy"])    # no list: the internet
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
+        try:
+            k.execute(FETCH)
+            assert k.value(f"fetch('http://198.51.100.254:{port}/hello.txt')") == \
+                (200, "hello from a public address\n")
+            # The host's end of the pair is the host's: refused like its loopback.
+            assert k.value(f"fetch('http://198.51.100.253:{port}/hello.txt')") == \
+                (403, "ns-kernel: 198.51.100.253 is one of the host's own addresses, "
+                      "refused unless --allow names that exact address")
+        finally:
+            stop_kernel(k)
+    assert any(line.startswith(f"allowed GET 198.51.100.254:{port} (198.51.100.254): ")
+               for line in logged(k, log))
