@@ -237,8 +237,9 @@ class Bench:
         return elapsed, held, pss
 
     def downloads(self, rounds, mb, n_rtt):
-        """{kind: seconds of each download of mb MB}, {kind: launcher PSS in MB} and
-        {kind: round trips while downloading} for kinds host and proxy."""
+        """{kind: seconds of each download of mb MB}, {kind: launcher PSS in MB},
+        {kind: round trips while downloading} and {kind: launcher CPU seconds per GB} for
+        kinds host and proxy."""
         folder = tempfile.mkdtemp(prefix="ns-kernel-bench-files-")
         os.chmod(folder, 0o755)
         with open(os.path.join(folder, "blob"), "wb") as f:
@@ -257,10 +258,15 @@ class Bench:
             for _, kc in kernels.values():
                 self.execute(kc, DOWNLOAD_CODE)
                 self.execute(kc, f"download({url!r})")    # warm up
+            cpu = {kind: -cpu_seconds(kernel_pid(km)) for kind, (km, _) in kernels.items()}
             for r in range(rounds):
                 for kind in rotate(list(kernels), r):
                     for _ in range(3):
                         took[kind].append(self.execute(kernels[kind][1], f"download({url!r})"))
+            # The launcher's CPU per GB: what the proxy costs, whatever else loads the host.
+            for kind, (km, _) in kernels.items():
+                cpu[kind] = (cpu[kind] + cpu_seconds(kernel_pid(km))) / (len(took[kind]) * mb
+                                                                         / 1024)
             mem = {kind: pss_tree(kernel_pid(km), descend=False) / (1 << 20)
                    for kind, (km, _) in kernels.items()}
             busy = {}
@@ -275,7 +281,7 @@ class Bench:
             server.terminate()
             server.wait()
             shutil.rmtree(folder, ignore_errors=True)
-        return took, mem, busy
+        return took, mem, busy, cpu
 
     def close(self):
         self.log.close()
@@ -338,6 +344,13 @@ def pss_tree(pid, descend=True):
         except OSError:
             pass
     return total
+
+
+def cpu_seconds(pid):
+    """User and system CPU time pid has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def host_used():
@@ -435,14 +448,17 @@ def main(argv=None):
             general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb,
                     n_scale)
         mb = 4 if quick else 200
-        took, mem, busy = bench.downloads(rounds, mb, n_rtt)
-        raw.update(download=took, launcher_pss_mb=mem, rtt_downloading=busy)
+        took, mem, busy, cpu = bench.downloads(rounds, mb, n_rtt)
+        raw.update(download=took, launcher_pss_mb=mem, rtt_downloading=busy,
+                   launcher_cpu_s_per_gb=cpu)
         # Throughput: the ratio of times, inverted, is proxy/host throughput.
         table.add(f"download {mb} MB, proxy (vs --network host)",
                   statistics.median(took["host"]), statistics.median(took["proxy"]), "s",
                   1 / 0.9)
         table.add("launcher PSS, proxy (vs --network host)", mem["host"], mem["proxy"], "MB",
                   kind="extra", fmt="{:.1f}")
+        table.add("launcher CPU per GB, proxy (vs --network host)", cpu["host"],
+                  cpu["proxy"], "s", kind="extra", fmt="{:.3f}")
         ms = lambda xs, q: pct(xs, q) * 1000
         table.add("round trip p50 while downloading, proxy (vs host)", ms(busy["host"], .5),
                   ms(busy["proxy"], .5), "ms", fmt="{:.2f}")
