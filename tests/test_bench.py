@@ -16,7 +16,8 @@ def test_bench_quick_runs_every_row(tmp_path):
     for row in ("start, argv launcher", "round trip p50, bridge", "round trip p50, direct ipc",
                 "print 4 MB, bridge", "display 2 MB, direct ipc", "memory PSS per kernel",
                 "4 starts at once", "start, argv, --seccomp off",
-                "round trip p50, bridge, --seccomp off"):
+                "round trip p50, bridge, --seccomp off",
+                "download 4 MB, proxy (vs --network host)", "launcher CPU per GB, proxy"):
         assert row in proc.stdout, proc.stdout
     raw = json.loads(out.read_text())
     assert raw["start"]["plain"] and raw["start"]["isolated"]
@@ -24,3 +25,6 @@ def test_bench_quick_runs_every_row(tmp_path):
         assert len(raw["rtt"][lane]) == 20 and min(raw["rtt"][lane]) > 0
         assert raw["pss_mb"][lane] > 1
     assert all(elapsed > 0 and pss > 0 for elapsed, _, pss in raw["scale"]["isolated"])
+    # (The proxy's CPU for 12 MB is below the clock tick /proc counts in: no check here.)
+    assert len(raw["download"]["proxy"]) == len(raw["download"]["host"]) == 3
+    assert min(raw["download"]["proxy"]) > 0
