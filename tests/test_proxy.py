@@ -432,7 +432,7 @@ def test_doctor_says_what_the_mode_gives():
     assert "  ok    network proxy: only lo; HTTP(S) out through the kernel's own proxy " \
            "(127.0.0.1:3128 inside, run by its launcher) to pypi.org:443, " \
            "files.pythonhosted.org:443; the host's own" in done.stdout
-    assert "network lo, ipykernel importable" in done.stdout
+    assert "  ok    kernel (argv): " in done.stdout and "network lo, cgroup /" in done.stdout
 
 
 @pytest.fixture
