@@ -113,7 +113,7 @@ def argv_only(spec):
 
 
 class Bench:
-    def __init__(self, kinds, workdir):
+    def __init__(self, kinds, workdir, log_path):
         self.kinds = kinds
         self.workdir = workdir
         self.ctx = zmq.Context()
@@ -121,8 +121,8 @@ class Bench:
         self.ipc_dir = tempfile.mkdtemp(prefix="nsb-")
         self.count = 0
         # The kernels' own output (ipykernel's warnings, the launcher's log) goes here.
-        self.log_path = os.path.join(tempfile.gettempdir(), f"ns-kernel-bench-{os.getuid()}.log")
-        self.log = open(self.log_path, "w")
+        self.log_path = log_path
+        self.log = open(log_path, "w")
 
     # -- kernels ------------------------------------------------------------------------
     def launch(self, kind, transport="tcp"):
@@ -428,6 +428,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="rounds (default 5; quick: 1)")
     parser.add_argument("--json", help="also write the raw samples to this file")
     parser.add_argument("--only", choices=["proxy"], help="measure these rows alone")
+    parser.add_argument("--log", default=os.path.join(tempfile.gettempdir(),
+                                                      f"ns-kernel-bench-{os.getuid()}.log"),
+                        help="the kernels' own output goes here (default: %(default)s)")
     args = parser.parse_args(argv)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 5)
@@ -438,7 +441,7 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="ns-kernel-bench-wd-")
     os.chmod(workdir, 0o777)
     kinds = Kinds()
-    bench = Bench(kinds, workdir)
+    bench = Bench(kinds, workdir, args.log)
     before = set(tree(os.getpid()))
     table = Table()
     raw = {"machine": machine(), "rounds": rounds}

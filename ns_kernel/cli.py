@@ -132,6 +132,11 @@ def main(argv=None, prestarted=None):
     """Entry point of `ns-kernel` and `python -m ns_kernel` (prestarted: see
     KernelApp.start_kernel)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        # A usage error, as with any command: the short form on stderr, exit 2.
+        print("usage:\n" + textwrap.indent(KernelApp.examples, "  ")
+              + "\n`ns-kernel --help` lists the options.", file=sys.stderr)
+        return 2
     start = command_line.kernel_start(argv)
     if start:
         return start_kernel(start, prestarted=prestarted)
@@ -152,8 +157,8 @@ def _command(argv):
     if argv[:1] == ["doctor"]:
         from .doctor import main as doctor
         return doctor(argv[1:])
-    if not argv or argv[0] in ("-h", "--help", "--help-all"):
-        KernelApp().parse_command_line(argv or ["--help"])   # prints help, exits 0
+    if argv[0] in ("-h", "--help", "--help-all"):
+        KernelApp().parse_command_line(argv)   # prints help, exits 0
     raise SetupError("usage", "no connection file", hint=(
         "run as `python -P -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
 

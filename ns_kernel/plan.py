@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from . import seccomp
 from .sizes import format_size, parse_size
 from .errors import SetupError
+from .preload import IMPORT_ENV
 from .syscalls import MountAttr
 
 RO = MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
@@ -508,8 +509,6 @@ def kernel_env(environ, sandbox, home):
                 and not URL_CREDENTIALS.search(value))
     env = {k: v for k, v in environ.items() if passes(k, v)}
     env["HOME"] = home
-    # 1 tells ipykernel there is no parent to poll (it would see init, and quit); the
-    # launcher watches the Jupyter server itself.
-    env["JPY_PARENT_PID"] = "1"
+    env.update(IMPORT_ENV)
     env.pop("TMPDIR", None)
     return env

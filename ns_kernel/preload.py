@@ -24,9 +24,12 @@ KERNEL_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshe
                   "tornado.platform.asyncio", "sqlite3", "pdb", "pydoc", "faulthandler",
                   "gzip", "mimetypes", "http.client", "xmlrpc.client", "unicodedata",
                   "encodings.idna", "runpy", "pickle", "json")
-# Read at import (ipykernel's IPKernelApp.parent_handle): the value every kernel's
-# environment has (plan.kernel_env), which run_preloaded checks.
-IMPORT_ENV = {"JPY_PARENT_PID": "1"}
+# Read at import, set in every kernel's environment (plan.kernel_env), checked by
+# run_preloaded. JPY_PARENT_PID (ipykernel's IPKernelApp.parent_handle): 1 says there is
+# no parent to poll (it would see init, and quit); the launcher watches the server itself.
+# PYDEVD_DISABLE_FILE_VALIDATION: debugpy, which ipykernel imports, would warn on the
+# kernel's stderr that frozen modules may hide breakpoints; kernel.json offers no debugger.
+IMPORT_ENV = {"JPY_PARENT_PID": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 PRELOADED = False    # set once KERNEL_MODULES are imported
 IMPORTS_SET_ENV = {}  # what those imports put in os.environ (debugpy does): a fresh start would too
 

@@ -393,9 +393,10 @@ def template_pid():
         return _peer(sock)[0]
 
 
-def stop():
-    """Ask the running template (if any) to exit; True if there was one."""
-    sock = _connect(socket_path())
+def stop(path=None):
+    """Ask the running template (if any; default: this interpreter's, else the one at
+    `path`) to exit; True if there was one."""
+    sock = _connect(path or socket_path())
     if sock is None:
         return False
     with sock:

@@ -8,26 +8,27 @@ else
 fi
 BASE_PYTHON=${NS_KERNEL_BASE_PYTHON:-/usr/bin/python3}
 
+# quietly CMD...: run CMD; its output only if it fails.
+quietly() {
+  local log status=0
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 || status=$?
+  [ "$status" = 0 ] || cat "$log" >&2
+  rm -f "$log"
+  return "$status"
+}
+
+# ensure_venv EXTRAS: the venv, with ns_kernel and what pyproject.toml's EXTRAS (demo, lab,
+# test) add. The package is installed, not imported from the checkout: the sandbox (nobody,
+# when root runs this) and the test user must reach it, and a clone may sit in a 0700 home.
 ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     if ! "$BASE_PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
-      [ "$(id -u)" = 0 ] && apt-get install -y -q python3-venv >/dev/null
+      [ "$(id -u)" = 0 ] && quietly apt-get install -y -q python3-venv
     fi
     "$BASE_PYTHON" -m venv "$VENV"
     chmod -R a+rX "$(dirname "$VENV")"
   fi
-  # tests/test_jupyterlab.py drives Debian's Chromium (Playwright's own download does not
-  # work on these machines); a fresh machine may have no package lists yet.
-  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then
-    apt-get install -y -q chromium >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
-  fi
-  local log
-  log=$(mktemp)
-  if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$repo[test]" >"$log" 2>&1; then
-    cat "$log" >&2
-    rm -f "$log"
-    return 1
-  fi
-  rm -f "$log"
+  quietly "$VENV/bin/pip" install -q --disable-pip-version-check "$repo[$1]"
+  quietly "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$repo"
 }

@@ -1,8 +1,18 @@
 """Fixtures shared by the test tiers: a kernelspec for this interpreter, real kernels
-started through jupyter_client, and a helper that runs code and collects what it printed."""
+started through jupyter_client, and a helper that runs code and collects what it printed.
+
+The tiers (markers, registered in pyproject.toml), run fastest first: `pure` (plain
+functions: plan, kernelspec dicts, argv and config parsing, error words; no namespaces),
+`privileged` (real namespaces, no kernel), `kernel` (real kernels). A test is of its own
+marker's tier, else of its module's (MODULE_TIERS), else `kernel`.
+
+A run leaves the home and /tmp of whoever runs it as it found them: everything goes under
+one dir of the run's own (_DATA, with a HOME of its own for Jupyter, IPython, matplotlib,
+Chromium and Playwright), removed at the end with the warm templates the run started."""
 import base64
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -11,9 +21,13 @@ import zipfile
 import pytest
 from jupyter_client.manager import KernelManager
 
-from ns_kernel import cgroup, kernelspec, limits
+from ns_kernel import cgroup, kernelspec, limits, socketdir, warm
 
 KERNEL_NAME = "isolated-python"
+
+TIERS = ("pure", "privileged", "kernel")
+MODULE_TIERS = {"test_plan": "pure", "test_config": "privileged", "test_doctor": "privileged",
+                "test_bad_input": "privileged"}
 
 # One Jupyter data dir for the whole run, readable by every uid (root's sandbox is nobody).
 _DATA = tempfile.mkdtemp(prefix="ns-kernel-test-")
@@ -22,6 +36,37 @@ os.environ["JUPYTER_PATH"] = _DATA
 # Kernels' persistent homes and packages (Sandbox.state_dir's default) go here, not into
 # the home of whoever runs the tests.
 os.environ["XDG_DATA_HOME"] = os.path.join(_DATA, "data")
+# So does what Jupyter (~/.jupyter/migrated), Chromium (~/.config/chromium), Playwright's
+# node (~/.npm/_logs), IPython, matplotlib and pip write into a home.
+os.environ["HOME"] = os.path.join(_DATA, "home")
+os.mkdir(os.environ["HOME"], 0o700)
+for _name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "JUPYTER_CONFIG_DIR",
+              "JUPYTER_DATA_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
+    os.environ.pop(_name, None)
+# What the user's own kernels use, untouched: the socket base and the warm templates in it.
+_BASE = socketdir.default_base()
+_BASE_EXISTED = os.path.isdir(_BASE)
+_IN_BASE_BEFORE = set(os.listdir(_BASE)) if _BASE_EXISTED else set()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # tmp_path and friends under _DATA, not /tmp/pytest-of-USER (before the tmpdir plugin
+    # reads the option).
+    if not config.option.basetemp:
+        config.option.basetemp = os.path.join(_DATA, "pytest")
+
+
+def pytest_collection_modifyitems(items):
+    """Give every test its tier, and run the tiers in order (a broken plan fails in
+    seconds, before any kernel starts)."""
+    def tier(item):
+        own = [m.name for m in item.iter_markers() if m.name in TIERS]
+        if not own:
+            own = [MODULE_TIERS.get(item.module.__name__, "kernel")]
+            item.add_marker(own[0])
+        return TIERS.index(own[0])
+    items.sort(key=tier)
 
 
 def write_spec(name, options=(), provisioner=False, config=None):
@@ -52,8 +97,19 @@ os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    import shutil
     shutil.rmtree(_DATA, ignore_errors=True)
+    if not os.path.isdir(_BASE):
+        return
+    # Warm templates outlive their kernels by design (warm.IDLE_EXIT): stop the run's own.
+    for name in set(os.listdir(_BASE)) - _IN_BASE_BEFORE:
+        if name.startswith("warm-") and name.endswith(".sock"):
+            warm.stop(os.path.join(_BASE, name))
+    if not _BASE_EXISTED:
+        wait_until(lambda: os.listdir(_BASE) == [], timeout=5)
+        try:
+            os.rmdir(_BASE)
+        except OSError:
+            pass     # a kernel of the user's own started meanwhile: it is theirs now
 
 
 @pytest.fixture
@@ -62,7 +118,6 @@ def workdir():
     path = tempfile.mkdtemp(prefix="ns-kernel-wd-")
     os.chmod(path, 0o777)
     yield path
-    import shutil
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -342,7 +397,6 @@ def socket_base():
     # After a SIGKILLed launcher the monitor removes the socket dir a moment later.
     wait_until(lambda: os.listdir(base) == [], timeout=5)
     leftovers = os.listdir(base)
-    import shutil
     shutil.rmtree(base, ignore_errors=True)
     assert leftovers == [], f"socket dirs left behind: {leftovers}"
 
@@ -384,6 +438,5 @@ def user_base(monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
     monkeypatch.setenv("TMPDIR", tmpdir)
     yield os.path.join(runtime, "ns-kernel"), tmpdir
-    import shutil
     for path in (runtime, tmpdir):
         shutil.rmtree(path, ignore_errors=True)

@@ -10,7 +10,8 @@ BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", 
 
 def test_bench_quick_runs_every_row(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, BENCH, "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--json", str(out),
+                           "--log", str(tmp_path / "kernels.log")],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for row in ("start, argv launcher", "round trip p50, bridge", "round trip p50, direct ipc",

@@ -5,8 +5,10 @@ every way Isolated Python starts, and the outputs must match cell by cell. Then 
 kernel leaves where nothing is kept."""
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import nbformat
 import pytest
@@ -49,10 +51,14 @@ def run_cells(kernel):
 def plain(tmp_path_factory):
     wd = tmp_path_factory.mktemp("plain")
     k = start_kernel(str(wd), kernel_name="python3")
+    # Where the plain kernel's debugger keeps its cells, which ipykernel leaves behind (an
+    # isolated kernel's vanishes with its /tmp).
+    debugger_dir = os.path.join(tempfile.gettempdir(), f"ipykernel_{k.km.provisioner.pid}")
     try:
         yield run_cells(k)
     finally:
         stop_kernel(k)
+        shutil.rmtree(debugger_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("path", PATHS)

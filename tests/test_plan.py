@@ -234,7 +234,8 @@ def test_environment_is_an_allowlist():
                ("PYTHONHASHSEED", "0"), ("OMP_NUM_THREADS", "2"), ("CUSTOM", "x"))
     env = dict(plan(environ=environ).env)
     assert sorted(env) == ["HOME", "JPY_PARENT_PID", "LANG", "OMP_NUM_THREADS", "PATH",
-                           "PIP_EXTRA_INDEX_URL", "PYTHONHASHSEED"]
+                           "PIP_EXTRA_INDEX_URL", "PYDEVD_DISABLE_FILE_VALIDATION",
+                           "PYTHONHASHSEED"]
     env = dict(plan(Sandbox(env_keep=["CUSTOM", "PIP_INDEX_URL"]), environ=environ).env)
     assert env["CUSTOM"] == "x" and env["PIP_INDEX_URL"] == "https://user:pw@mirror/simple"
 
