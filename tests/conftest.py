@@ -37,9 +37,10 @@ os.environ["JUPYTER_PATH"] = _DATA
 # the home of whoever runs the tests.
 os.environ["XDG_DATA_HOME"] = os.path.join(_DATA, "data")
 # So does what Jupyter (~/.jupyter/migrated), Chromium (~/.config/chromium), Playwright's
-# node (~/.npm/_logs), IPython, matplotlib and pip write into a home.
-os.environ["HOME"] = os.path.join(_DATA, "home")
-os.mkdir(os.environ["HOME"], 0o700)
+# node (~/.npm/_logs), IPython, matplotlib and pip write into a home. Not under /tmp: the
+# kernel's home is mounted at $HOME's path, and tests list the sandbox's /tmp.
+_HOME = tempfile.mkdtemp(prefix="ns-kernel-test-home-", dir="/var/tmp")
+os.environ["HOME"] = _HOME
 for _name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "JUPYTER_CONFIG_DIR",
               "JUPYTER_DATA_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
     os.environ.pop(_name, None)
@@ -98,6 +99,7 @@ os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_DATA, ignore_errors=True)
+    shutil.rmtree(_HOME, ignore_errors=True)
     if not os.path.isdir(_BASE):
         return
     # Warm templates outlive their kernels by design (warm.IDLE_EXIT): stop the run's own.

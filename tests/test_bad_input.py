@@ -69,6 +69,18 @@ def test_missing_connection_file(base):
     assert_nothing_left(base)
 
 
+@pytest.mark.pure
+def test_no_arguments_is_a_usage_error():
+    for argv in ([os.path.join(os.path.dirname(sys.executable), "ns-kernel")],
+                 [sys.executable, "-P", "-m", "ns_kernel"]):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stdout == ""
+        lines = proc.stderr.splitlines()
+        assert lines[0] == "usage:" and len(lines) < 10, lines
+        assert any(line.startswith("  ns-kernel run ") for line in lines), lines
+        assert lines[-1] == "`ns-kernel --help` lists the options."
+
+
 def test_no_connection_file_argument(base):
     code, lines = launch(base)
     assert code != 0
