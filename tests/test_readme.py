@@ -141,9 +141,8 @@ def test_every_sh_block_runs_as_written(newcomer):
         ran.append((where, text, out))
     seen = {text.split()[0]: out for _, text, out in ran}
     # The demo ends with what to do next, and prints no warning a user must learn to ignore.
-    demo = seen["scripts/demo"]
-    assert demo.rstrip().endswith("scripts/lab"), demo
-    assert "===== side by side =====" in demo
+    demo, _, lab = seen["scripts/demo"].partition("\n  scripts/lab\n")
+    assert lab and "===== side by side =====" in demo, demo
     assert not re.search(r"(?i)warning|traceback", demo), demo
     # `pip install .` and JupyterLab bring every command the README names.
     for command in ("ns-kernel", "jupyter-lab", "jupyter-nbconvert", "jupyter-kernelspec"):
