@@ -141,34 +141,22 @@ class Kernel:
         raise AssertionError(f"the kernel aborted {code!r} three times")
 
     def _execute(self, code, timeout, stdin):
-        msg_id = self.kc.execute(code, allow_stdin=stdin is not None)
+        """jupyter_client's execute_interactive, collecting what a reader would see."""
         out, error, msgs = [], None, []
-        while True:
-            if stdin is not None:
-                try:
-                    req = self.kc.get_stdin_msg(timeout=0.05)
-                    self.kc.input(stdin)
-                    msgs.append(req)
-                except Exception:  # noqa: BLE001 - queue.Empty: no prompt yet
-                    pass
-            try:
-                msg = self.kc.get_iopub_msg(timeout=timeout if stdin is None else 0.05)
-            except Exception:  # noqa: BLE001
-                if stdin is None:
-                    raise
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
+
+        def output(msg):
+            nonlocal error
             msgs.append(msg)
-            kind = msg["msg_type"]
-            if kind == "stream":
+            if msg["msg_type"] == "stream":
                 out.append(msg["content"]["text"])
-            elif kind == "error":
+            elif msg["msg_type"] == "error":
                 error = msg["content"]["ename"]
-            elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                break
-        # Take this request's reply off the shell channel, so later readers see their own.
-        reply = self.reply(msg_id, timeout)
+
+        def answer(request):
+            msgs.append(request)
+            self.kc.input(stdin)
+        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=output,
+                                            allow_stdin=stdin is not None, stdin_hook=answer)
         return ("".join(out), error, msgs), reply["content"]["status"]
 
     def reply(self, msg_id, timeout=20):
