@@ -7,8 +7,8 @@ functions: plan, kernelspec dicts, argv and config parsing, error words; no name
 marker's tier, else of its module's (MODULE_TIERS), else `kernel`.
 
 A run leaves the home and /tmp of whoever runs it as it found them: everything goes under
-one dir of the run's own (_DATA, with a HOME of its own for Jupyter, IPython, matplotlib,
-Chromium and Playwright), removed at the end with the warm templates the run started."""
+dirs of the run's own (_DATA, _TMP, and a HOME for Jupyter, IPython, matplotlib, Chromium
+and Playwright), removed at the end with the warm templates the run started."""
 import base64
 import hashlib
 import os
@@ -50,12 +50,16 @@ _BASE_EXISTED = os.path.isdir(_BASE)
 _IN_BASE_BEFORE = set(os.listdir(_BASE)) if _BASE_EXISTED else set()
 
 
+# tmp_path and friends: in a dir of the run's own, not /tmp/pytest-of-USER. Not in _DATA:
+# the launcher refuses a notebook folder inside Jupyter's data path (JUPYTER_PATH).
+_TMP = tempfile.mkdtemp(prefix="ns-kernel-test-tmp-")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    # tmp_path and friends under _DATA, not /tmp/pytest-of-USER (before the tmpdir plugin
-    # reads the option).
+    # Before the tmpdir plugin reads the option.
     if not config.option.basetemp:
-        config.option.basetemp = os.path.join(_DATA, "pytest")
+        config.option.basetemp = os.path.join(_TMP, "pytest")
 
 
 def pytest_collection_modifyitems(items):
@@ -98,8 +102,8 @@ os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_DATA, ignore_errors=True)
-    shutil.rmtree(_HOME, ignore_errors=True)
+    for path in (_DATA, _HOME, _TMP):
+        shutil.rmtree(path, ignore_errors=True)
     if not os.path.isdir(_BASE):
         return
     # Warm templates outlive their kernels by design (warm.IDLE_EXIT): stop the run's own.
