@@ -27,8 +27,9 @@ KERNEL_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshe
 # Read at import, set in every kernel's environment (plan.kernel_env), checked by
 # run_preloaded. JPY_PARENT_PID (ipykernel's IPKernelApp.parent_handle): 1 says there is
 # no parent to poll (it would see init, and quit); the launcher watches the server itself.
-# PYDEVD_DISABLE_FILE_VALIDATION: debugpy, which ipykernel imports, would warn on the
-# kernel's stderr that frozen modules may hide breakpoints; kernel.json offers no debugger.
+# PYDEVD_DISABLE_FILE_VALIDATION: debugpy, which ipykernel imports, would print eight
+# lines to the server log at every start that frozen modules may hide breakpoints (in io,
+# abc, posixpath, stat): ipykernel sets it too when frozen modules are kept.
 IMPORT_ENV = {"JPY_PARENT_PID": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 PRELOADED = False    # set once KERNEL_MODULES are imported
 IMPORTS_SET_ENV = {}  # what those imports put in os.environ (debugpy does): a fresh start would too
