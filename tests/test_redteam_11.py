@@ -78,3 +78,31 @@ def test_kernel_cannot_flood_the_server_log(workdir, tmp_path):
             stop_kernel(k)
     lines = [line for line in logged(k, log) if line.startswith("refused ")]
     assert len(lines) < n // 10, f"{len(lines)} log lines, {log.stat().st_size} bytes"
+
+
+def test_one_request_is_one_short_log_line(workdir, tmp_path):
+    """Attack: the method of a plain-HTTP request is any run of letters (method.isalpha():
+    latin-1 letters too) up to the 64 KiB head limit, and it goes into the log line as is:
+    `refused <METHOD> host:port: ...` (and `allowed <METHOD> ...`). _refuse cuts the reason
+    at 500 characters but not the method. One request, a 60 KB line in the server's log;
+    with the loop above, ~100x the bytes per refusal.
+    Impact: the log flood of test_kernel_cannot_flood_the_server_log, amplified; one line
+    big enough to break log shippers (journald cuts lines at 48 KiB into several entries,
+    syslog at 1-8 KiB).
+    Fix: accept only the methods a proxy forwards (a token of at most ~20 ASCII
+    letters: RFC 9110 methods), refuse others with 400 before logging, and cut every
+    kernel-supplied field of a log line."""
+    log = tmp_path / "server.log"
+    spec = write_spec("redteam11-method", ["--network", "proxy", "--allow", "pypi"])
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
+        try:
+            k.execute("import socket\n"
+                      "s = socket.create_connection(('127.0.0.1', 3128))\n"
+                      "s.sendall(b'X' * 60000 + b' http://n.nowhere.invalid/ HTTP/1.1\\r\\n\\r\\n')\n"
+                      "status = s.recv(4096).split(b'\\r\\n')[0]")
+            assert k.value("status").startswith(b"HTTP/1.1 4")
+        finally:
+            stop_kernel(k)
+    lengths = [len(line) for line in logged(k, log)]
+    assert lengths and max(lengths) <= 1000, lengths
