@@ -2,12 +2,13 @@
 work on main as merged. Each test FAILS while the hole is open; its docstring says the
 attack, its impact and a suggested fix. Real kernels, servers on loopback or in a network
 namespace of the test's own, no internet."""
+import ipaddress
 import os
 
 import pytest
 
 from conftest import start_kernel, stop_kernel, write_spec
-from test_proxy import FETCH, logged, public_server  # noqa: F401 - public_server: a fixture
+from test_proxy import ASK, FETCH, logged, own_address, public_server  # noqa: F401 - public_server: a fixture
 
 PUBLIC = "198.51.100.254"       # public_server's address: a neighbour, neither host nor private
 
@@ -106,3 +107,34 @@ def test_one_request_is_one_short_log_line(workdir, tmp_path):
             stop_kernel(k)
     lengths = [len(line) for line in logged(k, log)]
     assert lengths and max(lengths) <= 1000, lengths
+
+
+@pytest.mark.skipif(own_address() is None, reason="the host has no IPv4 address toward the outside")
+def test_own_and_metadata_addresses_in_nat64_and_6to4_form(workdir, tmp_path):
+    """Attack: the kernel asks for the host's own public IPv4 in NAT64 form
+    (`[64:ff9b::c000:202]` for 192.0.2.2) or 6to4 form (`[2002:c000:202::]`).
+    always_denied() unwraps these only to look the IPv4 up in ALWAYS_DENIED, where a public
+    address is not; is_local() then tries to bind the IPv6 form itself, which is not the
+    host's: the proxy connects. On a network with NAT64 (IPv6-only or dual-stack clouds
+    route 64:ff9b::/96 to a NAT64 gateway by default, AWS among them) that connection comes
+    back to the host's public address: every service the host exposes there (the Jupyter
+    server, sshd, databases), against docs/network.md's "the host's own addresses, public
+    ones included". Here there is no NAT64 route: the proxy tries and gets "No route to
+    host" (502) where it should refuse (403). RFC 8215's local-use prefix 64:ff9b:1::/48
+    is not unwrapped at all (64:ff9b:1::a00:1 is judged public, not 10.0.0.1).
+    Fix: in decide(), judge the embedded IPv4 (mapped, NAT64 /96 and 64:ff9b:1::/48, 6to4)
+    with is_local() as well, and refuse it the same way."""
+    own = ipaddress.IPv4Address(own_address())
+    nat64 = ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b::")) | int(own))
+    sixtofour = ipaddress.IPv6Address((0x2002 << 112) | (int(own) << 80))
+    metadata = "64:ff9b:1::a9fe:a9fe"     # 169.254.169.254 under the local-use prefix
+    spec = write_spec("redteam11-nat64", ["--network", "proxy", "--allow", "*"])
+    with open(tmp_path / "server.log", "w") as stderr:
+        k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
+        try:
+            k.execute(ASK)
+            answers = {str(a): k.value(f"ask('CONNECT', '[{a}]:22')", timeout=90)
+                       for a in (nat64, sixtofour, metadata)}
+        finally:
+            stop_kernel(k)
+    assert all(status == 403 for status, _ in answers.values()), answers
