@@ -17,14 +17,32 @@ BURST = 1 << 20       # bytes a kernel may write to the log at once
 RATE = 4 << 10        # bytes per second after that (~350 MB a day at most)
 
 
+class Budget:
+    """A token bucket: `burst` at once, then `rate` a second; what goes over it is
+    counted in `over` until the caller has said so."""
+
+    def __init__(self, burst, rate):
+        self.burst, self.rate = burst, rate
+        self.left, self.at = burst, time.monotonic()
+        self.over = 0
+
+    def take(self, amount):
+        now = time.monotonic()
+        self.left = min(self.burst, self.left + (now - self.at) * self.rate)
+        self.at = now
+        if amount > self.left:
+            self.over += amount
+            return False
+        self.left -= amount
+        return True
+
+
 class Relay:
     def __init__(self, fd, who):
         self.fd = fd           # read end of the kernel's stdout/stderr pipe
         self.who = who
         self.pending = b""
-        self.budget = BURST
-        self.refilled = time.monotonic()
-        self.dropped = 0       # bytes over the budget since the last line about it
+        self.budget = Budget(BURST, RATE)
 
     def handle(self):
         """Copy what the pipe holds; False once the kernel side has closed it, None if
@@ -51,23 +69,18 @@ class Relay:
             self.pending = b""
 
     def _write(self, raw):
-        now = time.monotonic()
-        self.budget = min(BURST, self.budget + (now - self.refilled) * RATE)
-        self.refilled = now
-        if len(raw) + 1 > self.budget:
-            self.dropped += len(raw) + 1
+        if not self.budget.take(len(raw) + 1):
             return
-        self.budget -= len(raw) + 1
-        if self.dropped:
+        if self.budget.over:
             self._say_dropped()
         text = raw[:MAX_LINE].decode("utf-8", "replace")
         text = "".join(c if c.isprintable() or c == "\t" else "?" for c in text)
         log(f"[{self.who}] {text}")
 
     def _say_dropped(self):
-        log(f"ns-kernel: {self.who}: {self.dropped} bytes of its output left out of this "
-            f"log (over {BURST >> 20} MiB at once, then {RATE >> 10} KiB/s)")
-        self.dropped = 0
+        log(f"ns-kernel: {self.who}: {self.budget.over} bytes of its output left out of "
+            f"this log (over {BURST >> 20} MiB at once, then {RATE >> 10} KiB/s)")
+        self.budget.over = 0
 
     def drain(self):
         """What is left once the sandbox has gone."""
@@ -75,7 +88,7 @@ class Relay:
         while self.handle():
             pass
         self.flush()
-        if self.dropped:
+        if self.budget.over:
             self._say_dropped()
         os.close(self.fd)
 

@@ -26,8 +26,12 @@ import ipaddress
 import os
 import re
 
+from . import output
+
 PORT = 3128                 # inside the kernel's namespace: its own, so always free
 MAX_CONNECTIONS = 64        # per kernel, at once; more wait in the listen backlog
+LOG_BURST = 100             # decisions logged one a line at once,
+LOG_RATE = 1                # then this many a second; the rest are counted
 MAX_HEAD = 64 << 10
 HEAD_TIMEOUT = 30.0         # to send the request head
 CONNECT_TIMEOUT = 30.0
@@ -68,6 +72,7 @@ ALWAYS_DENIED = tuple((ipaddress.ip_network(net), kind) for net, kind in (
     ("fe80::/10", "link-local"),
     ("fec0::/10", "site-local (deprecated)"),
     ("ff00::/8", "multicast"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
 ))
 NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 PATTERN = re.compile(r"(\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*)")
@@ -173,17 +178,25 @@ def literal(host):
         return None
 
 
+def inner_ipv4(address):
+    """The IPv4 address an IPv6 one carries (mapped ::ffff:a.b.c.d, NAT64 64:ff9b::/96,
+    6to4 2002::/16), else None: a connection to it may reach that IPv4 host."""
+    if address.version != 6:
+        return None
+    inner = address.ipv4_mapped or address.sixtofour
+    if inner is None and address in NAT64:
+        inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return inner
+
+
 def always_denied(address):
     """What this address is ('a loopback address') if it is one of ALWAYS_DENIED, else ''.
-    IPv4 inside IPv6 (mapped ::ffff:a.b.c.d, NAT64 64:ff9b::/96, 6to4) is judged as that
-    IPv4."""
-    if address.version == 6:
-        inner = address.ipv4_mapped or address.sixtofour
-        if inner is None and address in NAT64:
-            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if inner is not None:
-            what = always_denied(inner)
-            return f"{what} ({inner} in IPv6 form)" if what else ""
+    IPv4 inside IPv6 is judged as that IPv4."""
+    inner = inner_ipv4(address)
+    if inner is not None:
+        what = always_denied(inner)
+        if what:
+            return f"{what} ({inner} in IPv6 form)"
     for net, kind in ALWAYS_DENIED:
         if address.version == net.version and address in net:
             return f"a {kind} address"
@@ -197,7 +210,10 @@ def decide(policy, host, port, address=None, local=False):
     """Why this request is refused, or '' if it may go. First (address None) on the name
     alone, before any lookup; then on each address the name resolved to. local: the
     address is one of the host's own (the proxy's is_local)."""
-    if any(e.matches(host, port, address) for e in policy.deny):
+    # An entry naming an IPv4 address names it in every IPv6 form too.
+    forms = [address] + ([inner_ipv4(address)] if address is not None and inner_ipv4(address)
+                         else [])
+    if any(e.matches(host, port, a) for e in policy.deny for a in forms):
         return f"{host} is on this kernel's denylist (--deny)"
     if address is None:
         if policy.allow and not any(e.matches(host, port) for e in policy.allow):
@@ -206,8 +222,8 @@ def decide(policy, host, port, address=None, local=False):
                     "allowlist (--allow)")
         return ""
     what = always_denied(address) or ("one of the host's own addresses" if local else "")
-    if what and not any(e.address is not None and e.matches(host, port, address)
-                        for e in policy.allow):
+    if what and not any(e.address is not None and e.matches(host, port, a)
+                        for e in policy.allow for a in forms):
         shown = host if literal(host) == address else f"{host} ({address})"
         return f"{shown} is {what}, refused unless --allow names that exact address"
     return ""
@@ -230,7 +246,9 @@ def parse_head(head):
         method, target, version = line.split(" ")
     except ValueError:
         raise BadRequest("not an HTTP request") from None
-    if not version.startswith("HTTP/1.") or not method.isalpha():
+    # A method is a short token: anything else would only lengthen the log line.
+    if (not version.startswith("HTTP/1.") or not method.isascii() or not method.isalpha()
+            or len(method) > 20):
         raise BadRequest("not an HTTP/1 request")
     if method == "CONNECT":
         try:
@@ -282,13 +300,30 @@ class Proxy:
         self.policy = policy
         self.who = who          # "kernel 3f2a9c1e"
         self.log = log          # log(line): one line to the server's log
+        # The kernel decides how many requests it makes: its lines in the log (the host's
+        # disk, the launcher's CPU) are budgeted, and what was left out is counted.
+        self.budget = output.Budget(LOG_BURST, LOG_RATE)
+        self.budget_lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.active = {}        # client socket -> (its thread, [its server socket])
         self.thread = threading.Thread(target=self._accept, name="ns-kernel proxy",
                                        daemon=True)
 
+    def _say(self, line):
+        with self.budget_lock:
+            if not self.budget.take(1):
+                return
+            if self.budget.over:
+                self._say_left_out()
+            self.log(line)
+
+    def _say_left_out(self):
+        self.log(f"ns-kernel: {self.who} proxy: {self.budget.over} more requests left out of "
+                 f"this log (over {LOG_BURST} lines at once, then {LOG_RATE} a second)")
+        self.budget.over = 0
+
     def start(self):
-        self.log(f"ns-kernel: {self.who} proxy on 127.0.0.1:{PORT} inside: "
+        self._say(f"ns-kernel: {self.who} proxy on 127.0.0.1:{PORT} inside: "
                  f"{self.policy.describe()}")
         self.thread.start()
         return self
@@ -309,6 +344,9 @@ class Proxy:
         deadline = time.monotonic() + CLOSE_TIMEOUT
         for _, (thread, _) in active:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self.budget_lock:
+            if self.budget.over:
+                self._say_left_out()
 
     def _accept(self):
         import threading
@@ -357,7 +395,9 @@ class Proxy:
         for family, kind, proto, _, sockaddr in dict.fromkeys(
                 (f, k, p, c, s) for f, k, p, c, s in found):
             address = ipaddress.ip_address(sockaddr[0])
-            why = decide(self.policy, host, port, address, is_local(address))
+            inner = inner_ipv4(address)
+            local = is_local(address) or (inner is not None and is_local(inner))
+            why = decide(self.policy, host, port, address, local)
             if why:
                 refusals.append(why)
                 continue
@@ -393,14 +433,14 @@ class Proxy:
                 sent, received = sent + counts[0], counts[1]
             except OSError:
                 pass
-            self.log(f"ns-kernel: {self.who} proxy: allowed {method} {hostport(host, port)} "
+            self._say(f"ns-kernel: {self.who} proxy: allowed {method} {hostport(host, port)} "
                      f"({address}): {sent} bytes sent, {received} received")
 
     def _refuse(self, client, status, host, port, method, why):
         # What the client sent (a bad request's target) may hold line breaks: one line in
         # the log, one in the status line.
         why = "".join(c if c.isprintable() else "?" for c in why)[:500]
-        self.log(f"ns-kernel: {self.who} proxy: refused {method} {hostport(host, port)}: {why}")
+        self._say(f"ns-kernel: {self.who} proxy: refused {method} {hostport(host, port)}: {why}")
         # The reason phrase carries it too: a failed CONNECT shows only that (pip, requests:
         # "Tunnel connection failed: 403 ns-kernel: ...").
         line = f"ns-kernel: {why}"
