@@ -98,8 +98,9 @@ def test_ptys_per_kernel_are_capped(kernel):
 
 # -- %pip install ------------------------------------------------------------------------
 
-def make_wheel(folder, name, version, source):
-    """A pure-Python wheel with one module and one console script."""
+def make_wheel(folder, name, version, source, extra=None):
+    """A pure-Python wheel with one module and one console script (and extra: more files,
+    path -> text)."""
     dist = f"{name}-{version}"
     files = {
         f"{name}.py": source + "\ndef main():\n    print(VERSION)\n",
@@ -107,6 +108,7 @@ def make_wheel(folder, name, version, source):
         f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                    "Tag: py3-none-any\n",
         f"{dist}.dist-info/entry_points.txt": f"[console_scripts]\n{name} = {name}:main\n",
+        **(extra or {}),
     }
     record = []
     for path, text in files.items():
@@ -175,7 +177,7 @@ def test_pip_install_persists_for_the_same_kernelspec_only(workdir, state_dir):
     finally:
         stop_kernel(k)
     # A new kernel of the same kernelspec, on each start path, has it; another has not.
-    for options in ([], ["--no-prestart"], ["--warm"]):
+    for options in ([], ["--no-prestart"], ["--cold"]):
         same = write_spec(f"pip-a{''.join(options)}",
                           [f"--Sandbox.state_dir={state_dir}", "--Sandbox.kernel_name=a", *options])
         k = start_kernel(workdir, kernel_name=same)
