@@ -276,6 +276,21 @@ def kernel_host_pid(kernel):
     return found[0]
 
 
+def sandbox_tree(kernel):
+    """Host pids of the kernel's sandbox: monitor, init, the kernel and its children.
+    Below the launcher of a cold start; below the warm template for a warm one (the
+    monitor is init's parent there)."""
+    cold = descendants(kernel.km.provisioner.process.pid)
+    if cold:
+        return cold
+
+    def parent(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    monitor = parent(parent(kernel_host_pid(kernel)))
+    return [monitor, *descendants(monitor)]
+
+
 # The limits backend this caller gets: the first usable one, as the launcher picks it
 # (cgroup v1 as root here, rlimits as an ordinary user).
 LIMITS_BACKEND = limits.first_usable(limits.probe())[0]

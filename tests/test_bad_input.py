@@ -180,7 +180,10 @@ def _no_user_namespaces():
 
 def test_host_without_user_namespaces(base):
     os.chmod(base, 0o777)   # the launcher runs as a mapped root that is not host root
-    code, lines = launch(base, connection=conn_file(base), preexec_fn=_no_user_namespaces)
+    # Cold: in this test's own user namespace the warm client trusts no template (right),
+    # and says so in a line of its own before starting cold.
+    code, lines = launch(base, "--cold", connection=conn_file(base),
+                         preexec_fn=_no_user_namespaces)
     assert code != 0
     assert_one_line(lines, "unshare(CLONE_NEWUSER)", "No space left on device",
                     "user namespaces are disabled: sysctl -w user.max_user_namespaces=")

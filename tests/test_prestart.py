@@ -43,20 +43,32 @@ def test_kernel_is_the_prestarted_interpreter(workdir):
 # What a program inside could see of how its kernel was started, besides the command line.
 PROFILE = ("(dict(__import__('os').environ), __import__('os').getcwd(), __import__('sys').path,"
            " tuple(__import__('sys').flags), [l for l in open('/proc/self/status').read()"
-           ".splitlines() if l.startswith(('Uid', 'Gid', 'Groups', 'Cap', 'NoNewPrivs', 'Sig'))"
+           ".splitlines() if l.startswith(('Uid', 'Gid', 'Groups', 'Cap', 'NoNewPrivs', 'Sig',"
+           " 'Seccomp'))"
            # SigQ: signals queued for the whole uid at that instant, not this process's.
-           " and not l.startswith('SigQ')])")
+           " and not l.startswith('SigQ')], open('/proc/self/limits').read(),"
+           " (lambda m: (__import__('os').umask(m), m)[1])(__import__('os').umask(0)),"
+           " __import__('sys').executable, __import__('sys').prefix,"
+           # What is installed: the versions and files of what the template imported.
+           " [(m.__name__, m.__version__, m.__file__) for m in map(__import__, ('ipykernel',"
+           " 'IPython', 'zmq', 'traitlets', 'jupyter_client'))])")
+PROVISIONED = write_spec("isolated-python-provisioned-warm", provisioner=True)
+PROVISIONED_EXEC = write_spec("isolated-python-provisioned-exec", ["--no-prestart"],
+                              provisioner=True)
 
 
 def test_preloaded_kernels_look_like_an_exec_d_one(workdir):
-    # Prestarted and warm kernels both run ipykernel in an interpreter started outside.
+    # Prestarted and warm kernels both run ipykernel in an interpreter started outside;
+    # warm is the default on the argv path and on the provisioner's.
     seen = {}
     try:
-        for how, name in (("prestarted", COLD_NAME), ("exec", EXEC_SPEC), ("warm", KERNEL_NAME)):
+        for how, name in (("prestarted", COLD_NAME), ("exec", EXEC_SPEC), ("warm", KERNEL_NAME),
+                          ("warm provisioned", PROVISIONED),
+                          ("exec provisioned", PROVISIONED_EXEC)):
             k = start_kernel(workdir, kernel_name=name)
             try:
-                if how != "warm":     # a warm kernel shows the template's command line
-                    assert started_how(k) == how
+                if not how.startswith("warm"):  # a warm kernel shows the template's command line
+                    assert started_how(k) == how.split()[0]
                 seen[how] = k.value(PROFILE)
             finally:
                 stop_kernel(k)
@@ -66,6 +78,7 @@ def test_preloaded_kernels_look_like_an_exec_d_one(workdir):
         profile[0].pop("JPY_SESSION_NAME", None)    # per kernel
     assert seen["prestarted"] == seen["exec"]
     assert seen["warm"] == seen["exec"]
+    assert seen["warm provisioned"] == seen["exec provisioned"]
 
 
 def find_interpreter(launcher):
