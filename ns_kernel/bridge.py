@@ -4,6 +4,9 @@ ZMTP is the same bytes over TCP and over a Unix socket, so each accepted TCP con
 paired with a connection to the kernel's ipc socket of the same channel and bytes are
 copied both ways. Flow control: a side is not read while its peer has unsent bytes.
 
+Only the kernel owner's local clients get a twin (peer.py, Sandbox.tcp_clients): another
+user's connection is closed as soon as it is accepted.
+
 A client connects as soon as the ports are bound, long before the kernel binds its
 sockets: the relay waits for them to appear in the socket dir (inotify), not by polling,
 which cost 32 launchers starting at once ~200 wake-ups a second each.
@@ -14,7 +17,9 @@ import selectors
 import socket
 import stat
 import struct
+import sys
 
+from . import peer
 from .connection import CHANNELS, socket_path
 from .errors import SetupError
 from .syscalls import IN_CREATE, IN_MOVED_TO, inotify_watch
@@ -151,11 +156,15 @@ def kernel_socket(path, monitor):
 
 
 class Bridge:
-    def __init__(self, sel, listeners, socket_dir, monitor):
+    def __init__(self, sel, listeners, socket_dir, monitor, owners=None, who="kernel"):
+        """owners: the uids whose local clients may connect (None: every uid's)."""
         self.sel = sel
         self.listeners = listeners
         self.socket_dir = socket_dir
         self.monitor = monitor     # its children are the sandbox's PID namespace
+        self.owners = owners
+        self.who = who
+        self.refusals = set()      # each said once in the log: another user could flood it
         self.relays = set()
         self.waiting = set()   # accepted, kernel socket not there yet
         for sock, port in listeners:
@@ -180,12 +189,25 @@ class Bridge:
                 tcp, _ = listener.accept()
             except BlockingIOError:
                 break
+            why = self.owners is not None and peer.refused(tcp, self.owners)
+            if why:
+                tcp.close()
+                self._say_refused(port, why)
+                continue
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tcp.setblocking(False)
             relay = Relay(self, tcp, socket_path(self.socket_dir, port))
             self.relays.add(relay)
             if not relay.connect():
                 self.waiting.add(relay)
+
+    def _say_refused(self, port, why):
+        if why in self.refusals:
+            return
+        self.refusals.add(why)
+        print(f"ns-kernel: {self.who}: refused a connection to tcp port {port} from {why}: "
+              "only the kernel owner's clients may connect (Sandbox.tcp_clients = any lets "
+              "every local user in)", file=sys.stderr, flush=True)
 
     def retry(self):
         """Called after every wake-up while some client waits for the kernel's sockets."""

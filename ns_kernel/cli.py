@@ -85,13 +85,14 @@ class InstallApp(SandboxApp):
 
     def start_install(self, argv):
         self.parse_command_line(argv)
-        Sandbox(parent=self)   # validate the options now, not at the first kernel start
+        sandbox = Sandbox(parent=self)   # validate the options now, not at the first start
         options = self.sandbox_options(argv) + ([command_line.COLD] if self.cold else [])
         if (self.kernel_name != kernelspec.NAME
                 and "kernel_name" not in self.cli_config.get("Sandbox", {})):
             # Its own persistent home and packages (Sandbox.kernel_name).
             options.append(f"--Sandbox.kernel_name={self.kernel_name}")
-        spec = kernelspec.kernel_dict(options, self.display_name)
+        spec = kernelspec.kernel_dict(options, self.display_name,
+                                      debugger=sandbox.network != "none")
         path = kernelspec.install(self.kernel_name, spec, user=self.user,
                                   prefix=self.prefix or None)
         print(f"Installed kernelspec {self.kernel_name} ({self.display_name!r}) in {path}")

@@ -108,6 +108,15 @@ class Sandbox(Configurable):
         or, when another user made that first, a 0700 dir of the user's own under $TMPDIR
         (said in the log). Keep it short: Unix socket paths are limited to 107 bytes.""")
 
+    tcp_clients = CaselessStrEnum(["owner", "any"], default_value="owner", config=True, help="""
+        Who may connect to a kernel's TCP ports (clients whose connection file says tcp, so
+        the launcher's bridge): 'owner' (default): of local clients, only those of the
+        launcher's uid (the Jupyter server that started the kernel, the user's own
+        consoles and tunnels); other hosts as with a plain kernel. 'any': every local user
+        too, as a plain kernel lets them (for a server of another uid that starts kernels
+        under sudo): then whoever connects to iopub reads the kernel's output unless the
+        server uses transport encryption (transport_encryption = required).""")
+
     seccomp = Unicode("default", config=True, help="""
         'default': a seccomp filter answers EPERM to the syscalls a notebook never needs
         (keyrings, bpf, perf_event_open, userfaultfd, io_uring, kexec, modules,

@@ -9,6 +9,14 @@ import os
 from .errors import SetupError
 
 CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+# CurveZMQ (jupyter_client >= 8.10, transport_encryption auto/required): the kernel's
+# server keys, Z85 (40 characters each). The handshake runs end to end, kernel to client:
+# the bridge relays its bytes like any other.
+CURVE_KEYS = ("curve_publickey", "curve_secretkey")
+Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+# What a kernel with Curve keys gets on its command line: see kernel_config.py.
+CURVE_CONFIG_ARGV = ("--IPKernelApp.extra_config_file="
+                     f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernel_config.py')}")
 FIX = "restart the kernel from Jupyter so it writes a fresh connection file"
 
 
@@ -45,6 +53,12 @@ def check(info, path):
     for name in ("key", "signature_scheme"):
         if not isinstance(info.get(name, ""), str):
             raise bad(f"{name} is {info[name]!r}, not a string")
+    curve = [name for name in CURVE_KEYS if name in info]
+    if curve and len(curve) != len(CURVE_KEYS):
+        raise bad(f"{curve[0]} without {(set(CURVE_KEYS) - set(curve)).pop()}")
+    for name in curve:
+        if not isinstance(info[name], str) or len(info[name]) != 40 or set(info[name]) - Z85:
+            raise bad(f"{name} is not a CurveZMQ key (40 characters of Z85)")
     scheme = info.get("signature_scheme", "hmac-sha256")
     if not scheme.startswith("hmac-"):
         raise bad(f"unknown signature_scheme {scheme!r}")
@@ -52,8 +66,8 @@ def check(info, path):
 
 
 def inner(info, socket_dir_inside):
-    """The connection the inner kernel binds: same key and ports, ipc in the socket dir."""
-    out = {name: info[name] for name in CHANNELS}
+    """The connection the inner kernel binds: same keys and ports, ipc in the socket dir."""
+    out = {name: info[name] for name in (*CHANNELS, *CURVE_KEYS) if name in info}
     out.update(transport="ipc", ip=f"{socket_dir_inside}/k", key=info.get("key", ""),
                signature_scheme=info.get("signature_scheme", "hmac-sha256"),
                kernel_name=info.get("kernel_name", ""))

@@ -1,40 +1,48 @@
 """`ns-kernel doctor [options]`: can this host run isolated kernels, and under which limits?
 
 It reads what governs user namespaces (sysctls, AppArmor) and cgroups (versions, controllers,
-delegation), names the limits backend a kernel would get, then proves it: a throwaway
-sandbox runs through `ns-kernel run` with the same options, the path every kernel takes,
-and reports what it saw inside. Exit 0 when kernels can run; otherwise 1 and the fix.
+delegation), and what a container runtime does to this process (its seccomp filter, masked
+/proc and /sys, root's capabilities and id map: container.py, which tries the sandbox's own
+syscalls and mounts in throwaway namespaces); names the limits backend a kernel would get;
+then proves it: it starts a real kernel each way one starts (the provisioner's, JupyterLab's;
+the argv with its TCP bridge; the warm template), with the same options, through
+jupyter_client as a Jupyter server does, and reports what each saw inside and how it was
+started. Exit 0 when kernels can run; otherwise 1 and the fix, in the words of the
+container runtime when it is the cause.
 """
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 
-from . import cgroup, limits, seccomp
+from . import argv as command_line, cgroup, container, limits, seccomp
 from .config import SandboxApp
 from .plan import Limits
 from .errors import SetupError
 from .syscalls import CloneFlags, unshare
 from .user import _HINT_SYSCTLS, read_sysctl, userns_hint
 
-# Runs inside the throwaway sandbox: what a kernel would see.
+# Runs in each trial kernel: what a kernel sees, and how it was started (prestart.py,
+# warm.py: their interpreters keep the command line they were spawned with).
 PROBE = r"""
-import json, os, socket, importlib.util
+import json, os, socket
 mounts = {}
 for line in open("/proc/self/mounts"):
     fields = line.split()
     mounts[fields[1]] = fields[2]
 with open("/tmp/.ns-kernel-doctor", "w") as f:
     f.write("tmp is writable")
+cmdline = open("/proc/self/cmdline", "rb").read()
 print(json.dumps({
+    "started": ("prestarted" if b"ns_kernel.prestart" in cmdline else
+                "warm" if b"ns_kernel.warm" in cmdline else "exec"),
     "pid": os.getpid(), "uid": os.getuid(), "hostname": socket.gethostname(),
     "processes": sum(p.isdigit() for p in os.listdir("/proc")),
     "proc": mounts.get("/proc"), "tmp": mounts.get("/tmp"),
     "net": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else [],
-    "ipykernel": importlib.util.find_spec("ipykernel") is not None,
+    "cgroup": " ".join(sorted({l.strip().split(":", 2)[2] for l in open("/proc/self/cgroup")})),
     "seccomp": [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0]}))
 """
 RLIMIT_CAVEAT = ("rlimits only: memory gives MemoryError instead of a kill, pids count per "
@@ -114,26 +122,156 @@ def check_cgroups(config):
         note = f" ({RLIMIT_CAVEAT})"
         ok = config.best_effort or not limits.rlimit_cannot(limits.wanted(configured))
     show("ok" if ok else "FAIL", "limits backend",
-         f"{chosen[0]}, for the limits configured: {limits.describe(configured)}{note}")
+         f"{chosen[0]}, for the limits configured: {limits.describe(configured, backend=chosen[0])}"
+         f"{note}")
+    # Elsewhere the trial kernels' launchers say why, in their words.
+    if not ok and container.cgroups_read_only():
+        return (f"ns-kernel: {limits.describe(configured)} needs a cgroup of the kernel's own, "
+                f"and this container's cgroup filesystems are read-only; {container.CGROUP_FIX}")
+    return None
 
 
-def trial_sandbox(argv):
-    """Run PROBE through `ns-kernel run` with the caller's options; (seen, error line)."""
-    cwd = tempfile.mkdtemp(prefix="ns-kernel-doctor-")
-    os.chmod(cwd, 0o755)   # root's sandbox is another uid: it must be able to enter it
+def check_container(config):
+    """What a container runtime does to this process, from a throwaway trial of the
+    sandbox's own syscalls and mounts (container.py); its error lines, each with the
+    setting that fixes it in the runtime's words."""
+    seen = container.probe()
+    if seen.get("unshare"):
+        return []            # check_user_namespaces has said why
+    errors = []
+    denied = container.denied(seen)
+    if denied:
+        errors.append(f"ns-kernel: {container.seccomp_denies(denied)}")
+    show("FAIL" if denied else "ok", "sandbox syscalls",
+         f"denied: {', '.join(denied)}" if denied else
+         f"{', '.join(container.SANDBOX_SYSCALLS)} allowed" +
+         (" (a seccomp filter is on this process)" if container.seccomp_filtered() else ""))
+    refused = [fs for fs in ("proc", "sysfs") if seen.get(fs)
+               and (fs == "proc" or config.network != "host")]
+    masks = container.masked()
+    # A denied mount would refuse them too: that fix comes first.
+    mountable = "mount" not in denied
+    if refused and mountable:
+        where = f" ({', '.join(masks)} mounted over)" if masks else ""
+        errors.append(f"ns-kernel: a fresh {' and '.join(refused)} mount is refused: the container "
+                      f"runtime masks parts of /proc and /sys{where}; unmask them: "
+                      f"{container.MASKED_FIX}")
+    if mountable:
+        show("FAIL" if refused else "ok", "fresh proc and sysfs",
+             f"refused ({', '.join(masks) or 'masked paths'})" if refused else "mountable")
+    missing = container.missing_root_capabilities()
+    if missing:
+        errors.append(f"ns-kernel: root's kernels run as uid {config.sandbox_uid}, but this root "
+                      f"lacks {', '.join(missing)} (a container with --cap-drop ALL?): "
+                      f"{container.ROOT_CAPS_FIX}")
+    unmapped = os.getuid() == 0 and not container.mapped(config.sandbox_uid)
+    if unmapped and not missing:
+        errors.append(f"ns-kernel: root's kernels run as uid {config.sandbox_uid}: "
+                      f"{container.unmapped_fix(config.sandbox_uid)}")
+    if os.getuid() == 0:
+        show("FAIL" if missing or unmapped else "ok", "root's kernels",
+             f"run as uid {config.sandbox_uid}; capabilities "
+             f"{'lacking ' + ', '.join(missing) if missing else 'to chown and map it: present'}"
+             f"; uid map {container.map_text()}")
+    return errors
+
+
+# Each way a kernel starts (conftest.start_paths has them too): kernelspec options, and
+# whether the spec names the provisioner.
+START_PATHS = {
+    "provisioner": ([], True),                 # JupyterLab's: ipc sockets, warm (the default)
+    "argv": ([], False),                       # clients without provisioners: TCP bridge
+    "cold": ([command_line.COLD], True),       # `ns-kernel install --cold`: prestarted
+}
+
+
+def trial_kernels(argv, config):
+    """Start a real kernel each way one starts, through jupyter_client as a Jupyter server
+    does, with the doctor's options, and run PROBE in it; the first error line, or None."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from . import kernelspec, warm
+    data = tempfile.mkdtemp(prefix="ns-kernel-doctor-")
+    cwd = os.path.join(data, "notebooks")
+    os.mkdir(cwd)
+    # Root's kernel runs as another uid: it must enter and write its folder.
+    os.chmod(data, 0o755)
+    os.chmod(cwd, 0o777 if os.getuid() == 0 else 0o755)
+    specs = KernelSpecManager(kernel_dirs=[os.path.join(data, "kernels")])
     try:
-        done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", *argv, "--",
-                               sys.executable, "-c", PROBE], cwd=cwd, capture_output=True,
-                              text=True, timeout=60)
+        had_template = warm.template_pid() is not None
+    except SetupError:
+        # One this process may not check (e.g. started with capabilities it lacks): not
+        # its to stop; the warm trial starts cold and says why.
+        had_template = True
+    first = None
+    try:
+        for how, (options, provisioner) in START_PATHS.items():
+            if how == "cold" and not command_line.kernel_start([*argv, "-f", "-"]).warm:
+                continue        # the options say cold already
+            spec = kernelspec.kernel_dict([*argv, *options], provisioner=provisioner)
+            kernelspec.write_kernel_spec(os.path.join(data, "kernels", how), spec)
+            seen, error = trial_kernel(specs, how, cwd)
+            error = error or judge(seen, config)
+            if seen:
+                show("FAIL" if error else "ok", f"kernel ({how})", describe(seen))
+                if (seen["started"] == "exec" and "--no-prestart" not in argv
+                        and how == "cold"):
+                    show("info", "prestart", prestart_note())
+            else:
+                show("FAIL", f"kernel ({how})", error)
+            first = first or error
     finally:
-        shutil.rmtree(cwd, ignore_errors=True)
-    errors = [line for line in done.stderr.splitlines()
-              if line.startswith("ns-kernel: ") and " limits: " not in line]
-    if done.returncode != 0 or not done.stdout.strip():
-        return None, (errors[-1] if errors else
-                      f"ns-kernel: the trial sandbox failed (exit {done.returncode}): "
-                      f"{done.stderr.strip()[-300:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]), None
+        if not had_template:
+            warm.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return first
+
+
+def trial_kernel(specs, name, cwd):
+    """(what PROBE saw, None) or (None, the launcher's error line)."""
+    from jupyter_client.manager import KernelManager
+    log = tempfile.TemporaryFile("w+")
+    km = KernelManager(kernel_name=name, kernel_spec_manager=specs)
+    output = []
+    try:
+        km.start_kernel(cwd=cwd, stderr=log)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            kc.execute_interactive(PROBE, timeout=60, output_hook=lambda msg: output.append(
+                msg["content"].get("text", "")) if msg["msg_type"] == "stream" else None)
+        finally:
+            kc.stop_channels()
+    except Exception as exc:  # noqa: BLE001 - a kernel that did not start: the launcher says why
+        log.seek(0)
+        errors = [line for line in log.read().splitlines() if line.startswith("ns-kernel: ")
+                  and " limits: " not in line]
+        return None, errors[-1] if errors else f"ns-kernel: the kernel did not start ({exc})"
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+        log.close()
+    return json.loads("".join(output).strip().splitlines()[-1]), None
+
+
+def describe(seen):
+    return (f"{seen['started']}, pid {seen['pid']} of {seen['processes']} processes, /proc "
+            f"{seen['proc']}, /tmp {seen['tmp']} (writable), hostname {seen['hostname']}, uid "
+            f"{seen['uid']}, network {' '.join(seen['net']) or 'host'}, cgroup "
+            f"{seen['cgroup']}, seccomp mode {seen['seccomp']}")
+
+
+def prestart_note():
+    """Why a kernel was exec'd although the prestart was on (prestart.py's fallback)."""
+    why = "its prestarted interpreter could not join the sandbox"
+    if os.getuid() == 0 and not container.has_capability(container.CAP_SYS_PTRACE):
+        why = ("root without CAP_SYS_PTRACE (a container's default) may not join a sandbox "
+               "whose init is another uid")
+    elif container.seccomp_filtered():
+        why = "the container's seccomp filter may deny setns"
+    return (f"kernels are exec'd instead ({why}): they work, each start costs another "
+            "interpreter's imports; --no-prestart skips the attempt")
 
 
 def judge(seen, config):
@@ -147,9 +285,9 @@ def judge(seen, config):
         return f"ns-kernel: the sandbox sees network interfaces {seen['net']}"
     if config.seccomp != "off" and seen["seccomp"] != "2":
         return f"ns-kernel: no seccomp filter inside (Seccomp: {seen['seccomp']})"
-    if not seen["ipykernel"]:
-        return (f"ns-kernel: ipykernel is not importable by {sys.executable} inside the "
-                "sandbox (install it in this environment, readable by every user)")
+    if seen["cgroup"] != "/":
+        return (f"ns-kernel: the kernel sees its cgroup as {seen['cgroup']}: it has no cgroup "
+                "namespace of its own")
     return None
 
 
@@ -158,23 +296,17 @@ def main(argv):
     config = app.load_sandbox_config(argv)
     print(f"ns-kernel doctor: Linux {platform.release()}, Python {platform.python_version()} "
           f"({sys.executable}), uid {os.getuid()}", flush=True)
-    error = check_user_namespaces() or check_seccomp(config)
-    check_cgroups(config)
-    seen = None
-    if not error:
-        seen, error = trial_sandbox(argv)
-        if error and not seen:
-            show("FAIL", "trial sandbox", error)
-    if seen:
-        error = judge(seen, config)
-        show("FAIL" if error else "ok", "trial sandbox",
-             f"pid {seen['pid']} of {seen['processes']} processes, /proc {seen['proc']}, "
-             f"/tmp {seen['tmp']} (writable), hostname {seen['hostname']}, uid {seen['uid']}, "
-             f"network {' '.join(seen['net']) or 'host'}, ipykernel "
-             f"{'importable' if seen['ipykernel'] else 'missing'}, seccomp mode "
-             f"{seen['seccomp']}")
-    if error:
-        print(f"{error}\nns-kernel doctor: isolated kernels cannot run here; fix the above.",
+    first = check_user_namespaces() or check_seccomp(config)
+    errors = [first] if first else []
+    errors += check_container(config)
+    errors += filter(None, [check_cgroups(config)])
+    if errors:
+        show("--", "kernels", "none started: fix the above first")
+    else:
+        errors = list(filter(None, [trial_kernels(argv, config)]))
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        print("ns-kernel doctor: isolated kernels cannot run here; fix the above.",
               file=sys.stderr, flush=True)
         return 1
     print("ns-kernel doctor: isolated kernels can run here.", flush=True)

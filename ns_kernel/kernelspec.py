@@ -8,6 +8,8 @@ import tempfile
 NAME = "isolated-python"
 DISPLAY_NAME = "Isolated Python"
 PROVISIONER = "ns-kernel-provisioner"
+# kernel.json fields taken as ipykernel's own spec has them (metadata too, with ours added).
+SAME_AS_IPYKERNEL = ("language", "kernel_protocol_version")
 
 
 # -P: `-m` would put the current directory (the notebook's, which its kernel may write)
@@ -27,16 +29,26 @@ def launcher_start(argv):
     return kernel_start(argv[4:]) if argv[1:4] == LAUNCHER else None
 
 
-def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True):
+def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True, debugger=True):
     """provisioner: name ours in metadata, so jupyter_client >= 7 clients (JupyterLab,
-    nbclient) connect to the kernel's sockets directly; older clients use argv alone."""
-    metadata = {"debugger": False}
+    nbclient) connect to the kernel's sockets directly; older clients use argv alone.
+
+    The kernel inside is ipykernel, so the spec declares what ipykernel's own spec does
+    (ipykernel 7: the debugger, CurveZMQ transport encryption, the protocol version):
+    JupyterLab shows its debugger by `debugger`, and jupyter_client provisions Curve keys
+    only for a spec whose `supported_encryption` says "curve". debugger: False for a kernel
+    without a loopback (--network none), where debugpy has nowhere to listen."""
+    from ipykernel.kernelspec import get_kernel_dict
+    plain = get_kernel_dict()
+    metadata = dict(plain["metadata"])
+    if not debugger:
+        metadata["debugger"] = False
     if provisioner:
         metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER, "config": {}}
     return {
         "argv": kernel_argv(options),
         "display_name": display_name,
-        "language": "python",
+        **{key: plain[key] for key in SAME_AS_IPYKERNEL if key in plain},
         "interrupt_mode": "signal",
         "metadata": metadata,
     }

@@ -18,8 +18,8 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import bridge, connection, leftovers, limits, mount, offline, output, seccomp, socketdir, \
-    state
+from . import (bridge, connection, leftovers, limits, mount, offline, output, seccomp,
+               socketdir, state, usage)
 from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, build_plan
@@ -90,6 +90,8 @@ class Launch:
             argv.append(limits.EXTENSION_ARGV)
         if info and self.config.network != "host":
             argv.append(offline.EXTENSION_ARGV)
+        if info and connection.CURVE_KEYS[0] in info:
+            argv.append(connection.CURVE_CONFIG_ARGV)
         profile = (seccomp.read_profile(self.config.seccomp)
                    if seccomp.is_profile(self.config.seccomp) else None)
         plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id, profile)
@@ -101,6 +103,10 @@ class Launch:
             # Probes the host (cgroups), so it happens here, not in the pure build_plan.
             self.limits = limits.enforce(plan.limits, self.config.cgroup_parent, self.kernel_id)
             plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
+            if info:
+                # Known only now: which limits are in force (usage.py shows them).
+                plan = replace(plan, argv=(*plan.argv, *usage.argv(plan.limits,
+                                                                    self.limits.skipped)))
             self.started_lines = self.limits.log_lines(plan.limits, self._who())
             if not plan.seccomp or plan.seccomp.source:
                 self.started_lines.append(f"ns-kernel: {self._who()}: " + (
@@ -207,8 +213,9 @@ class Launch:
         server = self._server_pidfd()
         if server is not None:
             sel.register(server, selectors.EVENT_READ, "server")
-        relay = (bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid)
-                 if self.listeners else None)
+        owners = None if self.config.tcp_clients == "any" else {os.getuid()}
+        relay = (bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid, owners,
+                               self._who()) if self.listeners else None)
         if self.output:
             sel.register(self.output.fd, selectors.EVENT_READ, "output")
         try:

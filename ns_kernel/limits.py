@@ -42,7 +42,8 @@ class Enforcement:
         """For the server log: the backend in force, and what best_effort let go."""
         if self.backend == "none":
             return []
-        lines = [f"ns-kernel: {who} limits: {describe(limits, self.skipped)} (by {self.backend})"]
+        lines = [f"ns-kernel: {who} limits: {describe(limits, self.skipped, self.backend)} "
+                 f"(by {self.backend})"]
         if self.skipped:
             lines.append(f"ns-kernel: warning: {who}: {', '.join(self.skipped)} not enforced: "
                          f"{self.backend} cannot (best_effort)")
@@ -58,8 +59,11 @@ def wanted(limits):
     return [name for name in ("memory", "pids", "cpus") if getattr(limits, name)]
 
 
-def describe(limits, skipped=()):
-    shown = {"memory": format_size, "pids": str, "cpus": lambda v: f"{v:g}"}
+def describe(limits, skipped=(), backend=""):
+    # RLIMIT_DATA holds each process, not their sum, and counts no tmpfs page.
+    per_process = " per process" if backend == "rlimit" else ""
+    shown = {"memory": lambda v: format_size(v) + per_process, "pids": str,
+             "cpus": lambda v: f"{v:g}"}
     return ", ".join(f"{n} {shown[n](getattr(limits, n))}"
                      for n in wanted(limits) if n not in skipped) or "none"
 
@@ -137,6 +141,32 @@ def leave_cgroup(origin):
         cgroup.leave(origin)
 
 
+def share(host_value, least):
+    """What one kernel may take of a budget that every process of its uid (and of the
+    owner of its user namespace) shares on the host: a sixteenth, so that no one kernel
+    drains it for the others and the server, but at least what a notebook needs, and
+    never more than the host allows."""
+    return min(host_value, max(host_value // 16, least))
+
+
+# (name, resource, the least a notebook needs): counted per uid on the host, and charged
+# to the owner of the sandbox's user namespace too.
+SHARED_RLIMITS = (("RLIMIT_SIGPENDING", resource.RLIMIT_SIGPENDING, 256),
+                  ("RLIMIT_MSGQUEUE", resource.RLIMIT_MSGQUEUE, 128 << 10))
+
+
+def cap_shared_budgets():
+    """In the sandbox's user namespace (else the host's count of the uid would be
+    compared with the lower limit): its share of queued signals and POSIX message
+    queue bytes."""
+    settings = []
+    for name, which, least in SHARED_RLIMITS:
+        hard = resource.getrlimit(which)[1]
+        host = hard if hard != resource.RLIM_INFINITY else least * 16
+        settings.append((name, which, share(host, least)))
+    _setrlimits(settings)
+
+
 def apply_rlimits(limits):
     """The last-resort backend, applied by init after unshare(CLONE_NEWUSER), so that
     RLIMIT_NPROC counts the sandbox's processes, not every process of the uid."""
@@ -152,6 +182,10 @@ def apply_rlimits(limits):
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
         value = limits.pids if hard == resource.RLIM_INFINITY else min(limits.pids, hard)
         settings.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, value))
+    _setrlimits(settings)
+
+
+def _setrlimits(settings):
     for name, which, value in settings:
         try:
             resource.setrlimit(which, (value, value))

@@ -21,7 +21,8 @@ Before it has joined, the interpreter only imports (from the host's view, never 
 notebook's folder) and runs none of the notebook's code; it then gets exactly what init's
 own child would: the same namespaces, ids, limits, capabilities and session. When the
 interpreter cannot serve (imports failed, a thread appeared, it died before joining),
-init forks and execs the kernel as ever; so does the kernel itself where it could not be
+or joining init's namespaces is refused (setns, e.g. in a container), init forks and
+execs the kernel as ever; so does the kernel itself where it could not be
 faithful (preload.run_preloaded). Honest differences from an exec'd kernel (os.environ,
 sys.path, flags, ids, capabilities and signal dispositions are the same: tested):
 /proc/self/cmdline and /proc/self/environ show the interpreter's `python -c` line and its
@@ -179,7 +180,8 @@ def main():
         os._exit(0)
     try:
         kernel = _join(pickle.loads(data), sock, pidfd, err_w)
-        sock.send(b"K%d" % kernel)
+        # None: joining was refused, and nothing was joined: init execs the kernel.
+        sock.send(b"K%d" % kernel if kernel else b"N")
     except BaseException as exc:  # noqa: BLE001 - reported, never raised into nothing
         forked.report(err_w, SetupError.from_exception(exc, "prestart", "enter the sandbox"))
     os._exit(0)
@@ -197,8 +199,12 @@ def _join(plan, sock, pidfd, err_w):
         drop_supplementary_groups()
     try:
         setns(pidfd, flags)
-    except OSError as exc:
-        raise SetupError("prestart", "setns to init's namespaces", "", exc.errno) from None
+    except OSError:
+        # setns on a pidfd joins all of them or none. Refused (EPERM): host root in a
+        # container without CAP_SYS_PTRACE may not join a sandbox whose init is another
+        # uid, or the container's seccomp filter denies setns. An exec'd kernel needs
+        # neither: it is the documented fallback, not an error.
+        return None
     os.close(pidfd)
     forked.take_ids(plan)
     mount.enter_cwd(plan.cwd)

@@ -249,8 +249,7 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
         mount.makedirs(path)
     if plan.network == "loopback":
         net.bring_up_loopback()
-    if not plan.allow_userns:
-        user.forbid_namespaces()
+    user.set_namespace_limits(plan.allow_userns)
     kernel = prestart.hand_off(prestarted, plan, err_w) if prestarted else None
     if kernel is None:
         kernel = os.fork()
@@ -280,18 +279,17 @@ def seal_socket_dir(sockets, kernel):
     host side connects to those paths (the bridge, the provisioner's client), so the
     kernel must not replace one by a link to a host socket, nor fill the host's disk
     there. Before that moment it has run none of the notebook's code."""
-    if not sockets:
-        return      # `ns-kernel run`: no sockets, nobody connects
-    watch = inotify_watch(SOCKET_DIR_INSIDE, IN_CREATE | IN_MOVED_TO)
-    exited = os.pidfd_open(kernel)
-    try:
-        while not all(_is_socket(f"{SOCKET_DIR_INSIDE}/{name}") for name in sockets):
-            if exited in select.select([watch, exited], [], [])[0]:
-                return      # it died first: init reaps it and leaves
-            _drain(watch)
-    finally:
-        os.close(watch)
-        os.close(exited)
+    if sockets:     # else `ns-kernel run`'s command, which binds none: read-only at once
+        watch = inotify_watch(SOCKET_DIR_INSIDE, IN_CREATE | IN_MOVED_TO)
+        exited = os.pidfd_open(kernel)
+        try:
+            while not all(_is_socket(f"{SOCKET_DIR_INSIDE}/{name}") for name in sockets):
+                if exited in select.select([watch, exited], [], [])[0]:
+                    return      # it died first: init reaps it and leaves
+                _drain(watch)
+        finally:
+            os.close(watch)
+            os.close(exited)
     try:
         mount_setattr(SOCKET_DIR_INSIDE, RO_TOP, recursive=False)
     except OSError as exc:

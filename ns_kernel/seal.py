@@ -4,10 +4,12 @@ for every way in. Init's forked child takes them before it execs the kernel (a c
 prestarted interpreter's helper takes them before it forks the kernel. What hardens a
 kernel goes here, so that no way in can miss it.
 """
+import errno
+
 from . import limits, seccomp
 from .errors import SetupError
-from .syscalls import drop_all_capabilities, join_new_session_keyring, set_dumpable, \
-    set_no_new_privs
+from .syscalls import drop_all_capabilities, join_new_session_keyring, landlock_abi, \
+    scope_abstract_unix_sockets, set_dumpable, set_no_new_privs
 
 # The host's OOM killer takes a kernel before the Jupyter server (0) and the rest of the
 # host: a runaway cell costs its own kernel, not everyone's.
@@ -18,18 +20,35 @@ def seal(plan):
     # Per user namespace, now that this one exists: RLIMIT_NPROC counts the sandbox's
     # processes, not every process of the uid on the host.
     limits.apply_rlimits(plan.limits)
+    limits.cap_shared_budgets()
     # Its /proc/self is its own (a change of uid, or init's choice, left it undumpable:
     # owned by the host's root, so not even oom_score_adj could be written).
     set_dumpable(True)
     # The keyring the Jupyter server had (its keys, root's for a hub) is not the kernel's.
-    _step("keyctl(KEYCTL_JOIN_SESSION_KEYRING)", join_new_session_keyring)
+    _step("keyctl(KEYCTL_JOIN_SESSION_KEYRING)", _join_new_session_keyring)
     _step("write /proc/self/oom_score_adj", _raise_oom_score)
     # setuid binaries stay inert, and the filter below may be loaded without privileges.
     _step("prctl(PR_SET_NO_NEW_PRIVS)", set_no_new_privs)
+    # The host's abstract unix sockets (X11's, D-Bus's) are in its network namespace,
+    # which `--network host` shares: none of them may be reached from here. Older Linux
+    # (Landlock ABI < 6) cannot scope them; the README says so.
+    if plan.network == "host" and landlock_abi() >= 6:
+        scope_abstract_unix_sockets()
     _step("capset (drop every capability)", drop_all_capabilities)
     # Last: what the steps above call (keyctl, prctl) is denied by it.
     if plan.seccomp:
         _step("load the seccomp filter", lambda: seccomp.load(plan.seccomp))
+
+
+def _join_new_session_keyring():
+    try:
+        join_new_session_keyring()
+    except OSError as exc:
+        # EPERM is none of keyctl's own errors: a seccomp filter denies it (Docker's
+        # default profile does, for the whole container). The kernel inherits that filter
+        # and can reach no keyring at all: there is nothing to leave.
+        if exc.errno != errno.EPERM:
+            raise
 
 
 def _raise_oom_score():

@@ -10,6 +10,7 @@ import os
 import stat
 
 from .errors import SetupError
+from .user import owner_hint
 
 FIX = "set Sandbox.socket_dir (--socket-dir) or $XDG_RUNTIME_DIR to a writable directory"
 MAX_SOCKET_PATH = 107
@@ -142,7 +143,7 @@ def give(path, owner, step):
         os.chown(path, *owner)
     except OSError as exc:
         raise SetupError(step, f"chown {owner[0]}:{owner[1]}", path, exc.errno,
-                         "that uid has no mapping here; pick another with --uid/--gid") from None
+                         owner_hint(exc.errno, owner[0])) from None
 
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

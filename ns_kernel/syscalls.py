@@ -16,6 +16,8 @@ SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_RESTRICT_SELF = 446
 
 
 class CloneFlags(enum.IntFlag):
@@ -212,6 +214,36 @@ def set_process_title(title):
     ctypes.memmove(start, raw + b" " * (end - start - len(raw)), end - start)
     name = ctypes.create_string_buffer(title.encode()[:15])
     prctl(PR_SET_NAME, ctypes.addressof(name))
+
+
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+def landlock_abi():
+    """The Landlock ABI version this Linux offers, 0 if none."""
+    version = _libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.c_void_p(None),
+                            ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    return max(version, 0)
+
+
+def scope_abstract_unix_sockets():
+    """Landlock (ABI 6, Linux 6.12): from now on this process and its children connect
+    only to abstract unix sockets made inside the same domain. Needs no_new_privs."""
+    attr = _LandlockRulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)
+    fd = _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                              ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
+                "landlock_create_ruleset(LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)")
+    try:
+        _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(fd),
+                             ctypes.c_uint32(0)), "landlock_restrict_self")
+    finally:
+        os.close(fd)
 
 
 def last_capability():

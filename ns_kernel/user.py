@@ -1,4 +1,5 @@
 """The user namespace: who the sandbox is, seen from inside and from the host."""
+import errno
 import os
 
 from .errors import SetupError
@@ -25,11 +26,24 @@ def read_sysctl(path):
 
 def userns_hint(read=read_sysctl):
     """Why unshare(CLONE_NEWUSER) fails on this host, from the sysctls that govern it."""
+    from . import container
     for path, bad, hint in _HINT_SYSCTLS:
         if read(path) == bad:
             return hint
+    if container.seccomp_filtered():
+        return container.seccomp_denies(["unshare"])
     return ("user namespaces are not allowed here (a seccomp filter, e.g. Docker's default "
             "profile, or a Kubernetes pod without hostUsers: false); run `ns-kernel doctor`")
+
+
+def owner_hint(err, uid):
+    """Why host root could not give a dir to its sandbox's uid (chown), and the fix."""
+    from . import container
+    if err == errno.EINVAL:
+        return container.unmapped_fix(uid)
+    if err == errno.EPERM:
+        return f"root without CAP_CHOWN: {container.ROOT_CAPS_FIX}"
+    return ""
 
 
 def write_id_maps(pid, plan):
@@ -53,20 +67,29 @@ def write_id_maps(pid, plan):
             raise SetupError("user", f"write {text.strip()!r} to", path, exc.errno) from None
 
 
-# What a kernel could otherwise make or exhaust: namespaces of every kind (a nested user
-# namespace reopens most of the host kernel's attack surface, and let one kernel mount a
-# devpts of its own and take every pty of the host), and inotify instances, which every
-# kernel of one uid draws from the same host-wide count.
+# What a kernel could otherwise make: namespaces of every kind (a nested user namespace
+# reopens most of the host kernel's attack surface, and let one kernel mount a devpts of
+# its own and take every pty of the host).
 NAMESPACE_LIMITS = tuple(f"max_{kind}_namespaces" for kind in (
     "user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time"))
-INOTIFY_INSTANCES = 32
+# What every kernel of one uid draws from the same host-wide count (the owner of the
+# sandbox's user namespace is charged too: root, for root's kernels): (name here, the
+# host's setting, the least a notebook needs).
+INOTIFY_BUDGETS = (("max_inotify_instances", "/proc/sys/fs/inotify/max_user_instances", 8),
+                   ("max_inotify_watches", "/proc/sys/fs/inotify/max_user_watches", 8192))
 
 
-def forbid_namespaces():
+def set_namespace_limits(allow_userns):
     """In init, with its capabilities over the sandbox's user namespace: its per-namespace
-    limits (user.* sysctls) say no new namespace may be made in it, and cap inotify."""
-    for name, value in [*((n, 0) for n in NAMESPACE_LIMITS),
-                        ("max_inotify_instances", INOTIFY_INSTANCES)]:
+    limits (user.* sysctls) say no new namespace may be made in it (unless allow_userns),
+    and cap its share of the uid's inotify budgets (limits.share); nested namespaces stay
+    under these caps."""
+    from .limits import share
+    settings = [] if allow_userns else [(n, 0) for n in NAMESPACE_LIMITS]
+    for name, host, least in INOTIFY_BUDGETS:
+        with open(host) as f:       # fs.inotify.* are the host's values, read in any ns
+            settings.append((name, share(int(f.read()), least)))
+    for name, value in settings:
         path = f"/proc/sys/user/{name}"
         if not os.path.exists(path):
             continue     # a namespace kind this kernel does not have

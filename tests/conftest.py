@@ -152,11 +152,13 @@ class Kernel:
         return ast.literal_eval(out.strip())
 
 
-def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, env=None, **kw):
-    """env: variables to set (e.g. HOME) for the launcher, as a server's would be."""
+def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, env=None, stderr=None, **kw):
+    """env: variables to set (e.g. HOME) for the launcher, as a server's would be; stderr:
+    a file for the launcher's (the server log's) lines."""
     km = KernelManager(kernel_name=kernel_name, **kw)
     km.start_kernel(cwd=cwd, extra_arguments=list(extra_arguments),
-                    **({"env": {**os.environ, **env}} if env else {}))
+                    **({"env": {**os.environ, **env}} if env else {}),
+                    **({"stderr": stderr} if stderr else {}))
     kc = km.client()
     kc.start_channels()
     try:
@@ -294,6 +296,8 @@ def sandbox_tree(kernel):
 # The limits backend this caller gets: the first usable one, as the launcher picks it
 # (cgroup v1 as root here, rlimits as an ordinary user).
 LIMITS_BACKEND = limits.first_usable(limits.probe())[0]
+# How the log and the doctor say a memory limit there (RLIMIT_DATA holds each process).
+PER_PROCESS = " per process" if LIMITS_BACKEND == "rlimit" else ""
 
 
 def kernel_cgroup_dir(kernel, controller):

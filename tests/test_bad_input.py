@@ -94,6 +94,9 @@ def test_malformed_connection_file(base, content, fragment):
     ({"shell_port": "x"}, "shell_port is 'x', not a port number"),
     ({"hb_port": 70000}, "hb_port is 70000"),
     ({"signature_scheme": "rot13"}, "unknown signature_scheme 'rot13'"),
+    ({"curve_publickey": "x" * 40}, "curve_publickey without curve_secretkey"),
+    ({"curve_publickey": "x" * 40, "curve_secretkey": "~" * 40},
+     "curve_secretkey is not a CurveZMQ key (40 characters of Z85)"),
 ])
 def test_invalid_connection_fields(base, changes, fragment):
     code, lines = launch(base, connection=conn_file(base, **changes))

@@ -1,12 +1,16 @@
-"""`ns-kernel doctor`: on this host (a real trial sandbox), and on a host where user
-namespaces are off (a user namespace whose own user.max_user_namespaces is 0: that
-sysctl is per user namespace and its root may lower it)."""
+"""`ns-kernel doctor`: on this host (a real kernel each way one starts), on a host where
+user namespaces are off (a user namespace whose own user.max_user_namespaces is 0: that
+sysctl is per user namespace and its root may lower it), and under what a container runtime
+does (a seccomp filter, a masked /proc, dropped capabilities, a short id map), made here
+with the same means; tests/test_containers.py has the real containers."""
+import os
 import subprocess
 import sys
 
-from conftest import LIMITS_BACKEND
-from ns_kernel import limits
+import pytest
 
+from conftest import LIMITS_BACKEND, PER_PROCESS
+from ns_kernel import limits
 
 
 def doctor(*args, prefix=()):
@@ -19,10 +23,15 @@ def test_doctor_passes_here():
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "  ok    user namespaces: " in out
-    assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M, pids 64" \
+    assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M{PER_PROCESS}, pids 64" \
         in out
-    assert "  ok    trial sandbox: pid 2 of 2 processes, /proc proc, /tmp tmpfs (writable)" in out
-    assert "network lo, ipykernel importable, seccomp mode 2" in out
+    # A real kernel each way one starts, each as a kernel started that way is.
+    for how, started in (("provisioner", "warm"), ("argv", "warm"), ("cold", "prestarted")):
+        assert (f"  ok    kernel ({how}): {started}, pid 2 of 2 processes, /proc proc, /tmp "
+                "tmpfs (writable)") in out
+    assert "network lo, cgroup /, seccomp mode 2" in out
+    assert "  ok    sandbox syscalls: unshare, mount, umount2, pivot_root, open_tree, " in out
+    assert "  ok    fresh proc and sysfs: mountable" in out
     assert "  ok    seccomp: libseccomp.so.2 loads; the default filter denies " in out
     assert out.rstrip().endswith("isolated kernels can run here.")
 
@@ -46,4 +55,86 @@ def test_doctor_names_the_sysctl_when_user_namespaces_are_off():
             "disabled: sysctl -w user.max_user_namespaces=15000)")
     assert f"  FAIL  user namespaces: {line}" in done.stdout
     assert done.stderr.splitlines()[0] == line
-    assert "trial sandbox" not in done.stdout
+    assert "  --    kernels: none started: fix the above first" in done.stdout
+
+
+# What a container runtime does, done to the doctor here: it names the cause and the
+# runtime's setting (docs/containers.md), and starts no kernel.
+def test_doctor_names_the_container_seccomp_profile():
+    from test_prestart import denying
+    done = doctor(prefix=denying("sethostname", "pivot_root"))
+    assert done.returncode == 1
+    assert "  FAIL  sandbox syscalls: denied: pivot_root, sethostname" in done.stdout
+    assert done.stderr.startswith(
+        "ns-kernel: a seccomp filter (the container's) denies pivot_root, sethostname; run the "
+        "container with ns_kernel's seccomp profile ")
+    assert "container-seccomp.json: `docker run --security-opt seccomp=FILE`" in done.stderr
+    assert "seccompProfile: {type: Localhost, localhostProfile: FILE}" in done.stderr
+    assert "  --    kernels: none started: fix the above first" in done.stdout
+
+
+def test_doctor_names_a_seccomp_filter_that_denies_user_namespaces():
+    from test_prestart import denying
+    done = doctor(prefix=denying("unshare"))
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "ns-kernel: unshare(CLONE_NEWUSER): Operation not permitted (a seccomp filter (the "
+        "container's) denies unshare; run the container with ns_kernel's seccomp profile ")
+
+
+def test_doctor_names_masked_proc():
+    # A file of /proc mounted over, as Docker's masked paths are: no fresh proc may then be
+    # mounted (it would show what the mask hides).
+    done = doctor(prefix=["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                          'mount --bind /dev/null /proc/version && exec "$@"', "sh"])
+    assert done.returncode == 1
+    assert "  FAIL  fresh proc and sysfs: refused (/proc/version)" in done.stdout
+    assert ("ns-kernel: a fresh proc mount is refused: the container runtime masks parts of "
+            "/proc and /sys (/proc/version mounted over); unmask them: `docker run "
+            "--security-opt systempaths=unconfined`, `podman run --security-opt unmask=ALL`; "
+            "Kubernetes: securityContext.procMount: Unmasked") in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only host root can drop its capabilities")
+def test_doctor_names_roots_capabilities():
+    done = doctor(prefix=["setpriv", "--inh-caps=-chown,-setuid", "--bounding-set=-chown,-setuid"])
+    assert done.returncode == 1
+    assert "  FAIL  root's kernels: run as uid 65534; capabilities lacking CAP_CHOWN, " \
+        "CAP_SETUID" in done.stdout
+    assert ("this root lacks CAP_CHOWN, CAP_SETUID (a container with --cap-drop ALL?): "
+            "`docker run --cap-add CHOWN --cap-add SETUID --cap-add SETGID`") in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only host root can drop its capabilities")
+def test_doctor_explains_an_exec_instead_of_the_prestart():
+    done = doctor(prefix=["setpriv", "--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "  ok    kernel (cold): exec, pid 2 of 2 processes" in done.stdout
+    assert ("  info  prestart: kernels are exec'd instead (root without CAP_SYS_PTRACE (a "
+            "container's default) may not join") in done.stdout
+
+
+# The launcher's own line for the same causes (the server log's), when root gives its
+# kernel's dirs to nobody: which capability is missing, or which map lacks the uid.
+LAUNCHER_HINTS = {
+    "no CAP_CHOWN": (["setpriv", "--inh-caps=-chown", "--bounding-set=-chown"],
+                     "Operation not permitted (root without CAP_CHOWN: `docker run --cap-add "
+                     "CHOWN --cap-add SETUID --cap-add SETGID`"),
+    "a map without 65534": (["unshare", "--user", "--map-root-user"],
+                            "Invalid argument (uid 65534 has no mapping in this user namespace "
+                            "(uids 0-0: a container's map?): pick a mapped uid (--uid 1000 "
+                            "--gid 1000) or give the container a map of 65536 ids"),
+}
+
+
+@pytest.mark.parametrize("cause", LAUNCHER_HINTS)
+def test_launcher_names_why_root_cannot_give_nobody_its_dirs(cause, tmp_path):
+    prefix, hint = LAUNCHER_HINTS[cause]
+    if cause == "no CAP_CHOWN" and os.geteuid() != 0:
+        pytest.skip("only host root can drop its capabilities")
+    os.chmod(tmp_path, 0o777)
+    done = subprocess.run([*prefix, sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                           "/bin/true"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("ns-kernel: chown 65534:65534 ") and hint in line, line

@@ -32,6 +32,7 @@ PROBE = ("import os, socket\n"
 
 # Interrupted once it has printed: a loaded machine may take a while to start it.
 LOOP = "print('looping', flush=True)\nwhile True: pass"
+LIMITED_MEMORY = "512M"
 
 
 def parse_probe(text):
@@ -47,10 +48,13 @@ def free_port():
 
 
 def install_spec(top, socket_base):
-    """`ns-kernel install` as an admin runs it; the Jupyter data dir that now holds it."""
+    """`ns-kernel install` as an admin runs it (and once more with a memory limit); the
+    Jupyter data dir that now holds them."""
     prefix = os.path.join(top, "prefix")
-    subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={prefix}",
-                    f"--socket-dir={socket_base}"], check=True, capture_output=True)
+    for options in ([], ["--name=isolated-limited", f"--memory={LIMITED_MEMORY}"]):
+        subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={prefix}",
+                        f"--socket-dir={socket_base}", *options], check=True,
+                       capture_output=True)
     return os.path.join(prefix, "share", "jupyter")
 
 
@@ -114,7 +118,9 @@ class Lab(Server):
                    JUPYTER_DATA_DIR=os.path.join(self.top, "data"))
         cmd = [os.path.join(BIN, "jupyter-lab"), "--no-browser", "--ip=127.0.0.1",
                f"--port={self.port}", "--ServerApp.port_retries=0",
-               f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}"]
+               f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}",
+               # CurveZMQ between the server and every kernel (jupyter_client >= 8.10).
+               "--MappingKernelManager.transport_encryption=required"]
         if os.getuid() == 0:
             cmd.append("--allow-root")
         with open(self.log, "w") as log:
@@ -266,8 +272,9 @@ def test_rest_and_websocket(lab):
     async def main():
         kernel_id = lab.api("POST", "/api/kernels", {"name": "isolated-python"})["id"]
         info = lab.connection(kernel_id)
-        # The server talks to the kernel's own sockets, in its private socket dir.
-        assert info["transport"] == "ipc"
+        # The server talks to the kernel's own sockets, in its private socket dir, with
+        # CurveZMQ keys (transport_encryption = required: it would not start without).
+        assert info["transport"] == "ipc" and len(info["curve_publickey"]) == 40
         box = os.path.dirname(info["ip"])
         assert os.path.dirname(box) == lab.socket_base
         launcher = lab.launcher_pid(kernel_id)
@@ -296,6 +303,24 @@ def test_rest_and_websocket(lab):
         assert wait_until(lambda: not alive(tree)), f"still running: {alive(tree)}"
         assert not os.path.lexists(box)
     asyncio.run(main())
+
+
+def test_kernel_usage_panel_shows_the_sandbox(lab):
+    """What jupyter-resource-usage's kernel usage panel fetches, for a kernel with --memory:
+    the kernel's numbers, and its limit as the memory total, not the host's."""
+    kernel_id = lab.api("POST", "/api/kernels", {"name": "isolated-limited"})["id"]
+    try:
+        for _ in range(60):     # "loading" until the kernel answers on its control channel
+            usage = lab.api("GET", f"/api/metrics/v1/kernel_usage/get_usage/{kernel_id}")
+            if "kernel_memory" in usage.get("content", {}):
+                break
+            time.sleep(0.5)
+        content = usage["content"]
+        assert content["pid"] == 2 and content["hostname"].startswith("isolated-")
+        assert content["kernel_memory"] > 10 << 20
+        assert content["host_virtual_memory"]["total"] == 512 << 20
+    finally:
+        lab.api("DELETE", f"/api/kernels/{kernel_id}")
 
 
 def test_two_kernels_get_different_sandboxes(lab):
@@ -327,7 +352,7 @@ def test_two_kernels_get_different_sandboxes(lab):
 
 def test_in_the_browser(lab, tmp_path):
     """Create a notebook, pick Isolated Python, run a cell, interrupt from the toolbar,
-    restart from the menu. NS_KERNEL_SCREENSHOT=docs/screenshot.png refreshes the README's
+    restart from the menu, turn the debugger on. NS_KERNEL_SCREENSHOT=docs/screenshot.png refreshes the README's
     picture."""
     from playwright.sync_api import expect, sync_playwright
     assert os.path.exists(CHROMIUM), "install chromium (scripts/env.sh does, as root)"
@@ -362,6 +387,7 @@ def test_in_the_browser(lab, tmp_path):
             expect(out).to_contain_text("]")
             assert_sandboxed(parse_probe(out.inner_text()))
 
+
             out = run(LOOP)
             expect(out).to_contain_text("looping")
             page.get_by_role("button", name="Interrupt the kernel").click()
@@ -374,6 +400,15 @@ def test_in_the_browser(lab, tmp_path):
                       "__import__('socket').gethostname())")
             expect(out).to_contain_text("False 2 isolated-")
             page.screenshot(path=shot)
+
+            # JupyterLab's debugger, as for a plain Python kernel: the toggle is enabled,
+            # and once on, its variables panel shows the kernel's.
+            bug = page.locator(".jp-DebuggerBugButton button")
+            expect(bug).to_be_enabled()
+            bug.click()
+            expect(bug).to_have_attribute("aria-pressed", "true")
+            expect(run("shown = 40 + 2\nprint(shown)")).to_contain_text("42")
+            expect(page.locator(".jp-DebuggerVariables")).to_contain_text("shown")
         finally:
             browser.close()
     assert os.path.getsize(shot) > 10000

@@ -28,6 +28,8 @@ def test_ns_kernel_install_with_options(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Installed kernelspec isolated-small" in proc.stdout
     spec = kernelspecs(prefix)["isolated-small"]["spec"]
+    assert spec["metadata"]["supported_encryption"] == ["curve"]
+    assert spec["metadata"]["debugger"] is False    # debugpy needs the loopback
     assert spec["display_name"] == "Isolated Python (small)"
     assert spec["interrupt_mode"] == "signal"
     argv = spec["argv"]
@@ -35,6 +37,26 @@ def test_ns_kernel_install_with_options(tmp_path):
     assert argv[-2:] == ["-f", "{connection_file}"]
     assert "--tmp-size=64M" in argv and "--network=none" in argv
     assert not any(a.startswith(("--name", "--display-name", "--prefix")) for a in argv)
+
+
+def test_shipped_spec_is_what_ns_kernel_install_writes(tmp_path):
+    # Two ways to install (README): they must give the same kernel, with what ipykernel's
+    # own spec declares (JupyterLab's debugger, CurveZMQ), its argv's python aside.
+    from ipykernel.kernelspec import get_kernel_dict
+    subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={tmp_path}"],
+                   check=True, capture_output=True)
+    with open(tmp_path / "share" / "jupyter" / "kernels" / "isolated-python" / "kernel.json") as f:
+        installed = json.load(f)
+    with open(os.path.join(REPO, "kernelspec", "isolated-python", "kernel.json")) as f:
+        shipped = json.load(f)
+    assert shipped["argv"][0] == "python3" and installed["argv"][0] == sys.executable
+    assert shipped["argv"][1:] == installed["argv"][1:]
+    assert {**shipped, "argv": None} == {**installed, "argv": None}
+    plain = get_kernel_dict()
+    assert {k: v for k, v in installed["metadata"].items() if k != "kernel_provisioner"} \
+        == plain["metadata"]
+    assert installed["metadata"]["debugger"] is True
+    assert installed["metadata"]["supported_encryption"] == ["curve"]
 
 
 def test_install_rejects_bad_options(tmp_path):
@@ -99,6 +121,10 @@ def test_every_install_variant_starts_through_the_provisioner(tmp_path, workdir,
     k = start_kernel(workdir, kernel_name=name)
     try:
         assert isinstance(k.km.provisioner, IsolatedProvisioner)
+        metadata = k.km.kernel_spec.metadata
+        assert metadata["supported_encryption"] == ["curve"]
+        # debugpy listens on the kernel's loopback, which --network none has down.
+        assert metadata["debugger"] is (variant != "network")
         assert k.km.get_connection_info()["transport"] == "ipc"
         assert k.value("__import__('os').getpid()") == 2
         if probe:

@@ -15,7 +15,7 @@ import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
-from conftest import LIMITS_BACKEND, kernel_cgroup_dir, start_kernel, stop_kernel
+from conftest import LIMITS_BACKEND, PER_PROCESS, kernel_cgroup_dir, start_kernel, stop_kernel
 from ns_kernel import cgroup, limits
 from ns_kernel.launcher import Launch
 
@@ -142,7 +142,7 @@ def test_run_says_out_of_memory(workdir):
     done = ns_kernel("run", "--memory", "256M", "--", sys.executable, "-c",
                      "import resource; print(resource.getrlimit(resource.RLIMIT_DATA)[0]); "
                      "x = bytearray(8 << 30)", cwd=workdir)
-    assert f"ns-kernel: command limits: memory 256M, pids {limits.DEFAULT_PIDS} (by {LIMITS_BACKEND})" \
+    assert f"ns-kernel: command limits: memory 256M{PER_PROCESS}, pids {limits.DEFAULT_PIDS} (by {LIMITS_BACKEND})" \
         in done.stderr
     if LIMITS_BACKEND == "rlimit":
         assert done.stdout.strip() == str(256 * MiB)
@@ -322,7 +322,7 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     name = launch.kernel_id[:8] or os.path.basename(connection_file)
     lines = log_path.read_text().splitlines()
     assert any(line.startswith(f"ns-kernel: kernel {name} {reason}") for line in lines), lines
-    assert f"ns-kernel: kernel {name} limits: memory 512M, pids 64 (by {LIMITS_BACKEND})" in lines
+    assert f"ns-kernel: kernel {name} limits: memory 512M{PER_PROCESS}, pids 64 (by {LIMITS_BACKEND})" in lines
     stderr = "".join(text for stream, text in out if stream == "stderr")
     assert stderr.startswith(f"ns-kernel: kernel {name} {reason}"), out
     assert stderr.rstrip().endswith("; this is a new kernel")

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -203,3 +204,60 @@ def test_launcher_killed_before_the_sandbox_leaves_no_interpreter(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "none.json" in proc.stderr
     assert wait_until(lambda: not stray_prestarted(), timeout=3), stray_prestarted()
+
+
+# A command under a seccomp filter that denies `names` alone (as a container's may), then
+# exec'd: everything it starts inherits the filter.
+DENY = """
+import errno, os, sys
+from ns_kernel import seccomp
+from ns_kernel.syscalls import set_no_new_privs
+lib = seccomp._library()
+ctx = lib.seccomp_init(seccomp.SCMP_ACT_ALLOW)
+for name in sys.argv[1].split(","):
+    lib.seccomp_rule_add(ctx, seccomp.SCMP_ACT_ERRNO(errno.EPERM),
+                         lib.seccomp_syscall_resolve_name(name.encode()), 0)
+set_no_new_privs()
+assert lib.seccomp_load(ctx) == 0
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def denying(*names):
+    """The argv prefix that runs a command under a filter denying `names`."""
+    return [sys.executable, "-P", "-c", DENY, ",".join(names)]
+
+
+LAUNCHER = [sys.executable, "-P", "-m", "ns_kernel"]
+REFUSALS = {
+    # what any launcher meets under a filter like Docker's or podman's without setns
+    "seccomp denies setns": [*denying("setns"), *LAUNCHER],
+    # a container's root: no CAP_SYS_PTRACE, and init (nobody by then) is another uid
+    "root without CAP_SYS_PTRACE": ["setpriv", "--inh-caps=-sys_ptrace",
+                                    "--bounding-set=-sys_ptrace", *LAUNCHER],
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_setns_refused_means_exec(workdir, refusal):
+    if refusal.startswith("root") and os.geteuid() != 0:
+        pytest.skip("only host root can drop a capability it has")
+    from ns_kernel import kernelspec
+    from conftest import _DATA
+    spec = kernelspec.kernel_dict(provisioner=False)
+    spec["argv"] = [*REFUSALS[refusal], *spec["argv"][4:]]
+    name = f"isolated-python-{refusal.replace(' ', '-')}"
+    kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name), spec)
+    log = tempfile.TemporaryFile("w+")
+    k = start_kernel(workdir, kernel_name=name, stderr=log)
+    try:
+        assert started_how(k) == "exec"
+        assert k.value("(__import__('os').getpid(), __import__('os').getppid())") == (2, 1)
+        # The prestarted interpreter tried and gave way: it is gone, and it said nothing.
+        assert wait_until(lambda: not stray_prestarted(), timeout=3)
+    finally:
+        stop_kernel(k)
+    log.seek(0)
+    # The limits line is every kernel's; no other line: the fallback is no error.
+    assert [line for line in log.read().splitlines()
+            if line.startswith("ns-kernel:") and " limits: " not in line] == []
