@@ -244,7 +244,7 @@ def test_setns_refused_means_exec(workdir, refusal):
         pytest.skip("only host root can drop a capability it has")
     from ns_kernel import kernelspec
     from conftest import _DATA
-    spec = kernelspec.kernel_dict(provisioner=False)
+    spec = kernelspec.kernel_dict(["--cold"], provisioner=False)   # a prestarted interpreter
     spec["argv"] = [*REFUSALS[refusal], *spec["argv"][4:]]
     name = f"isolated-python-{refusal.replace(' ', '-')}"
     kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name), spec)
