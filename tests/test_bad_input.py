@@ -207,6 +207,8 @@ def test_interpreter_unreachable_by_sandbox_uid(base):
     argv = [os.path.join(venv, "bin", "python"), "-P", "-m", "ns_kernel",
             f"--socket-dir={base}/sockets", "-f", conn_file(base)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base, env=env)
+    from conftest import stop_templates
+    stop_templates(argv[0])     # this interpreter's warm template: its kernel exec'd instead
     assert proc.returncode != 0
     assert_one_line(proc.stderr.splitlines(), "execve", "Permission denied",
                     "runs as uid 65534", "/usr/bin/python3")
