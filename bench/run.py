@@ -1,6 +1,7 @@
 """Isolated Python next to a plain ipykernel, measured in one run.
 
     bench/run [--quick] [--rounds N] [--json FILE]
+    bench/run --soak N [--alive M]
 
 Every figure is taken for a plain ipykernel (a kernelspec running the same interpreter's
 `-m ipykernel_launcher`) and for Isolated Python in the same run, alternating kinds within
@@ -12,7 +13,10 @@ Rows:
   start        launch (KernelManager.start_kernel) to the kernel_info reply
   round trip   execute_request of `pass` to its reply and the iopub idle status
   output       a cell printing 100 MB in 1 MB chunks; a 20 MB display_data payload
-  memory       PSS (/proc/PID/smaps_rollup) summed over the kernel's whole process tree
+  memory       PSS (/proc/PID/smaps_rollup) summed over the kernel's whole process tree;
+               a warm kernel's also counts the warm template's whole tree (the template,
+               every kernel's launcher, monitor, init and kernel) divided over the kernels
+               it serves, and, for one kernel alone, all of it
   scale        N kernels started at once: time until all answer, host memory held
   proxy        a download from an HTTP server on host loopback by a `--network host`
                kernel and by a `--network proxy` one (through its proxy), alternating; the
@@ -23,7 +27,6 @@ The client uses a 10 ms ZMQ reconnect interval (default 100 ms) for every kind a
 that start times are not rounded up to the next reconnect attempt.
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -40,6 +43,8 @@ from jupyter_client.manager import KernelManager
 from ns_kernel import kernelspec
 
 TRIVIAL = "pass"
+# Kinds that start from the warm template (the default).
+WARM_KINDS = ("isolated", "provisioner", "nofilter")
 PRINT_CODE = ("import sys\nchunk = 'x' * (1 << 20)\n"
               "for _ in range({n}):\n    sys.stdout.write(chunk)\n    sys.stdout.flush()\n")
 DOWNLOAD_CODE = r'''
@@ -71,20 +76,19 @@ class Kinds:
                              "display_name": "plain", "language": "python",
                              "interrupt_mode": "signal"})
         self.missing = {}
+        # What `ns-kernel install` writes: warm, on the provisioner's path and the argv one.
         spec = kernelspec.kernel_dict()
         if "kernel_provisioner" in spec["metadata"]:
             self._spec("provisioner", spec)
         else:
             self.missing["provisioner"] = "kernel.json names no provisioner"
         self._spec("isolated", argv_only(spec))
-        # For comparison: the kernel exec'd once the sandbox is built (prestart.py).
+        # The opt-out: a cold start, the kernel's interpreter prestarted (prestart.py).
+        self._spec("cold", argv_only(kernelspec.kernel_dict(["--cold"])))
+        # For comparison: the kernel exec'd once the sandbox is built.
         self._spec("exec", argv_only(kernelspec.kernel_dict(["--no-prestart"])))
         # What the seccomp filter costs: the argv path without it.
         self._spec("nofilter", argv_only(kernelspec.kernel_dict(["--seccomp=off"])))
-        if importlib.util.find_spec("ns_kernel.warm"):
-            self._spec("warm", argv_only(kernelspec.kernel_dict(["--warm"])))
-        else:
-            self.missing["warm"] = "ns_kernel.warm not written yet"
 
     def _spec(self, kind, spec):
         name = f"bench-{kind}"
@@ -197,9 +201,12 @@ class Bench:
                 for _ in range(20):   # warm up: first cells compile and import
                     self.execute(kc, TRIVIAL)
             time.sleep(0.5)
+            # A warm kernel's launcher, monitor, init and kernel live under the template:
+            # its whole tree, divided over the kernels it serves.
+            served = sum(kind in WARM_KINDS for kind, _ in lanes.values())
+            shared = template_pss() / served if served else 0
             for label, (km, _) in kernels.items():
-                # A warm kernel lives under the template, with the template's own share.
-                extra = template_pss() if lanes[label][0] == "warm" else 0
+                extra = shared if lanes[label][0] in WARM_KINDS else 0
                 mem[label] = (pss_tree(kernel_pid(km)) + extra) / (1 << 20)
             labels = list(lanes)
             for r in range(rounds):
@@ -230,7 +237,7 @@ class Bench:
             time.sleep(1.0)
             held = host_used() - before
             pss = sum(pss_tree(kernel_pid(km)) for km, _, _ in started)
-            pss = (pss + (template_pss() if kind == "warm" else 0)) / (1 << 20)
+            pss = (pss + (template_pss() if kind in WARM_KINDS else 0)) / (1 << 20)
         finally:
             for km, kc, _ in started:
                 self.stop(km, kc)
@@ -283,6 +290,25 @@ class Bench:
             shutil.rmtree(folder, ignore_errors=True)
         return took, mem, busy, cpu
 
+    def alone(self, kind):
+        """MB of PSS of one kernel with no other alive (a warm one: the whole template)."""
+        km, kc = self.start(kind)[:2]
+        try:
+            for _ in range(20):
+                self.execute(kc, TRIVIAL)
+            time.sleep(0.5)
+            extra = template_pss() if kind in WARM_KINDS else 0
+            return (pss_tree(kernel_pid(km)) + extra) / (1 << 20)
+        finally:
+            self.stop(km, kc)
+
+    def first_start(self):
+        """A user's first kernel, which starts the template: seconds to its kernel_info."""
+        stop_template()
+        km, kc, elapsed = self.start("isolated")
+        self.stop(km, kc)
+        return elapsed
+
     def close(self):
         self.log.close()
         self.ctx.term()
@@ -298,6 +324,15 @@ def rotate(items, r):
 def kernel_pid(km):
     prov = km.provisioner
     return getattr(prov, "pid", None) or prov.process.pid
+
+
+def stop_template():
+    """Stop the warm template and wait until it no longer listens."""
+    from ns_kernel import warm
+    warm.stop()
+    deadline = time.monotonic() + 10
+    while warm.template_pid() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def template_pss():
@@ -415,6 +450,65 @@ class Table:
         return "\n".join([line(head), sep, *map(line, self.rows)])
 
 
+def soak(total, alive):
+    """Start and stop `total` default (warm) kernels in a row, `alive` of them at once (each
+    new one replaces the oldest), in a socket base of its own; every `alive` starts, what
+    must not grow: the template's own memory, fds and threads, the socket dirs, the host's
+    mounts and ns-kernel cgroups (host-wide: other users' kernels count too), the
+    processes below the template and our own fds."""
+    from ns_kernel import cgroup, socketdir, warm
+    os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="ns-kernel-soak-")
+    workdir = tempfile.mkdtemp(prefix="ns-kernel-bench-wd-")
+    os.chmod(workdir, 0o777)
+    kinds = Kinds()
+    bench = Bench(kinds, workdir)
+    base = socketdir.default_base()
+
+    def sample(started):
+        pid = warm.template_pid()
+        time.sleep(0.5)     # the children it forked for that connection leave
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in f if "kB" in line}
+        private = (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024
+        cgroups = sum(name.startswith("ns-kernel-") for mounts in cgroup.hierarchies().values()
+                      for mount in mounts[:1] for _, dirs, _ in os.walk(mount) for name in dirs)
+        with open("/proc/self/mountinfo") as f:
+            mounts = len(f.readlines())
+        return (started, f"{kb['Rss'] / 1024:.1f}", f"{private:.1f}",
+                len(os.listdir(f"/proc/{pid}/fd")),
+                len(os.listdir(f"/proc/{pid}/task")), len(tree(pid)) - 1,
+                len(os.listdir(base)), mounts, cgroups, len(os.listdir("/proc/self/fd")))
+
+    head = ("started", "template RSS MB", "template private MB", "template fds", "template threads",
+            "procs below template", "socket base entries", "host mounts", "ns-kernel cgroups",
+            "bench fds")
+    print(" | ".join(head), flush=True)
+    running = []
+    t0 = time.monotonic()
+    try:
+        for i in range(1, total + 1):
+            km, kc, _ = bench.launch("isolated")
+            bench.wait_ready(kc)
+            running.append((km, kc))
+            if len(running) > alive:
+                bench.stop(*running.pop(0))
+            if i % alive == 0 or i == total:
+                print(" | ".join(map(str, sample(i))), flush=True)
+        while running:
+            bench.stop(*running.pop(0))
+        time.sleep(1)
+        print(" | ".join(map(str, sample("all stopped"))), flush=True)
+        print(f"{total} kernels, {alive} alive, in {time.monotonic() - t0:.0f} s")
+    finally:
+        for km, kc in running:
+            bench.stop(km, kc)
+        stop_template()
+        bench.close()
+        kinds.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(os.environ["XDG_RUNTIME_DIR"], ignore_errors=True)
+
+
 def leftovers(before):
     """Processes of ours still running: the bench must leave nothing behind."""
     now = set(tree(os.getpid()))
@@ -431,7 +525,12 @@ def main(argv=None):
     parser.add_argument("--log", default=os.path.join(tempfile.gettempdir(),
                                                       f"ns-kernel-bench-{os.getuid()}.log"),
                         help="the kernels' own output goes here (default: %(default)s)")
+    parser.add_argument("--soak", type=int, metavar="N",
+                        help="instead: start and stop N warm kernels in a row (see soak())")
+    parser.add_argument("--alive", type=int, default=64, help="--soak: kernels alive at once")
     args = parser.parse_args(argv)
+    if args.soak:
+        return soak(args.soak, args.alive)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 5)
     n_rtt = 20 if quick else 500
@@ -468,9 +567,7 @@ def main(argv=None):
         table.add("round trip p99 while downloading, proxy (vs host)", ms(busy["host"], .99),
                   ms(busy["proxy"], .99), "ms", fmt="{:.2f}")
     finally:
-        if "warm" in kinds:
-            from ns_kernel import warm
-            warm.stop()
+        stop_template()
         bench.close()
         kinds.close()
         time.sleep(0.5)
@@ -492,22 +589,20 @@ def main(argv=None):
 
 def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, n_scale):
     """Every row but the proxy's."""
-    iso = [k for k in ("isolated", "provisioner", "warm") if k in kinds]
-    if "warm" in kinds:
-        # The first warm kernel starts the template (as long as a cold start): the
-        # rows show the steady state.
-        bench.stop(*bench.start("warm")[:2])
+    iso = [k for k in ("isolated", "provisioner", "cold") if k in kinds]
+    raw["first start"] = [bench.first_start() for _ in range(rounds)]
+    # The rows below show the steady state: the template runs.
     starts = bench.starts(["plain", *iso, "exec", "nofilter"], rounds)
     raw["start"] = starts
     plain_start = statistics.median(starts["plain"])
-    labels = {"isolated": "start, argv launcher", "provisioner": "start, provisioner",
-              "warm": "start, warm (--warm)", "exec": "start, argv, --no-prestart",
-              "nofilter": "start, argv, --seccomp off"}
+    labels = {"isolated": "start, default (warm), argv", "provisioner":
+              "start, default (warm), provisioner", "cold": "start, --cold, argv",
+              "exec": "start, argv, --no-prestart", "nofilter": "start, argv, --seccomp off"}
     for kind in iso:
-        if kind == "warm":
-            table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 0.30)
-        else:
-            table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s", 1.05)
+        table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s",
+                  0.25 if kind in WARM_KINDS else 1.05)
+    table.add("start, a user's first kernel (starts the template)", plain_start,
+              statistics.median(raw["first start"]), "s")
     for kind in ("exec", "nofilter"):
         table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s")
     for kind, why in kinds.missing.items():
@@ -516,18 +611,14 @@ def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, 
 
     lanes = {"plain tcp": ("plain", "tcp"), "bridge": ("isolated", "tcp"),
              "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc"),
-             "bridge, --seccomp off": ("nofilter", "tcp")}
-    if "warm" in kinds:
-        lanes["warm"] = ("warm", "tcp")
+             "bridge, --seccomp off": ("nofilter", "tcp"), "bridge, --cold": ("cold", "tcp")}
     rtt, out, disp, mem = bench.latency_and_output(lanes, rounds, n_rtt, out_mb, display_mb)
     raw.update(rtt=rtt, output=out, display=disp, pss_mb=mem)
     ms = lambda xs, q: pct(xs, q) * 1000
     for label, base, target in (("bridge", "plain tcp", 1.15),
                                 ("direct ipc", "plain ipc", 1.05),
-                                ("warm", "plain tcp", 1.15),
+                                ("bridge, --cold", "plain tcp", 1.15),
                                 ("bridge, --seccomp off", "plain tcp", None)):
-        if label not in rtt:
-            continue
         table.add(f"round trip p50, {label}", ms(rtt[base], .5), ms(rtt[label], .5), "ms",
                   target, fmt="{:.2f}")
         table.add(f"round trip p99, {label}", ms(rtt[base], .99), ms(rtt[label], .99), "ms",
@@ -537,11 +628,14 @@ def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, 
                   statistics.median(out[label]), "s", 1.05)
         table.add(f"display {display_mb} MB, {label}", statistics.median(disp[base]),
                   statistics.median(disp[label]), "s")
-    table.add("memory PSS per kernel", mem["plain tcp"], mem["bridge"], "MB", 10,
-              kind="extra", fmt="{:.1f}")
-    if "warm" in mem:
-        table.add("memory PSS per kernel, warm", mem["plain tcp"], mem["warm"], "MB", 10,
-                  kind="extra", fmt="{:.1f}")
+    served = sum(kind in WARM_KINDS for kind, _ in lanes.values())
+    table.add(f"memory PSS per kernel (template over {served})", mem["plain tcp"],
+              mem["bridge"], "MB", 5, kind="extra", fmt="{:.1f}")
+    raw["pss_mb alone"] = {kind: bench.alone(kind) for kind in ("plain", "isolated")}
+    table.add("memory PSS, one kernel alone (whole template)", raw["pss_mb alone"]["plain"],
+              raw["pss_mb alone"]["isolated"], "MB", 5, kind="extra", fmt="{:.1f}")
+    table.add("memory PSS per kernel, --cold", mem["plain tcp"], mem["bridge, --cold"],
+              "MB", 5, kind="extra", fmt="{:.1f}")
 
     scale = {}
     for r in range(1 if quick else 2):
@@ -550,9 +644,9 @@ def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, 
     raw["scale"] = scale
     med = lambda kind, i: statistics.median(s[i] for s in scale[kind])
     for kind in iso:
-        suffix = "" if kind == "isolated" else f", {kind}"
+        suffix = {"isolated": "", "provisioner": ", provisioner", "cold": ", --cold"}[kind]
         table.add(f"{n_scale} starts at once{suffix}", med("plain", 0), med(kind, 0), "s",
-                  1.10)
+                  0.30 if kind in WARM_KINDS else 1.10)
         table.add(f"{n_scale} kernels: host memory held{suffix}", med("plain", 1),
                   med(kind, 1), "MB", fmt="{:.0f}")
         table.add(f"{n_scale} kernels: summed PSS{suffix}", med("plain", 2),

@@ -2,36 +2,41 @@
 gets it, as a warm client hands it to its template, and as the provisioner finds it in a
 kernelspec.
 
-  python -P -m ns_kernel [--warm] [options] -f CONNECTION_FILE [ipykernel args...]
+  python -P -m ns_kernel [--cold] [options] -f CONNECTION_FILE [ipykernel args...]
 
 The launcher's options come first (traitlets reads them: cli.KernelApp), then the
 connection file, then whatever goes on to ipykernel. Read before anything is imported:
 __main__ decides from it whether to start a warm client or a prestarted interpreter, so
-this module imports nothing. `--warm` is read here alone, from the command line only: it
-decides which process starts the kernel before any config file is read.
+this module imports nothing. A kernel starts warm (warm.py) unless its command line says
+`--cold` or `--no-prestart`: read here alone, from the command line only, since it decides
+which process starts the kernel before any config file is read. `--warm`, which kernelspecs
+of older versions carry, says the default.
 """
 
 SUBCOMMANDS = ("install", "run", "doctor")
 CONNECTION_FILE_OPTIONS = ("-f", "--f", "--connection-file")
 WARM = "--warm"
+COLD = "--cold"
 # KernelApp.prestart = False, said on the command line (a config file may say it too: cli).
 NO_PRESTART = ("--no-prestart", "--KernelApp.prestart=False")
 
 
 class KernelStart:
-    """A kernel start's command line, split. options: the launcher's, without --warm."""
+    """A kernel start's command line, split. options: the launcher's, without --warm and
+    --cold. warm: from a warm template (neither --cold nor --no-prestart said)."""
     __slots__ = ("options", "connection_file", "extra", "warm")
 
     def __init__(self, options, connection_file, extra, warm):
-        self.options, self.connection_file, self.extra, self.warm = \
-            options, connection_file, extra, warm
+        self.options, self.connection_file, self.extra = options, connection_file, extra
+        self.warm = warm and self.prestart
 
     @property
     def prestart(self):
         return not any(option in NO_PRESTART for option in self.options)
 
     def argv(self):
-        """The command line again, without --warm (what a warm template's launcher runs)."""
+        """The command line again, without --warm and --cold (what a warm template's launcher
+        runs)."""
         return [*self.options, "-f", self.connection_file, *self.extra]
 
 
@@ -52,5 +57,5 @@ def kernel_start(argv):
             break
     else:
         return None
-    return KernelStart([o for o in options if o != WARM], connection_file, list(extra),
-                       WARM in options)
+    return KernelStart([o for o in options if o not in (WARM, COLD)], connection_file,
+                       list(extra), COLD not in options)

@@ -1,7 +1,7 @@
 """`ns-kernel` and `python -m ns_kernel`: traitlets applications over the sandbox config.
 
-  python -P -m ns_kernel [--warm] [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json)
-  ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [--warm] [options]
+  python -P -m ns_kernel [--cold] [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json)
+  ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [--cold] [options]
   ns-kernel run [options] -- CMD [ARGS...]
   ns-kernel doctor [options]
 """
@@ -41,12 +41,15 @@ class KernelApp(SandboxApp):
         finish(status): how to leave (default: exit like the kernel). A warm template's
         launcher child passes both (warm.py). prestarted: the kernel's interpreter,
         spawned by __main__ (prestart.py)."""
+        import functools
         from .launcher import Launch
         from .pid import exit_like
         config = self.load_sandbox_config(start.options)
         if prestarted and not self.prestart:    # said so in a config file
             prestarted.close()
             prestarted = None
+        if spawn and not self.prestart:         # a warm start's monitor then execs too
+            spawn = functools.partial(spawn, fresh=True)
         launch = Launch(config, start.connection_file, start.extra,
                         self.kernel_socket_dir or None, spawn, prestarted)
         status = launch.run()
@@ -64,9 +67,10 @@ class InstallApp(SandboxApp):
                            help="Name shown in JupyterLab.")
     user = Bool(False, config=True, help="Install for the current user (~/.local/share/jupyter).")
     prefix = Unicode("", config=True, help="Install under PREFIX/share/jupyter/kernels.")
-    warm = Bool(False, config=True, help="""
-        Start kernels from a per-user warm template (kernel.json argv gets --warm): a fresh
-        sandbox in a fraction of a cold start. See docs/performance.md.""")
+    cold = Bool(False, config=True, help="""
+        Start every kernel cold (kernel.json argv gets --cold): its own launcher and
+        interpreter, no per-user warm template. Default: warm, a fresh sandbox in a
+        fraction of a cold start. See docs/performance.md.""")
     aliases = {**SANDBOX_ALIASES, "name": "InstallApp.kernel_name",
                "display-name": "InstallApp.display_name", "prefix": "InstallApp.prefix"}
     flags = {**SANDBOX_FLAGS, **KERNEL_FLAGS,
@@ -74,13 +78,15 @@ class InstallApp(SandboxApp):
              "sys-prefix": ({"InstallApp": {"prefix": sys.prefix}},
                             f"Install into this Python's prefix ({sys.prefix}), e.g. a "
                             "JupyterHub single-user environment."),
-             "warm": ({"InstallApp": {"warm": True}},
-                      "Kernels start from a per-user warm template (--warm in kernel.json).")}
+             "cold": ({"InstallApp": {"cold": True}},
+                      "Kernels start cold, without the warm template (--cold in kernel.json)."),
+             "warm": ({"InstallApp": {"cold": False}},
+                      "Kernels start from a per-user warm template (the default).")}
 
     def start_install(self, argv):
         self.parse_command_line(argv)
         sandbox = Sandbox(parent=self)   # validate the options now, not at the first start
-        options = self.sandbox_options(argv) + ([command_line.WARM] if self.warm else [])
+        options = self.sandbox_options(argv) + ([command_line.COLD] if self.cold else [])
         if (self.kernel_name != kernelspec.NAME
                 and "kernel_name" not in self.cli_config.get("Sandbox", {})):
             # Its own persistent home and packages (Sandbox.kernel_name).

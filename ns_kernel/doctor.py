@@ -180,9 +180,9 @@ def check_container(config):
 # Each way a kernel starts (conftest.start_paths has them too): kernelspec options, and
 # whether the spec names the provisioner.
 START_PATHS = {
-    "provisioner": ([], True),                 # JupyterLab's: ipc sockets, prestarted
+    "provisioner": ([], True),                 # JupyterLab's: ipc sockets, warm (the default)
     "argv": ([], False),                       # clients without provisioners: TCP bridge
-    "warm": ([command_line.WARM], True),       # `ns-kernel install --warm`
+    "cold": ([command_line.COLD], True),       # `ns-kernel install --cold`: prestarted
 }
 
 
@@ -207,8 +207,8 @@ def trial_kernels(argv, config):
     first = None
     try:
         for how, (options, provisioner) in START_PATHS.items():
-            if how == "warm" and command_line.WARM in argv:
-                continue
+            if how == "cold" and not command_line.kernel_start([*argv, "-f", "-"]).warm:
+                continue        # the options say cold already
             spec = kernelspec.kernel_dict([*argv, *options], provisioner=provisioner)
             kernelspec.write_kernel_spec(os.path.join(data, "kernels", how), spec)
             seen, error = trial_kernel(specs, how, cwd)
@@ -216,7 +216,7 @@ def trial_kernels(argv, config):
             if seen:
                 show("FAIL" if error else "ok", f"kernel ({how})", describe(seen))
                 if (seen["started"] == "exec" and "--no-prestart" not in argv
-                        and how == "provisioner"):
+                        and how == "cold"):
                     show("info", "prestart", prestart_note())
             else:
                 show("FAIL", f"kernel ({how})", error)

@@ -171,6 +171,12 @@ def python_paths():
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))}
     paths.update(p for p in sys.path if p and os.path.exists(p))
+    # And PYTHONPATH's, as a cold launcher has them on sys.path (an empty entry is the
+    # current folder): a warm template's launcher runs with the template's sys.path, which
+    # lacks the folder the template was started in.
+    if os.environ.get("PYTHONPATH"):
+        entries = map(os.path.abspath, os.environ["PYTHONPATH"].split(os.pathsep))
+        paths.update(p for p in entries if os.path.exists(p))
     # "/" would show the whole host; it only gets here as `python -m` run from /.
     return tuple(sorted(os.path.realpath(p) for p in paths if os.path.realpath(p) != "/"))
 

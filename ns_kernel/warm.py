@@ -1,10 +1,10 @@
-"""Warm start (opt-in: `--warm` in kernel.json's argv, `ns-kernel install --warm`).
+"""Warm start: the default (`--cold` or `--no-prestart` in kernel.json's argv opt out).
 
 A cold start pays for two interpreters (the launcher's, with traitlets; the kernel's, with
 IPython) before the kernel answers. A warm start pays for neither: a per-user template
 process has imported both already and forks, per kernel:
 
-  client     what Jupyter runs (`python -P -m ns_kernel --warm -f FILE`): imports next to
+  client     what Jupyter runs (`python -P -m ns_kernel -f FILE`): imports next to
              nothing, hands its argv, environment, cwd and stdio to the template, forwards
              signals, and exits like the kernel did
   launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
@@ -67,7 +67,7 @@ def socket_path(environ=os.environ):
 # -- the client ---------------------------------------------------------------------------
 
 def client_main(start):
-    """What Jupyter runs for `start` (argv.KernelStart) with --warm. Returns (or exits) like
+    """What Jupyter runs for a warm `start` (argv.KernelStart). Returns (or exits) like
     the kernel did; None if no template took the kernel (nothing was started: __main__
     starts it cold)."""
     from .errors import SetupError
@@ -79,8 +79,11 @@ def client_main(start):
         return None
     request = {"kind": "kernel", "argv": start.argv(), "env": dict(os.environ),
                "cwd": os.getcwd()}
-    socket.send_fds(sock, [_encode(request).encode()], [0, 1, 2])
-    launcher = int(sock.recv(64) or 0)
+    try:
+        socket.send_fds(sock, [_encode(request).encode()], [0, 1, 2])
+        launcher = int(sock.recv(64) or 0)
+    except OSError:     # the template left meanwhile (retired, stopped)
+        launcher = 0
     if not launcher:
         _cold(f"the template {socket_path()} started no launcher")
         return None
@@ -181,6 +184,7 @@ def template_main(path=None):
         sys.exit(f"ns-kernel: warm template: {failed}")
     if preload.threads() != 1:
         sys.exit(f"ns-kernel: warm template has {preload.threads()} threads after its imports")
+    made_from = _sources()
     import fcntl
     # One template per path: clients that all found none start one each; the first to
     # lock serves, the others leave (the lock dies with its holder, the socket file not).
@@ -227,7 +231,7 @@ def template_main(path=None):
             asks, waits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             if os.fork() == 0:
                 _leave_template(listener, lock, conn, asks)
-                _spare_monitor(waits)          # never returns
+                _spare_monitor(waits, made_from)   # never returns
             if os.fork() == 0:
                 _leave_template(listener, lock, waits)
                 _serve(conn, asks)             # never returns
@@ -235,6 +239,30 @@ def template_main(path=None):
                 sock.close()
     finally:
         leave()
+
+
+def _sources():
+    """What the template was made from, as {path: (inode, size, mtime)}: the interpreter,
+    every file its imports loaded, and each sys.path dir (a pip install or uninstall
+    changes its listing, hence its mtime, even for a package the template did not import:
+    a .pth file of it runs at every interpreter's start)."""
+    paths = {os.path.realpath(sys.executable), *filter(None, sys.path)}
+    paths.update(filter(None, (getattr(module, "__file__", None)
+                               for module in list(sys.modules.values()))))
+    return {path: _stat(path) for path in paths}
+
+
+def _stat(path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _stale(made_from):
+    """A file of made_from that is no longer what the template imported, or ''."""
+    return next((path for path, seen in made_from.items() if _stat(path) != seen), "")
 
 
 def _leave_template(listener, lock, *socks):
@@ -343,9 +371,10 @@ def _die_with(client):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio):
-    """Sandbox.start's spawn: hand the plan to the spare monitor; returns its pid."""
-    socket.send_fds(monitor, [_dumps(plan)], [ctl.fileno(), err_w, *stdio, *handles])
+def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio, fresh=False):
+    """Sandbox.start's spawn: hand the plan to the spare monitor; returns its pid. fresh:
+    the kernel execs a fresh interpreter (KernelApp.prestart off in a config file)."""
+    socket.send_fds(monitor, [_dumps((plan, fresh))], [ctl.fileno(), err_w, *stdio, *handles])
     pid = monitor.recv(64)
     if not pid:
         from .errors import SetupError
@@ -353,22 +382,31 @@ def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio):
     return int(pid)
 
 
-def _spare_monitor(sock):
+def _spare_monitor(sock, made_from):
     """Forked by the template beside each request: becomes the monitor of the sandbox the
-    request's launcher asks for; leaves if it asks for none (the socket closes)."""
+    request's launcher asks for; leaves if it asks for none (the socket closes). While the
+    launcher reads the config, it checks that the template's sources are unchanged (2-10
+    ms, off the start's path): if one changed (a `pip install -U`), the template exits and
+    this kernel execs a fresh interpreter, which imports what is installed now."""
     import functools
     import pickle
     from . import forked, sandbox
+    stale = _stale(made_from)
+    if stale:
+        _retire()
     try:
         data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5 + MAX_HANDLES)
     except OSError:
         os._exit(0)
     if not data or len(fds) < 5:
         os._exit(0)
-    plan = pickle.loads(data)
+    plan, fresh = pickle.loads(data)
     ctl_fd, err_w, *stdio = fds[:5]
     handles = tuple(fds[5:])
     _take_stdio(stdio)
+    if stale:      # to the server's log, as the kernel's own lines
+        print(f"ns-kernel: warm template retired: {stale} changed since it started; this "
+              "kernel execs a fresh interpreter", file=sys.stderr, flush=True)
     for fd in (ctl_fd, err_w):
         os.set_inheritable(fd, False)   # err_w closes at execve, as in a cold start
     ctl = socket.socket(fileno=ctl_fd)
@@ -380,13 +418,25 @@ def _spare_monitor(sock):
         forked.report(err_w, SetupError("warm", f"warm template has {preload.threads()} threads",
                                         hint="unshare(CLONE_NEWUSER) needs one thread"))
         os._exit(127)
-    forked.run(functools.partial(sandbox._monitor, kernel_step=preload.run_preloaded,
-                                 handles=handles), plan, ctl, err_w)
+    kernel_step = forked.exec_kernel if stale or fresh else preload.run_preloaded
+    forked.run(functools.partial(sandbox._monitor, kernel_step=kernel_step, handles=handles),
+               plan, ctl, err_w)
 
 
-def template_pid():
-    """The pid of the running template, None if none listens (tests, bench/)."""
-    sock = _connect(socket_path())
+def _retire():
+    """Have the template (our parent, unless it has left already) exit: the next client
+    starts a new one from what is installed now."""
+    template = os.getppid()
+    pidfd = os.pidfd_open(template)
+    if os.getppid() == template:        # still ours: the pidfd is the template's
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    os.close(pidfd)
+
+
+def template_pid(path=None):
+    """The pid of the running template (at path, default ours), None if none listens
+    (tests, bench/)."""
+    sock = _connect(path or socket_path())
     if sock is None:
         return None
     with sock:
@@ -400,8 +450,11 @@ def stop(path=None):
     if sock is None:
         return False
     with sock:
-        sock.sendall(_encode({"kind": "stop"}).encode())
-        sock.recv(1)
+        try:
+            sock.sendall(_encode({"kind": "stop"}).encode())
+            sock.recv(1)
+        except ConnectionResetError:    # it was leaving already (stopped, retired)
+            pass
     return True
 
 

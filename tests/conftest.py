@@ -74,30 +74,53 @@ def pytest_collection_modifyitems(items):
     items.sort(key=tier)
 
 
-def write_spec(name, options=(), provisioner=False, config=None):
+def write_spec(name, options=(), provisioner=False, config=None, python=None):
     """A kernelspec in the test data dir whose launcher gets `options` (e.g. --home shared).
     Without the provisioner (default) clients take the argv path with its TCP bridge, as
     those that ignore provisioners do; test_provisioner.py covers the provisioner's path,
-    whose Sandbox settings can also come from its `config` stanza."""
+    whose Sandbox settings can also come from its `config` stanza. python: the launcher's
+    interpreter (default: this one)."""
     spec = kernelspec.kernel_dict(list(options), provisioner=provisioner)
+    if python:
+        spec["argv"][0] = python
     if config:
         spec["metadata"]["kernel_provisioner"]["config"] = config
     kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name), spec)
     return name
 
 
-write_spec(KERNEL_NAME)
+write_spec(KERNEL_NAME)      # what `ns-kernel install` writes: warm by default
+# A cold start with the kernel's interpreter prestarted (prestart.py), argv path.
+COLD_NAME = write_spec("isolated-python-cold", ["--cold"])
 
 
 def start_paths(prefix, options=()):
-    """A kernelspec for each way a kernel starts (argv with its TCP bridge, the
-    provisioner's direct ipc, init exec'ing the kernel, the warm template), with options."""
+    """A kernelspec for each way a kernel starts, with options: from the warm template (the
+    default) on the argv path with its TCP bridge and on the provisioner's direct ipc; cold
+    with a prestarted interpreter (--cold); init exec'ing the kernel (--no-prestart)."""
     return {
         "argv": write_spec(f"{prefix}-argv", options),
         "provisioner": write_spec(f"{prefix}-provisioner", options, provisioner=True),
+        "cold": write_spec(f"{prefix}-cold", [*options, "--cold"]),
         "no-prestart": write_spec(f"{prefix}-exec", [*options, "--no-prestart"]),
-        "warm": write_spec(f"{prefix}-warm", [*options, "--warm"]),
     }
+
+
+def stop_templates(python=sys.executable):
+    """Stop every warm template of `python` under this user's default socket base (kernels
+    start warm by default; a template outlives its kernels by design, the tests leave
+    none). Those of other interpreters are others' (root's tests of another checkout)."""
+    import glob
+    from ns_kernel import socketdir, warm
+    for path in glob.glob(os.path.join(socketdir.default_base(), "warm-*.sock")):
+        pid = warm.template_pid(path)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                ours = f.read().split(b"\0")[0] == python.encode()
+        except OSError:
+            continue
+        if ours:
+            warm.stop(path)
 os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
 
 
@@ -338,6 +361,21 @@ def kernel_host_pid(kernel):
     return found[0]
 
 
+def sandbox_tree(kernel):
+    """Host pids of the kernel's sandbox: monitor, init, the kernel and its children.
+    Below the launcher of a cold start; below the warm template for a warm one (the
+    monitor is init's parent there)."""
+    cold = descendants(kernel.km.provisioner.process.pid)
+    if cold:
+        return cold
+
+    def parent(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    monitor = parent(parent(kernel_host_pid(kernel)))
+    return [monitor, *descendants(monitor)]
+
+
 # The limits backend this caller gets: the first usable one, as the launcher picks it
 # (cgroup v1 as root here, rlimits as an ordinary user).
 LIMITS_BACKEND = limits.first_usable(limits.probe())[0]
@@ -432,5 +470,6 @@ def user_base(monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
     monkeypatch.setenv("TMPDIR", tmpdir)
     yield os.path.join(runtime, "ns-kernel"), tmpdir
+    stop_templates()
     for path in (runtime, tmpdir):
         shutil.rmtree(path, ignore_errors=True)

@@ -195,7 +195,10 @@ def _no_user_namespaces():
 
 def test_host_without_user_namespaces(base):
     os.chmod(base, 0o777)   # the launcher runs as a mapped root that is not host root
-    code, lines = launch(base, connection=conn_file(base), preexec_fn=_no_user_namespaces)
+    # Cold: in this test's own user namespace the warm client trusts no template (right),
+    # and says so in a line of its own before starting cold.
+    code, lines = launch(base, "--cold", connection=conn_file(base),
+                         preexec_fn=_no_user_namespaces)
     assert code != 0
     assert_one_line(lines, "unshare(CLONE_NEWUSER)", "No space left on device",
                     "user namespaces are disabled: sysctl -w user.max_user_namespaces=")
@@ -216,6 +219,8 @@ def test_interpreter_unreachable_by_sandbox_uid(base):
     argv = [os.path.join(venv, "bin", "python"), "-P", "-m", "ns_kernel",
             f"--socket-dir={base}/sockets", "-f", conn_file(base)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=base, env=env)
+    from conftest import stop_templates
+    stop_templates(argv[0])     # this interpreter's warm template: its kernel exec'd instead
     assert proc.returncode != 0
     assert_one_line(proc.stderr.splitlines(), "execve", "Permission denied",
                     "runs as uid 65534", "/usr/bin/python3")

@@ -66,7 +66,7 @@ def test_recommended_settings_run_kernels(who):
     uid = 1000 if who.startswith("user") else 65534
     # root in a container lacks CAP_SYS_PTRACE: its prestart falls back to exec (tested).
     started = "prestarted" if who.startswith("user") else "exec"
-    for how, way in (("provisioner", started), ("argv", started), ("warm", "warm")):
+    for how, way in (("provisioner", "warm"), ("argv", "warm"), ("cold", started)):
         assert (f"  ok    kernel ({how}): {way}, pid 2 of 2 processes, /proc proc, /tmp tmpfs "
                 "(writable)") in done.stdout
     # Its own cgroup namespace: not the container's path.

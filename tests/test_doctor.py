@@ -26,7 +26,7 @@ def test_doctor_passes_here():
     assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M{PER_PROCESS}, pids 64" \
         in out
     # A real kernel each way one starts, each as a kernel started that way is.
-    for how, started in (("provisioner", "prestarted"), ("argv", "prestarted"), ("warm", "warm")):
+    for how, started in (("provisioner", "warm"), ("argv", "warm"), ("cold", "prestarted")):
         assert (f"  ok    kernel ({how}): {started}, pid 2 of 2 processes, /proc proc, /tmp "
                 "tmpfs (writable)") in out
     assert "network lo, cgroup /, seccomp mode 2" in out
@@ -109,7 +109,7 @@ def test_doctor_names_roots_capabilities():
 def test_doctor_explains_an_exec_instead_of_the_prestart():
     done = doctor(prefix=["setpriv", "--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace"])
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "  ok    kernel (provisioner): exec, pid 2 of 2 processes" in done.stdout
+    assert "  ok    kernel (cold): exec, pid 2 of 2 processes" in done.stdout
     assert ("  info  prestart: kernels are exec'd instead (root without CAP_SYS_PTRACE (a "
             "container's default) may not join") in done.stdout
 

@@ -154,7 +154,7 @@ def test_pip_install_persists_for_the_same_kernelspec_only(workdir, state_dir):
     finally:
         stop_kernel(k)
     # A new kernel of the same kernelspec, on each start path, has it; another has not.
-    for options in ([], ["--no-prestart"], ["--warm"]):
+    for options in ([], ["--no-prestart"], ["--cold"]):
         same = write_spec(f"pip-a{''.join(options)}",
                           [f"--Sandbox.state_dir={state_dir}", "--Sandbox.kernel_name=a", *options])
         k = start_kernel(workdir, kernel_name=same)

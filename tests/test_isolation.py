@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from conftest import KERNEL_NAME, start_kernel, stop_kernel, write_spec
+from conftest import COLD_NAME, KERNEL_NAME, start_kernel, stop_kernel, stop_templates, write_spec
 
 IPC_HELPERS = r'''
 import ctypes, ctypes.util, os
@@ -27,15 +27,15 @@ def mq(name, create):
 '''
 
 
-# The ways in: the argv launcher with its TCP bridge (clients that ignore provisioners),
-# the provisioner's direct ipc sockets (JupyterLab, nbclient), both with the kernel's
-# interpreter prestarted (prestart.py); the same exec'd once the sandbox is built (what
-# --no-prestart and every fallback do); the opt-in warm start; and a kernel with the
-# proxy's network. Every probe below runs on each.
+# The ways in: the argv launcher with its TCP bridge (clients that ignore provisioners)
+# and the provisioner's direct ipc sockets (JupyterLab, nbclient), both from the warm
+# template (the default); a cold start with the kernel's interpreter prestarted
+# (prestart.py, --cold); the kernel exec'd once the sandbox is built (what --no-prestart
+# and every fallback do). Every probe below runs on each.
 PATHS = {"argv": KERNEL_NAME,
          "provisioner": write_spec("isolated-python-provisioned", provisioner=True),
+         "cold": COLD_NAME,
          "exec": write_spec("isolated-python-no-prestart", ["--no-prestart"]),
-         "warm": write_spec("isolated-python-warm", ["--warm"]),
          # A network of its own's way out (test_proxy.py) must keep the rest as it was.
          "proxy": write_spec("isolated-python-proxy", ["--network", "proxy"])}
 
@@ -55,9 +55,7 @@ def pair(request):
     yield a, b, wd
     stop_kernel(a)
     stop_kernel(b)
-    if request.param == "warm":
-        from ns_kernel import warm
-        warm.stop()   # the template outlives its kernels by design; the tests leave none
+    stop_templates()   # a template outlives its kernels by design; the tests leave none
     import shutil
     shutil.rmtree(wd, ignore_errors=True)
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import start_kernel, stop_kernel
+from conftest import start_kernel, stop_kernel, stop_templates
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 BIN = os.path.dirname(sys.executable)
@@ -83,15 +83,21 @@ def test_jupyter_kernelspec_install_of_the_shipped_spec(tmp_path, workdir):
         k = start_kernel(workdir)
         try:
             assert k.value("__import__('os').getpid()") == 2
+            # Warm by default, as every spec `ns-kernel install` writes.
+            assert b"ns_kernel.warm" in k.value("open('/proc/self/cmdline', 'rb').read()")
         finally:
             stop_kernel(k)
+            stop_templates()
     finally:
         os.environ["JUPYTER_PATH"] = old
 
 
 # Each way `ns-kernel install` can write a spec, and what shows inside that it took.
 VARIANTS = {
-    "warm": (["--warm"], "b'ns_kernel.warm' in open('/proc/self/cmdline', 'rb').read()", True),
+    "warm": ([], "b'ns_kernel.warm' in open('/proc/self/cmdline', 'rb').read()", True),
+    # What kernelspecs of older versions say: the default.
+    "--warm": (["--warm"], "b'ns_kernel.warm' in open('/proc/self/cmdline', 'rb').read()", True),
+    "cold": (["--cold"], "b'ns_kernel.prestart' in open('/proc/self/cmdline', 'rb').read()", True),
     "no-prestart": (["--no-prestart"], "open('/proc/self/cmdline', 'rb').read().split(b'\\0')[1:3]",
                     [b"-m", b"ipykernel_launcher"]),
     "limits": (["--memory", "512M", "--pids", "64"], None, None),

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import (alive, descendants, interrupt_busy_loop, socket_inodes, start_kernel,
-                      stop_kernel, wait_for_output, wait_until, write_spec)
+from conftest import (alive, descendants, interrupt_busy_loop, sandbox_tree, socket_inodes,
+                      start_kernel, stop_kernel, wait_for_output, wait_until, write_spec)
 
 
 @pytest.fixture
@@ -68,25 +68,30 @@ def test_restart_gives_fresh_sandbox(own_kernel):
     assert wait_until(lambda: not alive(old)), f"old sandbox survived: {alive(old)}"
 
 
-def test_shutdown_leaves_nothing(workdir, socket_base):
-    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+@pytest.mark.parametrize("options", [[], ["--cold"]], ids=["warm", "cold"])
+def test_shutdown_leaves_nothing(workdir, socket_base, options):
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}",
+                      [f"--socket-dir={socket_base}", *options])
     k = start_kernel(workdir, kernel_name=name)
     launcher = k.km.provisioner.process.pid
-    tree = [launcher, *descendants(launcher)]
-    assert len(tree) >= 4   # launcher, monitor, init, kernel
+    tree = [launcher, *sandbox_tree(k)]
+    assert len(tree) >= 4   # launcher (a warm one's client), monitor, init, kernel
     assert len(os.listdir(socket_base)) == 1
     stop_kernel(k)
     assert wait_until(lambda: not alive(tree)), f"still running: {alive(tree)}"
     assert os.listdir(socket_base) == []
 
 
-def test_sigkill_of_launcher_takes_the_whole_sandbox(workdir, socket_base):
-    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+@pytest.mark.parametrize("options", [[], ["--cold"]], ids=["warm", "cold"])
+def test_sigkill_of_launcher_takes_the_whole_sandbox(workdir, socket_base, options):
+    # Warm: Jupyter's SIGKILL reaches the client; the launcher forked for it goes too.
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}",
+                      [f"--socket-dir={socket_base}", *options])
     k = start_kernel(workdir, kernel_name=name)
     try:
         k.execute("import subprocess; subprocess.Popen(['sleep', '300'])")
         launcher = k.km.provisioner.process.pid
-        tree = descendants(launcher)
+        tree = sandbox_tree(k)
         assert len(tree) >= 4   # monitor, init, kernel, sleep
         os.kill(launcher, signal.SIGKILL)
         assert wait_until(lambda: not alive(tree), timeout=3), f"survivors: {alive(tree)}"
@@ -122,8 +127,9 @@ def test_launcher_exits_when_jupyter_server_dies(workdir, socket_base, tmp_path)
     write_connection_file(conn)
     server = subprocess.Popen(["sleep", "300"])
     env = dict(os.environ, JPY_PARENT_PID=str(server.pid))
-    launcher = subprocess.Popen([sys.executable, "-P", "-m", "ns_kernel", f"--socket-dir={socket_base}",
-                                 "-f", conn], cwd=workdir, env=env, stderr=subprocess.PIPE)
+    launcher = subprocess.Popen([sys.executable, "-P", "-m", "ns_kernel", "--cold",
+                                 f"--socket-dir={socket_base}", "-f", conn], cwd=workdir,
+                                env=env, stderr=subprocess.PIPE)
     try:
         assert wait_until(lambda: len(descendants(launcher.pid)) >= 3, timeout=20)
         tree = descendants(launcher.pid)

@@ -12,12 +12,11 @@ import pytest
 
 from jupyter_client.manager import KernelManager
 
-from conftest import (KERNEL_NAME, Kernel, descendants, start_kernel, stop_kernel,
-                      stray_prestarted, wait_until, write_spec)
+from conftest import (COLD_NAME, KERNEL_NAME, Kernel, descendants, start_kernel, stop_kernel,
+                      stop_templates, stray_prestarted, wait_until, write_spec)
 
 CMDLINE = "open('/proc/self/cmdline', 'rb').read().split(b'\\0')"
 EXEC_SPEC = write_spec("isolated-python-exec", ["--no-prestart"])
-WARM_SPEC = write_spec("isolated-python-warm-cwd", ["--warm"])
 
 
 def started_how(k):
@@ -29,7 +28,7 @@ def started_how(k):
 
 
 def test_kernel_is_the_prestarted_interpreter(workdir):
-    k = start_kernel(workdir)
+    k = start_kernel(workdir, kernel_name=COLD_NAME)
     try:
         assert started_how(k) == "prestarted"
         assert k.value("(__import__('os').getpid(), __import__('os').getppid())") == (2, 1)
@@ -45,30 +44,42 @@ def test_kernel_is_the_prestarted_interpreter(workdir):
 # What a program inside could see of how its kernel was started, besides the command line.
 PROFILE = ("(dict(__import__('os').environ), __import__('os').getcwd(), __import__('sys').path,"
            " tuple(__import__('sys').flags), [l for l in open('/proc/self/status').read()"
-           ".splitlines() if l.startswith(('Uid', 'Gid', 'Groups', 'Cap', 'NoNewPrivs', 'Sig'))"
+           ".splitlines() if l.startswith(('Uid', 'Gid', 'Groups', 'Cap', 'NoNewPrivs', 'Sig',"
+           " 'Seccomp'))"
            # SigQ: signals queued for the whole uid at that instant, not this process's.
-           " and not l.startswith('SigQ')])")
+           " and not l.startswith('SigQ')], open('/proc/self/limits').read(),"
+           " (lambda m: (__import__('os').umask(m), m)[1])(__import__('os').umask(0)),"
+           " __import__('sys').executable, __import__('sys').prefix,"
+           # What is installed: the versions and files of what the template imported.
+           " [(m.__name__, m.__version__, m.__file__) for m in map(__import__, ('ipykernel',"
+           " 'IPython', 'zmq', 'traitlets', 'jupyter_client'))])")
+PROVISIONED = write_spec("isolated-python-provisioned-warm", provisioner=True)
+PROVISIONED_EXEC = write_spec("isolated-python-provisioned-exec", ["--no-prestart"],
+                              provisioner=True)
 
 
 def test_preloaded_kernels_look_like_an_exec_d_one(workdir):
-    # Prestarted and warm kernels both run ipykernel in an interpreter started outside.
+    # Prestarted and warm kernels both run ipykernel in an interpreter started outside;
+    # warm is the default on the argv path and on the provisioner's.
     seen = {}
     try:
-        for how, name in (("prestarted", KERNEL_NAME), ("exec", EXEC_SPEC), ("warm", WARM_SPEC)):
+        for how, name in (("prestarted", COLD_NAME), ("exec", EXEC_SPEC), ("warm", KERNEL_NAME),
+                          ("warm provisioned", PROVISIONED),
+                          ("exec provisioned", PROVISIONED_EXEC)):
             k = start_kernel(workdir, kernel_name=name)
             try:
-                if how != "warm":     # a warm kernel shows the template's command line
-                    assert started_how(k) == how
+                if not how.startswith("warm"):  # a warm kernel shows the template's command line
+                    assert started_how(k) == how.split()[0]
                 seen[how] = k.value(PROFILE)
             finally:
                 stop_kernel(k)
     finally:
-        from ns_kernel import warm
-        warm.stop()
+        stop_templates()
     for profile in seen.values():
         profile[0].pop("JPY_SESSION_NAME", None)    # per kernel
     assert seen["prestarted"] == seen["exec"]
     assert seen["warm"] == seen["exec"]
+    assert seen["warm provisioned"] == seen["exec provisioned"]
 
 
 def find_interpreter(launcher):
@@ -94,7 +105,7 @@ def find_interpreter(launcher):
 def test_interpreter_has_its_own_session(workdir):
     # Jupyter interrupts and restarts with a killpg of the launcher's group: that is for
     # the launcher, which forwards it; an interpreter still importing must not get it.
-    km = KernelManager(kernel_name=KERNEL_NAME)
+    km = KernelManager(kernel_name=COLD_NAME)
     km.start_kernel(cwd=workdir)
     try:
         launcher = km.provisioner.process.pid
@@ -107,7 +118,7 @@ def test_interpreter_has_its_own_session(workdir):
 
 
 def test_interpreter_killed_before_joining_means_exec(workdir):
-    km = KernelManager(kernel_name=KERNEL_NAME)
+    km = KernelManager(kernel_name=COLD_NAME)
     km.start_kernel(cwd=workdir)
     try:
         interpreter = find_interpreter(km.provisioner.process.pid)
@@ -136,11 +147,13 @@ def test_no_prestart_option_execs(workdir):
         stop_kernel(k)
 
 
-def test_prestart_off_in_a_config_file(workdir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel_name", [COLD_NAME, KERNEL_NAME])
+def test_prestart_off_in_a_config_file(workdir, tmp_path, monkeypatch, kernel_name):
+    # Warm (the default) or cold: the kernel execs a fresh interpreter.
     os.chmod(tmp_path, 0o755)
     (tmp_path / "ns_kernel_config.py").write_text("c.KernelApp.prestart = False\n")
     monkeypatch.setenv("JUPYTER_CONFIG_PATH", str(tmp_path))
-    k = start_kernel(workdir)
+    k = start_kernel(workdir, kernel_name=kernel_name)
     try:
         assert started_how(k) == "exec"
         assert wait_until(lambda: not stray_prestarted(), timeout=3)
@@ -148,19 +161,22 @@ def test_prestart_off_in_a_config_file(workdir, tmp_path, monkeypatch):
         stop_kernel(k)
 
 
-def test_a_denied_startup_variable_means_exec(workdir, monkeypatch):
-    # The interpreter started with PYTHON* as the launcher had them; the plan denies this
-    # one (*TOKEN*), so an interpreter started with it is not what the kernel may be.
+@pytest.mark.parametrize("kernel_name", [COLD_NAME, KERNEL_NAME])
+def test_a_denied_startup_variable_means_exec(workdir, monkeypatch, kernel_name):
+    # The interpreter (or template) started with PYTHON* as the launcher had them; the plan
+    # denies this one (*TOKEN*), so an interpreter started with it is not what the kernel
+    # may be.
     monkeypatch.setenv("PYTHON_API_TOKEN", "secret")
-    k = start_kernel(workdir)
+    k = start_kernel(workdir, kernel_name=kernel_name)
     try:
         assert started_how(k) == "exec"
         assert k.value("'PYTHON_API_TOKEN' in __import__('os').environ") is False
     finally:
         stop_kernel(k)
+        stop_templates()
 
 
-@pytest.mark.parametrize("kernel_name", [KERNEL_NAME, EXEC_SPEC, WARM_SPEC])
+@pytest.mark.parametrize("kernel_name", [COLD_NAME, EXEC_SPEC, KERNEL_NAME])
 def test_nothing_of_the_notebook_folder_runs_outside(tmp_path, kernel_name):
     # A kernel may write its folder; a module it planted there must never be imported by
     # the launcher, the prestarted interpreter or the warm template, which run outside.
@@ -177,15 +193,14 @@ def test_nothing_of_the_notebook_folder_runs_outside(tmp_path, kernel_name):
         assert k.value("6 * 7") == 42
     finally:
         stop_kernel(k)
-        if "warm" in kernel_name:
-            from ns_kernel import warm
-            warm.stop()
+        stop_templates()
     assert not outside.exists()
 
 
 def test_launcher_killed_before_the_sandbox_leaves_no_interpreter(tmp_path):
     # A launcher that fails at once (no such connection file) must take its interpreter.
-    proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "-f", str(tmp_path / "none.json")],
+    proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "--cold", "-f",
+                           str(tmp_path / "none.json")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "none.json" in proc.stderr
     assert wait_until(lambda: not stray_prestarted(), timeout=3), stray_prestarted()
@@ -229,7 +244,7 @@ def test_setns_refused_means_exec(workdir, refusal):
         pytest.skip("only host root can drop a capability it has")
     from ns_kernel import kernelspec
     from conftest import _DATA
-    spec = kernelspec.kernel_dict(provisioner=False)
+    spec = kernelspec.kernel_dict(["--cold"], provisioner=False)   # a prestarted interpreter
     spec["argv"] = [*REFUSALS[refusal], *spec["argv"][4:]]
     name = f"isolated-python-{refusal.replace(' ', '-')}"
     kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name), spec)

@@ -1,4 +1,4 @@
-"""Warm start (`--warm`): kernels forked from a per-user template, with the same isolation
+"""Warm start (the default): kernels forked from a per-user template, with the same isolation
 as a cold start (test_isolation.py runs every probe on warm kernels too) and nothing
 carried from one kernel to the next."""
 import json
@@ -14,10 +14,11 @@ import time
 import pytest
 from jupyter_client.manager import KernelManager
 
-from conftest import Kernel, alive, interrupt_busy_loop, start_kernel, stop_kernel, write_spec
+from conftest import (KERNEL_NAME, Kernel, alive, interrupt_busy_loop, start_kernel,
+                      stop_kernel, write_spec)
 from ns_kernel import warm
 
-WARM = write_spec("isolated-python-warm", ["--warm"])
+WARM = KERNEL_NAME       # warm is the default
 
 
 def gone(pid, timeout=10):
@@ -321,3 +322,81 @@ def test_template_socket_is_hidden_from_kernels(template, user_base, workdir, so
         assert not k.value(f"__import__('os').path.exists({warm.socket_path()!r})")
     finally:
         stop_kernel(k)
+
+
+def test_provisioner_kernels_come_from_the_template(workdir_module):
+    # JupyterLab's path: the provisioner's direct ipc, warm by default as well.
+    k = start_kernel(workdir_module, kernel_name=write_spec("warm-provisioner", provisioner=True))
+    try:
+        assert k.km.get_connection_info()["transport"] == "ipc"
+        cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
+        assert b"from ns_kernel.warm import template_main" in cmdline[2], cmdline
+        assert k.value("__import__('os').getpid()") == 2
+        interrupt_busy_loop(k)
+    finally:
+        stop_kernel(k)
+
+
+# -- never stale: a template serves only what is installed now ----------------------------
+
+def test_a_pip_install_retires_the_template(workdir):
+    """A package the template imported (here through a .pth file, as every interpreter
+    of the venv does at its start) is upgraded with pip: the next kernel has the new
+    version, the old template exits, and the kernel after that is warm again."""
+    from conftest import stop_templates
+    from test_everyday import make_wheel
+    import glob
+    import sysconfig
+    root = tempfile.mkdtemp(prefix="nsk-venv-")
+    os.chmod(root, 0o755)
+    venv, wheels = os.path.join(root, "venv"), os.path.join(root, "wheels")
+    os.mkdir(wheels)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = os.path.join(venv, "bin", "python")
+    site = glob.glob(os.path.join(venv, "lib", "python*", "site-packages"))[0]
+    # This venv's interpreter finds ipykernel and ns_kernel where the tests' own does.
+    with open(os.path.join(site, "_tests_venv.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+
+    def install(version):
+        wheel = make_wheel(wheels, "nskprobe", version, f"VERSION = {version!r}",
+                           {"nskprobe.pth": "import nskprobe\n"})
+        subprocess.run([sys.executable, "-m", "pip", "-q", "--python", python, "install",
+                        "--no-index", "--no-deps", "-U", wheel], check=True)
+
+    def template():
+        out = subprocess.run([python, "-c", "from ns_kernel import warm; print(warm.template_pid())"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        return None if out == "None" else int(out)
+
+    def version_and_how(k):
+        return k.value("(__import__('sys').modules['nskprobe'].VERSION, b'ns_kernel.warm' in "
+                       "open('/proc/self/cmdline', 'rb').read())")
+
+    install("1.0")
+    name = write_spec("warm-venv", python=python)
+    for k in (start_kernel(workdir, kernel_name=name), start_kernel(workdir, kernel_name=name)):
+        try:
+            assert version_and_how(k) == ("1.0", True)
+        finally:
+            stop_kernel(k)
+    old = template()
+    try:
+        assert old is not None
+        install("2.0")
+        k = start_kernel(workdir, kernel_name=name)
+        try:
+            # Exec'd fresh inside the sandbox, with what is installed now.
+            assert version_and_how(k) == ("2.0", False)
+        finally:
+            stop_kernel(k)
+        assert gone(old)
+        k = start_kernel(workdir, kernel_name=name)
+        try:
+            assert version_and_how(k) == ("2.0", True)
+            assert template() not in (None, old)
+        finally:
+            stop_kernel(k)
+    finally:
+        stop_templates(python)
+        shutil.rmtree(root, ignore_errors=True)
