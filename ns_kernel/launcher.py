@@ -18,7 +18,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import (bridge, connection, leftovers, limits, mount, offline, output, seccomp,
+from . import (bridge, connection, leftovers, limits, mount, notice, offline, output, seccomp,
                socketdir, state, usage)
 from .errors import SetupError
 from .pid import FORWARDED
@@ -86,9 +86,9 @@ class Launch:
         host = Host.probe()
         socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
                       if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
-        notice = limits.recall(self.connection_file, info) if info else ""
-        if notice:
-            argv.append(limits.EXTENSION_ARGV)
+        previous = notice.recall(self.connection_file, info) if info else ""
+        if previous:
+            argv.append(notice.EXTENSION_ARGV)
         if info and self.config.network not in ("host", "proxy"):
             argv.append(offline.EXTENSION_ARGV)
         if info and connection.CURVE_KEYS[0] in info:
@@ -124,8 +124,8 @@ class Launch:
             if info:
                 connection.write(f"{socket_dir}/connection.json",
                                  connection.inner(info, SOCKET_DIR_INSIDE), *(owner or (None, None)))
-            if notice:
-                limits.leave_notice(self.socket_dir, notice, owner)
+            if previous:
+                notice.leave_notice(self.socket_dir, previous, owner)
             if info and info["transport"] == "ipc":
                 self._link_ipc_paths(info)
             # Taken as given: the admin's binds, and the dirs made just now for this kernel.
@@ -169,13 +169,13 @@ class Launch:
         # A kernel that Jupyter itself stopped with a signal (terminate, a slow restart)
         # did not die on the user: its next incarnation has nothing to tell them of that.
         if died and -os.waitstatus_to_exitcode(status) in self.forwarded:
-            notice = []
+            told = []
         else:
-            notice = [died]
+            told = [died]
         lost = leftovers.describe(*self.box.leftovers, self._who()) if self.box else None
-        notice = "\n".join(filter(None, [*notice, lost]))
-        if notice and self.connection_file:
-            limits.remember(self.connection_file, notice)
+        told = "\n".join(filter(None, [*told, lost]))
+        if told and self.connection_file:
+            notice.remember(self.connection_file, told)
         return "\n".join(filter(None, [died, lost])) or None
 
     def _install_signal_handlers(self):

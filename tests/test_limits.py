@@ -16,7 +16,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
 from conftest import LIMITS_BACKEND, PER_PROCESS, kernel_cgroup_dir, start_kernel, stop_kernel
-from ns_kernel import cgroup, limits
+from ns_kernel import cgroup, limits, notice
 from ns_kernel.launcher import Launch
 
 LIMITED = "isolated-python-512m"
@@ -133,7 +133,7 @@ def test_memory_hog_fails_only_its_kernel(specs, workdir):
             assert hog.km.provisioner.process.returncode == -9
             # The reason waits in the connection file for a restart (none comes here).
             with open(hog.km.connection_file) as f:
-                assert "killed: out of memory" in json.load(f)[limits.NOTICE_KEY]
+                assert "killed: out of memory" in json.load(f)[notice.NOTICE_KEY]
         assert other.value("sum(range(10))") == 45
     finally:
         stop_kernel(hog)
@@ -312,7 +312,7 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
                     out.append((msg["content"]["name"], msg["content"]["text"]))
                 if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                     with open(km.connection_file) as f:
-                        assert limits.NOTICE_KEY not in json.load(f)   # shown once only
+                        assert notice.NOTICE_KEY not in json.load(f)   # shown once only
                     return km.connection_file, out
         finally:
             km.stop_restarter()

@@ -1,0 +1,78 @@
+"""Why the previous kernel died, told to the next one (Jupyter's automatic restart).
+
+The launcher keeps the server log's line (limits.death_reason) in the kernel's
+connection file; the next launcher of the same kernel takes it out and leaves it in the
+new sandbox's socket dir, where this module, loaded as an IPython extension, prints it
+with the first cell's output.
+"""
+import json
+import os
+
+from . import connection
+
+NOTICE_INSIDE = "/run/ns-kernel/previous-exit"
+EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.notice"
+NOTICE_KEY = "ns_kernel_previous_exit"
+
+
+def remember(connection_file, line):
+    """Keep the server log's line for the restarted kernel, in the client's connection
+    file: jupyter_client starts the restarted kernel from the same file and deletes it at
+    shutdown, so the reason lives exactly as long as the kernel and nothing is left
+    behind. (A restart with new random ports, in a kernel's first seconds, rewrites the
+    file: that restart shows no reason, the server log still has it.)"""
+    try:
+        with open(connection_file) as f:
+            info = json.load(f)
+        info[NOTICE_KEY] = line
+        _replace_json(connection_file, info)
+    except (OSError, ValueError):
+        pass   # the reason is in the server log; the notebook just won't show it
+
+
+def recall(connection_file, info):
+    """The previous sandbox's line ('' if none), taken out of the connection file so a
+    later restart does not repeat it."""
+    line = info.get(NOTICE_KEY, "")
+    if line:
+        try:
+            _replace_json(connection_file, {k: v for k, v in info.items() if k != NOTICE_KEY})
+        except OSError:
+            pass
+    return line
+
+
+def _replace_json(path, info):
+    """Atomically, and 0600 from the start (connection.write): the file holds the key."""
+    tmp = f"{path}.ns-kernel-{os.getpid()}"
+    connection.write(tmp, info)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def leave_notice(socket_dir, reason, owner=None):
+    """Put the reason where the restarted kernel reads it (NOTICE_INSIDE)."""
+    path = os.path.join(socket_dir, os.path.basename(NOTICE_INSIDE))
+    with open(path, "w") as f:
+        f.write(reason)
+    if owner:
+        os.chown(path, *owner)
+
+
+def load_ipython_extension(ip):
+    """In the restarted kernel: print why the previous one died, with the first cell's
+    output (stream output before any request would reach no cell in the notebook)."""
+    import sys
+    try:
+        with open(NOTICE_INSIDE) as f:
+            line = f.read().strip()
+    except OSError:
+        return
+
+    def show(*_):
+        ip.events.unregister("pre_run_cell", show)
+        print(f"{line}; this is a new kernel", file=sys.stderr, flush=True)
+    ip.events.register("pre_run_cell", show)
