@@ -12,9 +12,17 @@ from conftest import (alive, descendants, interrupt_busy_loop, sandbox_tree, soc
                       start_kernel, stop_kernel, wait_for_output, wait_until, write_spec)
 
 
-@pytest.fixture
-def own_kernel(workdir, socket_base):
-    name = write_spec(f"isolated-{os.path.basename(socket_base)}", [f"--socket-dir={socket_base}"])
+# Every way a kernel starts: warm (the default) on the argv path and the provisioner's,
+# a cold prestarted one, and init exec'ing the kernel.
+START = {"argv": ([], False), "provisioner": ([], True), "cold": (["--cold"], False),
+         "no-prestart": (["--no-prestart"], False)}
+
+
+@pytest.fixture(params=list(START))
+def own_kernel(request, workdir, socket_base):
+    options, provisioner = START[request.param]
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}",
+                      [f"--socket-dir={socket_base}", *options], provisioner=provisioner)
     k = start_kernel(workdir, kernel_name=name)
     yield k
     stop_kernel(k)
@@ -54,7 +62,8 @@ def test_interrupt_arrives_once_and_reaches_subprocesses(own_kernel):
 def test_restart_gives_fresh_sandbox(own_kernel):
     k = own_kernel
     k.execute("secret = 1; open('/tmp/marker', 'w').close()")
-    old = descendants(k.km.provisioner.process.pid)
+    old = sandbox_tree(k)
+    assert len(old) >= 3        # monitor, init, kernel
     k.km.restart_kernel(now=False)
     k.kc.wait_for_ready(timeout=60)
     # The new kernel's first output says what the old one lost (leftovers.py).
