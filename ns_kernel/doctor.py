@@ -37,7 +37,7 @@ with open("/tmp/.ns-kernel-doctor", "w") as f:
 cmdline = open("/proc/self/cmdline", "rb").read()
 print(json.dumps({
     "started": ("prestarted" if b"ns_kernel.prestart" in cmdline else
-                "warm" if b"ns_kernel.warm" in cmdline else "exec"),
+                "warm" if b"ns_kernel.template" in cmdline else "exec"),
     "pid": os.getpid(), "uid": os.getuid(), "hostname": socket.gethostname(),
     "processes": sum(p.isdigit() for p in os.listdir("/proc")),
     "proc": mounts.get("/proc"), "tmp": mounts.get("/tmp"),

@@ -41,7 +41,7 @@ def startup_env(environ):
 
 
 def boot_argv(call):
-    """`python -c` running `call` (e.g. "ns_kernel.warm:template_main"). The current
+    """`python -c` running `call` (e.g. "ns_kernel.template:template_main"). The current
     directory (the notebook's, which a kernel may write) must not be on sys.path for the
     imports this interpreter makes outside any sandbox: `-m` would put it first, `-c` puts
     '' there, and an empty PYTHONPATH entry adds it too; all go before the first import

@@ -129,7 +129,7 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(path, ignore_errors=True)
     if not os.path.isdir(_BASE):
         return
-    # Warm templates outlive their kernels by design (warm.IDLE_EXIT): stop the run's own.
+    # Warm templates outlive their kernels by design (template.IDLE_EXIT): stop the run's own.
     for name in set(os.listdir(_BASE)) - _IN_BASE_BEFORE:
         if name.startswith("warm-") and name.endswith(".sock"):
             warm.stop(os.path.join(_BASE, name))
@@ -228,8 +228,9 @@ def stop_kernel(kernel):
         kernel.km.shutdown_kernel()
 
 
-def make_wheel(folder, name, version, source):
-    """A pure-Python wheel with one module and one console script."""
+def make_wheel(folder, name, version, source, extra=None):
+    """A pure-Python wheel with one module and one console script (and extra: more files,
+    path -> text)."""
     dist = f"{name}-{version}"
     files = {
         f"{name}.py": source + "\ndef main():\n    print(VERSION)\n",
@@ -237,6 +238,7 @@ def make_wheel(folder, name, version, source):
         f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                    "Tag: py3-none-any\n",
         f"{dist}.dist-info/entry_points.txt": f"[console_scripts]\n{name} = {name}:main\n",
+        **(extra or {}),
     }
     record = []
     for path, text in files.items():

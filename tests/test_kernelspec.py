@@ -84,7 +84,7 @@ def test_jupyter_kernelspec_install_of_the_shipped_spec(tmp_path, workdir):
         try:
             assert k.value("__import__('os').getpid()") == 2
             # Warm by default, as every spec `ns-kernel install` writes.
-            assert b"ns_kernel.warm" in k.value("open('/proc/self/cmdline', 'rb').read()")
+            assert b"ns_kernel.template" in k.value("open('/proc/self/cmdline', 'rb').read()")
         finally:
             stop_kernel(k)
             stop_templates()
@@ -94,9 +94,9 @@ def test_jupyter_kernelspec_install_of_the_shipped_spec(tmp_path, workdir):
 
 # Each way `ns-kernel install` can write a spec, and what shows inside that it took.
 VARIANTS = {
-    "warm": ([], "b'ns_kernel.warm' in open('/proc/self/cmdline', 'rb').read()", True),
+    "warm": ([], "b'ns_kernel.template' in open('/proc/self/cmdline', 'rb').read()", True),
     # What kernelspecs of older versions say: the default.
-    "--warm": (["--warm"], "b'ns_kernel.warm' in open('/proc/self/cmdline', 'rb').read()", True),
+    "--warm": (["--warm"], "b'ns_kernel.template' in open('/proc/self/cmdline', 'rb').read()", True),
     "cold": (["--cold"], "b'ns_kernel.prestart' in open('/proc/self/cmdline', 'rb').read()", True),
     "no-prestart": (["--no-prestart"], "open('/proc/self/cmdline', 'rb').read().split(b'\\0')[1:3]",
                     [b"-m", b"ipykernel_launcher"]),

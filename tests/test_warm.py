@@ -55,7 +55,7 @@ def test_kernels_come_from_the_template(pair):
     a, b = pair
     for k in (a, b):
         cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
-        assert b"from ns_kernel.warm import template_main" in cmdline[2], cmdline
+        assert b"from ns_kernel.template import template_main" in cmdline[2], cmdline
         assert k.value("__import__('sys').argv[0]").endswith("ipykernel_launcher.py")
     assert warm.template_pid() is not None
 
@@ -188,7 +188,7 @@ def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, t
         k = start_warm_kernel(workdir, log)
         try:
             assert k.value("__import__('os').getpid()") == 2
-            assert b"ns_kernel.warm" not in k.value(
+            assert b"ns_kernel.template" not in k.value(
                 "open('/proc/self/cmdline', 'rb').read()")    # a cold kernel
         finally:
             stop_kernel(k)
@@ -330,7 +330,7 @@ def test_provisioner_kernels_come_from_the_template(workdir_module):
     try:
         assert k.km.get_connection_info()["transport"] == "ipc"
         cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
-        assert b"from ns_kernel.warm import template_main" in cmdline[2], cmdline
+        assert b"from ns_kernel.template import template_main" in cmdline[2], cmdline
         assert k.value("__import__('os').getpid()") == 2
         interrupt_busy_loop(k)
     finally:
@@ -344,7 +344,7 @@ def test_a_pip_install_retires_the_template(workdir):
     of the venv does at its start) is upgraded with pip: the next kernel has the new
     version, the old template exits, and the kernel after that is warm again."""
     from conftest import stop_templates
-    from test_everyday import make_wheel
+    from conftest import make_wheel
     import glob
     import sysconfig
     root = tempfile.mkdtemp(prefix="nsk-venv-")
@@ -370,7 +370,7 @@ def test_a_pip_install_retires_the_template(workdir):
         return None if out == "None" else int(out)
 
     def version_and_how(k):
-        return k.value("(__import__('sys').modules['nskprobe'].VERSION, b'ns_kernel.warm' in "
+        return k.value("(__import__('sys').modules['nskprobe'].VERSION, b'ns_kernel.template' in "
                        "open('/proc/self/cmdline', 'rb').read())")
 
     install("1.0")

@@ -1,0 +1,273 @@
+"""The warm template (warm.py says how a warm start goes and who may talk to whom): the
+process that has imported ipykernel, serves each request from a fork of its own, forks the
+kernel's monitor beside it, and retires when idle or when what it imported has changed.
+"""
+import os
+import signal
+import socket
+import sys
+
+from . import preload
+from .warm import _peer, _untrusted
+
+IDLE_EXIT = 600.0
+MAX_REQUEST = 1 << 20
+MAX_HANDLES = 250     # bind sources a plan may have (SCM_RIGHTS takes at most 253 fds)
+# What a request may ask, with the keys it has; a kernel's comes with the client's stdio.
+KINDS = {"kernel": ({"kind", "argv", "env", "cwd"}, 3), "stop": ({"kind"}, 0)}
+
+
+def template_main(path=None):
+    path = path or sys.argv[1]
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    os.chdir("/")
+    import gc
+    failed = preload.import_kernel_modules(("ns_kernel.cli", "ns_kernel.launcher"))
+    if failed:
+        sys.exit(f"ns-kernel: warm template: {failed}")
+    if preload.threads() != 1:
+        sys.exit(f"ns-kernel: warm template has {preload.threads()} threads after its imports")
+    made_from = _sources()
+    import fcntl
+    # One template per path: clients that all found none start one each; the first to
+    # lock serves, the others leave (the lock dies with its holder, the socket file not).
+    # The holder removes the lock file as it leaves; so a lock won on a file that is no
+    # longer at its path (removed meanwhile) is no lock: leave too.
+    lock_path = path + ".lock"
+    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(lock_path).st_ino != os.fstat(lock).st_ino:
+            sys.exit(0)
+    except (BlockingIOError, FileNotFoundError):
+        sys.exit(0)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        os.unlink(path)    # a stale socket of a template that died
+    except FileNotFoundError:
+        pass
+    listener.bind(path)
+    listener.listen(64)
+    mine = os.stat(path).st_ino
+
+    def leave(*_):
+        # Unless a newer template has taken the path over already.
+        if os.path.exists(path) and os.stat(path).st_ino == mine:
+            os.unlink(path)
+        os.unlink(lock_path)    # ours while we hold it (see above)
+        # At once: unwinding an interpreter that imported ipykernel (atexit, zmq) is slow.
+        os._exit(0)
+
+    # Children are reaped by the kernel; each forked child restores SIGCHLD first.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, leave)
+    gc.freeze()        # the imports stay shared with every kernel: never touched again
+    import select
+    try:
+        while select.select([listener], [], [], IDLE_EXIT)[0]:
+            conn, _ = listener.accept()
+            if _untrusted(conn):
+                conn.close()
+                continue
+            # Two forks per request: one reads it; the other, made now while the first
+            # reads the config, is the monitor of the sandbox it may ask for (or leaves).
+            asks, waits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            if os.fork() == 0:
+                _leave_template(listener, lock, conn, asks)
+                _spare_monitor(waits, made_from)   # never returns
+            if os.fork() == 0:
+                _leave_template(listener, lock, waits)
+                _serve(conn, asks)             # never returns
+            for sock in (conn, asks, waits):
+                sock.close()
+    finally:
+        leave()
+
+
+def _sources():
+    """What the template was made from, as {path: (inode, size, mtime)}: the interpreter,
+    every file its imports loaded, and each sys.path dir (a pip install or uninstall
+    changes its listing, hence its mtime, even for a package the template did not import:
+    a .pth file of it runs at every interpreter's start)."""
+    paths = {os.path.realpath(sys.executable), *filter(None, sys.path)}
+    paths.update(filter(None, (getattr(module, "__file__", None)
+                               for module in list(sys.modules.values()))))
+    return {path: _stat(path) for path in paths}
+
+
+def _stat(path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _stale(made_from):
+    """A file of made_from that is no longer what the template imported, or ''."""
+    return next((path for path, seen in made_from.items() if _stat(path) != seen), "")
+
+
+def _leave_template(listener, lock, *socks):
+    """A forked child's first step: nothing of the template's that it does not need."""
+    listener.close()
+    os.close(lock)
+    for sock in socks:
+        sock.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _dumps(plan):
+    """A plan, from a request's launcher to its spare monitor: two forks of the template
+    over a socketpair the template made, which nobody else holds (not a request)."""
+    import pickle
+    return pickle.dumps(plan)
+
+
+def _serve(conn, monitor):
+    """In a fresh fork of the template: read the one request and act on it. monitor: a
+    socket to the spare monitor forked beside this process (_spare_monitor)."""
+    try:
+        conn.settimeout(30)     # a client that connects and says nothing
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 4)
+        conn.settimeout(None)
+        request = _request(data, fds)
+        if request is None:
+            return
+        if request["kind"] == "stop":
+            os.kill(os.getppid(), signal.SIGTERM)
+        else:
+            _launcher_child(conn, request, fds, _peer(conn)[0], monitor)
+    finally:
+        os._exit(0)
+
+
+def _request(data, fds):
+    """The request in data, if it is one of KINDS with all it must have; else None."""
+    import json
+    from .argv import kernel_start
+    try:
+        request = json.loads(data)
+        keys, nfds = KINDS[request["kind"]]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if set(request) != keys or len(fds) != nfds:
+        return None
+    if request["kind"] == "stop":
+        return request
+    argv, env, cwd = request["argv"], request["env"], request["cwd"]
+    if not (isinstance(argv, list) and isinstance(env, dict) and isinstance(cwd, str)
+            and all(isinstance(item, str) for item in (*argv, *env, *env.values()))):
+        return None
+    # The launcher of a kernel, nothing else that cli.main could run (install, run).
+    request["start"] = kernel_start(argv)
+    return request if request["start"] else None
+
+
+def _take_stdio(fds):
+    for fd, target in zip(fds, (0, 1, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+
+
+def _launcher_child(conn, request, fds, client, monitor):
+    """Become `python -m ns_kernel ARGV` for the client (pid), from its environment and
+    cwd."""
+    import functools
+    from . import cli
+    _take_stdio(fds)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    _die_with(client)
+    os.chdir(request["cwd"])
+    conn.sendall(str(os.getpid()).encode())
+
+    def finish(status):
+        conn.sendall(b"S%d" % status)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    spawn = functools.partial(_spawn_monitor, monitor)
+    code = cli.start_kernel(request["start"], spawn=spawn, finish=finish)
+    finish((code or 0) << 8)
+
+
+def _die_with(client):
+    """The client is what Jupyter kills (restart, shutdown now): go as a SIGKILLed cold
+    launcher goes, at once and silently; the monitor then removes the sandbox, its socket
+    dir and cgroup (sandbox._supervise). This process never unshares: a thread may wait."""
+    import select
+    import threading
+    pidfd = os.pidfd_open(client)
+
+    def watch():
+        select.select([pidfd], [], [])
+        os._exit(137)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio, fresh=False):
+    """Sandbox.start's spawn: hand the plan to the spare monitor; returns its pid. fresh:
+    the kernel execs a fresh interpreter (KernelApp.prestart off in a config file)."""
+    socket.send_fds(monitor, [_dumps((plan, fresh))], [ctl.fileno(), err_w, *stdio, *handles])
+    pid = monitor.recv(64)
+    if not pid:
+        from .errors import SetupError
+        raise SetupError("warm", "the warm template's spare monitor exited")
+    return int(pid)
+
+
+def _spare_monitor(sock, made_from):
+    """Forked by the template beside each request: becomes the monitor of the sandbox the
+    request's launcher asks for; leaves if it asks for none (the socket closes). While the
+    launcher reads the config, it checks that the template's sources are unchanged (2-10
+    ms, off the start's path): if one changed (a `pip install -U`), the template exits and
+    this kernel execs a fresh interpreter, which imports what is installed now."""
+    import functools
+    import pickle
+    from . import forked, sandbox
+    stale = _stale(made_from)
+    if stale:
+        _retire()
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5 + MAX_HANDLES)
+    except OSError:
+        os._exit(0)
+    if not data or len(fds) < 5:
+        os._exit(0)
+    plan, fresh = pickle.loads(data)
+    ctl_fd, err_w, *stdio = fds[:5]
+    handles = tuple(fds[5:])
+    _take_stdio(stdio)
+    if stale:      # to the server's log, as the kernel's own lines
+        print(f"ns-kernel: warm template retired: {stale} changed since it started; this "
+              "kernel execs a fresh interpreter", file=sys.stderr, flush=True)
+    for fd in (ctl_fd, err_w):
+        os.set_inheritable(fd, False)   # err_w closes at execve, as in a cold start
+    ctl = socket.socket(fileno=ctl_fd)
+    sock.sendall(str(os.getpid()).encode())
+    sock.close()
+    if preload.threads() != 1:
+        # unshare(CLONE_NEWUSER) would fail with EINVAL: say why instead.
+        from .errors import SetupError
+        forked.report(err_w, SetupError("warm", f"warm template has {preload.threads()} threads",
+                                        hint="unshare(CLONE_NEWUSER) needs one thread"))
+        os._exit(127)
+    kernel_step = forked.exec_kernel if stale or fresh else preload.run_preloaded
+    forked.run(functools.partial(sandbox._monitor, kernel_step=kernel_step, handles=handles),
+               plan, ctl, err_w)
+
+
+def _retire():
+    """Have the template (our parent, unless it has left already) exit: the next client
+    starts a new one from what is installed now."""
+    template = os.getppid()
+    pidfd = os.pidfd_open(template)
+    if os.getppid() == template:        # still ours: the pidfd is the template's
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    os.close(pidfd)
+
+
