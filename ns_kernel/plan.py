@@ -223,6 +223,32 @@ def under(path, parent):
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def own_filesystems(tmp_opt, network):
+    """The sandbox's own filesystems, in mount order, as a table (systemd-nspawn keeps
+    its like this): nothing here comes from the host but a few device nodes."""
+    tmp = f"mode=1777{tmp_opt}"
+    return [
+        Mount(Op.TMPFS, "/tmp", data=tmp),
+        Mount(Op.TMPFS, "/var/tmp", data=tmp),
+        Mount(Op.TMPFS, "/dev", data="mode=0755,size=64k", attrs=MountAttr.MOUNT_ATTR_NOSUID),
+        *(Mount(Op.DEVICE, f"/dev/{name}", source=f"/dev/{name}") for name in DEVICES),
+        Mount(Op.SYMLINK, "/dev/fd", data="/proc/self/fd"),
+        Mount(Op.SYMLINK, "/dev/stdin", data="/proc/self/fd/0"),
+        Mount(Op.SYMLINK, "/dev/stdout", data="/proc/self/fd/1"),
+        Mount(Op.SYMLINK, "/dev/stderr", data="/proc/self/fd/2"),
+        Mount(Op.SYMLINK, "/dev/ptmx", data="pts/ptmx"),
+        # max: the ptys of all devpts instances come from one host-wide pool
+        # (kernel.pty.max); a kernel must not be able to take them all from the others.
+        Mount(Op.DEVPTS, "/dev/pts", data=f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}"),
+        Mount(Op.TMPFS, "/dev/shm", data=tmp),
+        Mount(Op.PROC, "/proc", attrs=RW | MountAttr.MOUNT_ATTR_NOEXEC),
+        # A fresh sysfs shows its network namespace's devices, and only that namespace's
+        # owner may mount it: with the host's network, there is none.
+        *([Mount(Op.SYSFS, "/sys", attrs=RO | MountAttr.MOUNT_ATTR_NOEXEC)]
+          if network != "host" else []),
+    ]
+
+
 def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=None):
     """Return the Plan for running argv in a sandbox configured by `sandbox` on `host`;
     seccomp_profile: the seccomp.Filter read from the file Sandbox.seccomp names, if any."""
@@ -264,22 +290,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         if path not in host.missing and path not in dict(host.symlinks):
             mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
             visible.append(path)
-    for path in ("/tmp", "/var/tmp"):
-        mounts.append(Mount(Op.TMPFS, path, data=f"mode=1777{tmp_opt}"))
-    mounts += [Mount(Op.TMPFS, "/dev", data="mode=0755,size=64k",
-                     attrs=MountAttr.MOUNT_ATTR_NOSUID)]
-    mounts += [Mount(Op.DEVICE, f"/dev/{name}", source=f"/dev/{name}") for name in DEVICES]
-    mounts += [Mount(Op.SYMLINK, f"/dev/{name}", data=target) for name, target in (
-        ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))]
-    # max: the ptys of all devpts instances come from one host-wide pool
-    # (kernel.pty.max); a kernel must not be able to take them all from the others.
-    mounts += [Mount(Op.DEVPTS, "/dev/pts",
-                     data=f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}"),
-               Mount(Op.TMPFS, "/dev/shm", data=f"mode=1777{tmp_opt}"),
-               Mount(Op.PROC, "/proc", attrs=RW | MountAttr.MOUNT_ATTR_NOEXEC)]
-    if sandbox.network != "host":
-        mounts.append(Mount(Op.SYSFS, "/sys", attrs=RO | MountAttr.MOUNT_ATTR_NOEXEC))
+    mounts += own_filesystems(tmp_opt, sandbox.network)
     # What the kernel may write. Nothing the host side runs or reads as configuration may
     # be in it (checked below): not the launcher's own code, not Jupyter's settings.
     writable = [*(os.path.normpath(p) for p in sandbox.rw_binds)]
