@@ -264,7 +264,7 @@ def fetch(url, cafile=None):
 '''
 
 
-@pytest.mark.parametrize("path", ["argv", "provisioner", "no-prestart", "warm"])
+@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
 def test_kernel_reaches_what_is_listed(servers, workdir, tmp_path, path):
     ports = servers["ports"]
     cert = os.path.join(workdir, "ca.pem")
