@@ -65,7 +65,15 @@ def write_kernel_spec(path, spec):
 def install(name=NAME, spec=None, user=False, prefix=None):
     """Install into Jupyter's kernel dirs; returns the directory written."""
     from jupyter_client.kernelspec import KernelSpecManager
+    from .errors import SetupError
     with tempfile.TemporaryDirectory() as tmp:
         write_kernel_spec(os.path.join(tmp, name), spec or kernel_dict())
-        return KernelSpecManager().install_kernel_spec(os.path.join(tmp, name), name,
-                                                       user=user, prefix=prefix)
+        try:
+            return KernelSpecManager().install_kernel_spec(os.path.join(tmp, name), name,
+                                                           user=user, prefix=prefix)
+        except OSError as exc:
+            where = "your own (--user)" if user else prefix or "the system's"
+            raise SetupError("install", f"install kernelspec {name} into {where} kernels dir",
+                             "", exc.errno, "" if user or prefix else (
+                                 "only root may write there: add --user, --sys-prefix or "
+                                 "--prefix P")) from None

@@ -81,6 +81,24 @@ def test_no_arguments_is_a_usage_error():
         assert lines[-1] == "`ns-kernel --help` lists the options."
 
 
+def test_install_where_it_may_not_write(tmp_path):
+    """One line naming the kernels dir, and for the system's the flags that fix it."""
+    ns_kernel = os.path.join(os.path.dirname(sys.executable), "ns-kernel")
+    proc = subprocess.run([ns_kernel, "install", "--prefix", "/proc/ns-kernel-nowhere"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "ns-kernel: install kernelspec isolated-python into /proc/ns-kernel-nowhere kernels "
+        "dir: "), proc.stderr
+    if os.getuid() != 0:      # root may write the system's dir: nothing to refuse there
+        proc = subprocess.run([ns_kernel, "install"], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "JUPYTER_PATH": str(tmp_path)})
+        assert proc.returncode != 0
+        assert proc.stderr.strip().endswith("(only root may write there: add --user, "
+                                            "--sys-prefix or --prefix P)"), proc.stderr
+
+
 def test_no_connection_file_argument(base):
     code, lines = launch(base)
     assert code != 0

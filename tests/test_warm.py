@@ -339,7 +339,7 @@ def test_provisioner_kernels_come_from_the_template(workdir_module):
 
 # -- never stale: a template serves only what is installed now ----------------------------
 
-def test_a_pip_install_retires_the_template(workdir):
+def test_a_pip_install_retires_the_template(workdir, request):
     """A package the template imported (here through a .pth file, as every interpreter
     of the venv does at its start) is upgraded with pip: the next kernel has the new
     version, the old template exits, and the kernel after that is warm again."""
@@ -348,11 +348,13 @@ def test_a_pip_install_retires_the_template(workdir):
     import glob
     import sysconfig
     root = tempfile.mkdtemp(prefix="nsk-venv-")
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     os.chmod(root, 0o755)
     venv, wheels = os.path.join(root, "venv"), os.path.join(root, "wheels")
     os.mkdir(wheels)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = os.path.join(venv, "bin", "python")
+    request.addfinalizer(lambda: stop_templates(python))
     site = glob.glob(os.path.join(venv, "lib", "python*", "site-packages"))[0]
     # This venv's interpreter finds ipykernel and ns_kernel where the tests' own does.
     with open(os.path.join(site, "_tests_venv.pth"), "w") as f:
@@ -381,22 +383,18 @@ def test_a_pip_install_retires_the_template(workdir):
         finally:
             stop_kernel(k)
     old = template()
+    assert old is not None
+    install("2.0")
+    k = start_kernel(workdir, kernel_name=name)
     try:
-        assert old is not None
-        install("2.0")
-        k = start_kernel(workdir, kernel_name=name)
-        try:
-            # Exec'd fresh inside the sandbox, with what is installed now.
-            assert version_and_how(k) == ("2.0", False)
-        finally:
-            stop_kernel(k)
-        assert gone(old)
-        k = start_kernel(workdir, kernel_name=name)
-        try:
-            assert version_and_how(k) == ("2.0", True)
-            assert template() not in (None, old)
-        finally:
-            stop_kernel(k)
+        # Exec'd fresh inside the sandbox, with what is installed now.
+        assert version_and_how(k) == ("2.0", False)
     finally:
-        stop_templates(python)
-        shutil.rmtree(root, ignore_errors=True)
+        stop_kernel(k)
+    assert gone(old)
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        assert version_and_how(k) == ("2.0", True)
+        assert template() not in (None, old)
+    finally:
+        stop_kernel(k)
