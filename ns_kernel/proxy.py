@@ -211,8 +211,8 @@ def decide(policy, host, port, address=None, local=False):
     alone, before any lookup; then on each address the name resolved to. local: the
     address is one of the host's own (the proxy's is_local)."""
     # An entry naming an IPv4 address names it in every IPv6 form too.
-    forms = [address] + ([inner_ipv4(address)] if address is not None and inner_ipv4(address)
-                         else [])
+    inner = inner_ipv4(address) if address is not None else None
+    forms = [address] + ([inner] if inner else [])
     if any(e.matches(host, port, a) for e in policy.deny for a in forms):
         return f"{host} is on this kernel's denylist (--deny)"
     if address is None:

@@ -160,9 +160,10 @@ def from_profile(profile, path="profile"):
             rules.append(Rule(names, act, tuple(args)))
         else:
             rules += [Rule(names, act, (a,)) for a in args]
-    own = _arch("SCMP_ARCH_" + machine.upper())
-    return Filter(default, tuple(rules), tuple(dict.fromkeys(
-        _arch(a) for a in arches if _arch(a) != own)))
+    # This machine's own architecture is in every filter already (uname's name is
+    # libseccomp's).
+    others = (name for name in map(_arch, arches) if name != machine)
+    return Filter(default, tuple(rules), tuple(dict.fromkeys(others)))
 
 
 def _arch(name):

@@ -203,6 +203,17 @@ class Kernel:
         return ast.literal_eval(out.strip())
 
 
+# For code an attack test runs in a kernel (or a notebook): one line per attempt, the
+# attempt's name and ALLOWED, or the exception that stopped it.
+ATTEMPT = """def attempt(what, action):
+    try:
+        action()
+        print(what, "ALLOWED")
+    except Exception as exc:
+        print(what, type(exc).__name__)
+"""
+
+
 def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, env=None, stderr=None, **kw):
     """env: variables to set (e.g. HOME) for the launcher, as a server's would be; stderr:
     a file for the launcher's (the server log's) lines."""

@@ -135,14 +135,8 @@ def test_not_the_servers_keyring(host_key, workdir):
 def test_seccomp_off_says_so(workdir, tmp_path):
     log = tmp_path / "server.log"
     with open(log, "w") as stderr:
-        from jupyter_client.manager import KernelManager
-        from conftest import Kernel
-        km = KernelManager(kernel_name=NO_FILTER)
-        km.start_kernel(cwd=workdir, stderr=stderr)
-        k = Kernel(km, km.client())
-        k.kc.start_channels()
+        k = start_kernel(workdir, kernel_name=NO_FILTER, stderr=stderr)
         try:
-            k.kc.wait_for_ready(timeout=60)
             assert "Seccomp:\t0" in k.value("open('/proc/self/status').read()")
         finally:
             stop_kernel(k)

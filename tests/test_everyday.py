@@ -13,9 +13,7 @@ import tempfile
 import nbformat
 import pytest
 
-from jupyter_client.manager import KernelManager
-
-from conftest import Kernel, make_wheel, start_kernel, start_paths, stop_kernel, write_spec
+from conftest import make_wheel, start_kernel, start_paths, stop_kernel, write_spec
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "everyday.ipynb")
 PATHS = start_paths("everyday")
@@ -237,12 +235,8 @@ def test_what_vanishes_is_reported_after_a_restart_and_in_the_log(workdir, state
     spec = write_spec("leftovers", [f"--Sandbox.state_dir={state_dir}", "--home=private"])
     log = os.path.join(workdir, "server.log")
     stderr = open(log, "w")     # the server's log, also for the restarted kernels
-    km = KernelManager(kernel_name=spec)
-    km.start_kernel(cwd=workdir, stderr=stderr)
-    k = Kernel(km, km.client())
-    k.kc.start_channels()
+    k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
     try:
-        k.kc.wait_for_ready(timeout=60)
         k.execute("import os\nopen('/tmp/model.pkl', 'w').write('x'); os.mkdir('/dev/shm/cache')\n"
                   "open(os.path.expanduser('~/notes.txt'), 'w').write('y')\n"
                   "os.makedirs(os.path.expanduser('~/.cache/tool'))\n"

@@ -149,15 +149,6 @@ FLOOD = 32 << 20     # bytes the cell writes
 LOGGED = 4 << 20     # what the server log may take of them, at most
 
 
-def launcher_log(path):
-    """Start a kernel whose launcher (as the server's children do) writes to `path`."""
-    saved = os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.dup2(fd, 2)
-    os.close(fd)
-    return saved
-
-
 @pytest.mark.parametrize("path", PATHS)
 def test_a_kernel_cannot_fill_the_server_log(workdir, tmp_path, path):
     """Attack: a cell writes 32 MiB to its original stderr (ipykernel keeps it as
@@ -167,12 +158,8 @@ def test_a_kernel_cannot_fill_the_server_log(workdir, tmp_path, path):
     outside the kernel's cgroup and --cpus, on every byte. Fix: a byte budget per kernel
     in Relay, then one line saying how much was left out."""
     log = tmp_path / "server.log"
-    saved = launcher_log(log)
-    try:
-        k = start_kernel(workdir, kernel_name=PATHS[path])
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=PATHS[path], stderr=stderr)
     try:
         out, error, _ = k.execute(
             "import os, sys\n"
@@ -229,12 +216,8 @@ def test_the_memory_limit_holds_for_the_kernel_as_a_whole_or_says_it_does_not(wo
     each pass it) and counts no tmpfs page. Under a cgroup the whole holds; under rlimits
     the log line says the limit is per process (docs/limits.md says what it leaves out)."""
     log = tmp_path / "server.log"
-    saved = launcher_log(log)
-    try:
-        k = start_kernel(workdir, kernel_name=MEMORY)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=MEMORY, stderr=stderr)
     try:
         try:
             out, _, _ = k.execute(HOLD, timeout=60)

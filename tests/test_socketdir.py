@@ -6,9 +6,9 @@ import os
 import stat
 
 import pytest
-from jupyter_client.manager import AsyncKernelManager, KernelManager
+from jupyter_client.manager import AsyncKernelManager
 
-from conftest import Kernel, start_kernel, stop_kernel, write_spec
+from conftest import start_kernel, stop_kernel, write_spec
 
 ARGV = write_spec("isolated-python-base")
 PROVISIONER = write_spec("isolated-python-base-provisioner", provisioner=True)
@@ -23,13 +23,8 @@ def private_dirs(tmpdir):
 def start_both(workdir, log):
     """A kernel on the argv path, then one through the provisioner (their launchers'
     stderr to log); the provisioner's socket dir."""
-    km = KernelManager(kernel_name=ARGV)
-    km.start_kernel(cwd=workdir, stderr=log)
-    kc = km.client()
-    kc.start_channels()
-    k = Kernel(km, kc)
+    k = start_kernel(workdir, kernel_name=ARGV, stderr=log)
     try:
-        kc.wait_for_ready(timeout=60)
         assert k.value("__import__('os').getpid()") == 2
     finally:
         stop_kernel(k)

@@ -10,20 +10,12 @@ import threading
 
 import pytest
 
-from conftest import start_kernel, start_paths, stop_kernel, wait_until
+from conftest import ATTEMPT, start_kernel, start_paths, stop_kernel, wait_until
 
 PATHS = start_paths("trust")
 SHARED_HOME = start_paths("trust-shared", ["--home=shared"])
 
-ATTACKS = """
-import os
-def attempt(what, action):
-    try:
-        action()
-        print(what, "ALLOWED")
-    except Exception as exc:
-        print(what, type(exc).__name__)
-home = {home!r}
+ATTACKS = "import os\n" + ATTEMPT + """home = {home!r}
 def write(path, text="x"):
     with open(path, "a") as f:
         f.write(text)
@@ -64,6 +56,18 @@ def results(out):
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
+def attack_home(cwd, kernel_name, home):
+    """ATTACKS from a kernel started in cwd with `home` as the server's $HOME: what each
+    attempt met, and the whole output."""
+    k = start_kernel(cwd, kernel_name=kernel_name, env={"HOME": home})
+    try:
+        out, error, _ = k.execute(ATTACKS.format(home=home))
+    finally:
+        stop_kernel(k)
+    assert error is None, out
+    return results(out), out
+
+
 def assert_home_untouched(home):
     assert (home / ".bashrc").read_text() == "# rc\n"
     assert not (home / ".ssh" / "authorized_keys").exists()
@@ -78,13 +82,7 @@ def assert_home_untouched(home):
 def test_notebook_in_the_home_folder_cannot_touch_the_hosts_settings(fake_home, path):
     # JupyterLab's root is usually ~, so ~/Untitled.ipynb runs with the home as its folder.
     home = str(fake_home)
-    k = start_kernel(home, kernel_name=PATHS[path], env={"HOME": home})
-    try:
-        out, error, _ = k.execute(ATTACKS.format(home=home))
-    finally:
-        stop_kernel(k)
-    assert error is None, out
-    seen = results(out)
+    seen, out = attack_home(home, PATHS[path], home)
     for attack in ("read-key", "bashrc", "authorized_keys", "new-dotfile", "jupyter-config",
                    "kernelspec", "home-bin"):
         assert seen[attack] != "ALLOWED", (attack, out)
@@ -101,13 +99,7 @@ def test_notebook_in_the_home_folder_cannot_touch_the_hosts_settings(fake_home, 
 @pytest.mark.parametrize("path", ["argv", "provisioner"])
 def test_shared_home_shares_files_not_settings(fake_home, workdir, path):
     home = str(fake_home)
-    k = start_kernel(workdir, kernel_name=SHARED_HOME[path], env={"HOME": home})
-    try:
-        out, error, _ = k.execute(ATTACKS.format(home=home))
-    finally:
-        stop_kernel(k)
-    assert error is None, out
-    seen = results(out)
+    seen, out = attack_home(workdir, SHARED_HOME[path], home)
     for attack in ("read-key", "bashrc", "authorized_keys", "new-dotfile", "jupyter-config",
                    "kernelspec", "home-bin", "new-top-file"):
         assert seen[attack] != "ALLOWED", (attack, out)

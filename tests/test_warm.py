@@ -12,9 +12,8 @@ import tempfile
 import time
 
 import pytest
-from jupyter_client.manager import KernelManager
 
-from conftest import (KERNEL_NAME, Kernel, alive, interrupt_busy_loop, start_kernel,
+from conftest import (KERNEL_NAME, alive, interrupt_busy_loop, start_kernel,
                       stop_kernel, write_spec)
 from ns_kernel import warm
 
@@ -154,20 +153,6 @@ while True:
 """
 
 
-def start_warm_kernel(workdir, log):
-    km = KernelManager(kernel_name=WARM)
-    km.start_kernel(cwd=workdir, stderr=log)
-    kc = km.client()
-    kc.start_channels()
-    k = Kernel(km, kc)
-    try:
-        kc.wait_for_ready(timeout=60)
-    except Exception:
-        stop_kernel(k)
-        raise
-    return k
-
-
 @ROOT_ONLY
 @pytest.mark.parametrize("base_owner", ["ours", "theirs"])
 def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, tmp_path,
@@ -185,7 +170,7 @@ def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, t
     try:
         assert fake.stdout.readline() == "listening\n"
         log = open(tmp_path / "log", "w+")
-        k = start_warm_kernel(workdir, log)
+        k = start_kernel(workdir, kernel_name=WARM, stderr=log)
         try:
             assert k.value("__import__('os').getpid()") == 2
             assert b"ns_kernel.template" not in k.value(
