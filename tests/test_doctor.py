@@ -12,6 +12,11 @@ import pytest
 from conftest import LIMITS_BACKEND, PER_PROCESS
 from ns_kernel import limits
 
+# Run as a user namespace's root (--map-root-user), the launcher's default socket base would
+# be /tmp/ns-kernel-0: host root's name, made by this user. Every doctor and launcher here
+# uses a base of the test's own.
+pytestmark = pytest.mark.usefixtures("user_base")
+
 
 def doctor(*args, prefix=()):
     return subprocess.run([*prefix, sys.executable, "-P", "-m", "ns_kernel", "doctor", *args],
