@@ -1,8 +1,8 @@
 """The kernel provisioner: how JupyterLab (jupyter_server) and every jupyter_client >= 7
 client start Isolated Python when kernel.json names it in metadata.kernel_provisioner.
 
-It is jupyter_client's LocalProvisioner (Popen, killpg, wait) with one difference that
-matters: the connection is `ipc`, with ip `<socket dir>/k`, where <socket dir> is the
+It is jupyter_client's LocalProvisioner (Popen, killpg, wait) with two differences that
+matter. First, the connection is `ipc`, with ip `<socket dir>/k`, where <socket dir> is the
 kernel's private 0700 socket dir. The launcher is told to make exactly that dir
 (--kernel-socket-dir), so the paths the client connects to, <ip>-<port>, are the kernel's
 own sockets: no TCP port is opened, no bridge runs, no link is made.
@@ -13,18 +13,25 @@ sockets reconnect to the same paths by themselves. Settings in the kernelspec's
 "readonly"}`); they reach the launcher as `--Sandbox.<name>=<value>` after the argv's own
 options, so they win over them.
 
+Second, a warm start needs no process of its own: when the user's warm template listens, the
+provisioner hands it the start itself (warm.launch, as the warm client would) and
+supervises the launcher it forks through a pidfd and the request's socket (warm.Launcher,
+Popen's poll, wait and send_signal); otherwise it Popens the command, as LocalProvisioner
+does, and the client started that way makes the template (a user's first kernel).
+
 It reads the launcher's options with the launcher's own parser (cli.KernelApp), but the
 config files as data only: ns_kernel_config.json, never ns_kernel_config.py, which would
 run in the Jupyter server (the launcher, a process of its own, runs both).
 """
 import asyncio
 import os
+import sys
 import time
 
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Dict, TraitError, Unicode
 
-from . import kernelspec, socketdir
+from . import kernelspec, socketdir, warm
 from .cli import KernelApp
 from .config import Sandbox
 from .errors import SetupError
@@ -104,6 +111,43 @@ class IsolatedProvisioner(LocalProvisioner):
                          *cmd[at:]]
         return kwargs
 
+    async def launch_kernel(self, cmd, **kwargs):
+        # In a thread: a template that is slow to answer must not stall the server.
+        launcher = await asyncio.to_thread(self._warm_launcher, cmd, kwargs)
+        if launcher is None:
+            return await super().launch_kernel(cmd, **kwargs)
+        self.process, self.pid, self.pgid = launcher, launcher.pid, None
+        self.cwd = kwargs.get("cwd") or os.getcwd()
+        return self.connection_info
+
+    def _warm_launcher(self, cmd, kwargs):
+        """A warm start without the client: the launcher the user's running template forks
+        for cmd, asked for from here (warm.launch, what the client would send); None when
+        cmd must be Popen'd as LocalProvisioner does: a cold start; another interpreter
+        than the server's (the template is keyed by it); no template listening yet (the
+        client starts it: a user's first kernel); stdio that are not fds; a kernel that
+        must outlive the server (`independent`: the launcher dies with its requester)."""
+        start = kernelspec.launcher_start(cmd)
+        if not (start and start.warm) or cmd[0] != sys.executable or kwargs.get("independent"):
+            return None
+        stdio = [_fd(kwargs.get(name), fd) for fd, name in ((1, "stdout"), (2, "stderr"))]
+        if None in stdio:
+            return None
+        # What jupyter_client's launch_kernel gives the process it starts.
+        env = dict(kwargs.get("env") or os.environ, JPY_PARENT_PID=str(os.getpid()))
+        try:
+            sock = warm.connect(env)
+        except SetupError:
+            return None     # the client says why, in the server log, and starts cold
+        if sock is None:
+            return None
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return warm.launch(sock, start.argv(), env, kwargs.get("cwd") or os.getcwd(),
+                               [devnull, *stdio])
+        finally:
+            os.close(devnull)
+
     def _launcher_config(self, options, extra):
         try:
             app = KernelApp()
@@ -142,3 +186,12 @@ class IsolatedProvisioner(LocalProvisioner):
         self.kernel_socket_dir = provisioner_info.get("kernel_socket_dir", "")
         self.settings = provisioner_info.get("settings", {})
 
+
+def _fd(stream, default):
+    """The fd a launch_kernel stdout/stderr argument means (None: ours); None if it is
+    not one (subprocess.PIPE or DEVNULL)."""
+    if stream is None:
+        return default
+    if hasattr(stream, "fileno"):
+        return stream.fileno()
+    return stream if isinstance(stream, int) and stream >= 0 else None

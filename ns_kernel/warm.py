@@ -6,7 +6,9 @@ process has imported both already and forks, per kernel:
 
   client     what Jupyter runs (`python -P -m ns_kernel -f FILE`): imports next to
              nothing, hands its argv, environment, cwd and stdio to the template, forwards
-             signals, and exits like the kernel did
+             signals, and exits like the kernel did. The provisioner, in the Jupyter
+             server, sends the same request itself when a template listens (launch,
+             Launcher): no client process at all on JupyterLab's path
   launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
              client (cli.start_kernel, the same Launch as a cold start: config, plan,
              socket dir, bridge, limits) except that it hands the plan to a monitor the
@@ -71,23 +73,96 @@ def client_main(start):
     except SetupError as exc:
         _cold(exc.line().removeprefix("ns-kernel: "))
         return None
-    request = {"kind": "kernel", "argv": start.argv(), "env": dict(os.environ),
-               "cwd": os.getcwd()}
-    try:
-        socket.send_fds(sock, [_encode(request).encode()], [0, 1, 2])
-        launcher = int(sock.recv(64) or 0)
-    except OSError:     # the template left meanwhile (retired, stopped)
-        launcher = 0
-    if not launcher:
+    launcher = launch(sock, start.argv(), dict(os.environ), os.getcwd(), [0, 1, 2])
+    if launcher is None:
         _cold(f"the template {socket_path()} started no launcher")
         return None
-
-    forward_signals(launcher)
-    data = sock.recv(64)
-    if not data.startswith(b"S"):
+    forward_signals(launcher.pid)
+    launcher.wait()
+    if launcher.status is None:
         print("ns-kernel: the warm kernel's launcher died", file=sys.stderr, flush=True)
         return 1
-    exit_like(int(data[1:]))
+    exit_like(launcher.status)
+
+
+def launch(sock, argv, env, cwd, stdio):
+    """Hand a kernel start (its launcher's argv, environment, cwd and three stdio fds) to
+    the template at the other end of sock; the Launcher it forked, or None if it forked
+    none (it left meanwhile: retired, stopped)."""
+    request = {"kind": "kernel", "argv": argv, "env": env, "cwd": cwd}
+    try:
+        socket.send_fds(sock, [_encode(request).encode()], stdio)
+        pid = int(sock.recv(64) or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if not pid:
+        sock.close()
+        return None
+    return Launcher(sock, pid)
+
+
+class Launcher:
+    """A launcher the template forked for us, seen like a subprocess.Popen of it: by the
+    warm client, and by the provisioner in the Jupyter server (its `process`), which then
+    needs no client interpreter at all. Its status comes over the request's socket (it
+    is the template's child, not ours); signals go through a pidfd, never to a reused
+    pid."""
+    stdin = stdout = stderr = None      # Popen's pipes: LocalProvisioner.wait closes them
+
+    def __init__(self, sock, pid):
+        self.sock, self.pid = sock, pid
+        self.pidfd = os.pidfd_open(pid)
+        self.status = None          # its kernel's raw wait status, once sent
+        self.returncode = None      # as Popen's: the exit code, or minus the signal
+        self._killed = False
+
+    def poll(self):
+        if self.returncode is None:
+            import select
+            if select.select([self.sock], [], [], 0)[0]:
+                self._finish()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            import select
+            if not select.select([self.sock], [], [], timeout)[0]:
+                import subprocess
+                raise subprocess.TimeoutExpired(f"launcher {self.pid}", timeout)
+            self._finish()
+        return self.returncode
+
+    def _finish(self):
+        try:
+            data = self.sock.recv(64)
+        except OSError:
+            data = b""
+        if data.startswith(b"S"):
+            self.status = int(data[1:])
+            self.returncode = os.waitstatus_to_exitcode(self.status)
+        else:
+            # Gone without a word: SIGKILLed (by us, the OOM killer) or it crashed.
+            import signal
+            self.returncode = -signal.SIGKILL if self._killed else 1
+        self.sock.close()
+        os.close(self.pidfd)
+
+    def send_signal(self, signum):
+        if self.returncode is None:
+            import signal
+            self._killed = self._killed or signum == signal.SIGKILL
+            try:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            except ProcessLookupError:
+                pass        # exiting: its status is on its way
+
+    def terminate(self):
+        import signal
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        import signal
+        self.send_signal(signal.SIGKILL)
 
 
 def _cold(why):
@@ -135,16 +210,23 @@ def _encode(value):
     return "{" + ",".join(f"{string(k)}:{_encode(v)}" for k, v in value.items()) + "}"
 
 
+def connect(environ=os.environ):
+    """A socket to this user's running template for a kernel started with environ, None
+    if none listens; a SetupError if what listens cannot be trusted (nothing was sent)."""
+    from .socketdir import ensure_base
+    path = socket_path(environ)
+    # Before connecting: a template in a dir another user made is theirs to fake.
+    ensure_base(os.path.dirname(path))
+    return _connect(path)
+
+
 def connect_or_start(timeout=60.0):
     """A socket to this user's template, started if none listens; a SetupError if none
     can be trusted (nothing was sent to it)."""
-    from .socketdir import ensure_base
-    path = socket_path()
-    # Before connecting: a template in a dir another user made is theirs to fake.
-    ensure_base(os.path.dirname(path))
-    sock = _connect(path)
+    sock = connect()
     if sock:
         return sock
+    path = socket_path()
     import time
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     # The template daemonizes (its first fork); this child returns at once.

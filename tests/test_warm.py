@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import (KERNEL_NAME, alive, interrupt_busy_loop, start_kernel,
-                      stop_kernel, write_spec)
+from conftest import (KERNEL_NAME, alive, descendants, interrupt_busy_loop, start_kernel,
+                      stop_kernel, wait_until, write_spec)
 from ns_kernel import warm
 
 WARM = KERNEL_NAME       # warm is the default
@@ -117,6 +117,85 @@ def test_kernel_exit_status_and_stop_leave_nothing(workdir_module):
         stop_kernel(k)
 
 
+PROVISIONED = write_spec("warm-provisioner", provisioner=True)
+
+
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_the_provisioner_starts_no_client(workdir_module):
+    # With the template listening, the provisioner (in the Jupyter server: here, this
+    # process) asks it for the launcher itself: no client interpreter for the kernel.
+    first = start_kernel(workdir_module, kernel_name=WARM)    # the template runs
+    k = start_kernel(workdir_module, kernel_name=PROVISIONED)
+    try:
+        launcher = k.km.provisioner.process
+        assert isinstance(launcher, warm.Launcher)
+        assert parent(launcher.pid) == warm.template_pid()
+        assert not [pid for pid in descendants(os.getpid()) if k.km.connection_file.encode()
+                    in open(f"/proc/{pid}/cmdline", "rb").read()]
+        # What the server does to a kernel through it: interrupt, restart, its exit status.
+        interrupt_busy_loop(k)
+        k.km.restart_kernel(now=True)
+        k.kc.wait_for_ready(timeout=30)
+        assert isinstance(k.km.provisioner.process, warm.Launcher)
+        assert k.value("__import__('os').getpid()") == 2
+        k.kc.execute("import os; os._exit(3)")
+        assert wait_until(lambda: not k.km.is_alive(), timeout=20)
+        assert k.km.provisioner.process.wait(timeout=5) == 3
+    finally:
+        stop_kernel(k)
+        stop_kernel(first)
+
+
+# A Jupyter server of its own, so that it can die: starts a kernel through the provisioner,
+# says what it got and the kernel's pid namespace, and waits.
+SERVER = """
+import sys, time
+from jupyter_client.manager import KernelManager
+km = KernelManager(kernel_name=sys.argv[1])
+km.start_kernel(cwd=sys.argv[2])
+kc = km.client()
+kc.start_channels()
+kc.wait_for_ready(timeout=60)
+seen = []
+kc.execute_interactive("print(__import__('os').readlink('/proc/self/ns/pid'))", timeout=30,
+                       output_hook=lambda m: seen.append(m["content"].get("text", "")))
+print(type(km.provisioner.process).__name__, km.provisioner.pid,
+      km.provisioner.kernel_socket_dir, "".join(seen).strip(), flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_provisioned_kernel_goes_with_its_server(workdir_module):
+    first = start_kernel(workdir_module, kernel_name=WARM)    # the template runs
+    server = subprocess.Popen([sys.executable, "-c", SERVER, PROVISIONED, workdir_module],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        kind, launcher, box, ns = server.stdout.readline().split()
+        assert kind == "Launcher" and os.path.isdir(box)
+
+        def in_sandbox():
+            found = []
+            for entry in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    found += [entry] if os.readlink(f"/proc/{entry}/ns/pid") == ns else []
+                except OSError:
+                    pass
+            return found
+        assert len(in_sandbox()) == 2       # init and the kernel
+        server.kill()
+        server.wait()
+        assert gone(int(launcher))
+        assert wait_until(lambda: not in_sandbox() and not os.path.lexists(box), timeout=10)
+    finally:
+        server.kill()
+        server.wait()
+        stop_kernel(first)
+
+
 def test_stop_without_template_says_so(monkeypatch):
     # Another startup environment is another template, and none runs for it.
     monkeypatch.setenv("LANG", "C.UTF-8-no-template-for-this")
@@ -155,12 +234,13 @@ while True:
 
 @ROOT_ONLY
 @pytest.mark.parametrize("base_owner", ["ours", "theirs"])
+@pytest.mark.parametrize("spec", [WARM, PROVISIONED])
 def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, tmp_path,
-                                                           base_owner):
+                                                           base_owner, spec):
     # Another user's process listens where our template would: in our own base (SO_PEERCRED
-    # says it is not ours), or in a base that user made first (not even a connect). The
-    # client sends it nothing, neither the server's environment nor its stdio, and the
-    # kernel starts cold.
+    # says it is not ours), or in a base that user made first (not even a connect). Neither
+    # the client nor the provisioner (which asks a template itself) sends it anything, not
+    # the server's environment nor its stdio, and the kernel starts cold.
     base, _ = user_base
     os.mkdir(base, 0o700)
     if base_owner == "theirs":
@@ -170,7 +250,7 @@ def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, t
     try:
         assert fake.stdout.readline() == "listening\n"
         log = open(tmp_path / "log", "w+")
-        k = start_kernel(workdir, kernel_name=WARM, stderr=log)
+        k = start_kernel(workdir, kernel_name=spec, stderr=log)
         try:
             assert k.value("__import__('os').getpid()") == 2
             assert b"ns_kernel.template" not in k.value(
