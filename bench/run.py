@@ -207,7 +207,7 @@ class Bench:
             shared = template_pss() / served if served else 0
             for label, (km, _) in kernels.items():
                 extra = shared if lanes[label][0] in WARM_KINDS else 0
-                mem[label] = (pss_tree(kernel_pid(km)) + extra) / (1 << 20)
+                mem[label] = (host_pss(km) + extra) / (1 << 20)
             labels = list(lanes)
             for r in range(rounds):
                 for label in rotate(labels, r):
@@ -236,7 +236,7 @@ class Bench:
                 self.execute(kc, TRIVIAL)
             time.sleep(1.0)
             held = host_used() - before
-            pss = sum(pss_tree(kernel_pid(km)) for km, _, _ in started)
+            pss = sum(host_pss(km) for km, _, _ in started)
             pss = (pss + (template_pss() if kind in WARM_KINDS else 0)) / (1 << 20)
         finally:
             for km, kc, _ in started:
@@ -298,7 +298,7 @@ class Bench:
                 self.execute(kc, TRIVIAL)
             time.sleep(0.5)
             extra = template_pss() if kind in WARM_KINDS else 0
-            return (pss_tree(kernel_pid(km)) + extra) / (1 << 20)
+            return (host_pss(km) + extra) / (1 << 20)
         finally:
             self.stop(km, kc)
 
@@ -324,6 +324,17 @@ def rotate(items, r):
 def kernel_pid(km):
     prov = km.provisioner
     return getattr(prov, "pid", None) or prov.process.pid
+
+
+def host_pss(km):
+    """Bytes of PSS of the process km started and its descendants (a cold kernel's
+    launcher, monitor, init and kernel; a warm one's client on the argv path); none for a
+    warm start through the provisioner, which starts no process: its launcher is the
+    template's child, counted in template_pss."""
+    from ns_kernel import warm
+    if isinstance(km.provisioner.process, warm.Launcher):
+        return 0
+    return pss_tree(kernel_pid(km))
 
 
 def stop_template():
@@ -612,6 +623,8 @@ def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, 
     lanes = {"plain tcp": ("plain", "tcp"), "bridge": ("isolated", "tcp"),
              "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc"),
              "bridge, --seccomp off": ("nofilter", "tcp"), "bridge, --cold": ("cold", "tcp")}
+    if "provisioner" in kinds:      # its connection is ipc whatever is asked
+        lanes["provisioner"] = ("provisioner", "tcp")
     rtt, out, disp, mem = bench.latency_and_output(lanes, rounds, n_rtt, out_mb, display_mb)
     raw.update(rtt=rtt, output=out, display=disp, pss_mb=mem)
     ms = lambda xs, q: pct(xs, q) * 1000
@@ -631,6 +644,9 @@ def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, 
     served = sum(kind in WARM_KINDS for kind, _ in lanes.values())
     table.add(f"memory PSS per kernel (template over {served})", mem["plain tcp"],
               mem["bridge"], "MB", 5, kind="extra", fmt="{:.1f}")
+    if "provisioner" in mem:
+        table.add(f"memory PSS per kernel, provisioner (template over {served})",
+                  mem["plain ipc"], mem["provisioner"], "MB", 5, kind="extra", fmt="{:.1f}")
     raw["pss_mb alone"] = {kind: bench.alone(kind) for kind in ("plain", "isolated")}
     table.add("memory PSS, one kernel alone (whole template)", raw["pss_mb alone"]["plain"],
               raw["pss_mb alone"]["isolated"], "MB", 5, kind="extra", fmt="{:.1f}")
