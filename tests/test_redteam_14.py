@@ -1,0 +1,73 @@
+"""Red team 14: the provisioner's warm start without a client interpreter (commit 697c830).
+The provisioner, in the Jupyter server, asks the user's warm template for the launcher
+itself; the launcher it forks dies with its requester, now the server."""
+import glob
+import os
+import subprocess
+import sys
+
+from conftest import KERNEL_NAME, start_kernel, stop_kernel, wait_until, write_spec
+from ns_kernel import cgroup
+
+PROVISIONED = write_spec("redteam14-provisioner", provisioner=True)
+
+# A Jupyter server of its own that dies (SIGKILL: the OOM killer, a crash, `kill -9`) just
+# after it started a kernel: the moment the launcher has made the kernel's socket dir.
+SERVER = """
+import os, signal, sys, uuid
+from jupyter_client.manager import KernelManager
+from jupyter_core.paths import jupyter_runtime_dir
+kid = str(uuid.uuid4())
+os.makedirs(jupyter_runtime_dir(), exist_ok=True)
+km = KernelManager(kernel_name=sys.argv[1],
+                   connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{kid}.json"))
+km.start_kernel(cwd=sys.argv[2])
+box = km.provisioner.kernel_socket_dir
+print(type(km.provisioner.process).__name__, kid, box, flush=True)
+while not os.path.lexists(box):
+    pass
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def kernel_cgroups(kernel_id):
+    """The host dirs of the cgroups the launcher made for kernel_id (limits.enforce names
+    them ns-kernel-<id[:8]>-<random>), in any hierarchy."""
+    found = []
+    for root, _ in cgroup.hierarchies().values():
+        for depth in range(4):
+            found += glob.glob(f"{root}/{'*/' * depth}ns-kernel/ns-kernel-{kernel_id[:8]}-*")
+    return sorted(set(found))
+
+
+def test_a_server_killed_during_a_warm_start_leaves_nothing(workdir):
+    # Attack: make the Jupyter server die (any local way: exhaust memory so the OOM killer
+    # picks it, crash it, or just a user's kill -9) right after it asked for a kernel.
+    # On the provisioner's warm path the launcher is forked by the template and dies with
+    # its requester, now the server itself (template._die_with: os._exit(137) at once).
+    # While the launcher is still building the start (cgroup made, socket dir made, plan
+    # not yet handed to the monitor), nobody removes what it made: the kernel's socket dir
+    # (with connection.json, the kernel's HMAC key, owned by the sandbox's uid) and its
+    # cgroup stay behind, once per such death. Before 697c830 the launcher's requester was
+    # a client in a session of its own that outlived the server: the launcher saw the
+    # server go (JPY_PARENT_PID) and cleaned up (Launch.cleanup), as the cold path still does.
+    first = start_kernel(workdir, kernel_name=KERNEL_NAME)     # the template runs
+    leaks = []
+    try:
+        for _ in range(3):
+            server = subprocess.run([sys.executable, "-c", SERVER, PROVISIONED, workdir],
+                                    stdout=subprocess.PIPE, text=True, timeout=120)
+            kind, kid, box = server.stdout.split()
+            assert kind == "Launcher"       # the new path, not the client
+            wait_until(lambda: not os.path.lexists(box) and not kernel_cgroups(kid),
+                       timeout=10)
+            if os.path.lexists(box) or kernel_cgroups(kid):
+                leaks.append((box, os.listdir(box) if os.path.isdir(box) else None,
+                              kernel_cgroups(kid)))
+                # Ours to clean, so the run leaves nothing whatever the outcome.
+                subprocess.run(["rm", "-rf", box])
+                for group in kernel_cgroups(kid):
+                    os.rmdir(group)
+    finally:
+        stop_kernel(first)
+    assert not leaks, f"left behind by a warm start whose server died: {leaks}"
