@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import KERNEL_NAME, start_kernel, stop_kernel, wait_until, write_spec
 from ns_kernel import cgroup
 
 PROVISIONED = write_spec("redteam14-provisioner", provisioner=True)
 
-# A Jupyter server of its own that dies (SIGKILL: the OOM killer, a crash, `kill -9`) just
-# after it started a kernel: the moment the launcher has made the kernel's socket dir.
+# A Jupyter server of its own that dies (SIGKILL: the OOM killer, a crash, `kill -9`) after
+# it started a kernel: while the kernel starts (the moment the launcher has made the
+# kernel's socket dir), or once it runs (it answered).
 SERVER = """
 import os, signal, sys, uuid
 from jupyter_client.manager import KernelManager
@@ -24,8 +27,13 @@ km = KernelManager(kernel_name=sys.argv[1],
 km.start_kernel(cwd=sys.argv[2])
 box = km.provisioner.kernel_socket_dir
 print(type(km.provisioner.process).__name__, kid, box, flush=True)
-while not os.path.lexists(box):
-    pass
+if sys.argv[3] == "starting":
+    while not os.path.lexists(box):
+        pass
+else:
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -40,7 +48,8 @@ def kernel_cgroups(kernel_id):
     return sorted(set(found))
 
 
-def test_a_server_killed_during_a_warm_start_leaves_nothing(workdir):
+@pytest.mark.parametrize("moment", ["starting", "running"])
+def test_a_server_killed_with_a_warm_kernel_leaves_nothing(workdir, moment):
     # Attack: make the Jupyter server die (any local way: exhaust memory so the OOM killer
     # picks it, crash it, or just a user's kill -9) right after it asked for a kernel.
     # On the provisioner's warm path the launcher is forked by the template and dies with
@@ -48,14 +57,18 @@ def test_a_server_killed_during_a_warm_start_leaves_nothing(workdir):
     # While the launcher is still building the start (cgroup made, socket dir made, plan
     # not yet handed to the monitor), nobody removes what it made: the kernel's socket dir
     # (with connection.json, the kernel's HMAC key, owned by the sandbox's uid) and its
-    # cgroup stay behind, once per such death. Before 697c830 the launcher's requester was
-    # a client in a session of its own that outlived the server: the launcher saw the
-    # server go (JPY_PARENT_PID) and cleaned up (Launch.cleanup), as the cold path still does.
+    # cgroup stay behind, once per such death. Once the kernel runs, two threads of the
+    # launcher see the server go at once: _supervise (JPY_PARENT_PID) SIGKILLs the monitor,
+    # whose own cleanup (sandbox._supervise) then never runs, and _die_with's thread exits
+    # the launcher before Launch.cleanup does: the same two things stay. Before 697c830
+    # the launcher's requester was a client in a session of its own that outlived the
+    # server: only _supervise saw the server go, and Launch.cleanup removed both, as on
+    # the cold path still.
     first = start_kernel(workdir, kernel_name=KERNEL_NAME)     # the template runs
     leaks = []
     try:
         for _ in range(3):
-            server = subprocess.run([sys.executable, "-c", SERVER, PROVISIONED, workdir],
+            server = subprocess.run([sys.executable, "-c", SERVER, PROVISIONED, workdir, moment],
                                     stdout=subprocess.PIPE, text=True, timeout=120)
             kind, kid, box = server.stdout.split()
             assert kind == "Launcher"       # the new path, not the client
