@@ -67,7 +67,7 @@ def test_a_server_killed_with_a_warm_kernel_leaves_nothing(workdir, moment):
     first = start_kernel(workdir, kernel_name=KERNEL_NAME)     # the template runs
     leaks = []
     try:
-        for _ in range(3):
+        for _ in range(5):
             server = subprocess.run([sys.executable, "-c", SERVER, PROVISIONED, workdir, moment],
                                     stdout=subprocess.PIPE, text=True, timeout=120)
             kind, kid, box = server.stdout.split()
