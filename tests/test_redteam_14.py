@@ -1,8 +1,11 @@
 """Red team 14: the provisioner's warm start without a client interpreter (commit 697c830).
 The provisioner, in the Jupyter server, asks the user's warm template for the launcher
 itself; the launcher it forks dies with its requester, now the server."""
+import gc
 import glob
 import os
+import resource
+import socket
 import subprocess
 import sys
 
@@ -84,3 +87,51 @@ def test_a_server_killed_with_a_warm_kernel_leaves_nothing(workdir, moment):
     finally:
         stop_kernel(first)
     assert not leaks, f"left behind by a warm start whose server died: {leaks}"
+
+
+def test_a_server_holding_many_fds_still_controls_its_warm_kernel(workdir):
+    # Attack: another local user opens ~1000 idle TCP connections to the Jupyter server's
+    # port (127.0.0.1:8888 takes anyone's; tornado keeps an idle one for an hour), or the
+    # server is merely busy (kernels, terminals, websockets): jupyter_server raises its
+    # open-files limit to 4096 for this, so new fds are numbered above 1023. A kernel
+    # started then gets a warm.Launcher whose socket is such an fd, and Launcher.poll and
+    # wait use select.select, which refuses fds >= FD_SETSIZE (ValueError): the server can
+    # no longer tell whether the kernel lives (is_alive), restart or shut it down, ever
+    # (the fd keeps its number when the connections close); the sandbox runs on until
+    # the server exits. A Popen'd client (before 697c830, and the argv path) is polled
+    # with waitpid, which has no such limit. Here this process is the server.
+    first = start_kernel(workdir, kernel_name=KERNEL_NAME)     # the template runs
+    # Once first, as a server has: what a first start imports and lets go is done with.
+    stop_kernel(start_kernel(workdir, kernel_name=PROVISIONED))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # What jupyter_server does at start (ServerApp.min_open_files_limit).
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+    k = None
+    try:
+        gc.collect()    # no file object of the test's own closes meanwhile
+        # Connections take the lowest free fds: until none is left below 1024.
+        while not held or held[-1].fileno() < 1024:
+            client = socket.create_connection(listener.getsockname())
+            held += [client, listener.accept()[0]]
+        k = start_kernel(workdir, kernel_name=PROVISIONED)
+        launcher = k.km.provisioner.process
+        assert type(launcher).__name__ == "Launcher"     # the new path, not the client
+        assert k.km.is_alive()
+        k.km.restart_kernel(now=True)
+        k.kc.wait_for_ready(timeout=30)
+        stop_kernel(k)
+        assert not k.km.has_kernel
+        k = None
+    finally:
+        for sock in (*held, listener):
+            sock.close()
+        if k is not None:       # what the server could not do: end the kernel
+            k.kc.stop_channels()
+            launcher = k.km.provisioner.process
+            launcher.kill()
+            wait_until(lambda: not os.path.exists(f"/proc/{launcher.pid}"), timeout=10)
+            wait_until(lambda: not os.path.lexists(k.km.provisioner.kernel_socket_dir), timeout=10)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        stop_kernel(first)
