@@ -74,10 +74,13 @@ class Launch:
         self.output = None         # the kernel's stdout/stderr relay (output.py)
         self.started_lines = []    # for the log once the sandbox stands: limits, filter
         self.proxy = None          # its egress proxy, with network 'proxy' (proxy.py)
+        self.server = None         # a pidfd of the Jupyter server, if it says which it is
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
         self._install_signal_handlers()
+        # From the start: a server that dies while the sandbox is built is seen too.
+        self.server = self._server_pidfd()
         if self.connection_file:
             info = connection.read(self.connection_file)
             argv = kernel_argv(self.argv)
@@ -211,9 +214,8 @@ class Launch:
         sel.register(monitor, selectors.EVENT_READ, "monitor")
         sel.register(box.errors, selectors.EVENT_READ, "errors")
         sel.register(box.ctl, selectors.EVENT_READ, "ctl")
-        server = self._server_pidfd()
-        if server is not None:
-            sel.register(server, selectors.EVENT_READ, "server")
+        if self.server is not None:
+            sel.register(self.server, selectors.EVENT_READ, "server")
         owners = None if self.config.tcp_clients == "any" else {os.getuid()}
         relay = (bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid, owners,
                                self._who()) if self.listeners else None)
@@ -260,13 +262,16 @@ class Launch:
                 relay.close()
             sel.close()
             os.close(monitor)
-            if server is not None:
-                os.close(server)
 
     def _server_pidfd(self):
         try:
             parent = int(os.environ.get("JPY_PARENT_PID", "0"))
             return os.pidfd_open(parent) if parent > 1 else None
+        except ProcessLookupError:
+            # Gone before we looked (it died while asking): nobody will talk to this
+            # kernel, as ipykernel's own parent poller would conclude.
+            raise SetupError("server", f"the Jupyter server (JPY_PARENT_PID {parent}) has "
+                             "exited", hint="nothing to start a kernel for") from None
         except (ValueError, OSError):
             return None
 
@@ -294,6 +299,9 @@ class Launch:
 
     def cleanup(self):
         self._release_prestarted()
+        if self.server is not None:
+            os.close(self.server)
+            self.server = None
         if self.box and self.box.pid:
             self.box.kill()
         if self.output:

@@ -181,7 +181,11 @@ def _launcher_child(conn, request, fds, client, monitor):
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])
-    _die_with(client)
+    # The provisioner asks in the server's own name: this launcher then watches it as
+    # every launcher watches its server (Launch), and cleans up after; dying with it at
+    # once would leave the socket dir and cgroup.
+    if request["env"].get("JPY_PARENT_PID") != str(client):
+        _die_with(client)
     os.chdir(request["cwd"])
     conn.sendall(str(os.getpid()).encode())
 

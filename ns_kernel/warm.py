@@ -117,20 +117,25 @@ class Launcher:
         self._killed = False
 
     def poll(self):
-        if self.returncode is None:
-            import select
-            if select.select([self.sock], [], [], 0)[0]:
-                self._finish()
+        if self.returncode is None and self._ready(0):
+            self._finish()
         return self.returncode
 
     def wait(self, timeout=None):
         if self.returncode is None:
-            import select
-            if not select.select([self.sock], [], [], timeout)[0]:
+            if not self._ready(timeout):
                 import subprocess
                 raise subprocess.TimeoutExpired(f"launcher {self.pid}", timeout)
             self._finish()
         return self.returncode
+
+    def _ready(self, timeout):
+        # poll, not select: a busy server's fds go past select's 1023 (jupyter_server
+        # raises its limit to 4096).
+        import select
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
 
     def _finish(self):
         try:

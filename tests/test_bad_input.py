@@ -187,6 +187,20 @@ def test_missing_bind_source(base):
     assert_nothing_left(base)
 
 
+@pytest.mark.parametrize("options", [[], ["--cold"]], ids=["warm", "cold"])
+def test_server_gone_before_the_start(base, options):
+    # The Jupyter server died while asking for the kernel: nobody will talk to it, so
+    # nothing starts, and nothing is left.
+    server = subprocess.Popen(["true"])
+    server.wait()
+    code, lines = launch(base, *options, connection=conn_file(base),
+                         env=dict(os.environ, JPY_PARENT_PID=str(server.pid)))
+    assert code != 0
+    assert_one_line(lines, f"ns-kernel: the Jupyter server (JPY_PARENT_PID {server.pid}) "
+                           "has exited (nothing to start a kernel for)")
+    assert_nothing_left(base)
+
+
 def test_invalid_option_value(base):
     code, lines = launch(base, "--memory=lots", connection=conn_file(base))
     assert code != 0
