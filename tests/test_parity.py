@@ -119,16 +119,21 @@ def test_debugger_stops_at_a_breakpoint_shows_variables_and_continues(workdir, p
 # A plain SUB socket: what any local process can open. It counts how often `marker` shows
 # in what it reads from iopub while it listens.
 EAVESDROP = """
-import sys, time, zmq
-endpoint, marker, seconds = sys.argv[1], sys.argv[2].encode(), float(sys.argv[3])
+import sys, zmq
+endpoint, marker = sys.argv[1], sys.argv[2].encode()
 sub = zmq.Context().socket(zmq.SUB)
 sub.setsockopt(zmq.SUBSCRIBE, b"")
 sub.setsockopt(zmq.LINGER, 0)
 sub.connect(endpoint)
 print("listening", flush=True)
-seen, deadline = 0, time.monotonic() + seconds
-while time.monotonic() < deadline:
-    if sub.poll(100):
+poller = zmq.Poller()
+poller.register(sub, zmq.POLLIN)
+poller.register(sys.stdin.fileno(), zmq.POLLIN)
+seen, done = 0, False
+while not done:
+    events = dict(poller.poll())
+    done = sys.stdin.fileno() in events     # closed: the test has stopped listening
+    while sub.poll(0):
         seen += sum(frame.count(marker) for frame in sub.recv_multipart())
 print(seen, flush=True)
 """
@@ -146,16 +151,18 @@ def eavesdrop(kernel, uid=None):
     ours) read while a cell printed for a while."""
     marker = uuid.uuid4().hex
     ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    proc = subprocess.Popen([sys.executable, "-c", EAVESDROP, iopub_endpoint(kernel), marker,
-                             "8"], stdout=subprocess.PIPE, text=True, cwd="/", **ids)
+    proc = subprocess.Popen([sys.executable, "-c", EAVESDROP, iopub_endpoint(kernel), marker],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+                            **ids)
     try:
         assert proc.stdout.readline() == "listening\n"
         time.sleep(1)   # a subscription takes a moment to reach the publisher
         # The code shows on iopub too (execute_input): it holds the marker in two halves.
         out, error, _ = kernel.execute(
             f"import time\nfor _ in range(30):\n    print({marker[:16]!r} + {marker[16:]!r}, "
-            "flush=True)\n    time.sleep(0.1)")
+            "flush=True)\n    time.sleep(0.02)")
         assert error is None and out.count(marker) == 30    # the kernel's own client reads
+        time.sleep(1)   # what the publisher sent the eavesdropper too, on its way
         return int(proc.communicate(timeout=60)[0])
     finally:
         proc.kill()
