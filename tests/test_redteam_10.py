@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -177,11 +178,10 @@ def test_a_kernel_cannot_fill_the_server_log(workdir, tmp_path, path):
 MEMORY = write_spec("redteam10-memory", ["--memory", "256M"])
 HOLD = r"""
 import os, time
-r, w = os.pipe()
-kids = []
+held, pipes = 0, []
 for _ in range(3):                     # three processes of 100 MB each
-    pid = os.fork()
-    if pid == 0:
+    r, w = os.pipe()
+    if os.fork() == 0:
         os.close(r)
         try:
             block = bytearray(100 << 20)
@@ -191,14 +191,10 @@ for _ in range(3):                     # three processes of 100 MB each
             os.write(w, b"0")
         time.sleep(600)
         os._exit(0)
-    kids.append(pid)
-os.close(w)
-import select
-held, deadline = 0, time.monotonic() + 30
-for _ in kids:                         # a child the OOM killer took never answers
-    if not select.select([r], [], [], max(0, deadline - time.monotonic()))[0]:
-        break
-    held += 100 * int(os.read(r, 1))
+    os.close(w)
+    pipes.append(r)
+for r in pipes:                        # a child the OOM killer took says nothing (EOF)
+    held += 100 * int(os.read(r, 1) or b"0")
 try:                                   # and 300 MB of /dev/shm, a tmpfs: no process's
     with open("/dev/shm/blob", "wb") as f:
         for _ in range(300):
@@ -210,6 +206,28 @@ print("held", held, "MB")
 """
 
 
+def output_or_death(k, code, timeout=60):
+    """What the cell printed, or "killed" as soon as the kernel is gone (the cgroup's OOM
+    killer took it), instead of waiting out the timeout for a reply that never comes."""
+    import queue
+    msg_id = k.kc.execute(code)
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not k.km.is_alive():
+            return "killed"
+        try:
+            msg = k.kc.get_iopub_msg(timeout=0.2)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return "".join(out)
+    raise AssertionError(f"the cell neither ended nor killed its kernel in {timeout} s")
+
+
 def test_the_memory_limit_holds_for_the_kernel_as_a_whole_or_says_it_does_not(workdir, tmp_path):
     """Attack (rlimit backend: an ordinary user without a delegated cgroup, as here): with
     --memory 256M, a cell held 600 MB: RLIMIT_DATA is per process (three children of 100 MB
@@ -219,10 +237,7 @@ def test_the_memory_limit_holds_for_the_kernel_as_a_whole_or_says_it_does_not(wo
     with open(log, "w") as stderr:
         k = start_kernel(workdir, kernel_name=MEMORY, stderr=stderr)
     try:
-        try:
-            out, _, _ = k.execute(HOLD, timeout=60)
-        except Exception:  # noqa: BLE001 - queue.Empty: the cgroup's OOM killer took it
-            out = "killed"
+        out = output_or_death(k, HOLD)
         alone, _, _ = k.execute("try:\n    x = bytearray(300 << 20)\nexcept MemoryError:\n"
                                 "    print('refused')", timeout=60) if out != "killed" else ("", 0, 0)
     finally:
