@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import alive, descendants, wait_until
+from conftest import alive, wait_until
 
 BIN = os.path.dirname(sys.executable)
 CHROMIUM = "/usr/bin/chromium"
@@ -146,17 +146,6 @@ class Lab(Server):
         with open(os.path.join(self.runtime, f"kernel-{kernel_id}.json")) as f:
             return json.load(f)
 
-    def launcher_pid(self, kernel_id):
-        """The launcher the server started for this kernel (its connection file is in argv)."""
-        for pid in descendants(self.proc.pid):
-            try:
-                with open(f"/proc/{pid}/cmdline") as f:
-                    if f"kernel-{kernel_id}.json" in f.read():
-                        return pid
-            except OSError:
-                pass
-        raise AssertionError(f"no launcher for kernel {kernel_id}")
-
 
 @pytest.fixture(scope="module")
 def lab():
@@ -265,6 +254,21 @@ def assert_sandboxed(probe):
     assert entries < host_entries, (entries, host_entries)
 
 
+async def in_sandbox(ch):
+    """Host pids of the kernel's sandbox: the processes in its pid namespace (the kernel;
+    init too where this uid may read its namespace: as root). By namespace, not below
+    the server: a warm kernel's are the template's children."""
+    ns = (await ch.run("print(__import__('os').readlink('/proc/self/ns/pid'))"))[0].strip()
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found += [int(entry)] if os.readlink(f"/proc/{entry}/ns/pid") == ns else []
+        except OSError:
+            pass
+    assert found, f"no process in the kernel's pid namespace {ns}"
+    return found
+
+
 def test_rest_and_websocket(lab):
     specs = lab.api("GET", "/api/kernelspecs")["kernelspecs"]
     assert specs["isolated-python"]["spec"]["display_name"] == "Isolated Python"
@@ -277,7 +281,6 @@ def test_rest_and_websocket(lab):
         assert info["transport"] == "ipc" and len(info["curve_publickey"]) == 40
         box = os.path.dirname(info["ip"])
         assert os.path.dirname(box) == lab.socket_base
-        launcher = lab.launcher_pid(kernel_id)
         ch = await Channels(lab, kernel_id).open()
         try:
             assert_sandboxed(await ch.probe())
@@ -289,16 +292,15 @@ def test_rest_and_websocket(lab):
             assert (await ch.result(busy))[1] == "KeyboardInterrupt"
             assert await ch.run("print(secret)") == ("42\n", None)   # same kernel, alive
 
-            old = descendants(launcher)
+            old = await in_sandbox(ch)
             lab.api("POST", f"/api/kernels/{kernel_id}/restart")
             assert wait_until(lambda: not alive(old)), f"old sandbox survived: {alive(old)}"
             await ch.wait_ready()
             assert_sandboxed(await ch.probe())
             assert (await ch.run("print(secret)"))[1] == "NameError"   # a fresh kernel
+            tree = await in_sandbox(ch)
         finally:
             ch.close()
-        tree = [lab.launcher_pid(kernel_id)]
-        tree += descendants(tree[0])
         assert lab.api("DELETE", f"/api/kernels/{kernel_id}") == 204
         assert wait_until(lambda: not alive(tree)), f"still running: {alive(tree)}"
         assert not os.path.lexists(box)
