@@ -36,11 +36,11 @@ class KernelApp(SandboxApp):
     aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
     flags = {**SANDBOX_FLAGS, **KERNEL_FLAGS}
 
-    def start_kernel(self, start, spawn=None, finish=None, prestarted=None):
+    def start_kernel(self, start, spawn=None, finish=None, prestarted=None, requester=None):
         """start: the command line (argv.KernelStart). spawn: who starts the monitor;
-        finish(status): how to leave (default: exit like the kernel). A warm template's
-        launcher child passes both (warm.py). prestarted: the kernel's interpreter,
-        spawned by __main__ (prestart.py)."""
+        finish(status): how to leave (default: exit like the kernel); requester: the warm
+        request's socket (Launch). A warm template's launcher child passes these
+        (warm.py). prestarted: the kernel's interpreter, spawned by __main__ (prestart.py)."""
         import functools
         from .launcher import Launch
         from .pid import exit_like
@@ -51,7 +51,7 @@ class KernelApp(SandboxApp):
         if spawn and not self.prestart:         # a warm start's monitor then execs too
             spawn = functools.partial(spawn, fresh=True)
         launch = Launch(config, start.connection_file, start.extra,
-                        self.kernel_socket_dir or None, spawn, prestarted)
+                        self.kernel_socket_dir or None, spawn, prestarted, requester)
         status = launch.run()
         line = launch.explain(status)
         if line:
@@ -149,10 +149,10 @@ def main(argv=None, prestarted=None):
     return _one_line(_command, argv)
 
 
-def start_kernel(start, spawn=None, finish=None, prestarted=None):
+def start_kernel(start, spawn=None, finish=None, prestarted=None, requester=None):
     """Run the kernel start `start` (argv.KernelStart): what __main__ does, and a warm
     template's launcher (see KernelApp.start_kernel)."""
-    return _one_line(KernelApp().start_kernel, start, spawn, finish, prestarted)
+    return _one_line(KernelApp().start_kernel, start, spawn, finish, prestarted, requester)
 
 
 def _command(argv):

@@ -46,16 +46,26 @@ def command_argv(argv):
     return [os.path.abspath(path), *argv[1:]]
 
 
+class Abandoned(BaseException):
+    """Whoever asked the warm template for this kernel is gone: Jupyter killed the warm
+    client (a restart, a shutdown now), or the provisioner killed its launcher that way,
+    or the server died; nobody will talk to the kernel. Not an Exception: nothing on its
+    way out may make it an error line; the launcher leaves silently once it has cleaned up,
+    as a SIGKILLed cold launcher's monitor would."""
+
+
 class Launch:
     """One kernel's launch: everything it made, so that all of it can be undone."""
 
     def __init__(self, sandbox_config, connection_file=None, argv=(), socket_dir=None,
-                 spawn=None, prestarted=None):
+                 spawn=None, prestarted=None, requester=None):
         """With a connection file, run ipykernel (argv: its extra arguments); without one,
         run argv itself (`ns-kernel run`). socket_dir: this exact (not yet existing) socket
         dir instead of a fresh one under Sandbox.socket_dir (the provisioner's choice).
         spawn: who starts the sandbox's monitor (see Sandbox.start; warm.py).
-        prestarted: the kernel's interpreter, spawned already (prestart.py)."""
+        prestarted: the kernel's interpreter, spawned already (prestart.py). requester:
+        the warm template's request socket (warm.py), which turns readable when its other
+        end is closed: Abandoned."""
         self.config = sandbox_config
         self.connection_file = connection_file
         self.argv = list(argv)
@@ -75,6 +85,7 @@ class Launch:
         self.started_lines = []    # for the log once the sandbox stands: limits, filter
         self.proxy = None          # its egress proxy, with network 'proxy' (proxy.py)
         self.server = None         # a pidfd of the Jupyter server, if it says which it is
+        self.requester = requester      # an fd: the caller closes it
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -216,6 +227,8 @@ class Launch:
         sel.register(box.ctl, selectors.EVENT_READ, "ctl")
         if self.server is not None:
             sel.register(self.server, selectors.EVENT_READ, "server")
+        if self.requester is not None:
+            sel.register(self.requester, selectors.EVENT_READ, "requester")
         owners = None if self.config.tcp_clients == "any" else {os.getuid()}
         relay = (bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid, owners,
                                self._who()) if self.listeners else None)
@@ -249,6 +262,12 @@ class Launch:
                     elif key.data == "output":
                         if self.output.handle() is False:
                             sel.unregister(self.output.fd)
+                    elif key.data == "requester":
+                        # First the ports: a restart binds them again at once.
+                        for sock, _ in self.listeners:
+                            sock.close()
+                        box.kill()
+                        raise Abandoned
                     elif key.data == "server":
                         # The Jupyter server is gone: nobody will ever talk to this kernel.
                         box.kill()

@@ -8,7 +8,7 @@ import socket
 import sys
 
 from . import preload
-from .warm import _peer, _untrusted
+from .warm import _untrusted
 
 IDLE_EXIT = 600.0
 MAX_REQUEST = 1 << 20
@@ -140,7 +140,7 @@ def _serve(conn, monitor):
         if request["kind"] == "stop":
             os.kill(os.getppid(), signal.SIGTERM)
         else:
-            _launcher_child(conn, request, fds, _peer(conn)[0], monitor)
+            _launcher_child(conn, request, fds, monitor)
     finally:
         os._exit(0)
 
@@ -173,44 +173,32 @@ def _take_stdio(fds):
         os.close(fd)
 
 
-def _launcher_child(conn, request, fds, client, monitor):
-    """Become `python -m ns_kernel ARGV` for the client (pid), from its environment and
-    cwd."""
+def _launcher_child(conn, request, fds, monitor):
+    """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
     import functools
     from . import cli
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])
-    # The provisioner asks in the server's own name: this launcher then watches it as
-    # every launcher watches its server (Launch), and cleans up after; dying with it at
-    # once would leave the socket dir and cgroup.
-    if request["env"].get("JPY_PARENT_PID") != str(client):
-        _die_with(client)
     os.chdir(request["cwd"])
     conn.sendall(str(os.getpid()).encode())
 
     def finish(status):
-        conn.sendall(b"S%d" % status)
+        try:
+            conn.sendall(b"S%d" % status)
+        except OSError:
+            pass    # the requester is gone (the server died): nobody to tell
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
     spawn = functools.partial(_spawn_monitor, monitor)
-    code = cli.start_kernel(request["start"], spawn=spawn, finish=finish)
+    # The connection's other end is what Jupyter kills (the client: a restart, a shutdown
+    # now) or closes (the provisioner's warm.Launcher.kill): the launcher watches it and,
+    # once closed, removes what it made and leaves (launcher.Abandoned, which _serve's
+    # exit ends silently), whenever that happens, even while the sandbox is being built.
+    code = cli.start_kernel(request["start"], spawn=spawn, finish=finish,
+                            requester=conn.fileno())
     finish((code or 0) << 8)
-
-
-def _die_with(client):
-    """The client is what Jupyter kills (restart, shutdown now): go as a SIGKILLed cold
-    launcher goes, at once and silently; the monitor then removes the sandbox, its socket
-    dir and cgroup (sandbox._supervise). This process never unshares: a thread may wait."""
-    import select
-    import threading
-    pidfd = os.pidfd_open(client)
-
-    def watch():
-        select.select([pidfd], [], [])
-        os._exit(137)
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio, fresh=False):

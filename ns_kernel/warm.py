@@ -106,7 +106,7 @@ class Launcher:
     warm client, and by the provisioner in the Jupyter server (its `process`), which then
     needs no client interpreter at all. Its status comes over the request's socket (it
     is the template's child, not ours); signals go through a pidfd, never to a reused
-    pid."""
+    pid, but a SIGKILL closes our end of the socket instead (send_signal)."""
     stdin = stdout = stderr = None      # Popen's pipes: LocalProvisioner.wait closes them
 
     def __init__(self, sock, pid):
@@ -146,7 +146,7 @@ class Launcher:
             self.status = int(data[1:])
             self.returncode = os.waitstatus_to_exitcode(self.status)
         else:
-            # Gone without a word: SIGKILLed (by us, the OOM killer) or it crashed.
+            # Gone without a word: killed (by us, or the OOM killer) or it crashed.
             import signal
             self.returncode = -signal.SIGKILL if self._killed else 1
         self.sock.close()
@@ -155,7 +155,13 @@ class Launcher:
     def send_signal(self, signum):
         if self.returncode is None:
             import signal
-            self._killed = self._killed or signum == signal.SIGKILL
+            if signum == signal.SIGKILL:
+                # A SIGKILLed launcher could not remove what it made (a cgroup, in its
+                # first moments); closing our end has it kill its sandbox at once, clean
+                # up and exit (launcher.Abandoned); the socket's EOF says it has.
+                self._killed = True
+                self.sock.shutdown(socket.SHUT_WR)
+                return
             try:
                 signal.pidfd_send_signal(self.pidfd, signum)
             except ProcessLookupError:

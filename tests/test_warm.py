@@ -21,10 +21,9 @@ WARM = KERNEL_NAME       # warm is the default
 
 
 def gone(pid, timeout=10):
-    deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not os.path.exists(f"/proc/{pid}")
+    """The process has exited (a daemonized template's zombie may wait for PID 1 to reap
+    it, which on these VMs takes its time)."""
+    return wait_until(lambda: not alive([pid]), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +194,44 @@ def test_a_provisioned_kernel_goes_with_its_server(user_base, workdir_module):
         server.kill()
         server.wait()
         stop_kernel(first)
+
+
+def kernel_cgroups(km):
+    """The host dirs of the cgroups made for km's kernel (limits.enforce names them
+    ns-kernel-<id[:8]>-<random>), in any hierarchy."""
+    import glob
+    from ns_kernel import cgroup
+    from ns_kernel.launcher import kernel_id_from
+    kid = kernel_id_from(km.connection_file)
+    found = set()
+    for root, _ in cgroup.hierarchies().values():
+        for depth in range(4):
+            found.update(glob.glob(f"{root}/{'*/' * depth}ns-kernel/ns-kernel-{kid[:8]}-*"))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("spec", [WARM, PROVISIONED])
+def test_a_kill_in_a_kernels_first_moments_leaves_nothing(user_base, workdir_module, spec):
+    # Jupyter kills a kernel it has only just started (a restart or a shutdown, now): a
+    # launcher that had made the kernel's cgroup and socket dir before its monitor held
+    # them removes them itself, whenever the kill comes.
+    from jupyter_client.manager import KernelManager
+    base, _ = user_base
+    first = start_kernel(workdir_module, kernel_name=WARM)    # the template runs
+    before = set(os.listdir(base))      # the template's socket and lock, first's dir
+    left = []
+    try:
+        for delay in (0, 0.02, 0.05, 0.1, 0.2, 0.5):
+            km = KernelManager(kernel_name=spec)
+            km.start_kernel(cwd=workdir_module)
+            time.sleep(delay)
+            km.shutdown_kernel(now=True)
+            if not wait_until(lambda: set(os.listdir(base)) == before
+                              and not kernel_cgroups(km), timeout=10):
+                left.append((delay, set(os.listdir(base)) - before, kernel_cgroups(km)))
+    finally:
+        stop_kernel(first)
+    assert not left, left
 
 
 def test_stop_without_template_says_so(monkeypatch):
