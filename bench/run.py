@@ -461,19 +461,21 @@ class Table:
         return "\n".join([line(head), sep, *map(line, self.rows)])
 
 
-def soak(total, alive):
+def soak(total, alive, log_path):
     """Start and stop `total` default (warm) kernels in a row, `alive` of them at once (each
-    new one replaces the oldest), in a socket base of its own; every `alive` starts, what
-    must not grow: the template's own memory, fds and threads, the socket dirs, the host's
-    mounts and ns-kernel cgroups (host-wide: other users' kernels count too), the
-    processes below the template and our own fds."""
+    new one replaces the oldest), in a socket base of its own, on the argv path and the
+    provisioner's by turns (whose launchers this process supervises: warm.Launcher); every
+    `alive` starts, what must not grow: the template's own memory, fds and threads, the
+    socket dirs, the host's mounts and ns-kernel cgroups (host-wide: other users' kernels
+    count too), the processes below the template and our own fds."""
     from ns_kernel import cgroup, socketdir, warm
     os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="ns-kernel-soak-")
     workdir = tempfile.mkdtemp(prefix="ns-kernel-bench-wd-")
     os.chmod(workdir, 0o777)
     kinds = Kinds()
-    bench = Bench(kinds, workdir)
+    bench = Bench(kinds, workdir, log_path)
     base = socketdir.default_base()
+    paths = [kind for kind in ("isolated", "provisioner") if kind in kinds]
 
     def sample(started):
         pid = warm.template_pid()
@@ -498,7 +500,7 @@ def soak(total, alive):
     t0 = time.monotonic()
     try:
         for i in range(1, total + 1):
-            km, kc, _ = bench.launch("isolated")
+            km, kc, _ = bench.launch(paths[i % len(paths)])
             bench.wait_ready(kc)
             running.append((km, kc))
             if len(running) > alive:
@@ -541,7 +543,7 @@ def main(argv=None):
     parser.add_argument("--alive", type=int, default=64, help="--soak: kernels alive at once")
     args = parser.parse_args(argv)
     if args.soak:
-        return soak(args.soak, args.alive)
+        return soak(args.soak, args.alive, args.log)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 5)
     n_rtt = 20 if quick else 500

@@ -38,3 +38,15 @@ def test_bench_quick_runs_every_row(tmp_path):
     # (The proxy's CPU for 12 MB is below the clock tick /proc counts in: no check here.)
     assert len(raw["download"]["proxy"]) == len(raw["download"]["host"]) == 3
     assert min(raw["download"]["proxy"]) > 0
+
+
+def test_bench_soak_runs(tmp_path):
+    proc = subprocess.run([sys.executable, BENCH, "--soak", "4", "--alive", "2",
+                           "--log", str(tmp_path / "kernels.log")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("started | template RSS MB") and lines[-1].startswith("4 kernels")
+    # After 2 and 4 starts, and once all stopped: nothing below the template then.
+    assert [line.split(" | ")[0] for line in lines[1:4]] == ["2", "4", "all stopped"]
+    assert lines[3].split(" | ")[5] == "0", lines[3]
