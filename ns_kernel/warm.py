@@ -160,7 +160,10 @@ class Launcher:
                 # first moments); closing our end has it kill its sandbox at once, clean
                 # up and exit (launcher.Abandoned); the socket's EOF says it has.
                 self._killed = True
-                self.sock.shutdown(socket.SHUT_WR)
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass    # it has gone already: the EOF is there to read
                 return
             try:
                 signal.pidfd_send_signal(self.pidfd, signum)
