@@ -3,6 +3,8 @@ provisioner asks the template for a launcher itself and supervises it with warm.
 the template's launcher watches its requester and leaves on launcher.Abandoned; Launch
 opens the server's pidfd first)."""
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -117,3 +119,19 @@ def test_a_restart_now_keeps_the_ipc_links_of_the_new_kernel(workdir, tmp_path, 
         stop_kernel(k)
         stop_kernel(first)
 
+
+
+def test_a_command_run_from_a_shell_a_dead_server_left_runs(workdir):
+    # Plain bad luck: `ns-kernel run` from a shell whose environment a Jupyter server gave
+    # it long ago: a tmux or nohup started from a notebook's `!` (a plain kernel's
+    # subprocesses inherit JPY_PARENT_PID, jupyter_client's launch_kernel sets it), or a
+    # terminal of a server that was itself started from a kernel. Since dee92df
+    # Launch.run opens that pid's pidfd first and refuses to start once it is gone ("the
+    # Jupyter server has exited"), for a command that no Jupyter server started and whose
+    # life was never tied to one; before, a pid gone was simply not watched.
+    gone = subprocess.Popen(["/bin/true"])
+    gone.wait()
+    done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--", "/bin/true"],
+                          capture_output=True, text=True, cwd=workdir, timeout=60,
+                          env=dict(os.environ, JPY_PARENT_PID=str(gone.pid)))
+    assert done.returncode == 0, done.stderr
