@@ -44,18 +44,25 @@ def take_ids(plan):
         raise SetupError("user", f"setresuid({plan.uid})", "", exc.errno) from None
 
 
-def enter_kernel_session(ctl, err_w):
+def enter_kernel_session(plan, ctl, err_w):
     """The kernel's first step, whether it execs or runs preloaded (preload.py)."""
     # Its own session and process group: the init forwards an interrupt to the group, so
     # the kernel's subprocesses get it as they would under a plain kernel.
     os.setsid()
+    if plan.sockets:
+        # A kernel (not a command of `ns-kernel run`) starts with interrupts ignored, as
+        # ipykernel's own start sets them (IPKernelApp.init_signal) and each cell then
+        # handles them: one Jupyter sends while the kernel starts (every restart's first
+        # step) has nothing to interrupt, and would make it exit 1 instead.
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctl.close()
     os.closerange(3, err_w)
     os.closerange(err_w + 1, 65536)
 
 
 def exec_kernel(plan, ctl, err_w):
-    enter_kernel_session(ctl, err_w)
+    enter_kernel_session(plan, ctl, err_w)
     try:
         os.execve(plan.argv[0], plan.argv, dict(plan.env))
     except OSError as exc:

@@ -76,7 +76,8 @@ class Launch:
         self.spawn = spawn
         self.prestarted = prestarted
         self.box = None
-        self.pending_signals = []
+        self.pending_signals = []  # what Jupyter sent before the kernel ran
+        self.running = False       # the sandbox stands and the kernel runs
         self.forwarded = set()     # signals Jupyter sent (through us) to the sandbox
         self.kernel_id = kernel_id_from(connection_file)
         self.limits = limits.Enforcement()
@@ -156,8 +157,6 @@ class Launch:
                 mount.close_all(handles)    # the monitor has them now
                 if info:
                     mount.close_all(set(stdio))
-            for signum in self.pending_signals:
-                self.box.signal(signum)
             self._supervise()
             status = self._status()
             self.usage = self.limits.usage()
@@ -195,7 +194,7 @@ class Launch:
     def _install_signal_handlers(self):
         def forward(signum, _frame):
             self.forwarded.add(signum)
-            if self.box and self.box.pid:
+            if self.running and self.box.pid:
                 self.box.signal(signum)
             else:
                 self.pending_signals.append(signum)
@@ -217,6 +216,16 @@ class Launch:
                 raise SetupError("connection", "link ipc socket", path, exc.errno,
                                  "the connection file's ip must name a writable directory") from None
             self.links.append(path)
+
+    def _unlink_ipc_paths(self):
+        """Our links, unless the next kernel's launcher (a restart) has made them its own."""
+        for path in self.links:
+            try:
+                if os.path.dirname(os.readlink(path)) == self.socket_dir:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self.links = []
 
     def _supervise(self):
         box = self.box
@@ -252,6 +261,7 @@ class Launch:
                             # only why, in one line.
                             for line in self.started_lines:
                                 print(line, file=sys.stderr, flush=True)
+                            self._deliver_pending()
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)
@@ -263,9 +273,10 @@ class Launch:
                         if self.output.handle() is False:
                             sel.unregister(self.output.fd)
                     elif key.data == "requester":
-                        # First the ports: a restart binds them again at once.
+                        # First the ports and links: a restart makes them again at once.
                         for sock, _ in self.listeners:
                             sock.close()
+                        self._unlink_ipc_paths()
                         box.kill()
                         raise Abandoned
                     elif key.data == "server":
@@ -287,12 +298,23 @@ class Launch:
             parent = int(os.environ.get("JPY_PARENT_PID", "0"))
             return os.pidfd_open(parent) if parent > 1 else None
         except ProcessLookupError:
+            if not self.connection_file:
+                return None     # a command's shell may have inherited a server's long gone
             # Gone before we looked (it died while asking): nobody will talk to this
             # kernel, as ipykernel's own parent poller would conclude.
             raise SetupError("server", f"the Jupyter server (JPY_PARENT_PID {parent}) has "
                              "exited", hint="nothing to start a kernel for") from None
         except (ValueError, OSError):
             return None
+
+    def _deliver_pending(self):
+        """The kernel runs: what Jupyter sent before, but an interrupt, which had nothing
+        to interrupt (and would have killed the monitor in its first steps)."""
+        self.running = True
+        for signum in self.pending_signals:
+            if signum != signal.SIGINT:
+                self.box.signal(signum)
+        self.pending_signals = []
 
     def _status(self):
         box = self.box
@@ -333,11 +355,7 @@ class Launch:
         self.limits.remove()
         for sock, _ in self.listeners:
             sock.close()
-        for path in self.links:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        self._unlink_ipc_paths()
         if self.socket_dir:
             socketdir.remove(self.socket_dir)
 

@@ -115,7 +115,7 @@ def run_preloaded(plan, ctl, err_w):
         # have started: a fresh exec is the only faithful start (or failure, with its
         # reason).
         return forked.exec_kernel(plan, ctl, err_w)
-    forked.enter_kernel_session(ctl, err_w)
+    forked.enter_kernel_session(plan, ctl, err_w)
     from .syscalls import set_dumpable
     # Root's sandbox switched uid, which made it undumpable: the kernel could not read its
     # own /proc/self; an execve would have reset this.
