@@ -231,11 +231,13 @@ class Cgroup:
 
     def remove(self):
         """Kill what is left (normally nothing: the PID namespace died with init) and
-        remove the directories; rmdir fails with EBUSY until the last task has exited."""
+        remove the directories; rmdir fails with EBUSY until the last task has exited,
+        which for processes holding GBs takes seconds (2 s was seen to leave empty
+        cgroups behind): up to 10 s."""
         for path in sorted(set(self.dirs.values()), reverse=True):
             if not os.path.isdir(path):
                 continue
-            for _ in range(200):
+            for _ in range(1000):
                 if os.path.exists(f"{path}/cgroup.kill"):
                     _try_write(f"{path}/cgroup.kill", 1)
                 else:
