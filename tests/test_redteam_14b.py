@@ -58,7 +58,7 @@ def test_a_kernel_jupyter_interrupted_at_its_start_was_not_killed_by_sigkill(wor
     # up a SIGKILL, which Jupyter did not forward, so explain() keeps "killed by SIGKILL"
     # in the connection file and the restarted kernel's first cell says the kernel the
     # user restarted was "killed by SIGKILL; this is a new kernel". (cold: the control.)
-    told = restarts_in_first_moments(workdir, PATHS[path], [i * 0.01 for i in range(16)],
+    told = restarts_in_first_moments(workdir, PATHS[path], [i * 0.02 for i in range(8)],
                                      "killed by SIGKILL")
     lies = [(delay, out) for delay, out in told if "killed by SIGKILL" in out]
     assert not lies, f"the restarted kernel was told of a SIGKILL nobody sent: {lies}"
@@ -74,7 +74,7 @@ def test_a_kernel_jupyter_interrupted_at_its_start_is_not_said_to_have_died(work
     # The restarted kernel's first cell says the kernel died on the user. The warm paths
     # and the cold prestarted one; --no-prestart (init execs the kernel later) not seen.
     told = restarts_in_first_moments(workdir, PATHS[path],
-                                     [0.05 + i * 0.015 for i in range(16)], "exited with")
+                                     [0.05 + i * 0.03 for i in range(8)], "exited with")
     died = [(delay, out) for delay, out in told if "exited with" in out]
     assert not died, f"the restarted kernel was told of a death Jupyter caused: {died}"
 
