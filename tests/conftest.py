@@ -364,14 +364,37 @@ def kernel_host_pid(kernel):
     found = [p for p in descendants(kernel.km.provisioner.process.pid) if is_kernel(p)]
     if not found:
         ns = kernel.value("__import__('os').readlink('/proc/self/ns/pid')")
-        for entry in os.listdir("/proc"):
-            try:
-                if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/pid") == ns:
-                    found += [int(entry)] if is_kernel(entry) else []
-            except OSError:
-                continue
+        found = [p for p in in_pid_namespace(ns) if is_kernel(p)]
     assert len(found) == 1, f"kernels found: {found}"
     return found[0]
+
+
+def in_pid_namespace(ns):
+    """Host pids of the processes in the PID namespace ns (as /proc/PID/ns/pid reads)
+    that this uid may see: an ordinary user may not read init's."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found += [int(entry)] if os.readlink(f"/proc/{entry}/ns/pid") == ns else []
+        except OSError:
+            pass
+    return found
+
+
+def parent_pid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def kernel_cgroups(kernel_id):
+    """The host dirs of the cgroups the launcher made for kernel_id (limits.enforce names
+    them ns-kernel-<id[:8]>-<random>), in any hierarchy."""
+    import glob
+    found = set()
+    for root, _ in cgroup.hierarchies().values():
+        for depth in range(4):
+            found.update(glob.glob(f"{root}/{'*/' * depth}ns-kernel/ns-kernel-{kernel_id[:8]}-*"))
+    return sorted(found)
 
 
 def sandbox_tree(kernel):
@@ -381,11 +404,7 @@ def sandbox_tree(kernel):
     cold = descendants(kernel.km.provisioner.process.pid)
     if cold:
         return cold
-
-    def parent(pid):
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    monitor = parent(parent(kernel_host_pid(kernel)))
+    monitor = parent_pid(parent_pid(kernel_host_pid(kernel)))
     return [monitor, *descendants(monitor)]
 
 

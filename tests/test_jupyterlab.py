@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import alive, wait_until
+from conftest import alive, in_pid_namespace, wait_until
 
 BIN = os.path.dirname(sys.executable)
 CHROMIUM = "/usr/bin/chromium"
@@ -259,12 +259,7 @@ async def in_sandbox(ch):
     init too where this uid may read its namespace: as root). By namespace, not below
     the server: a warm kernel's are the template's children."""
     ns = (await ch.run("print(__import__('os').readlink('/proc/self/ns/pid'))"))[0].strip()
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            found += [int(entry)] if os.readlink(f"/proc/{entry}/ns/pid") == ns else []
-        except OSError:
-            pass
+    found = in_pid_namespace(ns)
     assert found, f"no process in the kernel's pid namespace {ns}"
     return found
 

@@ -2,7 +2,6 @@
 The provisioner, in the Jupyter server, asks the user's warm template for the launcher
 itself; the launcher it forks dies with its requester, now the server."""
 import gc
-import glob
 import os
 import resource
 import socket
@@ -11,8 +10,7 @@ import sys
 
 import pytest
 
-from conftest import KERNEL_NAME, start_kernel, stop_kernel, wait_until, write_spec
-from ns_kernel import cgroup
+from conftest import KERNEL_NAME, kernel_cgroups, start_kernel, stop_kernel, wait_until, write_spec
 
 PROVISIONED = write_spec("redteam14-provisioner", provisioner=True)
 
@@ -39,16 +37,6 @@ else:
     kc.wait_for_ready(timeout=60)
 os.kill(os.getpid(), signal.SIGKILL)
 """
-
-
-def kernel_cgroups(kernel_id):
-    """The host dirs of the cgroups the launcher made for kernel_id (limits.enforce names
-    them ns-kernel-<id[:8]>-<random>), in any hierarchy."""
-    found = []
-    for root, _ in cgroup.hierarchies().values():
-        for depth in range(4):
-            found += glob.glob(f"{root}/{'*/' * depth}ns-kernel/ns-kernel-{kernel_id[:8]}-*")
-    return sorted(set(found))
 
 
 @pytest.mark.parametrize("moment", ["starting", "running"])

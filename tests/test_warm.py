@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from conftest import (KERNEL_NAME, alive, descendants, interrupt_busy_loop, start_kernel,
-                      stop_kernel, wait_until, write_spec)
+from conftest import (KERNEL_NAME, alive, descendants, in_pid_namespace, interrupt_busy_loop,
+                      kernel_cgroups, parent_pid, start_kernel, stop_kernel, wait_until,
+                      write_spec)
 from ns_kernel import warm
 
 WARM = KERNEL_NAME       # warm is the default
@@ -119,11 +120,6 @@ def test_kernel_exit_status_and_stop_leave_nothing(workdir_module):
 PROVISIONED = write_spec("warm-provisioner", provisioner=True)
 
 
-def parent(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def test_the_provisioner_starts_no_client(user_base, workdir_module):
     # With the template listening, the provisioner (in the Jupyter server: here, this
     # process) asks it for the launcher itself: no client interpreter for the kernel.
@@ -132,7 +128,7 @@ def test_the_provisioner_starts_no_client(user_base, workdir_module):
     try:
         launcher = k.km.provisioner.process
         assert isinstance(launcher, warm.Launcher)
-        assert parent(launcher.pid) == warm.template_pid()
+        assert parent_pid(launcher.pid) == warm.template_pid()
         assert not [pid for pid in descendants(os.getpid()) if k.km.connection_file.encode()
                     in open(f"/proc/{pid}/cmdline", "rb").read()]
         # What the server does to a kernel through it: interrupt, restart, its exit status.
@@ -175,39 +171,17 @@ def test_a_provisioned_kernel_goes_with_its_server(user_base, workdir_module):
     try:
         kind, launcher, box, ns = server.stdout.readline().split()
         assert kind == "Launcher" and os.path.isdir(box)
-
-        def in_sandbox():
-            found = []
-            for entry in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    found += [entry] if os.readlink(f"/proc/{entry}/ns/pid") == ns else []
-                except OSError:
-                    pass
-            return found
         # The kernel (init too, where the host side may read its ns: as root).
-        assert in_sandbox()
+        assert in_pid_namespace(ns)
         server.kill()
         server.wait()
         assert gone(int(launcher))
-        assert wait_until(lambda: not in_sandbox() and not os.path.lexists(box), timeout=10)
+        assert wait_until(lambda: not in_pid_namespace(ns) and not os.path.lexists(box),
+                          timeout=10)
     finally:
         server.kill()
         server.wait()
         stop_kernel(first)
-
-
-def kernel_cgroups(km):
-    """The host dirs of the cgroups made for km's kernel (limits.enforce names them
-    ns-kernel-<id[:8]>-<random>), in any hierarchy."""
-    import glob
-    from ns_kernel import cgroup
-    from ns_kernel.launcher import kernel_id_from
-    kid = kernel_id_from(km.connection_file)
-    found = set()
-    for root, _ in cgroup.hierarchies().values():
-        for depth in range(4):
-            found.update(glob.glob(f"{root}/{'*/' * depth}ns-kernel/ns-kernel-{kid[:8]}-*"))
-    return sorted(found)
 
 
 @pytest.mark.parametrize("spec", [WARM, PROVISIONED])
@@ -216,6 +190,7 @@ def test_a_kill_in_a_kernels_first_moments_leaves_nothing(user_base, workdir_mod
     # launcher that had made the kernel's cgroup and socket dir before its monitor held
     # them removes them itself, whenever the kill comes.
     from jupyter_client.manager import KernelManager
+    from ns_kernel.launcher import kernel_id_from
     base, _ = user_base
     first = start_kernel(workdir_module, kernel_name=WARM)    # the template runs
     before = set(os.listdir(base))      # the template's socket and lock, first's dir
@@ -226,9 +201,10 @@ def test_a_kill_in_a_kernels_first_moments_leaves_nothing(user_base, workdir_mod
             km.start_kernel(cwd=workdir_module)
             time.sleep(delay)
             km.shutdown_kernel(now=True)
+            kid = kernel_id_from(km.connection_file)
             if not wait_until(lambda: set(os.listdir(base)) == before
-                              and not kernel_cgroups(km), timeout=10):
-                left.append((delay, set(os.listdir(base)) - before, kernel_cgroups(km)))
+                              and not kernel_cgroups(kid), timeout=10):
+                left.append((delay, set(os.listdir(base)) - before, kernel_cgroups(kid)))
     finally:
         stop_kernel(first)
     assert not left, left
