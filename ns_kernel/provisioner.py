@@ -136,7 +136,7 @@ class IsolatedProvisioner(LocalProvisioner):
         # What jupyter_client's launch_kernel gives the process it starts.
         env = dict(kwargs.get("env") or os.environ, JPY_PARENT_PID=str(os.getpid()))
         try:
-            sock = warm.connect(env)
+            sock = warm.connect(warm.socket_path(env))
         except SetupError:
             return None     # the client says why, in the server log, and starts cold
         if sock is None:

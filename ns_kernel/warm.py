@@ -68,14 +68,15 @@ def client_main(start):
     starts it cold)."""
     from .errors import SetupError
     from .pid import exit_like, forward_signals
+    path = socket_path()
     try:
-        sock = connect_or_start()
+        sock = connect_or_start(path)
     except SetupError as exc:
         _cold(exc.line().removeprefix("ns-kernel: "))
         return None
     launcher = launch(sock, start.argv(), dict(os.environ), os.getcwd(), [0, 1, 2])
     if launcher is None:
-        _cold(f"the template {socket_path()} started no launcher")
+        _cold(f"the template {path} started no launcher")
         return None
     forward_signals(launcher.pid)
     launcher.wait()
@@ -224,23 +225,22 @@ def _encode(value):
     return "{" + ",".join(f"{string(k)}:{_encode(v)}" for k, v in value.items()) + "}"
 
 
-def connect(environ=os.environ):
-    """A socket to this user's running template for a kernel started with environ, None
-    if none listens; a SetupError if what listens cannot be trusted (nothing was sent)."""
+def connect(path):
+    """A socket to this user's running template at path (socket_path), None if none
+    listens; a SetupError if what listens cannot be trusted (nothing was sent)."""
     from .socketdir import ensure_base
-    path = socket_path(environ)
     # Before connecting: a template in a dir another user made is theirs to fake.
     ensure_base(os.path.dirname(path))
     return _connect(path)
 
 
-def connect_or_start(timeout=60.0):
-    """A socket to this user's template, started if none listens; a SetupError if none
-    can be trusted (nothing was sent to it)."""
-    sock = connect()
+def connect_or_start(path=None, timeout=60.0):
+    """A socket to this user's template (at path, default socket_path()), started if none
+    listens; a SetupError if none can be trusted (nothing was sent to it)."""
+    path = path or socket_path()
+    sock = connect(path)
     if sock:
         return sock
-    path = socket_path()
     import time
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     # The template daemonizes (its first fork); this child returns at once.
