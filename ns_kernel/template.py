@@ -53,12 +53,17 @@ def template_main(path=None):
     mine = os.stat(path).st_ino
 
     def leave(*_):
-        # Unless a newer template has taken the path over already.
-        if os.path.exists(path) and os.stat(path).st_ino == mine:
-            os.unlink(path)
-        os.unlink(lock_path)    # ours while we hold it (see above)
-        # At once: unwinding an interpreter that imported ipykernel (atexit, zmq) is slow.
-        os._exit(0)
+        # Whatever happens to the files: a template told to stop must stop, and at once
+        # (unwinding an interpreter that imported ipykernel, atexit and zmq, is slow).
+        try:
+            # Unless a newer template has taken the path over already.
+            if os.path.exists(path) and os.stat(path).st_ino == mine:
+                os.unlink(path)
+            os.unlink(lock_path)    # ours while we hold it (see above)
+        except OSError:
+            pass
+        finally:
+            os._exit(0)
 
     # Children are reaped by the kernel; each forked child restores SIGCHLD first.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)

@@ -306,6 +306,22 @@ def descendants(pid):
     return found
 
 
+def process_state(pid):
+    """What a process that should have exited is doing: for a failing test's message."""
+    facts = []
+    for name in ("status", "wchan", "stack", "cmdline"):
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                text = f.read().decode(errors="replace").replace("\0", " ")
+        except OSError as exc:
+            text = exc.strerror
+        if name == "status":
+            text = " ".join(line for line in text.splitlines()
+                            if line.startswith(("State", "PPid", "Threads", "SigCgt")))
+        facts.append(f"{name}: {text.strip()}")
+    return f"pid {pid}: " + "; ".join(facts)
+
+
 def alive(pids):
     """Those of pids still running (a zombie is dead, merely not yet reaped)."""
     running = []

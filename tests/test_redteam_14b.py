@@ -79,6 +79,20 @@ def test_a_kernel_jupyter_interrupted_at_its_start_is_not_said_to_have_died(work
     assert not died, f"the restarted kernel was told of a death Jupyter caused: {died}"
 
 
+def ipc_links(ip, km):
+    """Where each channel's ipc path points, and whether a socket is there (a failing
+    test's message)."""
+    facts = []
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        path = f"{ip}-{getattr(km, name)}"
+        try:
+            target = os.readlink(path)
+            facts.append(f"{name} -> {target} ({'there' if os.path.exists(path) else 'gone'})")
+        except OSError as exc:
+            facts.append(f"{name}: {exc.strerror}")
+    return "; ".join(facts)
+
+
 @pytest.mark.parametrize("path", ["argv", "cold"])
 def test_a_restart_now_keeps_the_ipc_links_of_the_new_kernel(workdir, tmp_path, path):
     # Attack (or plain bad luck): a kernel that takes a moment to die (it holds a few GB,
@@ -113,6 +127,9 @@ def test_a_restart_now_keeps_the_ipc_links_of_the_new_kernel(workdir, tmp_path, 
         fresh.kc.start_channels()
         try:
             fresh.kc.wait_for_ready(timeout=30)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}; alive: {k.km.is_alive()}; links: "
+                                 f"{ipc_links(ip, k.km)}") from None
         finally:
             fresh.kc.stop_channels()
     finally:

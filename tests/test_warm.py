@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import (KERNEL_NAME, alive, descendants, in_pid_namespace, interrupt_busy_loop,
+                      process_state,
                       kernel_cgroups, parent_pid, start_kernel, stop_kernel, wait_until,
                       write_spec)
 from ns_kernel import warm
@@ -290,8 +291,8 @@ def template(user_base):
     warm.connect_or_start().close()
     pid = warm.template_pid()
     yield pid
-    warm.stop()
-    assert gone(pid)
+    warm.stop()     # unless the test stopped it
+    assert gone(pid), process_state(pid)
 
 
 def ask(sock, data, fds=()):
