@@ -16,8 +16,9 @@ FIX = "set Sandbox.socket_dir (--socket-dir) or $XDG_RUNTIME_DIR to a writable d
 MAX_SOCKET_PATH = 107
 
 
-def default_base():
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
+def default_base(environ=os.environ):
+    """The base of a user's socket dirs and warm templates, for a process of `environ`."""
+    runtime = environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
         return os.path.join(runtime, "ns-kernel")
     return f"/tmp/ns-kernel-{os.getuid()}"

@@ -106,17 +106,19 @@ def start_paths(prefix, options=()):
     }
 
 
-def stop_templates(python=sys.executable):
-    """Stop every warm template of `python` under this user's default socket base (kernels
-    start warm by default; a template outlives its kernels by design, the tests leave
-    none). Those of other interpreters are others' (root's tests of another checkout)."""
+def stop_templates(python=sys.executable, under=None, environ=os.environ):
+    """Stop every warm template of `python` (or of any interpreter under the dir `under`)
+    under the default socket base of a process of `environ` (kernels start warm by
+    default; a template outlives its kernels by design, the tests leave none). Those of
+    other interpreters are others' (root's tests of another checkout)."""
     import glob
     from ns_kernel import socketdir, warm
-    for path in glob.glob(os.path.join(socketdir.default_base(), "warm-*.sock")):
+    for path in glob.glob(os.path.join(socketdir.default_base(environ), "warm-*.sock")):
         pid = warm.template_pid(path)
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                ours = f.read().split(b"\0")[0] == python.encode()
+                exe = f.read().split(b"\0")[0].decode()
+            ours = exe.startswith(under + "/") if under else exe == python
         except OSError:
             continue
         if ours:

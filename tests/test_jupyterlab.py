@@ -372,6 +372,10 @@ def test_in_the_browser(lab, tmp_path):
             picker.locator("select").select_option(label="Isolated Python")
             picker.get_by_role("button", name="Select").click()
             expect(page.locator(".jp-Notebook")).to_be_visible()
+            # As a user does: the first cell once the status bar shows the kernel idle (one
+            # run while JupyterLab was still connecting to it was seen never to execute).
+            expect(page.get_by_role("button", name="Isolated Python | Idle")).to_be_visible(
+                timeout=60000)
 
             cells = page.locator(".jp-Notebook .jp-Cell")
 

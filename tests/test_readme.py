@@ -20,6 +20,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
+from conftest import stop_templates
 from ns_kernel import limits
 
 REPO = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
@@ -73,6 +74,9 @@ def newcomer():
         os.chmod(path, 0o755)
     os.chmod(submitted, 0o777)    # the kernel runs there (root's as nobody)
     yield {"top": top, "clone": clone, "env": env, "srv": srv, "venv": venv}
+    # The templates of its venvs' kernels: scripts/test runs this test in a session of its
+    # own, which does not stop those in the default base (the other session's are there).
+    stop_templates(under=top, environ=env)
     shutil.rmtree(top, ignore_errors=True)
 
 

@@ -36,7 +36,7 @@ def workdir_module():
     # The template outlives kernels by design; the tests leave nothing running.
     pid = warm.template_pid()
     warm.stop()
-    assert pid is None or gone(pid)
+    assert pid is None or gone(pid), process_state(pid)
     shutil.rmtree(wd, ignore_errors=True)
 
 
@@ -337,7 +337,7 @@ def test_template_takes_plain_requests_of_known_kinds_only(template, workdir):
             os.close(fd)
     # The same channel works for a request of a known kind (so the above could fail).
     assert ask(connect(), json.dumps({"kind": "stop"}).encode()) == b""
-    assert gone(template)
+    assert gone(template), process_state(template)
 
 
 def test_template_refuses_a_client_inside_a_sandbox(template):
