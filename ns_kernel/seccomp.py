@@ -217,7 +217,7 @@ def _library():
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                            ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -232,6 +232,16 @@ NAMESPACES = ("unshare", "setns")
 def load(filter_):
     """Load filter_ for this process and every child it makes from now on. Needs
     no_new_privs (seal.py)."""
+    from .syscalls import SyscallError, load_seccomp_program
+    try:
+        load_seccomp_program(program(filter_))
+    except SyscallError as exc:
+        raise SeccompError(exc.errno, "seccomp_load") from None
+
+
+def program(filter_):
+    """filter_ as libseccomp compiles it for this machine: the classic BPF program seccomp
+    loads (8 bytes per instruction)."""
     lib = _library()
     if lib is None:
         raise SeccompError(errno.ENOSYS, available())
@@ -253,8 +263,13 @@ def load(filter_):
                 rc = lib.seccomp_rule_add_array(ctx, rule.action, nr, len(rule.args), args)
                 if rc < 0:
                     raise SeccompError(-rc, f"seccomp_rule_add({name})")
-        rc = lib.seccomp_load(ctx)
-        if rc < 0:
-            raise SeccompError(-rc, "seccomp_load")
+        fd = os.memfd_create("seccomp", os.MFD_CLOEXEC)
+        try:
+            rc = lib.seccomp_export_bpf(ctx, fd)
+            if rc < 0:
+                raise SeccompError(-rc, "seccomp_export_bpf")
+            return os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
     finally:
         lib.seccomp_release(ctx)

@@ -65,11 +65,13 @@ PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 PRCTL_NAMES = {PR_SET_PDEATHSIG: "PR_SET_PDEATHSIG", PR_SET_DUMPABLE: "PR_SET_DUMPABLE",
                PR_SET_NAME: "PR_SET_NAME", PR_CAPBSET_DROP: "PR_CAPBSET_DROP",
-               PR_SET_NO_NEW_PRIVS: "PR_SET_NO_NEW_PRIVS", PR_CAP_AMBIENT: "PR_CAP_AMBIENT"}
+               PR_SET_NO_NEW_PRIVS: "PR_SET_NO_NEW_PRIVS", PR_SET_SECCOMP: "PR_SET_SECCOMP", PR_CAP_AMBIENT: "PR_CAP_AMBIENT"}
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
@@ -178,6 +180,18 @@ def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
     return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
                               ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)),
                   f"prctl({PRCTL_NAMES.get(option, option)})")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_seccomp_program(program):
+    """Load a classic BPF seccomp program (8 bytes per instruction) for this thread, with
+    no flags, as libseccomp's seccomp_load does by default. Needs no_new_privs."""
+    code = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(code))
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
 
 
 KEYCTL_JOIN_SESSION_KEYRING = 1

@@ -93,12 +93,16 @@ def template_main(path=None):
 
 def _sources():
     """What the template was made from, as {path: (inode, size, mtime)}: the interpreter,
-    every file its imports loaded, and each sys.path dir (a pip install or uninstall
-    changes its listing, hence its mtime, even for a package the template did not import:
-    a .pth file of it runs at every interpreter's start)."""
+    every file its imports loaded, each shared library it mapped (a libc or libpython
+    upgrade must retire it too), and each sys.path dir (a pip install or uninstall changes its
+    listing, hence its mtime, even for a package the template did not import: a .pth file
+    of it runs at every interpreter's start)."""
     paths = {os.path.realpath(sys.executable), *filter(None, sys.path)}
     paths.update(filter(None, (getattr(module, "__file__", None)
                                for module in list(sys.modules.values()))))
+    with open("/proc/self/maps") as maps:
+        paths.update(line.split(None, 5)[5].strip() for line in maps
+                     if ".so" in line and len(line.split(None, 5)) == 6)
     return {path: _stat(path) for path in paths}
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from conftest import LIMITS_BACKEND, kernel_cgroup_dir, start_kernel, start_paths, stop_kernel, \
-    write_spec
-from ns_kernel import cgroup
+from conftest import LIMITS_BACKEND, kernel_cgroup_dir, kernel_host_pid, start_kernel, start_paths, \
+    stop_kernel, write_spec
+from ns_kernel import cgroup, seccomp
 from ns_kernel.limits import DEFAULT_PIDS
 
 PATHS = start_paths("defense")
@@ -76,6 +76,42 @@ def test_final_state_is_the_same_on_every_path(host_key, workdir, path):
     finally:
         stop_kernel(k)
     assert_sealed(seen, out)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="reading a filter needs CAP_SYS_ADMIN: root's pass")
+@pytest.mark.parametrize("path", PATHS)
+def test_the_filter_is_libseccomps_program_on_every_path(workdir, path):
+    # Warm (a fork of the template), prestarted (joined the sandbox) or exec'd: exactly
+    # one filter, and it is the program libseccomp makes of the default filter.
+    k = start_kernel(workdir, kernel_name=PATHS[path])
+    try:
+        pid = kernel_host_pid(k)
+        with open(f"/proc/{pid}/status") as f:
+            assert "Seccomp_filters:\t1\n" in f.read()
+        loaded = loaded_filter(pid)
+    finally:
+        stop_kernel(k)
+    assert loaded == seccomp.program(seccomp.default_filter())
+
+
+def loaded_filter(pid):
+    """The classic BPF program of the first seccomp filter of process pid (ptrace's
+    PTRACE_SECCOMP_GET_FILTER on a tracee stopped for the moment)."""
+    seize, interrupt, detach, get_filter, wall = 0x4206, 0x4207, 17, 0x420c, 0x40000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.restype = ctypes.c_long
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    assert libc.ptrace(seize, pid, None, None) == 0, os.strerror(ctypes.get_errno())
+    try:
+        assert libc.ptrace(interrupt, pid, None, None) == 0, os.strerror(ctypes.get_errno())
+        os.waitpid(pid, wall)
+        count = libc.ptrace(get_filter, pid, None, None)
+        assert count > 0, os.strerror(ctypes.get_errno())
+        program = ctypes.create_string_buffer(count * 8)
+        assert libc.ptrace(get_filter, pid, None, program) == count
+        return program.raw
+    finally:
+        libc.ptrace(detach, pid, None, None)
 
 
 def pids_limit(k, seen):

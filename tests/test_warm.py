@@ -14,9 +14,9 @@ import time
 import pytest
 
 from conftest import (KERNEL_NAME, alive, descendants, in_pid_namespace, interrupt_busy_loop,
-                      process_state,
-                      kernel_cgroups, parent_pid, start_kernel, stop_kernel, wait_until,
-                      write_spec)
+                      kernel_cgroups, parent_pid, process_state, start_kernel, stop_kernel,
+                      wait_until, write_spec)
+import ns_kernel.template
 from ns_kernel import warm
 
 WARM = KERNEL_NAME       # warm is the default
@@ -418,6 +418,16 @@ def test_provisioner_kernels_come_from_the_template(workdir_module):
 
 
 # -- never stale: a template serves only what is installed now ----------------------------
+
+def test_a_template_watches_the_shared_libraries_it_mapped():
+    # Not only what its imports loaded: an upgrade of libc (or of a library an extension
+    # module links) replaces a file no module names, and a template still mapping the
+    # old one must retire as after a pip install.
+    made_from = ns_kernel.template._sources()
+    with open("/proc/self/maps") as maps:
+        libc = next(line.split()[-1] for line in maps if "/libc.so" in line)
+    assert made_from[libc] == ns_kernel.template._stat(libc)
+
 
 def test_a_pip_install_retires_the_template(workdir, request):
     """A package the template imported (here through a .pth file, as every interpreter
