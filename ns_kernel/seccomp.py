@@ -73,7 +73,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class Filter:
-    """What seccomp_load is given: plain data, so a plan can carry it."""
+    """What libseccomp compiles (program): plain data, so a plan can carry it."""
     default: int
     rules: tuple
     arches: tuple = ()   # libseccomp names ("x86", "x32") besides this machine's own
@@ -229,14 +229,20 @@ def available():
 NAMESPACES = ("unshare", "setns")
 
 
+# Linux's limit on a program's instructions (BPF_MAXINSNS); libseccomp 2.5 counts them in
+# 16 bits and would wrap a bigger one rather than refuse it.
+MAX_INSTRUCTIONS = 4096
+MFD_NOEXEC_SEAL = 0x0008
+
+
 def load(filter_):
-    """Load filter_ for this process and every child it makes from now on. Needs
-    no_new_privs (seal.py)."""
+    """Load filter_ for the calling thread (the sandbox's processes have one when it is
+    loaded) and every child it makes from now on. Needs no_new_privs (seal.py)."""
     from .syscalls import SyscallError, load_seccomp_program
     try:
         load_seccomp_program(program(filter_))
     except SyscallError as exc:
-        raise SeccompError(exc.errno, "seccomp_load") from None
+        raise SeccompError(exc.errno, "prctl(PR_SET_SECCOMP)") from None
 
 
 def program(filter_):
@@ -263,13 +269,29 @@ def program(filter_):
                 rc = lib.seccomp_rule_add_array(ctx, rule.action, nr, len(rule.args), args)
                 if rc < 0:
                     raise SeccompError(-rc, f"seccomp_rule_add({name})")
-        fd = os.memfd_create("seccomp", os.MFD_CLOEXEC)
-        try:
-            rc = lib.seccomp_export_bpf(ctx, fd)
-            if rc < 0:
-                raise SeccompError(-rc, "seccomp_export_bpf")
-            return os.pread(fd, os.fstat(fd).st_size, 0)
-        finally:
-            os.close(fd)
+        return _export(lib, ctx)
     finally:
         lib.seccomp_release(ctx)
+
+
+def _export(lib, ctx):
+    """The program, through a memfd (sealed against exec where Linux can: with
+    vm.memfd_noexec=2 an unsealed one is refused), checked for its size."""
+    try:
+        fd = os.memfd_create("seccomp", os.MFD_CLOEXEC | MFD_NOEXEC_SEAL)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:      # Linux before 6.3 knows no MFD_NOEXEC_SEAL
+            raise SeccompError(exc.errno, "memfd_create") from None
+        fd = os.memfd_create("seccomp", os.MFD_CLOEXEC)
+    try:
+        rc = lib.seccomp_export_bpf(ctx, fd)
+        if rc < 0:
+            raise SeccompError(-rc, "seccomp_export_bpf")
+        size = os.fstat(fd).st_size
+        code = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    if len(code) != size or not code or size % 8 or size // 8 > MAX_INSTRUCTIONS:
+        raise SeccompError(errno.E2BIG, f"seccomp_export_bpf: a program of {size} bytes "
+                           f"(at most {MAX_INSTRUCTIONS} instructions of 8)")
+    return code

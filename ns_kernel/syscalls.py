@@ -71,7 +71,8 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 PRCTL_NAMES = {PR_SET_PDEATHSIG: "PR_SET_PDEATHSIG", PR_SET_DUMPABLE: "PR_SET_DUMPABLE",
                PR_SET_NAME: "PR_SET_NAME", PR_CAPBSET_DROP: "PR_CAPBSET_DROP",
-               PR_SET_NO_NEW_PRIVS: "PR_SET_NO_NEW_PRIVS", PR_SET_SECCOMP: "PR_SET_SECCOMP", PR_CAP_AMBIENT: "PR_CAP_AMBIENT"}
+               PR_SET_NO_NEW_PRIVS: "PR_SET_NO_NEW_PRIVS", PR_SET_SECCOMP: "PR_SET_SECCOMP",
+               PR_CAP_AMBIENT: "PR_CAP_AMBIENT"}
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
@@ -187,8 +188,8 @@ class _SockFprog(ctypes.Structure):
 
 
 def load_seccomp_program(program):
-    """Load a classic BPF seccomp program (8 bytes per instruction) for this thread, with
-    no flags, as libseccomp's seccomp_load does by default. Needs no_new_privs."""
+    """Load a classic BPF seccomp program (8 bytes per instruction) for the calling thread,
+    with no flags, as libseccomp's seccomp_load does by default. Needs no_new_privs."""
     code = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(code))
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))

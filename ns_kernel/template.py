@@ -100,10 +100,25 @@ def _sources():
     paths = {os.path.realpath(sys.executable), *filter(None, sys.path)}
     paths.update(filter(None, (getattr(module, "__file__", None)
                                for module in list(sys.modules.values()))))
+    made_from = {path: _stat(path) for path in paths}
+    for path in _mapped_libraries():
+        deleted = path.removesuffix(" (deleted)")
+        # Replaced while the template started: stale at its first request.
+        made_from[deleted] = _stat(path) if deleted == path else "replaced"
+    return made_from
+
+
+def _mapped_libraries():
+    """The shared libraries this process maps executable, as /proc/self/maps names them."""
+    import re
+    libraries = set()
     with open("/proc/self/maps") as maps:
-        paths.update(line.split(None, 5)[5].strip() for line in maps
-                     if ".so" in line and len(line.split(None, 5)) == 6)
-    return {path: _stat(path) for path in paths}
+        for line in maps:
+            fields = line.split(None, 5)
+            if (len(fields) == 6 and "x" in fields[1]
+                    and re.search(r"\.so(\.\d+)*( \(deleted\))?$", fields[5].rstrip("\n"))):
+                libraries.add(fields[5].rstrip("\n"))
+    return libraries
 
 
 def _stat(path):

@@ -10,8 +10,8 @@ import time
 import pytest
 from jupyter_client.manager import KernelManager
 
-from conftest import (KERNEL_NAME, Kernel, start_kernel, start_paths, stop_kernel,
-                      wait_until)
+from conftest import (KERNEL_NAME, Kernel, kernel_host_pid, process_state, start_kernel,
+                      start_paths, stop_kernel, wait_until)
 
 PATHS = start_paths("redteam14b")
 
@@ -122,14 +122,19 @@ def test_a_restart_now_keeps_the_ipc_links_of_the_new_kernel(workdir, tmp_path, 
         assert wait_until(lambda: not os.path.lexists(old_dir), timeout=30)
         assert wait_until(lambda: os.path.islink(link), timeout=20), \
             "the new kernel's ipc link is gone"
-        # What a browser tab reconnecting to the kernel does: new sockets, same paths.
+        # What a browser tab reconnecting to the kernel does: new sockets, same paths. The
+        # old tab is gone first: its client shares the manager's Session, hence the shell's
+        # ZMQ identity, and a ROUTER ignores a second peer of the same identity (whichever
+        # of the two reached the new kernel first would have kept it: a flaky test).
+        k.kc.stop_channels()
         fresh = Kernel(k.km, k.km.client())
         fresh.kc.start_channels()
         try:
             fresh.kc.wait_for_ready(timeout=30)
         except RuntimeError as exc:
             raise AssertionError(f"{exc}; alive: {k.km.is_alive()}; links: "
-                                 f"{ipc_links(ip, k.km)}") from None
+                                 f"{ipc_links(ip, k.km)}; the kernel: "
+                                 f"{process_state(kernel_host_pid(k))}") from None
         finally:
             fresh.kc.stop_channels()
     finally:

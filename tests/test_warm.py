@@ -14,9 +14,8 @@ import time
 import pytest
 
 from conftest import (KERNEL_NAME, alive, descendants, in_pid_namespace, interrupt_busy_loop,
-                      kernel_cgroups, parent_pid, process_state, start_kernel, stop_kernel,
-                      wait_until, write_spec)
-import ns_kernel.template
+                      kernel_cgroups, kernel_host_pid, parent_pid, process_state, start_kernel,
+                      stop_kernel, wait_until, write_spec)
 from ns_kernel import warm
 
 WARM = KERNEL_NAME       # warm is the default
@@ -419,36 +418,42 @@ def test_provisioner_kernels_come_from_the_template(workdir_module):
 
 # -- never stale: a template serves only what is installed now ----------------------------
 
-def test_a_template_watches_the_shared_libraries_it_mapped():
-    # Not only what its imports loaded: an upgrade of libc (or of a library an extension
-    # module links) replaces a file no module names, and a template still mapping the
-    # old one must retire as after a pip install.
-    made_from = ns_kernel.template._sources()
-    with open("/proc/self/maps") as maps:
-        libc = next(line.split()[-1] for line in maps if "/libc.so" in line)
-    assert made_from[libc] == ns_kernel.template._stat(libc)
-
-
-def test_a_pip_install_retires_the_template(workdir, request):
-    """A package the template imported (here through a .pth file, as every interpreter
-    of the venv does at its start) is upgraded with pip: the next kernel has the new
-    version, the old template exits, and the kernel after that is warm again."""
+@pytest.fixture
+def venv(request):
+    """A venv of its own whose interpreter finds ipykernel and ns_kernel where the tests'
+    own does: (its python, its site-packages, the pid of its template or None)."""
     from conftest import stop_templates
-    from conftest import make_wheel
     import glob
     import sysconfig
     root = tempfile.mkdtemp(prefix="nsk-venv-")
     request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     os.chmod(root, 0o755)
-    venv, wheels = os.path.join(root, "venv"), os.path.join(root, "wheels")
-    os.mkdir(wheels)
+    venv = os.path.join(root, "venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = os.path.join(venv, "bin", "python")
     request.addfinalizer(lambda: stop_templates(python))
     site = glob.glob(os.path.join(venv, "lib", "python*", "site-packages"))[0]
-    # This venv's interpreter finds ipykernel and ns_kernel where the tests' own does.
     with open(os.path.join(site, "_tests_venv.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
+
+    def template():
+        out = subprocess.run([python, "-c", "from ns_kernel import warm; print(warm.template_pid())"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        return None if out == "None" else int(out)
+    return python, site, template
+
+
+def started_warm(k):
+    return k.value("b'ns_kernel.template' in open('/proc/self/cmdline', 'rb').read()")
+
+
+def test_a_pip_install_retires_the_template(workdir, venv, tmp_path):
+    """A package the template imported (here through a .pth file, as every interpreter
+    of the venv does at its start) is upgraded with pip: the next kernel has the new
+    version, the old template exits, and the kernel after that is warm again."""
+    from conftest import make_wheel
+    python, site, template = venv
+    wheels = str(tmp_path)
 
     def install(version):
         wheel = make_wheel(wheels, "nskprobe", version, f"VERSION = {version!r}",
@@ -456,14 +461,8 @@ def test_a_pip_install_retires_the_template(workdir, request):
         subprocess.run([sys.executable, "-m", "pip", "-q", "--python", python, "install",
                         "--no-index", "--no-deps", "-U", wheel], check=True)
 
-    def template():
-        out = subprocess.run([python, "-c", "from ns_kernel import warm; print(warm.template_pid())"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-        return None if out == "None" else int(out)
-
     def version_and_how(k):
-        return k.value("(__import__('sys').modules['nskprobe'].VERSION, b'ns_kernel.template' in "
-                       "open('/proc/self/cmdline', 'rb').read())")
+        return k.value("__import__('sys').modules['nskprobe'].VERSION"), started_warm(k)
 
     install("1.0")
     name = write_spec("warm-venv", python=python)
@@ -488,3 +487,48 @@ def test_a_pip_install_retires_the_template(workdir, request):
         assert template() not in (None, old)
     finally:
         stop_kernel(k)
+
+
+def test_a_replaced_shared_library_retires_the_template(workdir, venv, tmp_path):
+    """A shared library the template mapped (not a module: what a libc or libssl upgrade
+    replaces) is replaced on disk: the next kernel execs fresh and says why, and the old
+    template exits."""
+    python, site, _ = venv
+    # In the venv (the sandbox shows it), off sys.path, loaded by every interpreter of the
+    # venv at its start, the template's included.
+    lib = os.path.realpath(os.path.join(os.path.dirname(python), "..", "lib", "nskprobe",
+                                        "libnskprobe.so"))
+    os.makedirs(os.path.dirname(lib))
+    shutil.copy(system_library("libz.so.1"), lib)
+    with open(os.path.join(site, "nskprobe-lib.pth"), "w") as f:
+        f.write(f"import ctypes; ctypes.CDLL({lib!r})\n")
+    name = write_spec("warm-venv-lib", python=python)
+    for k in (start_kernel(workdir, kernel_name=name), start_kernel(workdir, kernel_name=name)):
+        try:
+            assert k.value(f"{lib!r} in open('/proc/self/maps').read()")
+            assert started_warm(k)
+            # Its template: the monitor's parent (asking the template itself would fork a
+            # staleness check that could see the replacement below and retire it first).
+            old = parent_pid(parent_pid(parent_pid(kernel_host_pid(k))))
+        finally:
+            stop_kernel(k)
+    # As a package manager replaces a library: a new file renamed over the old one.
+    shutil.copy(lib, tmp_path / "new.so")
+    os.replace(tmp_path / "new.so", lib)
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=name, stderr=stderr)
+        try:
+            assert not started_warm(k)
+        finally:
+            stop_kernel(k)
+    assert f"warm template retired: {lib} changed" in log.read_text()
+    assert gone(old)
+
+
+def system_library(soname):
+    """Where the system's shared library soname is (loaded here to read it from the maps)."""
+    import ctypes
+    ctypes.CDLL(soname)
+    with open("/proc/self/maps") as maps:
+        return next(line.split()[-1] for line in maps if f"/{soname}" in line)
