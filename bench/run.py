@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -672,4 +673,7 @@ def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, 
 
 
 if __name__ == "__main__":
+    # A SIGTERM (a test's timeout, a user's kill) unwinds like Ctrl-C: the finally blocks
+    # stop the kernels and the download server and remove the temp dirs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main())

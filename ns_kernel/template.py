@@ -101,23 +101,23 @@ def _sources():
     paths.update(filter(None, (getattr(module, "__file__", None)
                                for module in list(sys.modules.values()))))
     made_from = {path: _stat(path) for path in paths}
-    for path in _mapped_libraries():
-        deleted = path.removesuffix(" (deleted)")
+    for mapped in _mapped_libraries():
+        path = mapped.removesuffix(" (deleted)")
         # Replaced while the template started: stale at its first request.
-        made_from[deleted] = _stat(path) if deleted == path else "replaced"
+        made_from[path] = _stat(path) if path == mapped else "replaced"
     return made_from
 
 
 def _mapped_libraries():
     """The shared libraries this process maps executable, as /proc/self/maps names them."""
     import re
+    library = re.compile(r"\.so(\.\d+)*( \(deleted\))?$")
     libraries = set()
     with open("/proc/self/maps") as maps:
         for line in maps:
-            fields = line.split(None, 5)
-            if (len(fields) == 6 and "x" in fields[1]
-                    and re.search(r"\.so(\.\d+)*( \(deleted\))?$", fields[5].rstrip("\n"))):
-                libraries.add(fields[5].rstrip("\n"))
+            fields = line.rstrip("\n").split(None, 5)
+            if len(fields) == 6 and "x" in fields[1] and library.search(fields[5]):
+                libraries.add(fields[5])
     return libraries
 
 

@@ -12,6 +12,7 @@ from jupyter_client.manager import KernelManager
 
 from conftest import (KERNEL_NAME, Kernel, kernel_host_pid, process_state, start_kernel,
                       start_paths, stop_kernel, wait_until)
+from ns_kernel import connection
 
 PATHS = start_paths("redteam14b")
 
@@ -83,7 +84,7 @@ def ipc_links(ip, km):
     """Where each channel's ipc path points, and whether a socket is there (a failing
     test's message)."""
     facts = []
-    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+    for name in connection.CHANNELS:
         path = f"{ip}-{getattr(km, name)}"
         try:
             target = os.readlink(path)
