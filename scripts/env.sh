@@ -18,8 +18,8 @@ quietly() {
   return "$status"
 }
 
-# ensure_venv EXTRAS: the venv, with ns_kernel and what pyproject.toml's EXTRAS (demo, lab,
-# test) add. The package is installed, not imported from the checkout: the sandbox (nobody,
+# ensure_venv [EXTRAS]: the venv, with ns_kernel and what pyproject.toml's EXTRAS (demo,
+# lab, test) add, if any. The package is installed, not imported from the checkout: the sandbox (nobody,
 # when root runs this) and the test user must reach it, and a clone may sit in a 0700 home.
 ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -29,6 +29,6 @@ ensure_venv() {
     "$BASE_PYTHON" -m venv "$VENV"
     chmod -R a+rX "$(dirname "$VENV")"
   fi
-  quietly "$VENV/bin/pip" install -q --disable-pip-version-check "$repo[$1]"
+  quietly "$VENV/bin/pip" install -q --disable-pip-version-check "$repo${1:+[$1]}"
   quietly "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$repo"
 }
