@@ -266,17 +266,17 @@ class Bench:
             for _, kc in kernels.values():
                 self.execute(kc, DOWNLOAD_CODE)
                 self.execute(kc, f"download({url!r})")    # warm up
-            cpu = {kind: -cpu_seconds(kernel_pid(km)) for kind, (km, _) in kernels.items()}
+            launchers = {kind: launcher_pid(km) for kind, (km, _) in kernels.items()}
+            cpu = {kind: -cpu_seconds(pid) for kind, pid in launchers.items()}
             for r in range(rounds):
                 for kind in rotate(list(kernels), r):
                     for _ in range(3):
                         took[kind].append(self.execute(kernels[kind][1], f"download({url!r})"))
             # The launcher's CPU per GB: what the proxy costs, whatever else loads the host.
-            for kind, (km, _) in kernels.items():
-                cpu[kind] = (cpu[kind] + cpu_seconds(kernel_pid(km))) / (len(took[kind]) * mb
-                                                                         / 1024)
-            mem = {kind: pss_tree(kernel_pid(km), descend=False) / (1 << 20)
-                   for kind, (km, _) in kernels.items()}
+            for kind, pid in launchers.items():
+                cpu[kind] = (cpu[kind] + cpu_seconds(pid)) / (len(took[kind]) * mb / 1024)
+            mem = {kind: pss_tree(pid, descend=False) / (1 << 20)
+                   for kind, pid in launchers.items()}
             busy = {}
             for kind, (_, kc) in kernels.items():
                 self.execute(kc, "done = threading.Event(); threading.Thread(target="
@@ -327,6 +327,32 @@ def kernel_pid(km):
     return getattr(prov, "pid", None) or prov.process.pid
 
 
+def launcher_pid(km):
+    """The launcher of a tcp kernel: the process listening on its shell port (the bridge),
+    on every start path (a warm kernel's is the template's child, not the process km
+    started)."""
+    port = f":{km.shell_port:04X}"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[1].endswith(port) and fields[3] == "0A":     # LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in tree(kernel_pid(km)) + tree(template_pid() or 0):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return pid
+            except OSError:
+                pass
+    raise RuntimeError(f"no process listens on port {km.shell_port}")
+
+
 def host_pss(km):
     """Bytes of PSS of the process km started and its descendants (a cold kernel's
     launcher, monitor, init and kernel; a warm one's client on the argv path); none for a
@@ -350,9 +376,13 @@ def stop_template():
 def template_pss():
     """Bytes of PSS of the warm template and everything it forked (each warm kernel's
     launcher, monitor, init and kernel), 0 without one."""
-    from ns_kernel import warm
-    pid = warm.template_pid()
+    pid = template_pid()
     return pss_tree(pid) if pid else 0
+
+
+def template_pid():
+    from ns_kernel import warm
+    return warm.template_pid()
 
 
 def children_map():
