@@ -46,6 +46,7 @@ from ns_kernel import kernelspec
 TRIVIAL = "pass"
 # Kinds that start from the warm template (the default).
 WARM_KINDS = ("isolated", "provisioner", "nofilter")
+ISOLATED = ("isolated", "provisioner", "cold")    # the kinds with targets
 PRINT_CODE = ("import sys\nchunk = 'x' * (1 << 20)\n"
               "for _ in range({n}):\n    sys.stdout.write(chunk)\n    sys.stdout.flush()\n")
 DOWNLOAD_CODE = r'''
@@ -565,7 +566,7 @@ def main(argv=None):
                         help="smoke run: 1 round, few samples, small payloads, 4 kernels")
     parser.add_argument("--rounds", type=int, help="rounds (default 5; quick: 1)")
     parser.add_argument("--json", help="also write the raw samples to this file")
-    parser.add_argument("--only", choices=["proxy"], help="measure these rows alone")
+    parser.add_argument("--only", choices=["proxy", "start"], help="measure these rows alone")
     parser.add_argument("--log", default=os.path.join(tempfile.gettempdir(),
                                                       f"ns-kernel-bench-{os.getuid()}.log"),
                         help="the kernels' own output goes here (default: %(default)s)")
@@ -590,26 +591,13 @@ def main(argv=None):
     raw = {"machine": machine(), "rounds": rounds}
     print(f"machine: {raw['machine']}", flush=True)
     try:
-        if args.only != "proxy":
-            general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb,
-                    n_scale)
-        mb = 4 if quick else 200
-        took, mem, busy, cpu = bench.downloads(rounds, mb, n_rtt)
-        raw.update(download=took, launcher_pss_mb=mem, rtt_downloading=busy,
-                   launcher_cpu_s_per_gb=cpu)
-        # Throughput: the ratio of times, inverted, is proxy/host throughput.
-        table.add(f"download {mb} MB, proxy (vs --network host)",
-                  statistics.median(took["host"]), statistics.median(took["proxy"]), "s",
-                  1 / 0.9)
-        table.add("launcher PSS, proxy (vs --network host)", mem["host"], mem["proxy"], "MB",
-                  kind="extra", fmt="{:.1f}")
-        table.add("launcher CPU per GB, proxy (vs --network host)", cpu["host"],
-                  cpu["proxy"], "s", kind="extra", fmt="{:.3f}")
-        ms = lambda xs, q: pct(xs, q) * 1000
-        table.add("round trip p50 while downloading, proxy (vs host)", ms(busy["host"], .5),
-                  ms(busy["proxy"], .5), "ms", fmt="{:.2f}")
-        table.add("round trip p99 while downloading, proxy (vs host)", ms(busy["host"], .99),
-                  ms(busy["proxy"], .99), "ms", fmt="{:.2f}")
+        if args.only == "start":
+            start_rows(bench, kinds, table, raw, rounds)
+        else:
+            if args.only != "proxy":
+                general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb,
+                        n_scale)
+            proxy_rows(bench, table, raw, quick, rounds, n_rtt)
     finally:
         stop_template()
         bench.close()
@@ -631,9 +619,30 @@ def main(argv=None):
     return 0
 
 
-def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, n_scale):
-    """Every row but the proxy's."""
-    iso = [k for k in ("isolated", "provisioner", "cold") if k in kinds]
+def proxy_rows(bench, table, raw, quick, rounds, n_rtt):
+    """The proxy's rows: a kernel with --network proxy against one with --network host."""
+    mb = 4 if quick else 200
+    took, mem, busy, cpu = bench.downloads(rounds, mb, n_rtt)
+    raw.update(download=took, launcher_pss_mb=mem, rtt_downloading=busy,
+               launcher_cpu_s_per_gb=cpu)
+    # Throughput: the ratio of times, inverted, is proxy/host throughput.
+    table.add(f"download {mb} MB, proxy (vs --network host)",
+              statistics.median(took["host"]), statistics.median(took["proxy"]), "s",
+              1 / 0.9)
+    table.add("launcher PSS, proxy (vs --network host)", mem["host"], mem["proxy"], "MB",
+              kind="extra", fmt="{:.1f}")
+    table.add("launcher CPU per GB, proxy (vs --network host)", cpu["host"],
+              cpu["proxy"], "s", kind="extra", fmt="{:.3f}")
+    ms = lambda xs, q: pct(xs, q) * 1000
+    table.add("round trip p50 while downloading, proxy (vs host)", ms(busy["host"], .5),
+              ms(busy["proxy"], .5), "ms", fmt="{:.2f}")
+    table.add("round trip p99 while downloading, proxy (vs host)", ms(busy["host"], .99),
+              ms(busy["proxy"], .99), "ms", fmt="{:.2f}")
+
+
+def start_rows(bench, kinds, table, raw, rounds):
+    """The start rows: a user's first kernel, then each kind against a plain kernel."""
+    iso = [k for k in ISOLATED if k in kinds]
     raw["first start"] = [bench.first_start() for _ in range(rounds)]
     # The rows below show the steady state: the template runs.
     starts = bench.starts(["plain", *iso, "exec", "nofilter"], rounds)
@@ -651,7 +660,13 @@ def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, 
         table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s")
     for kind, why in kinds.missing.items():
         table.note(labels[kind], f"missing: {why}")
+
+
+def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, n_scale):
+    """Every row but the proxy's."""
+    start_rows(bench, kinds, table, raw, rounds)
     print(table.render(), flush=True)
+    iso = [k for k in ISOLATED if k in kinds]
 
     lanes = {"plain tcp": ("plain", "tcp"), "bridge": ("isolated", "tcp"),
              "plain ipc": ("plain", "ipc"), "direct ipc": ("isolated", "ipc"),

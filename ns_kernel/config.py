@@ -18,6 +18,24 @@ from .sizes import parse_size
 CONFIG_FILE = "ns_kernel_config"
 
 
+# The defaults of Sandbox.env_allow, env_deny and env_keep: the warm template compiles
+# them once for all its kernels (plan.env_pattern).
+ENV_ALLOW = (
+    "PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "COLORTERM", "NO_COLOR",
+    "FORCE_COLOR", "CLICOLOR*", "PAGER", "EDITOR", "USER", "LOGNAME", "SHELL",
+    "PYTHON*", "VIRTUAL_ENV", "CONDA_*", "PIP_*", "JUPYTER_*", "JPY_*", "MPLBACKEND",
+    "PYDEVD_*", "OMP_*", "OPENBLAS_*", "MKL_*", "NUMEXPR_*", "CUDA_VISIBLE_DEVICES",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+)
+ENV_DENY = (
+    "JPY_PARENT_PID", "JUPYTERHUB_*", "JUPYTER_TOKEN", "JPY_API_TOKEN", "*TOKEN*", "*SECRET*",
+    "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*_KEY", "SSH_AUTH_SOCK", "SSH_AGENT_PID",
+    "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY",
+    "KRB5CCNAME", "GPG_AGENT_INFO", "SUDO_*",
+)
+ENV_KEEP = ("PYTHONHASHSEED",)
+
+
 class Sandbox(Configurable):
     """What the kernel sees and may use. Every kernel started by ns-kernel gets a fresh sandbox."""
 
@@ -91,29 +109,18 @@ class Sandbox(Configurable):
     hostname_prefix = Unicode("isolated", config=True, help="""
         The kernel's hostname is PREFIX-<first 8 characters of the kernel id>.""")
 
-    env_allow = List(Unicode(), default_value=[
-        "PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "COLORTERM", "NO_COLOR",
-        "FORCE_COLOR", "CLICOLOR*", "PAGER", "EDITOR", "USER", "LOGNAME", "SHELL",
-        "PYTHON*", "VIRTUAL_ENV", "CONDA_*", "PIP_*", "JUPYTER_*", "JPY_*", "MPLBACKEND",
-        "PYDEVD_*", "OMP_*", "OPENBLAS_*", "MKL_*", "NUMEXPR_*", "CUDA_VISIBLE_DEVICES",
-        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-    ], config=True, help="""
+    env_allow = List(Unicode(), default_value=list(ENV_ALLOW), config=True, help="""
         The only environment variables that reach the kernel (shell-style patterns, matched
         case-insensitively), unless env_deny matches them too; a value holding credentials
         in a URL (scheme://user:password@host) never does. Add what your kernels need with
         env_keep. The kernel's HOME, JPY_PARENT_PID and its packages' PYTHONPATH, PIP_PREFIX
         and PATH entry are set by ns-kernel.""")
 
-    env_deny = List(Unicode(), default_value=[
-        "JPY_PARENT_PID", "JUPYTERHUB_*", "JUPYTER_TOKEN", "JPY_API_TOKEN", "*TOKEN*", "*SECRET*",
-        "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*_KEY", "SSH_AUTH_SOCK", "SSH_AGENT_PID",
-        "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY",
-        "KRB5CCNAME", "GPG_AGENT_INFO", "SUDO_*",
-    ], config=True, help="""
+    env_deny = List(Unicode(), default_value=list(ENV_DENY), config=True, help="""
         Variables removed even when env_allow matches them (shell-style patterns, matched
         case-insensitively): tokens and sockets of the host have no business inside.""")
 
-    env_keep = List(Unicode(), default_value=["PYTHONHASHSEED"], config=True, help="""
+    env_keep = List(Unicode(), default_value=list(ENV_KEEP), config=True, help="""
         Variables passed to the kernel as they are, whatever env_allow and env_deny say
         (shell-style patterns).""")
 
@@ -286,6 +293,8 @@ class SandboxApp(Application):
         from jupyter_core.paths import jupyter_config_path
         from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader
         for path in reversed(jupyter_config_path()):
+            if not any(os.path.exists(f"{path}/{CONFIG_FILE}{ext}") for ext in (".json", ".py")):
+                continue    # traitlets would try two loaders to find nothing: ~1 ms a dir
             if run_config_code:
                 self.load_config_file(CONFIG_FILE, path=path)
                 continue
@@ -296,5 +305,6 @@ class SandboxApp(Application):
             except ValueError as exc:    # not JSON
                 raise SetupError("options", "read", f"{path}/{CONFIG_FILE}.json",
                                  hint=str(exc)) from None
-        self.parse_command_line(argv)
+        if argv:    # the default kernelspec has no options: argparse costs ~6 ms a start
+            self.parse_command_line(argv)
         return Sandbox(parent=self)

@@ -7,6 +7,7 @@ any work starts.
 """
 import enum
 import fnmatch
+import functools
 import os
 import re
 import sys
@@ -513,17 +514,27 @@ def proxy_env():
     return {**env, **{name.upper(): value for name, value in env.items()}}
 
 
+@functools.lru_cache(maxsize=64)
+def env_pattern(patterns):
+    """Shell-style patterns (a tuple), matched case-insensitively as fnmatch would match
+    NAME.upper() with each pattern.upper(), as one compiled regex. Compiling the default
+    lists took ~5 ms a start: the warm template compiles them once, for every fork."""
+    if not patterns:
+        return re.compile(r"(?!)")     # matches nothing
+    return re.compile("|".join(fnmatch.translate(p.upper()) for p in patterns))
+
+
 def kernel_env(environ, sandbox, home):
     """The kernel's environment (a dict): of the caller's, what env_allow names, minus
     what env_deny names and credentials in URLs; env_keep passes as it is."""
-    def matches(name, patterns):
-        return any(fnmatch.fnmatchcase(name.upper(), p.upper()) for p in patterns)
+    keep, allow, deny = (env_pattern(tuple(patterns))
+                         for patterns in (sandbox.env_keep, sandbox.env_allow, sandbox.env_deny))
 
     def passes(name, value):
-        if matches(name, sandbox.env_keep):
+        name = name.upper()
+        if keep.match(name):
             return True
-        return (matches(name, sandbox.env_allow) and not matches(name, sandbox.env_deny)
-                and not URL_CREDENTIALS.search(value))
+        return allow.match(name) and not deny.match(name) and not URL_CREDENTIALS.search(value)
     env = {k: v for k, v in environ.items() if passes(k, v)}
     env["HOME"] = home
     env.update(IMPORT_ENV)

@@ -30,6 +30,10 @@ def template_main(path=None):
     if preload.threads() != 1:
         sys.exit(f"ns-kernel: warm template has {preload.threads()} threads after its imports")
     made_from = _sources()
+    from .config import ENV_ALLOW, ENV_DENY, ENV_KEEP
+    from .plan import env_pattern
+    for patterns in (ENV_ALLOW, ENV_DENY, ENV_KEEP):
+        env_pattern(patterns)       # once here, not in each kernel's launcher
     import fcntl
     # One template per path: clients that all found none start one each; the first to
     # lock serves, the others leave (the lock dies with its holder, the socket file not).

@@ -240,6 +240,20 @@ def test_environment_is_an_allowlist():
     assert env["CUSTOM"] == "x" and env["PIP_INDEX_URL"] == "https://user:pw@mirror/simple"
 
 
+def test_env_patterns_match_as_fnmatch_does_case_insensitively():
+    import fnmatch
+    from ns_kernel.plan import env_pattern
+    patterns = ("lc_*", "PY?HON*", "[AB]X", "*TOKEN*", "x.y", "CUDA_VISIBLE_DEVICES")
+    names = ("LC_ALL", "lc_all", "Python3", "PYXHONX", "AX", "bx", "CX", "my_token_2", "X.Y",
+             "XzY", "cuda_visible_devices", "CUDA_VISIBLE_DEVICES_2", "", "ß")
+    for name in names:
+        expected = any(fnmatch.fnmatchcase(name.upper(), p.upper()) for p in patterns)
+        assert bool(env_pattern(patterns).match(name.upper())) == expected, name
+    assert not any(env_pattern(()).match(name) for name in names)
+    env = dict(plan(Sandbox(env_allow=[], env_keep=[]), environ=(("PATH", "/usr/bin"),)).env)
+    assert "PATH" not in env
+
+
 def test_environment_without_secrets():
     env = dict(plan().env)
     assert env["PATH"] == "/usr/bin" and env["LANG"] == "C" and env["JPY_PARENT_PID"] == "1"
