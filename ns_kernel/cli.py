@@ -36,11 +36,13 @@ class KernelApp(SandboxApp):
     aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
     flags = {**SANDBOX_FLAGS, **KERNEL_FLAGS}
 
-    def start_kernel(self, start, spawn=None, finish=None, prestarted=None, requester=None):
+    def start_kernel(self, start, spawn=None, finish=None, prestarted=None, requester=None,
+                     spare_monitor=None):
         """start: the command line (argv.KernelStart). spawn: who starts the monitor;
         finish(status): how to leave (default: exit like the kernel); requester: the warm
-        request's socket (Launch). A warm template's launcher child passes these
-        (warm.py). prestarted: the kernel's interpreter, spawned by __main__ (prestart.py)."""
+        request's socket, spare_monitor: the pid spawn makes the monitor (Launch). A warm
+        template's launcher child passes these (warm.py). prestarted: the kernel's
+        interpreter, spawned by __main__ (prestart.py)."""
         import functools
         from .launcher import Launch
         from .pid import exit_like
@@ -51,7 +53,8 @@ class KernelApp(SandboxApp):
         if spawn and not self.prestart:         # a warm start's monitor then execs too
             spawn = functools.partial(spawn, fresh=True)
         launch = Launch(config, start.connection_file, start.extra,
-                        self.kernel_socket_dir or None, spawn, prestarted, requester)
+                        start.socket_dir or self.kernel_socket_dir or None, spawn, prestarted,
+                        requester, spare_monitor)
         status = launch.run()
         line = launch.explain(status)
         if line:
@@ -149,10 +152,12 @@ def main(argv=None, prestarted=None):
     return _one_line(_command, argv)
 
 
-def start_kernel(start, spawn=None, finish=None, prestarted=None, requester=None):
+def start_kernel(start, spawn=None, finish=None, prestarted=None, requester=None,
+                 spare_monitor=None):
     """Run the kernel start `start` (argv.KernelStart): what __main__ does, and a warm
     template's launcher (see KernelApp.start_kernel)."""
-    return _one_line(KernelApp().start_kernel, start, spawn, finish, prestarted, requester)
+    return _one_line(KernelApp().start_kernel, start, spawn, finish, prestarted, requester,
+                     spare_monitor)
 
 
 def _command(argv):

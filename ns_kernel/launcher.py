@@ -58,14 +58,15 @@ class Launch:
     """One kernel's launch: everything it made, so that all of it can be undone."""
 
     def __init__(self, sandbox_config, connection_file=None, argv=(), socket_dir=None,
-                 spawn=None, prestarted=None, requester=None):
+                 spawn=None, prestarted=None, requester=None, spare_monitor=None):
         """With a connection file, run ipykernel (argv: its extra arguments); without one,
         run argv itself (`ns-kernel run`). socket_dir: this exact (not yet existing) socket
         dir instead of a fresh one under Sandbox.socket_dir (the provisioner's choice).
         spawn: who starts the sandbox's monitor (see Sandbox.start; warm.py).
         prestarted: the kernel's interpreter, spawned already (prestart.py). requester:
         the warm template's request socket (warm.py), which turns readable when its other
-        end is closed: Abandoned."""
+        end is closed: Abandoned. spare_monitor: the pid spawn will make the monitor (a
+        warm template's, forked before the request), moved into the cgroup early."""
         self.config = sandbox_config
         self.connection_file = connection_file
         self.argv = list(argv)
@@ -87,6 +88,7 @@ class Launch:
         self.proxy = None          # its egress proxy, with network 'proxy' (proxy.py)
         self.server = None         # a pidfd of the Jupyter server, if it says which it is
         self.requester = requester      # an fd: the caller closes it
+        self.spare_monitor = spare_monitor
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -128,9 +130,9 @@ class Launch:
                 self.started_lines.append(f"ns-kernel: {self._who()}: " + (
                     f"seccomp profile {plan.seccomp.source}" if plan.seccomp else
                     "no seccomp filter (Sandbox.seccomp = off)"))
-            if self.prestarted:
-                # Before it forks anything: the kernel is born in the kernel's cgroup.
-                self.limits.attach(self.prestarted.pid)
+            # Before they fork anything: the kernel is born in the kernel's cgroup.
+            self.limits.attach_soon([pid for pid in (self.prestarted and self.prestarted.pid,
+                                                     self.spare_monitor) if pid])
             if info and info["transport"] == "tcp":
                 self.listeners = bridge.listen(info)
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None

@@ -25,10 +25,40 @@ class Enforcement:
     backend: str = "none"
     cgroup: object = None
     skipped: list = field(default_factory=list)
+    moving: object = None       # attach_soon's thread, until attach() has waited for it
+    moved: set = field(default_factory=set)
+    failed: BaseException = None
+
+    def attach_soon(self, pids):
+        """Start moving processes made before the sandbox (the prestarted interpreter, a
+        warm start's monitor) into the cgroup, in a thread: on cgroup v1 a move waits for
+        an RCU grace period (10-15 ms on this VM), and the launcher's next steps overlap
+        it. attach() waits for it, before anything in the sandbox may fork."""
+        if not self.cgroup or not pids:
+            return
+        import threading
+
+        def move():
+            try:
+                for pid in pids:
+                    self.cgroup.attach(pid)
+            except BaseException as exc:  # noqa: BLE001 - attach() raises it
+                self.failed = exc
+        self.moved = set(pids)
+        self.moving = threading.Thread(target=move, name="ns-kernel-attach", daemon=True)
+        self.moving.start()
 
     def attach(self, pid):
-        if self.cgroup:
+        self._moved_early()
+        if self.failed:
+            raise self.failed
+        if self.cgroup and pid not in self.moved:
             self.cgroup.attach(pid)
+
+    def _moved_early(self):
+        if self.moving:
+            self.moving.join()
+            self.moving = None
 
     def usage(self):
         return self.cgroup.usage() if self.cgroup else cgroup.Usage()
@@ -45,6 +75,7 @@ class Enforcement:
         return lines
 
     def remove(self):
+        self._moved_early()     # a failure before attach(): let the move end first
         if self.cgroup:
             self.cgroup.remove()
             self.cgroup = None
@@ -124,9 +155,12 @@ def enforce(limits, cgroup_parent="", name=""):
     return Enforcement(backend[0], group, skipped)
 
 
-def cgroup_origin(limits):
-    """The monitor's cgroups before the launcher moves it (None without a cgroup)."""
-    return cgroup.hierarchies() if limits.backend.startswith("cgroup") else None
+def cgroup_origin(limits, before=None):
+    """The monitor's cgroups before the launcher moves it (None without a cgroup); before:
+    read before anyone could (a warm start's monitor, which is moved early)."""
+    if not limits.backend.startswith("cgroup"):
+        return None
+    return before or cgroup.hierarchies()
 
 
 def leave_cgroup(origin):

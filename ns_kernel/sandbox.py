@@ -166,10 +166,11 @@ def _wait_foreign(pid_):
     return signal.SIGKILL
 
 
-def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=()):
+def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), origin=None):
     """kernel_step(plan, ctl, err_w): the kernel's last step, forked.exec_kernel by default;
     prestarted: the socket to the kernel's prestarted interpreter (prestart.py); handles:
-    of the bind sources (mount.open_sources)."""
+    of the bind sources (mount.open_sources); origin: our cgroups before the launcher may
+    have moved us (a warm template's spare monitor, moved early: cgroup.hierarchies())."""
     # Out of the launcher's process group: Jupyter's killpg(SIGINT) reaches the launcher
     # alone, which forwards it exactly once; and no controlling terminal (TIOCSTI).
     os.setsid()
@@ -181,7 +182,7 @@ def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=()):
     except OSError as exc:
         raise SetupError("user", "unshare(CLONE_NEWUSER)", "", exc.errno, userns_hint()) from None
     # Where the launcher moves us next is its kernel cgroup; remember where we came from.
-    origin = limits.cgroup_origin(plan.limits)
+    origin = limits.cgroup_origin(plan.limits, origin)
     ctl.sendall(MSG_UNSHARED)
     if ctl.recv(1) != MSG_MAPPED:
         os._exit(127)   # the launcher failed to map us and reports why itself

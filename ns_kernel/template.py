@@ -11,10 +11,12 @@ from . import preload
 from .warm import _untrusted
 
 IDLE_EXIT = 600.0
+NEXT_PAIR_DELAY = 0.1
 MAX_REQUEST = 1 << 20
 MAX_HANDLES = 250     # bind sources a plan may have (SCM_RIGHTS takes at most 253 fds)
 # What a request may ask, with the keys it has; a kernel's comes with the client's stdio.
 KINDS = {"kernel": ({"kind", "argv", "env", "cwd"}, 3), "stop": ({"kind"}, 0)}
+TAKEN = b"t"    # a forked pair's word that it has a request (to the template, the monitor)
 
 
 def template_main(path=None):
@@ -75,24 +77,75 @@ def template_main(path=None):
     gc.freeze()        # the imports stay shared with every kernel: never touched again
     import select
     try:
-        while select.select([listener], [], [], IDLE_EXIT)[0]:
-            conn, _ = listener.accept()
-            if _untrusted(conn):
-                conn.close()
-                continue
-            # Two forks per request: one reads it; the other, made now while the first
-            # reads the config, is the monitor of the sandbox it may ask for (or leaves).
-            asks, waits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            if os.fork() == 0:
-                _leave_template(listener, lock, conn, asks)
-                _spare_monitor(waits, made_from)   # never returns
-            if os.fork() == 0:
-                _leave_template(listener, lock, waits)
-                _serve(conn, asks)             # never returns
-            for sock in (conn, asks, waits):
-                sock.close()
+        # The two forks a request needs are made before it comes (~4 ms each: a 45 MB
+        # image's page tables), and again once a pair has taken one: at once if another
+        # client waits, else once that start has had its first 100 ms (on two cores,
+        # forking beside its launcher and its monitor's checks slowed all three).
+        while True:
+            taken = _fork_pair(listener, lock, made_from)
+            if not select.select([taken], [], [], IDLE_EXIT)[0]:
+                break
+            os.close(taken)     # a byte (a request taken) or EOF (the pair is gone)
+            select.select([listener], [], [], NEXT_PAIR_DELAY)
     finally:
         leave()
+
+
+def _fork_pair(listener, lock, made_from):
+    """Fork the pair that serves the next request: one accepts it and reads it; the
+    other, the monitor of the sandbox it may ask for (or it leaves). Returns a pipe that
+    becomes readable once the request is taken. Until then both die with the template
+    (PR_SET_PDEATHSIG on the one waiting in accept; the monitor sees its socket close)."""
+    from .syscalls import PR_SET_PDEATHSIG, prctl
+    from .cgroup import hierarchies
+    asks, waits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
+    template = os.getpid()
+    # The monitor's cgroups now: its launcher moves it early (Enforcement.attach_soon).
+    origin = hierarchies()
+    spare = os.fork()
+    if spare == 0:
+        _leave_template(listener, lock, asks, taken_r, taken_w)
+        _child(_spare_monitor, waits, made_from, origin)
+
+    def server():
+        _leave_template(lock, waits, taken_r)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != template:        # it left before that took effect
+            return
+        conn = _accept(listener)
+        prctl(PR_SET_PDEATHSIG, 0)          # this kernel outlives the template
+        listener.close()
+        os.write(taken_w, TAKEN)
+        os.close(taken_w)
+        _serve(conn, asks, spare)
+    if os.fork() == 0:
+        _child(server)
+    for sock in (asks, waits):
+        sock.close()
+    os.close(taken_w)
+    return taken_r
+
+
+def _child(step, *args):
+    """Run step(*args) in a forked child and exit: whatever happens, never return into the
+    template's loop."""
+    try:
+        step(*args)
+    except BaseException:   # noqa: BLE001 - said, then gone
+        import traceback
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _accept(listener):
+    """The next connection from a client we trust (warm.py: who may talk to whom)."""
+    while True:
+        conn, _ = listener.accept()
+        if not _untrusted(conn):
+            return conn
+        conn.close()
 
 
 def _sources():
@@ -138,12 +191,14 @@ def _stale(made_from):
     return next((path for path, seen in made_from.items() if _stat(path) != seen), "")
 
 
-def _leave_template(listener, lock, *socks):
-    """A forked child's first step: nothing of the template's that it does not need."""
-    listener.close()
-    os.close(lock)
-    for sock in socks:
-        sock.close()
+def _leave_template(*held):
+    """A forked child's first step: close what it holds of the template's and does not
+    need (sockets, fds), and restore the signals the template handles."""
+    for item in held:
+        if isinstance(item, int):
+            os.close(item)
+        else:
+            item.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -155,10 +210,12 @@ def _dumps(plan):
     return pickle.dumps(plan)
 
 
-def _serve(conn, monitor):
+def _serve(conn, monitor, spare):
     """In a fresh fork of the template: read the one request and act on it. monitor: a
-    socket to the spare monitor forked beside this process (_spare_monitor)."""
+    socket to the spare monitor forked beside this process (_spare_monitor), spare: its
+    pid."""
     try:
+        monitor.sendall(TAKEN)
         conn.settimeout(30)     # a client that connects and says nothing
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 4)
         conn.settimeout(None)
@@ -168,7 +225,7 @@ def _serve(conn, monitor):
         if request["kind"] == "stop":
             os.kill(os.getppid(), signal.SIGTERM)
         else:
-            _launcher_child(conn, request, fds, monitor)
+            _launcher_child(conn, request, fds, monitor, spare)
     finally:
         os._exit(0)
 
@@ -201,7 +258,7 @@ def _take_stdio(fds):
         os.close(fd)
 
 
-def _launcher_child(conn, request, fds, monitor):
+def _launcher_child(conn, request, fds, monitor, spare):
     """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
     import functools
     from . import cli
@@ -225,7 +282,7 @@ def _launcher_child(conn, request, fds, monitor):
     # once closed, removes what it made and leaves (launcher.Abandoned, which _serve's
     # exit ends silently), whenever that happens, even while the sandbox is being built.
     code = cli.start_kernel(request["start"], spawn=spawn, finish=finish,
-                            requester=conn.fileno())
+                            requester=conn.fileno(), spare_monitor=spare)
     finish((code or 0) << 8)
 
 
@@ -240,7 +297,7 @@ def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio, fresh=False):
     return int(pid)
 
 
-def _spare_monitor(sock, made_from):
+def _spare_monitor(sock, made_from, origin):
     """Forked by the template beside each request: becomes the monitor of the sandbox the
     request's launcher asks for; leaves if it asks for none (the socket closes). While the
     launcher reads the config, it checks that the template's sources are unchanged (2-10
@@ -249,6 +306,11 @@ def _spare_monitor(sock, made_from):
     import functools
     import pickle
     from . import forked, sandbox
+    try:
+        if sock.recv(1) != TAKEN:      # made before the request: check what is there now
+            os._exit(0)
+    except OSError:
+        os._exit(0)
     stale = _stale(made_from)
     if stale:
         _retire()
@@ -277,8 +339,8 @@ def _spare_monitor(sock, made_from):
                                         hint="unshare(CLONE_NEWUSER) needs one thread"))
         os._exit(127)
     kernel_step = forked.exec_kernel if stale or fresh else preload.run_preloaded
-    forked.run(functools.partial(sandbox._monitor, kernel_step=kernel_step, handles=handles),
-               plan, ctl, err_w)
+    forked.run(functools.partial(sandbox._monitor, kernel_step=kernel_step, handles=handles,
+                                 origin=origin), plan, ctl, err_w)
 
 
 def _retire():

@@ -437,3 +437,21 @@ def test_a_failed_syscall_names_itself_in_the_one_line_error():
             call()
         line = str(SetupError.from_exception(err.value, "sandbox", "sandbox setup"))
         assert line.startswith(expected), line
+
+
+@pytest.mark.parametrize("argv, options, socket_dir", [
+    (["-f", "c.json"], [], ""),
+    (["--network=host", "--kernel-socket-dir=/run/x", "-f", "c.json"], ["--network=host"], "/run/x"),
+    (["--kernel-socket-dir", "/run/x", "--warm", "-f", "c.json"], [], "/run/x"),
+    (["--KernelApp.kernel_socket_dir=/run/y", "-f", "c.json"], [], "/run/y"),
+    (["--kernel-socket-dir", "-f", "c.json"], ["--kernel-socket-dir"], ""),    # no value: traitlets says so
+])
+def test_a_kernel_starts_command_line(argv, options, socket_dir):
+    # The provisioner's --kernel-socket-dir is read with the connection file, so that a
+    # start with no other option needs no argparse; and it goes on to a warm template.
+    from ns_kernel.argv import kernel_start
+    start = kernel_start(argv)
+    assert (start.options, start.socket_dir, start.connection_file) == (options, socket_dir,
+                                                                         "c.json")
+    again = kernel_start(start.argv())
+    assert (again.options, again.socket_dir) == (options, socket_dir)

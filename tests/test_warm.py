@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -309,6 +310,31 @@ def connect():
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(warm.socket_path())
     return sock
+
+
+@pytest.mark.parametrize("end", ["stop", "SIGKILL"])
+def test_the_pair_a_template_keeps_forked_goes_with_it(user_base, end):
+    # The two processes the next request needs are forked before it comes; they must not
+    # outlive the template, however it ends.
+    warm.connect_or_start().close()
+    pid = warm.template_pid()
+    # Each connection above took a pair, which leaves once it has read nothing: wait for
+    # the one forked after them, the same two processes 0.3 s apart.
+    seen = []
+
+    def settled():
+        seen.append(sorted(alive(descendants(pid))))
+        time.sleep(0.3)
+        return len(seen[-1]) == 2 and sorted(alive(descendants(pid))) == seen[-1]
+    assert wait_until(settled), seen
+    waiting = seen[-1]
+    if end == "stop":
+        assert warm.stop()
+    else:
+        os.kill(pid, signal.SIGKILL)
+    assert gone(pid), process_state(pid)
+    for child in waiting:
+        assert gone(child), process_state(child)
 
 
 def test_template_takes_plain_requests_of_known_kinds_only(template, workdir):
