@@ -120,8 +120,11 @@ def run_preloaded(plan, ctl, err_w):
     # Root's sandbox switched uid, which made it undumpable: the kernel could not read its
     # own /proc/self; an execve would have reset this.
     set_dumpable()
-    # What a fresh interpreter starts with.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # What a fresh interpreter starts with: its KeyboardInterrupt handler, unless SIGINT
+    # is ignored, as a kernel's is until ipykernel's start (forked.enter_kernel_session;
+    # replacing it here let a restart's interrupt in that window make the kernel exit 1).
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
     os.environ.clear()
