@@ -32,10 +32,7 @@ def template_main(path=None):
     if preload.threads() != 1:
         sys.exit(f"ns-kernel: warm template has {preload.threads()} threads after its imports")
     made_from = _sources()
-    from .config import ENV_ALLOW, ENV_DENY, ENV_KEEP
-    from .plan import env_pattern
-    for patterns in (ENV_ALLOW, ENV_DENY, ENV_KEEP):
-        env_pattern(patterns)       # once here, not in each kernel's launcher
+    _compile_defaults()
     import fcntl
     # One template per path: clients that all found none start one each; the first to
     # lock serves, the others leave (the lock dies with its holder, the socket file not).
@@ -89,6 +86,21 @@ def template_main(path=None):
             select.select([listener], [], [], NEXT_PAIR_DELAY)
     finally:
         leave()
+
+
+def _compile_defaults():
+    """What every kernel's start would compile from the default settings, compiled once
+    here (cached where it is used, shared with every fork): the environment's patterns
+    (each launcher) and the seccomp filter (each kernel)."""
+    from . import seccomp
+    from .config import ENV_ALLOW, ENV_DENY, ENV_KEEP
+    from .plan import env_pattern
+    for patterns in (ENV_ALLOW, ENV_DENY, ENV_KEEP):
+        env_pattern(patterns)
+    try:
+        seccomp.program(seccomp.default_filter())
+    except OSError:
+        pass        # no libseccomp here: each kernel's start says so in its own words
 
 
 def _fork_pair(listener, lock, made_from):

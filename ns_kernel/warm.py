@@ -36,10 +36,13 @@ ordinary user has that user's uid). A client checks the base too, and talks to n
 template in a dir another user made: it starts the kernel cold instead (__main__). A
 request is plain data (JSON) of one of template.KINDS; a kernel's argv must be a kernel start.
 
-This module's top level stays cheap: the client imports it before anything else.
+This module's top level stays cheap: the client imports it before anything else, and
+what it needs only once its request is sent (signals) comes after: the template's launcher
+is at work by then. `_socket`, not `socket`: that one's enum and selectors imports were a
+third of the client's own start (11 ms).
 """
+import _socket
 import os
-import socket
 import sys
 
 from . import preload
@@ -50,14 +53,28 @@ def socket_path(environ=os.environ):
     """One template per user, interpreter, startup environment and ns_kernel install."""
     import zlib
     from .socketdir import default_base
-    here = os.path.dirname(os.path.abspath(__file__))
-    key = zlib.crc32(repr((sys.executable, sorted(preload.startup_env(environ).items()))).encode())
-    # The code, not file times: a reinstall of the same code keeps the template.
-    for name in sorted(os.listdir(here)):
-        if name.endswith(".py"):
-            with open(os.path.join(here, name), "rb") as f:
-                key = zlib.crc32(f.read(), key)
+    key = zlib.crc32(repr((sys.executable, sorted(preload.startup_env(environ).items()))).encode(),
+                     _code_key())
     return os.path.join(default_base(), f"warm-{key:08x}.sock")
+
+
+def _code_key():
+    """The code this process runs, not file times (a reinstall of the same code keeps the
+    template): read once per process (2.6 ms; the provisioner asks at every start).
+    Not functools.lru_cache: importing functools is 4 ms of the client's start."""
+    global _CODE_KEY
+    if _CODE_KEY is None:
+        import zlib
+        here = os.path.dirname(os.path.abspath(__file__))
+        _CODE_KEY = 0
+        for name in sorted(os.listdir(here)):
+            if name.endswith(".py"):
+                with open(os.path.join(here, name), "rb") as f:
+                    _CODE_KEY = zlib.crc32(f.read(), _CODE_KEY)
+    return _CODE_KEY
+
+
+_CODE_KEY = None
 
 
 # -- the client ---------------------------------------------------------------------------
@@ -67,7 +84,6 @@ def client_main(start):
     the kernel did; None if no template took the kernel (nothing was started: __main__
     starts it cold)."""
     from .errors import SetupError
-    from .pid import exit_like, forward_signals
     path = socket_path()
     try:
         sock = connect_or_start(path)
@@ -78,6 +94,7 @@ def client_main(start):
     if launcher is None:
         _cold(f"the template {path} started no launcher")
         return None
+    from .pid import exit_like, forward_signals
     forward_signals(launcher.pid)
     launcher.wait()
     if launcher.status is None:
@@ -90,9 +107,11 @@ def launch(sock, argv, env, cwd, stdio):
     """Hand a kernel start (its launcher's argv, environment, cwd and three stdio fds) to
     the template at the other end of sock; the Launcher it forked, or None if it forked
     none (it left meanwhile: retired, stopped)."""
+    from array import array
     request = {"kind": "kernel", "argv": argv, "env": env, "cwd": cwd}
     try:
-        socket.send_fds(sock, [_encode(request).encode()], stdio)
+        sock.sendmsg([_encode(request).encode()],
+                     [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", stdio))])
         pid = int(sock.recv(64) or 0)
     except (OSError, ValueError):
         pid = 0
@@ -162,7 +181,7 @@ class Launcher:
                 # up and exit (launcher.Abandoned); the socket's EOF says it has.
                 self._killed = True
                 try:
-                    self.sock.shutdown(socket.SHUT_WR)
+                    self.sock.shutdown(_socket.SHUT_WR)
                 except OSError:
                     pass    # it has gone already: the EOF is there to read
                 return
@@ -187,7 +206,7 @@ def _cold(why):
 def _connect(path):
     """A socket to the template at path; None if none listens; a SetupError if what
     listens is not one we may trust (another uid, or inside a sandbox)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -263,7 +282,7 @@ def connect_or_start(path=None, timeout=60.0):
 def _peer(conn):
     """(pid, uid, gid) of the other end."""
     import struct
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)
 
 
@@ -273,8 +292,10 @@ def template_pid(path=None):
     sock = _connect(path or socket_path())
     if sock is None:
         return None
-    with sock:
+    try:
         return _peer(sock)[0]
+    finally:
+        sock.close()
 
 
 def stop(path=None):
@@ -283,12 +304,13 @@ def stop(path=None):
     sock = _connect(path or socket_path())
     if sock is None:
         return False
-    with sock:
-        try:
-            sock.sendall(_encode({"kind": "stop"}).encode())
-            sock.recv(1)
-        except ConnectionResetError:    # it was leaving already (stopped, retired)
-            pass
+    try:
+        sock.sendall(_encode({"kind": "stop"}).encode())
+        sock.recv(1)
+    except ConnectionResetError:    # it was leaving already (stopped, retired)
+        pass
+    finally:
+        sock.close()
     return True
 
 
