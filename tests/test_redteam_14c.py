@@ -72,15 +72,31 @@ def wait_exit(pid, timeout=20):
 
 
 assert ppid(template) == os.getpid(), "not below this subreaper: refusing to play"
+
+
 # The pair the template keeps forked: the server child holds the listener, as the
-# template does; the spare monitor does not.
+# template does; the spare monitor does not. None while the pairs the connections above
+# took are still leaving.
+def pair_now():
+    pair = children(template)
+    try:
+        server = [p for p in pair if sockets(p) & sockets(template)]
+    except OSError:
+        return None
+    spare = [p for p in pair if p not in server]
+    return (server[0], spare[0]) if len(server) == 1 and len(spare) == 1 else None
+
+
 deadline = time.monotonic() + 20
-while len(children(template)) != 2 and time.monotonic() < deadline:
-    time.sleep(0.05)
-pair = children(template)
-server = [p for p in pair if sockets(p) & sockets(template)]
-spare = [p for p in pair if p not in server]
-assert len(server) == 1 and len(spare) == 1, (pair, server)
+seen = None
+while time.monotonic() < deadline:
+    now = pair_now()
+    if now and now == seen:
+        break
+    seen = now
+    time.sleep(0.3)
+assert now and now == seen, (now, seen)
+server, spare = [now[0]], [now[1]]
 if scenario == "stop":
     # A client whose request is slow to come (a loaded box), and meanwhile the template
     # is stopped by another client (two `python -m ns_kernel.warm stop` at once); then the
