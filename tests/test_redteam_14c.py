@@ -26,12 +26,13 @@ import ctypes, os, signal, socket, sys, time
 from ns_kernel import warm
 PR_SET_CHILD_SUBREAPER = 36
 assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-terms = []
-signal.signal(signal.SIGTERM, lambda *_: terms.append(1))
 scenario, stale_dir = sys.argv[1], sys.argv[2]
 path = warm.socket_path()
 warm.connect_or_start(path).close()
 template = warm.template_pid(path)
+# Held pending from now on (not before: the template would inherit the mask), to be read
+# with its sender at the end.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def ppid(pid):
@@ -104,6 +105,7 @@ if scenario == "stop":
     slow = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     slow.connect(path)
     time.sleep(0.5)
+    beside = children(template)     # the pair that takes the stop below
     assert warm.stop(path)
     wait_exit(template)
     slow.sendall(b'{"kind": "stop"}')
@@ -114,12 +116,15 @@ else:
     # spare is descheduled a moment (SIGSTOP stands for a loaded box) just as its request
     # comes; meanwhile the template goes (stopped here; retired by another spare, or
     # idle, the same). Then the spare runs its staleness check, and retires "the template".
+    # The spare beside the stop, told TAKEN by the stop request itself, often gets there
+    # first, without any SIGSTOP (SIGTERMs pending coalesce: the first sender is named).
     os.kill(spare[0], signal.SIGSTOP)
     with open(os.path.join(stale_dir, "installed.pth"), "w"):
         pass
     taker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     taker.connect(path)
     time.sleep(0.5)
+    beside = children(template)     # the pair that takes the stop below
     assert warm.stop(path)
     wait_exit(template)
     os.kill(spare[0], signal.SIGCONT)
@@ -134,7 +139,15 @@ while time.monotonic() < deadline:
             time.sleep(0.05)
     except ChildProcessError:
         break
-print(len(terms), flush=True)
+got = signal.sigtimedwait({signal.SIGTERM}, 0)
+if got is None:
+    print("none", flush=True)
+else:
+    roles = {**{p: "a child of the pair that took the stop" for p in beside},
+             server[0]: "the server child of the first request",
+             spare[0]: "the spare monitor of the first request", template: "the template"}
+    print(f"SIGTERM from pid {got.si_pid} ({roles.get(got.si_pid, 'another process')})",
+          flush=True)
 """
 
 
@@ -156,11 +169,14 @@ def test_a_template_child_never_signals_whoever_adopted_it(user_base, stale_dir,
     # (template._retire checks that getppid() did not change between its two reads, not
     # that it is still the template). Either way the SIGTERM meant for the template goes
     # to whoever adopted the orphan; as root on this host, PID 1. A run of concurrent
-    # junk requests after a pip install hit "retire" without any SIGSTOP (1 in 6 here).
+    # junk requests after a pip install hit "retire" without any SIGSTOP (1 in 6 here), and
+    # so did a plain `python -m ns_kernel.warm stop` right after a change to a sys.path
+    # dir (1 in 5): the stop's server kills the template while the spare, told TAKEN by
+    # that very stop request, is still checking staleness.
     env = dict(os.environ, PYTHONPATH=stale_dir)
     done = subprocess.run([sys.executable, "-c", REAPER, scenario, stale_dir], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "0", (
-        f"the adopter of the template's orphans got {done.stdout.strip()} SIGTERM(s) meant "
-        "for the template")
+    assert done.stdout.strip() == "none", (
+        f"the adopter of the template's orphans got a {done.stdout.strip()}, meant for the "
+        "template")
