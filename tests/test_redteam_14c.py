@@ -11,10 +11,10 @@ ends the user's session; tini or dumb-init, PID 1 of a Jupyter container, which 
 the Jupyter server). The tests run the template under a subreaper of their own (REAPER), so
 that what such a process signals is that subreaper, never this host's PID 1."""
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import shutil
 
 import pytest
 
