@@ -19,8 +19,9 @@ import tempfile
 import pytest
 
 # Run as a subprocess: a child subreaper that starts a template of its own (below it, so
-# that it adopts the template's orphans), plays the scenario, and prints how many SIGTERMs
-# it received. It refuses to play unless the template really is its child.
+# that it adopts the template's orphans), plays the scenario, and prints who sent it a
+# SIGTERM, if anyone did. It refuses to play unless the template really is its child, and
+# kills whatever is left below it before it exits.
 REAPER = r"""
 import ctypes, os, signal, socket, sys, time
 from ns_kernel import warm
@@ -72,9 +73,6 @@ def wait_exit(pid, timeout=20):
     raise SystemExit(f"pid {pid} did not exit")
 
 
-assert ppid(template) == os.getpid(), "not below this subreaper: refusing to play"
-
-
 # The pair the template keeps forked: the server child holds the listener, as the
 # template does; the spare monitor does not. None while the pairs the connections above
 # took are still leaving.
@@ -88,64 +86,87 @@ def pair_now():
     return (server[0], spare[0]) if len(server) == 1 and len(spare) == 1 else None
 
 
-deadline = time.monotonic() + 20
-seen = None
-while time.monotonic() < deadline:
-    now = pair_now()
-    if now and now == seen:
-        break
-    seen = now
-    time.sleep(0.3)
-assert now and now == seen, (now, seen)
-server, spare = [now[0]], [now[1]]
-if scenario == "stop":
-    # A client whose request is slow to come (a loaded box), and meanwhile the template
-    # is stopped by another client (two `python -m ns_kernel.warm stop` at once); then the
-    # first one's stop arrives: its server child kills its parent, no longer the template.
-    slow = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    slow.connect(path)
-    time.sleep(0.5)
-    beside = children(template)     # the pair that takes the stop below
-    assert warm.stop(path)
-    wait_exit(template)
-    slow.sendall(b'{"kind": "stop"}')
-    slow.recv(1)
-    slow.close()
-else:
-    # A pip install changes a dir of the template's sys.path (it is stale now), and the
-    # spare is descheduled a moment (SIGSTOP stands for a loaded box) just as its request
-    # comes; meanwhile the template goes (stopped here; retired by another spare, or
-    # idle, the same). Then the spare runs its staleness check, and retires "the template".
-    # The spare beside the stop, told TAKEN by the stop request itself, often gets there
-    # first, without any SIGSTOP (SIGTERMs pending coalesce: the first sender is named).
-    os.kill(spare[0], signal.SIGSTOP)
-    with open(os.path.join(stale_dir, "installed.pth"), "w"):
-        pass
-    taker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    taker.connect(path)
-    time.sleep(0.5)
-    beside = children(template)     # the pair that takes the stop below
-    assert warm.stop(path)
-    wait_exit(template)
-    os.kill(spare[0], signal.SIGCONT)
+def play():
+    global server, spare, beside
+    assert ppid(template) == os.getpid(), "not below this subreaper: refusing to play"
+    deadline = time.monotonic() + 20
+    seen = None
+    while time.monotonic() < deadline:
+        now = pair_now()
+        if now and now == seen:
+            break
+        seen = now
+        time.sleep(0.3)
+    assert now and now == seen, (now, seen)
+    server, spare = [now[0]], [now[1]]
+    if scenario == "stop":
+        # A client whose request is slow to come (a loaded box), and meanwhile the template
+        # is stopped by another client (two `python -m ns_kernel.warm stop` at once); then the
+        # first one's stop arrives: its server child kills its parent, no longer the template.
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        slow.connect(path)
+        time.sleep(0.5)
+        beside = children(template)     # the pair that takes the stop below
+        assert warm.stop(path)
+        wait_exit(template)
+        slow.sendall(b'{"kind": "stop"}')
+        slow.recv(1)
+        slow.close()
+    else:
+        # A pip install changes a dir of the template's sys.path (it is stale now), and the
+        # spare is descheduled a moment (SIGSTOP stands for a loaded box) just as its request
+        # comes; meanwhile the template goes (stopped here; retired by another spare, or
+        # idle, the same). Then the spare runs its staleness check, and retires "the template".
+        # The spare beside the stop, told TAKEN by the stop request itself, often gets there
+        # first, without any SIGSTOP (SIGTERMs pending coalesce: the first sender is named).
+        os.kill(spare[0], signal.SIGSTOP)
+        with open(os.path.join(stale_dir, "installed.pth"), "w"):
+            pass
+        taker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        taker.connect(path)
+        time.sleep(0.5)
+        beside = children(template)     # the pair that takes the stop below
+        assert warm.stop(path)
+        wait_exit(template)
+        os.kill(spare[0], signal.SIGCONT)
+        time.sleep(1)
+        taker.close()
+
+
+def below(pid):
+    found = []
+    for child in children(pid):
+        found += [child, *below(child)]
+    return found
+
+
+server = spare = beside = ()
+try:
+    play()
     time.sleep(1)
-    taker.close()
-time.sleep(1)
-# Everything the template left is ours now: reap it all before leaving.
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    try:
-        if os.waitpid(-1, os.WNOHANG) == (0, 0):
-            time.sleep(0.05)
-    except ChildProcessError:
-        break
+finally:
+    # Everything the template left is ours now: nothing below us may outlive us (and
+    # signal PID 1 later), stopped or not. Then reap it all.
+    for pid in below(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                time.sleep(0.05)
+        except ChildProcessError:
+            break
 got = signal.sigtimedwait({signal.SIGTERM}, 0)
 if got is None:
     print("none", flush=True)
 else:
     roles = {**{p: "a child of the pair that took the stop" for p in beside},
-             server[0]: "the server child of the first request",
-             spare[0]: "the spare monitor of the first request", template: "the template"}
+             **{p: "the server child of the first request" for p in server},
+             **{p: "the spare monitor of the first request" for p in spare},
+             template: "the template"}
     print(f"SIGTERM from pid {got.si_pid} ({roles.get(got.si_pid, 'another process')})",
           flush=True)
 """
