@@ -9,7 +9,9 @@ The processes a template forks signal "the template" as os.getppid(): the server
 PID 1 or the nearest child subreaper (systemd --user, whose SIGTERM starts exit.target and
 ends the user's session; tini or dumb-init, PID 1 of a Jupyter container, which pass it to
 the Jupyter server). The tests run the template under a subreaper of their own (REAPER), so
-that what such a process signals is that subreaper, never this host's PID 1."""
+that what such a process signals is that subreaper, never this host's PID 1. Both calls
+predate 13c8869; the pre-forked pair kept them (and TAKEN now starts the spare's staleness
+check for every request, a stop's too)."""
 import os
 import shutil
 import subprocess
@@ -194,7 +196,8 @@ def test_a_template_child_never_signals_whoever_adopted_it(user_base, stale_dir,
     # so did a plain `python -m ns_kernel.warm stop` right after a change to a sys.path
     # dir (1 in 5): the stop's server kills the template while the spare, told TAKEN by
     # that very stop request, is still checking staleness.
-    env = dict(os.environ, PYTHONPATH=stale_dir)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [stale_dir, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-c", REAPER, scenario, stale_dir], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
