@@ -69,14 +69,17 @@ def kernel_start(argv):
 
 
 def _take(names, options):
-    """options without `NAME=VALUE` and `NAME VALUE` for names; and the last VALUE given."""
-    rest, value, i = [], "", 0
-    while i < len(options):
-        name, eq, given = options[i].partition("=")
-        if name in names and (eq or i + 1 < len(options)):
-            value = given if eq else options[i + 1]
-            i += 1 if eq else 2
-        else:
-            rest.append(options[i])
-            i += 1
-    return rest, value
+    """options without the one `NAME=VALUE` or `NAME VALUE` of names, and VALUE; or as
+    they are, and '', unless it is given exactly once with a value that is no option
+    (traitlets then says what is wrong, as it always has)."""
+    found = []
+    for i, option in enumerate(options):
+        name, eq, value = option.partition("=")
+        if name in names:
+            if not eq:
+                value = options[i + 1] if i + 1 < len(options) else ""
+            found.append((i, 1 if eq else 2, value))
+    if len(found) != 1 or not found[0][2] or found[0][2].startswith("-"):
+        return options, ""
+    i, width, value = found[0]
+    return options[:i] + options[i + width:], value

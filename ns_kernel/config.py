@@ -292,9 +292,14 @@ class SandboxApp(Application):
         provisioner, inside the Jupyter server, reads settings as data)."""
         from jupyter_core.paths import jupyter_config_path
         from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader
+        from .plan import check_config_dir
+        cwd = os.path.realpath(".")
         for path in reversed(jupyter_config_path()):
             if not any(os.path.exists(f"{path}/{CONFIG_FILE}{ext}") for ext in (".json", ".py")):
                 continue    # traitlets would try two loaders to find nothing: ~1 ms a dir
+            # Before anything of it is read: a "." on JUPYTER_CONFIG_PATH is the notebook
+            # folder, the kernel's to write (the plan would refuse it, too late).
+            check_config_dir(cwd, os.path.realpath(path))
             if run_config_code:
                 self.load_config_file(CONFIG_FILE, path=path)
                 continue

@@ -437,10 +437,16 @@ def check_cwd(cwd, host):
             f"it holds {held[0]}{' and other homes' if len(held) > 1 else ''}, with "
             "their keys and settings; start Jupyter from your home or a folder in it"))
     for path, _ in host.config_paths:
-        if under(cwd, path):
-            raise SetupError("plan", "working directory", cwd, hint=(
-                f"it lies in {path}, which Jupyter or IPython on the host reads as "
-                "configuration; run notebooks from another folder"))
+        check_config_dir(cwd, path)
+
+
+def check_config_dir(cwd, path):
+    """Refuse a notebook folder that lies in a dir the host side reads configuration from
+    (real paths): the kernel would write what the next start obeys."""
+    if under(cwd, path):
+        raise SetupError("plan", "working directory", cwd, hint=(
+            f"it lies in {path}, which Jupyter or IPython on the host reads as "
+            "configuration; run notebooks from another folder"))
 
 
 def home_mounts(home, entries, attrs):

@@ -78,8 +78,11 @@ def template_main(path=None):
         # image's page tables), and again once a pair has taken one: at once if another
         # client waits, else once that start has had its first 100 ms (on two cores,
         # forking beside its launcher and its monitor's checks slowed all three).
+        # Its children signal it through this, never as os.getppid(): once it has gone,
+        # that is whoever adopted them (PID 1, systemd --user, a container's tini).
+        me = os.pidfd_open(os.getpid())
         while True:
-            taken = _fork_pair(listener, lock, made_from)
+            taken = _fork_pair(listener, lock, made_from, me)
             if not select.select([taken], [], [], IDLE_EXIT)[0]:
                 break
             os.close(taken)     # a byte (a request taken) or EOF (the pair is gone)
@@ -103,11 +106,12 @@ def _compile_defaults():
         pass        # no libseccomp here: each kernel's start says so in its own words
 
 
-def _fork_pair(listener, lock, made_from):
+def _fork_pair(listener, lock, made_from, template_fd):
     """Fork the pair that serves the next request: one accepts it and reads it; the
     other, the monitor of the sandbox it may ask for (or it leaves). Returns a pipe that
     becomes readable once the request is taken. Until then both die with the template
-    (PR_SET_PDEATHSIG on the one waiting in accept; the monitor sees its socket close)."""
+    (PR_SET_PDEATHSIG on the one waiting in accept; the monitor sees its socket close).
+    template_fd: a pidfd of the template, for a stop request or a retirement."""
     from .syscalls import PR_SET_PDEATHSIG, prctl
     from .cgroup import hierarchies
     asks, waits = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -118,7 +122,7 @@ def _fork_pair(listener, lock, made_from):
     spare = os.fork()
     if spare == 0:
         _leave_template(listener, lock, asks, taken_r, taken_w)
-        _child(_spare_monitor, waits, made_from, origin)
+        _child(_spare_monitor, waits, made_from, origin, template_fd)
 
     def server():
         _leave_template(lock, waits, taken_r)
@@ -130,7 +134,7 @@ def _fork_pair(listener, lock, made_from):
         listener.close()
         os.write(taken_w, TAKEN)
         os.close(taken_w)
-        _serve(conn, asks, spare)
+        _serve(conn, asks, spare, template_fd)
     if os.fork() == 0:
         _child(server)
     for sock in (asks, waits):
@@ -222,10 +226,10 @@ def _dumps(plan):
     return pickle.dumps(plan)
 
 
-def _serve(conn, monitor, spare):
+def _serve(conn, monitor, spare, template_fd):
     """In a fresh fork of the template: read the one request and act on it. monitor: a
     socket to the spare monitor forked beside this process (_spare_monitor), spare: its
-    pid."""
+    pid; template_fd: a pidfd of the template."""
     try:
         monitor.sendall(TAKEN)
         conn.settimeout(30)     # a client that connects and says nothing
@@ -235,8 +239,9 @@ def _serve(conn, monitor, spare):
         if request is None:
             return
         if request["kind"] == "stop":
-            os.kill(os.getppid(), signal.SIGTERM)
+            _stop_template(template_fd)
         else:
+            os.close(template_fd)
             _launcher_child(conn, request, fds, monitor, spare)
     finally:
         os._exit(0)
@@ -309,7 +314,7 @@ def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio, fresh=False):
     return int(pid)
 
 
-def _spare_monitor(sock, made_from, origin):
+def _spare_monitor(sock, made_from, origin, template_fd):
     """Forked by the template beside each request: becomes the monitor of the sandbox the
     request's launcher asks for; leaves if it asks for none (the socket closes). While the
     launcher reads the config, it checks that the template's sources are unchanged (2-10
@@ -324,8 +329,9 @@ def _spare_monitor(sock, made_from, origin):
     except OSError:
         os._exit(0)
     stale = _stale(made_from)
-    if stale:
-        _retire()
+    if stale:       # the next client starts a new one, from what is installed now
+        _stop_template(template_fd)
+    os.close(template_fd)
     try:
         data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5 + MAX_HANDLES)
     except OSError:
@@ -355,13 +361,12 @@ def _spare_monitor(sock, made_from, origin):
                                  origin=origin), plan, ctl, err_w)
 
 
-def _retire():
-    """Have the template (our parent, unless it has left already) exit: the next client
-    starts a new one from what is installed now."""
-    template = os.getppid()
-    pidfd = os.pidfd_open(template)
-    if os.getppid() == template:        # still ours: the pidfd is the template's
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-    os.close(pidfd)
+def _stop_template(template_fd):
+    """SIGTERM the template through the pidfd it opened of itself: if it has gone
+    already, nobody (never whoever adopted its children since)."""
+    try:
+        signal.pidfd_send_signal(template_fd, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 

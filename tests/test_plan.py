@@ -444,7 +444,13 @@ def test_a_failed_syscall_names_itself_in_the_one_line_error():
     (["--network=host", "--kernel-socket-dir=/run/x", "-f", "c.json"], ["--network=host"], "/run/x"),
     (["--kernel-socket-dir", "/run/x", "--warm", "-f", "c.json"], [], "/run/x"),
     (["--KernelApp.kernel_socket_dir=/run/y", "-f", "c.json"], [], "/run/y"),
-    (["--kernel-socket-dir", "-f", "c.json"], ["--kernel-socket-dir"], ""),    # no value: traitlets says so
+    # Anything else stays for traitlets to refuse, as it always has: no value, an option
+    # where the value goes, an empty one, twice.
+    (["--kernel-socket-dir", "-f", "c.json"], ["--kernel-socket-dir"], ""),
+    (["--kernel-socket-dir", "--cold", "-f", "c.json"], ["--kernel-socket-dir"], ""),
+    (["--kernel-socket-dir=", "-f", "c.json"], ["--kernel-socket-dir="], ""),
+    (["--kernel-socket-dir=/a", "--kernel-socket-dir=/b", "-f", "c.json"],
+     ["--kernel-socket-dir=/a", "--kernel-socket-dir=/b"], ""),
 ])
 def test_a_kernel_starts_command_line(argv, options, socket_dir):
     # The provisioner's --kernel-socket-dir is read with the connection file, so that a

@@ -289,3 +289,34 @@ def test_a_folder_swapped_for_a_link_while_a_kernel_starts_is_never_mounted(tmp_
                 "working directory" in err, err
             outcomes.add("refused")
     assert outcomes    # every round ended in one of the two
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_a_config_file_the_kernel_could_write_is_never_read(tmp_path, path):
+    # Attack: with "." on JUPYTER_CONFIG_PATH (a server started that way), the notebook
+    # folder is a config dir: a kernel plants ns_kernel_config.py there, and the next
+    # start's launcher, on the host, runs it (it ran before the plan refused the folder).
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    ran = tmp_path / "ran"
+    (folder / "ns_kernel_config.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": "."}
+    if path == "run":
+        proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--", "/bin/true"],
+                              cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        said = proc.stderr
+    else:
+        from jupyter_client.manager import KernelManager
+        log = tmp_path / "server.log"
+        km = KernelManager(kernel_name=PATHS[path])
+        with open(log, "w") as stderr:
+            km.start_kernel(cwd=str(folder), env=env, stderr=stderr)
+            try:
+                assert wait_until(lambda: not km.is_alive(), timeout=30)
+            finally:
+                km.shutdown_kernel(now=True)
+        said = log.read_text()
+    assert f"working directory {folder}" in said and "lies in" in said, said
+    assert not ran.exists()
