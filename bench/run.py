@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import shutil
 import signal
 import statistics
@@ -62,6 +63,10 @@ def download_forever(url, done):
 PROXY_SERVER = "127.0.0.2"     # host loopback, not the kernel's own 127.0.0.1
 DISPLAY_CODE = ("from IPython.display import display\n"
                 "display({{'image/png': 'A' * ({n} << 20)}}, raw=True)\n")
+
+
+class Died(Exception):
+    """A kernel the bench started died before it answered."""
 
 
 class Kinds:
@@ -145,10 +150,19 @@ class Bench:
         kc.kernel_info()
         return km, kc, t0
 
-    def wait_ready(self, kc, timeout=120):
+    def wait_ready(self, kc, timeout=120, km=None):
+        """When kc's kernel_info reply came; Died at once if km's kernel has died."""
         deadline = time.monotonic() + timeout
         while True:
-            msg = kc.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                msg = kc.get_shell_msg(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if km is not None and not km.is_alive():
+                    raise Died(f"a kernel died before its kernel_info reply (the log: "
+                               f"{self.log_path})") from None
+                if time.monotonic() >= deadline:
+                    raise
+                continue
             if msg["msg_type"] == "kernel_info_reply":
                 return time.perf_counter()
 
@@ -224,15 +238,24 @@ class Bench:
                 self.stop(km, kc)
         return rtt, out, disp, mem
 
-    def scale(self, kind, count):
+    def scale(self, kind, count, tries=3):
         """Start `count` kernels at once; seconds until all answered kernel_info, and the
         host memory they hold (MemTotal - MemAvailable, over the idle baseline) and their
-        summed PSS, in MB."""
+        summed PSS, in MB. A round where a kernel died at its start is said and run again
+        (plain kernels lose jupyter_client's race for free TCP ports now and then)."""
+        for _ in range(tries - 1):
+            try:
+                return self._scale(kind, count)
+            except Died as exc:
+                print(f"bench: {count} starts at once, {kind}: {exc}; once more", flush=True)
+        return self._scale(kind, count)
+
+    def _scale(self, kind, count):
         before = host_used()
         started = [self.launch(kind) for _ in range(count)]
         t0 = started[0][2]
         try:
-            last = max(self.wait_ready(kc) for _, kc, _ in started)
+            last = max(self.wait_ready(kc, km=km) for km, kc, _ in started)
             elapsed = last - t0
             for _, kc, _ in started:
                 self.execute(kc, TRIVIAL)

@@ -88,6 +88,18 @@ def pair_now():
     return (server[0], spare[0]) if len(server) == 1 and len(spare) == 1 else None
 
 
+# A client connected (the first pair takes it), then the template stopped by another.
+def connected_then_stopped():
+    global beside
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client.connect(path)
+    time.sleep(0.5)
+    beside = children(template)     # the pair that takes the stop below
+    assert warm.stop(path)
+    wait_exit(template)
+    return client
+
+
 def play():
     global server, spare, beside
     assert ppid(template) == os.getpid(), "not below this subreaper: refusing to play"
@@ -105,12 +117,7 @@ def play():
         # A client whose request is slow to come (a loaded box), and meanwhile the template
         # is stopped by another client (two `python -m ns_kernel.warm stop` at once); then the
         # first one's stop arrives: its server child kills its parent, no longer the template.
-        slow = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        slow.connect(path)
-        time.sleep(0.5)
-        beside = children(template)     # the pair that takes the stop below
-        assert warm.stop(path)
-        wait_exit(template)
+        slow = connected_then_stopped()
         slow.sendall(b'{"kind": "stop"}')
         slow.recv(1)
         slow.close()
@@ -124,12 +131,7 @@ def play():
         os.kill(spare[0], signal.SIGSTOP)
         with open(os.path.join(stale_dir, "installed.pth"), "w"):
             pass
-        taker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        taker.connect(path)
-        time.sleep(0.5)
-        beside = children(template)     # the pair that takes the stop below
-        assert warm.stop(path)
-        wait_exit(template)
+        taker = connected_then_stopped()
         os.kill(spare[0], signal.SIGCONT)
         time.sleep(1)
         taker.close()
