@@ -31,8 +31,8 @@ def template_main(path=None):
         sys.exit(f"ns-kernel: warm template: {failed}")
     if preload.threads() != 1:
         sys.exit(f"ns-kernel: warm template has {preload.threads()} threads after its imports")
+    _compile_defaults()         # before _sources: libseccomp is mapped from now on
     made_from = _sources()
-    _compile_defaults()
     import fcntl
     # One template per path: clients that all found none start one each; the first to
     # lock serves, the others leave (the lock dies with its holder, the socket file not).
@@ -74,13 +74,13 @@ def template_main(path=None):
     gc.freeze()        # the imports stay shared with every kernel: never touched again
     import select
     try:
+        # Its children signal it through this, never as os.getppid(): once it has gone,
+        # that is whoever adopted them (PID 1, systemd --user, a container's tini).
+        me = os.pidfd_open(os.getpid())
         # The two forks a request needs are made before it comes (~4 ms each: a 45 MB
         # image's page tables), and again once a pair has taken one: at once if another
         # client waits, else once that start has had its first 100 ms (on two cores,
         # forking beside its launcher and its monitor's checks slowed all three).
-        # Its children signal it through this, never as os.getppid(): once it has gone,
-        # that is whoever adopted them (PID 1, systemd --user, a container's tini).
-        me = os.pidfd_open(os.getpid())
         while True:
             taken = _fork_pair(listener, lock, made_from, me)
             if not select.select([taken], [], [], IDLE_EXIT)[0]:
