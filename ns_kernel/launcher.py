@@ -3,7 +3,9 @@
 It reads like the steps it takes (__main__ has spawned the kernel's interpreter already,
 which imports ipykernel meanwhile: prestart.py):
   1. read and check the client's connection file
-  2. build the plan (pure; option conflicts die here, before anything exists)
+  2. build the plan (pure; option conflicts die here, before anything exists but, on a
+     warm start, the kernel's cgroup: its monitor exists already and its move into the
+     cgroup, which waits on cgroup v1, goes on meanwhile)
   3. bind the client's TCP ports (tcp clients) or link its ipc paths (ipc clients)
   4. make the private socket dir and the inner kernel's ipc connection file
   5. start the sandbox (in the kernel's cgroup, with the prestarted interpreter, if any)
@@ -22,7 +24,7 @@ from . import (bridge, connection, leftovers, limits, mount, notice, offline, ou
                socketdir, state, usage)
 from .errors import SetupError
 from .pid import FORWARDED
-from .plan import SOCKET_DIR_INSIDE, Host, build_plan
+from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan
 from .sandbox import Sandbox
 
 
@@ -95,31 +97,37 @@ class Launch:
         self._install_signal_handlers()
         # From the start: a server that dies while the sandbox is built is seen too.
         self.server = self._server_pidfd()
-        if self.connection_file:
-            info = connection.read(self.connection_file)
-            argv = kernel_argv(self.argv)
-        else:
-            info, argv = None, command_argv(self.argv)
-        host = Host.probe()
-        socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
-                      if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
-        previous = notice.recall(self.connection_file, info) if info else ""
-        if previous:
-            argv.append(notice.EXTENSION_ARGV)
-        if info and self.config.network not in ("host", "proxy"):
-            argv.append(offline.EXTENSION_ARGV)
-        if info and connection.CURVE_KEYS[0] in info:
-            argv.append(connection.CURVE_CONFIG_ARGV)
-        profile = (seccomp.read_profile(self.config.seccomp)
-                   if seccomp.is_profile(self.config.seccomp) else None)
-        plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id, profile)
-        if info:
-            plan = replace(plan, sockets=tuple(
-                os.path.basename(connection.socket_path(SOCKET_DIR_INSIDE, info[name]))
-                for name in connection.CHANNELS))
         try:
-            # Probes the host (cgroups), so it happens here, not in the pure build_plan.
-            self.limits = limits.enforce(plan.limits, self.config.cgroup_parent, self.kernel_id)
+            if self.spare_monitor:
+                # A warm start's monitor exists already: its cgroup first, and the move into
+                # it (cgroup v1 waits 10-15 ms for an RCU grace period) beside the plan's
+                # making. A cold launcher, which Jupyter SIGKILLs, makes it after the plan:
+                # nobody would remove it before the monitor holds it.
+                self._limit(Limits.from_config(self.config))
+            if self.connection_file:
+                info = connection.read(self.connection_file)
+                argv = kernel_argv(self.argv)
+            else:
+                info, argv = None, command_argv(self.argv)
+            host = Host.probe()
+            socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
+                          if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
+            previous = notice.recall(self.connection_file, info) if info else ""
+            if previous:
+                argv.append(notice.EXTENSION_ARGV)
+            if info and self.config.network not in ("host", "proxy"):
+                argv.append(offline.EXTENSION_ARGV)
+            if info and connection.CURVE_KEYS[0] in info:
+                argv.append(connection.CURVE_CONFIG_ARGV)
+            profile = (seccomp.read_profile(self.config.seccomp)
+                       if seccomp.is_profile(self.config.seccomp) else None)
+            plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id, profile)
+            if info:
+                plan = replace(plan, sockets=tuple(
+                    os.path.basename(connection.socket_path(SOCKET_DIR_INSIDE, info[name]))
+                    for name in connection.CHANNELS))
+            if not self.spare_monitor:
+                self._limit(plan.limits)
             plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
             if info:
                 # Known only now: which limits are in force (usage.py shows them).
@@ -130,9 +138,6 @@ class Launch:
                 self.started_lines.append(f"ns-kernel: {self._who()}: " + (
                     f"seccomp profile {plan.seccomp.source}" if plan.seccomp else
                     "no seccomp filter (Sandbox.seccomp = off)"))
-            # Before they fork anything: the kernel is born in the kernel's cgroup.
-            self.limits.attach_soon([pid for pid in (self.prestarted and self.prestarted.pid,
-                                                     self.spare_monitor) if pid])
             if info and info["transport"] == "tcp":
                 self.listeners = bridge.listen(info)
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
@@ -165,6 +170,14 @@ class Launch:
             return status
         finally:
             self.cleanup()
+
+    def _limit(self, wanted):
+        """Make the kernel's cgroup (or pick rlimits) for the Limits wanted, and start moving
+        what exists already into it: before they fork anything, the kernel is born in the
+        kernel's cgroup. It probes the host, so it happens here, not in the pure build_plan."""
+        self.limits = limits.enforce(wanted, self.config.cgroup_parent, self.kernel_id)
+        self.limits.attach_soon([pid for pid in (self.prestarted and self.prestarted.pid,
+                                                 self.spare_monitor) if pid])
 
     def _kernel_stdio(self):
         read, write = os.pipe2(os.O_CLOEXEC)
