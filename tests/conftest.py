@@ -227,10 +227,12 @@ def start_kernel(cwd, extra_arguments=(), kernel_name=KERNEL_NAME, env=None, std
     kc.start_channels()
     try:
         kc.wait_for_ready(timeout=60)
-    except Exception:
+    except Exception as exc:
         kc.stop_channels()
+        process = getattr(km.provisioner, "process", None)
+        status = process.poll() if process else None
         km.shutdown_kernel(now=True)
-        raise
+        raise RuntimeError(f"{exc} (the launcher's exit status: {status})") from exc
     return Kernel(km, kc)
 
 

@@ -1,11 +1,12 @@
 """Everything a plain ipykernel does, through the sandbox: jupyter_kernel_test's whole suite
 plus comms, stdin, update_display, heartbeat and extra argv."""
+import tempfile
 import time
 import unittest
 
 import jupyter_kernel_test
 
-from conftest import KERNEL_NAME
+from conftest import KERNEL_NAME, start_kernel
 
 
 class IsolatedPythonKernelTests(jupyter_kernel_test.KernelTests):
@@ -33,6 +34,19 @@ class IsolatedPythonKernelTests(jupyter_kernel_test.KernelTests):
     supported_history_operations = ("tail", "search")
     code_inspect_sample = "zip"
     code_clear_output = "from IPython.display import clear_output; clear_output()"
+
+    @classmethod
+    def setUpClass(cls):
+        # jupyter_kernel_test's own, with the launcher's lines kept: if the kernel dies
+        # before it answers, the failure says what it said and how it ended.
+        log = tempfile.TemporaryFile("w+")
+        try:
+            kernel = start_kernel(None, kernel_name=cls.kernel_name, stderr=log)
+        except Exception as exc:
+            log.seek(0)
+            raise AssertionError(f"the kernel did not start ({exc}); its lines:\n"
+                                 f"{log.read()[-4000:]}") from exc
+        cls.km, cls.kc = kernel.km, kernel.kc
 
     def test_runs_isolated(self):
         # Every test above ran against this kernel: make sure it really was the sandbox.
