@@ -8,7 +8,7 @@ import socket
 import sys
 
 from . import preload
-from .warm import _untrusted
+from .warm import FAILED, LISTENING, LOCKED, _untrusted
 
 IDLE_EXIT = 600.0
 NEXT_PAIR_DELAY = 0.1
@@ -19,18 +19,22 @@ KINDS = {"kernel": ({"kind", "argv", "env", "cwd"}, 3), "stop": ({"kind"}, 0)}
 TAKEN = b"t"    # a forked pair's word that it has a request (to the template, the monitor)
 
 
-def template_main(path=None):
-    path = path or sys.argv[1]
+def template_main():
+    """`python -c ... PATH READY`: serve kernels on PATH; READY, an fd, hears how the
+    start went (the client would otherwise wait its whole timeout for a template that
+    has died: a venv without ipykernel)."""
+    path, ready = sys.argv[1], int(sys.argv[2])
     if os.fork():
         os._exit(0)
     os.setsid()
     os.chdir("/")
     import gc
     failed = preload.import_kernel_modules(("ns_kernel.cli", "ns_kernel.launcher"))
+    if not failed and preload.threads() != 1:
+        failed = f"{preload.threads()} threads after its imports"
     if failed:
+        _tell(ready, FAILED + failed.encode())
         sys.exit(f"ns-kernel: warm template: {failed}")
-    if preload.threads() != 1:
-        sys.exit(f"ns-kernel: warm template has {preload.threads()} threads after its imports")
     _compile_defaults()         # before _sources: libseccomp is mapped from now on
     made_from = _sources()
     import fcntl
@@ -43,8 +47,9 @@ def template_main(path=None):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.stat(lock_path).st_ino != os.fstat(lock).st_ino:
-            sys.exit(0)
+            raise FileNotFoundError(lock_path)
     except (BlockingIOError, FileNotFoundError):
+        _tell(ready, LOCKED)
         sys.exit(0)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -54,6 +59,7 @@ def template_main(path=None):
     listener.bind(path)
     listener.listen(64)
     mine = os.stat(path).st_ino
+    _tell(ready, LISTENING)
 
     def leave(*_):
         # Whatever happens to the files: a template told to stop must stop, and at once
@@ -89,6 +95,16 @@ def template_main(path=None):
             select.select([listener], [], [], NEXT_PAIR_DELAY)
     finally:
         leave()
+
+
+def _tell(ready, word):
+    """Say word to the client that started this template, once (its pipe closes)."""
+    try:
+        os.write(ready, word)
+    except OSError:
+        pass    # it has gone (killed meanwhile): nobody waits
+    finally:
+        os.close(ready)
 
 
 def _compile_defaults():

@@ -47,6 +47,10 @@ import sys
 
 from . import preload
 
+# A starting template's word to the client that started it (connect_or_start): it
+# listens, or another template won the path's lock (wait for that one); else it failed,
+# and says why after FAILED (or dies, and says nothing).
+LISTENING, LOCKED, FAILED = b"L", b"O", b"E"
 
 
 def socket_path(environ=os.environ):
@@ -260,21 +264,36 @@ def connect_or_start(path=None, timeout=60.0):
     sock = connect(path)
     if sock:
         return sock
+    import select
     import time
+    from .errors import SetupError
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    ready, told = os.pipe2(os.O_CLOEXEC)
     # The template daemonizes (its first fork); this child returns at once.
     try:
-        child = preload.spawn("ns_kernel.template:template_main", [path], stdio=devnull)
+        child = preload.spawn("ns_kernel.template:template_main", [path, told], keep=told,
+                              stdio=devnull)
     finally:
         os.close(devnull)
+        os.close(told)
     os.waitpid(child, 0)
     deadline = time.monotonic() + timeout
+    try:
+        waiting = select.poll()     # not select(): a busy process's fds pass 1023
+        waiting.register(ready, select.POLLIN)
+        word = os.read(ready, 4096) if waiting.poll(timeout * 1000) else None
+    finally:
+        os.close(ready)
+    if word is not None and (not word or word.startswith(FAILED)):
+        why = word[1:].decode(errors="replace").splitlines()    # one line: the first
+        raise SetupError("warm", "start the warm template", path,
+                         hint=why[0] if why else "it died as it started")
+    # It listens, or another one that won the path's lock is about to.
     while time.monotonic() < deadline:
         sock = _connect(path)
         if sock:
             return sock
         time.sleep(0.005)
-    from .errors import SetupError
     raise SetupError("warm", "start the warm template", path,
                      hint="it never listened; the cold start says what stops it")
 

@@ -12,7 +12,7 @@ import tempfile
 import pytest
 from jupyter_client.connect import write_connection_file
 
-from conftest import stray_prestarted, wait_until
+from conftest import LOOPBACK, stray_prestarted, wait_until
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_invalid_connection_fields(base, changes, fragment):
 
 def test_port_already_taken(base):
     holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
+    holder.bind((LOOPBACK, 0))
     holder.listen()
     port = holder.getsockname()[1]
     try:
@@ -145,7 +145,7 @@ def test_port_already_taken(base):
     finally:
         holder.close()
     assert code != 0
-    assert_one_line(lines, f"bind tcp 127.0.0.1:{port} (iopub)", "Address already in use",
+    assert_one_line(lines, f"bind tcp {LOOPBACK}:{port} (iopub)", "Address already in use",
                     "restart the kernel")
     assert_nothing_left(base)
 
@@ -234,6 +234,26 @@ def test_host_without_user_namespaces(base):
     assert code != 0
     assert_one_line(lines, "unshare(CLONE_NEWUSER)", "No space left on device",
                     "user namespaces are disabled: sysctl -w user.max_user_namespaces=")
+    assert_nothing_left(base)
+
+
+def test_a_broken_ipykernel_fails_the_start_at_once(base):
+    # The warm template cannot import ipykernel and dies as it starts. The launcher hears
+    # it at once (it used to wait 60 s for the template to listen: past Jupyter's own
+    # start timeout), says why in one line, and the cold start fails as a plain kernel's
+    # would, in its own words.
+    os.chmod(base, 0o755)      # root's sandbox (nobody) reads the shadowing package
+    shadow = os.path.join(base, "shadow")
+    os.makedirs(os.path.join(shadow, "ipykernel"))
+    with open(os.path.join(shadow, "ipykernel", "__init__.py"), "w") as f:
+        f.write("raise ImportError('this ipykernel is broken')\n")
+    code, lines = launch(base, connection=conn_file(base), timeout=30,
+                         env=dict(os.environ, PYTHONPATH=shadow))
+    assert code != 0
+    warm = [line for line in lines if line.startswith("ns-kernel: warm start:")]
+    assert len(warm) == 1 and "start the warm template" in warm[0], lines
+    assert "this ipykernel is broken" in warm[0] and "starts cold" in warm[0], warm
+    assert any("ImportError: this ipykernel is broken" in line for line in lines), lines
     assert_nothing_left(base)
 
 
