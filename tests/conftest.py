@@ -44,6 +44,16 @@ os.environ["HOME"] = _HOME
 for _name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "JUPYTER_CONFIG_DIR",
               "JUPYTER_DATA_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
     os.environ.pop(_name, None)
+# The loopback address of this run's TCP kernels. jupyter_client picks a kernel's ports by
+# binding port 0 and letting go before the kernel binds them; scripts/test runs two passes
+# at once (root's, an ordinary user's), and a port one let go was at times taken by the
+# other meanwhile. An address of each pass's own keeps their ports apart, as two hosts'.
+LOOPBACK = os.environ.get("NS_KERNEL_TEST_LOOPBACK", "127.0.0.1")
+if LOOPBACK != "127.0.0.1":
+    from jupyter_client import localinterfaces
+    localinterfaces.local_ips()     # loaded once: a later load would undo what follows
+    localinterfaces.LOCALHOST = LOOPBACK
+    localinterfaces.LOCAL_IPS.append(LOOPBACK)
 # What the user's own kernels use, untouched: the socket base and the warm templates in it.
 _BASE = socketdir.default_base()
 _BASE_EXISTED = os.path.isdir(_BASE)
