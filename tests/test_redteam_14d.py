@@ -129,17 +129,20 @@ def test_the_first_clients_other_fds_do_not_outlive_it(user_base, workdir, tmp_p
     assert eof, f"the template {warm.template_pid()} still holds the first client's fd"
 
 
-def test_a_socket_base_too_long_for_the_template_starts_the_kernel_cold(workdir, monkeypatch):
+@pytest.mark.parametrize("path", ["argv", "provisioner"])
+def test_a_socket_base_too_long_for_the_template_starts_the_kernel_cold(workdir, monkeypatch,
+                                                                        path):
     # $XDG_RUNTIME_DIR so long that <it>/ns-kernel/warm-KEY.sock passes the 107 bytes of a
-    # Unix socket path; the kernels' socket dirs are elsewhere (--socket-dir). The client's
-    # connect() raised OSError "AF_UNIX path too long", which nobody caught: a traceback,
-    # exit 1, no kernel.
+    # Unix socket path; the kernels' socket dirs are elsewhere (--socket-dir). warm._connect
+    # raised OSError "AF_UNIX path too long", which nobody caught: in the client a
+    # traceback, exit 1, no kernel; in the provisioner (the Jupyter server) a failed start.
     runtime = tempfile.mkdtemp(prefix="nsk-run-")
     long_dir = os.path.join(runtime, "r" * (100 - len(runtime)))
     os.mkdir(long_dir)
     sockets = tempfile.mkdtemp(prefix="nsk-sd-")
     monkeypatch.setenv("XDG_RUNTIME_DIR", long_dir)
-    name = write_spec("rt14d-short-socket-dir", [f"--socket-dir={sockets}"])
+    name = write_spec(f"rt14d-short-socket-dir-{path}", [f"--socket-dir={sockets}"],
+                      provisioner=path == "provisioner")
     log = tempfile.TemporaryFile("w+")
     try:
         k = start_kernel(workdir, kernel_name=name, stderr=log)
