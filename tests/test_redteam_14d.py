@@ -1,10 +1,10 @@
 """Red team 14d: the warm template's word to the client that started it (52c5ebf: a pipe
 whose write end, argv[2], hears LISTENING, LOCKED or FAILED + why; EOF if it died).
 
-What still goes wrong: a template that dies after taking the path's lock (a socket path it
-cannot unlink, a lock file it cannot open) says nothing, leaves its lock file, and the
-clients that lost that lock to it (told LOCKED) wait their whole 60 s for a listener that
-never comes; the template keeps every inheritable fd of the client that started it, for as
+What still goes wrong: a template that dies after its imports (a lock file it cannot open,
+a socket path it cannot unlink) says nothing; once it holds the path's lock it also leaves
+the lock file, and the clients that lost that lock to it (told LOCKED) wait their whole
+60 s for a listener that never comes; the template keeps every inheritable fd of the client that started it, for as
 long as it lives (IDLE_EXIT), and hands it to every kernel's monitor and init; and a
 socket base too long for a Unix socket path is a traceback, not a cold start."""
 import errno
