@@ -55,9 +55,10 @@ def boot_argv(call):
 
 def spawn(call, args=(), keep=None, stdio=None):
     """Start such an interpreter (boot_argv) with only the startup variables, in its own
-    session; return its pid. keep: an fd it inherits; stdio: an fd for its 0, 1 and 2
-    (default: ours). fork and exec, not posix_spawn: glibc's leaves its internal signals
-    (32, 33) ignored, and every kernel, and its subprocesses, would inherit that."""
+    session; return its pid. keep: the one fd it inherits besides 0, 1 and 2; stdio: an
+    fd for its 0, 1 and 2 (default: ours). fork and exec, not posix_spawn: glibc's leaves
+    its internal signals (32, 33) ignored, and every kernel, and its subprocesses, would
+    inherit that."""
     argv = [*boot_argv(call), *map(str, args)]
     env = {**startup_env(os.environ), **IMPORT_ENV}
     pid = os.fork()
@@ -67,8 +68,12 @@ def spawn(call, args=(), keep=None, stdio=None):
             if stdio is not None:
                 for fd in (0, 1, 2):
                     os.dup2(stdio, fd)
-            if keep is not None:
-                os.set_inheritable(keep, True)
+            # Nothing else of ours: an inheritable fd of our caller's (a shell's 3>, a
+            # jobserver pipe) would live on in a template, and in each sandbox's init.
+            keep = 2 if keep is None else keep
+            os.closerange(3, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+            os.set_inheritable(keep, True)
             os.execve(sys.executable, argv, env)
         finally:
             os._exit(127)
