@@ -20,10 +20,11 @@ TAKEN = b"t"    # a forked pair's word that it has a request (to the template, t
 
 
 def template_main():
-    """`python -c ... PATH READY`: serve kernels on PATH; READY, an fd, hears how the
+    """`python -c ... PATH [READY]`: serve kernels on PATH; READY, an fd, hears how the
     start went (the client would otherwise wait its whole timeout for a template that
     has died: a venv without ipykernel)."""
-    path, ready = sys.argv[1], int(sys.argv[2])
+    path = sys.argv[1]
+    ready = int(sys.argv[2]) if len(sys.argv) > 2 else None    # a client of before READY
     if os.fork():
         os._exit(0)
     os.setsid()
@@ -32,34 +33,21 @@ def template_main():
     failed = preload.import_kernel_modules(("ns_kernel.cli", "ns_kernel.launcher"))
     if not failed and preload.threads() != 1:
         failed = f"{preload.threads()} threads after its imports"
+    if not failed:
+        _compile_defaults()         # before _sources: libseccomp is mapped from now on
+        made_from = _sources()
+        try:
+            held = _listen(path)
+        except OSError as exc:
+            failed = str(exc)
     if failed:
-        _tell(ready, FAILED + failed.encode())
-        sys.exit(f"ns-kernel: warm template: {failed}")
-    _compile_defaults()         # before _sources: libseccomp is mapped from now on
-    made_from = _sources()
-    import fcntl
-    # One template per path: clients that all found none start one each; the first to
-    # lock serves, the others leave (the lock dies with its holder, the socket file not).
-    # The holder removes the lock file as it leaves; so a lock won on a file that is no
-    # longer at its path (removed meanwhile) is no lock: leave too.
-    lock_path = path + ".lock"
-    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.stat(lock_path).st_ino != os.fstat(lock).st_ino:
-            raise FileNotFoundError(lock_path)
-    except (BlockingIOError, FileNotFoundError):
+        _tell(ready, FAILED + failed.encode(errors="replace"))
+        sys.exit(1)
+    if held is None:
         _tell(ready, LOCKED)
         sys.exit(0)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        os.unlink(path)    # a stale socket of a template that died
-    except FileNotFoundError:
-        pass
-    listener.bind(path)
-    listener.listen(64)
-    mine = os.stat(path).st_ino
     _tell(ready, LISTENING)
+    listener, lock, lock_path, mine = held
 
     def leave(*_):
         # Whatever happens to the files: a template told to stop must stop, and at once
@@ -97,8 +85,52 @@ def template_main():
         leave()
 
 
+def _listen(path):
+    """(listener, lock, its path, the socket's inode): this template's place at path; None
+    if another template holds the path's lock. An OSError leaves no lock file of ours."""
+    import fcntl
+    # One template per path: clients that all found none start one each; the first to
+    # lock serves, the others leave (the lock dies with its holder, the socket file not).
+    # The holder removes the lock file as it leaves; so a lock won on a file that is no
+    # longer at its path (removed meanwhile) is no lock: try the one there now.
+    lock_path = path + ".lock"
+    for _ in range(3):
+        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            return None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(lock)
+    else:
+        return None     # three templates left under it: let the next client try
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        try:
+            os.unlink(path)    # a stale socket of a template that died
+        except FileNotFoundError:
+            pass
+        listener.bind(path)
+        listener.listen(64)
+        return listener, lock, lock_path, os.stat(path).st_ino
+    except OSError:
+        listener.close()
+        try:
+            os.unlink(lock_path)    # ours, as we hold it: a client waiting sees it free
+        except OSError:
+            pass
+        raise
+
+
 def _tell(ready, word):
     """Say word to the client that started this template, once (its pipe closes)."""
+    if ready is None:
+        return
     try:
         os.write(ready, word)
     except OSError:
