@@ -59,7 +59,7 @@ def socket_path(environ=os.environ):
     from .socketdir import default_base
     key = zlib.crc32(repr((sys.executable, sorted(preload.startup_env(environ).items()))).encode(),
                      _code_key())
-    return os.path.join(default_base(), f"warm-{key:08x}.sock")
+    return os.path.join(default_base(environ), f"warm-{key:08x}.sock")
 
 
 def _code_key():
@@ -209,17 +209,22 @@ def _cold(why):
 
 def _connect(path):
     """A socket to the template at path; None if none listens; a SetupError if what
-    listens is not one we may trust (another uid, or inside a sandbox)."""
+    listens is not one we may trust (another uid, or inside a sandbox), or if path is
+    not one to connect to (a path too long for a Unix socket, a base we may not search)."""
+    from .errors import SetupError
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None
+    except OSError as exc:      # EACCES; a path too long for AF_UNIX (no errno): the base's
+        sock.close()
+        raise SetupError("warm", "connect", path, exc.errno or 0,
+                         hint="" if exc.errno else str(exc)) from None
     why = _untrusted(sock)
     if why:
         sock.close()
-        from .errors import SetupError
         raise SetupError("warm", "connect", path, hint=f"{why}: not our template")
     return sock
 
@@ -286,16 +291,38 @@ def connect_or_start(path=None, timeout=60.0):
         os.close(ready)
     if word is not None and (not word or word.startswith(FAILED)):
         why = word[1:].decode(errors="replace").splitlines()    # one line: the first
+        why = "".join(c if c.isprintable() else "?" for c in why[0]) if why else ""
         raise SetupError("warm", "start the warm template", path,
-                         hint=why[0] if why else "it died as it started")
-    # It listens, or another one that won the path's lock is about to.
+                         hint=why or "it died as it started")
+    # It listens; or another one holds the path's lock, and listens soon, unless it dies
+    # first (then nobody holds the lock).
     while time.monotonic() < deadline:
         sock = _connect(path)
         if sock:
             return sock
+        if word == LOCKED and not _locked(path + ".lock"):
+            raise SetupError("warm", "start the warm template", path,
+                             hint="the template that held its lock died before it listened")
         time.sleep(0.005)
     raise SetupError("warm", "start the warm template", path,
                      hint="it never listened; the cold start says what stops it")
+
+
+def _locked(lock_path):
+    """Whether a template holds lock_path (template._listen): a shared lock taken and let
+    go at once (a template that tries for the lock meanwhile leaves, as if it were held)."""
+    import fcntl
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _peer(conn):
