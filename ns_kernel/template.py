@@ -8,7 +8,7 @@ import socket
 import sys
 
 from . import preload
-from .warm import FAILED, LISTENING, LOCKED, _untrusted
+from .warm import FAILED, LISTENING, LOCKED, _untrusted, lock_path
 
 IDLE_EXIT = 600.0
 NEXT_PAIR_DELAY = 0.1
@@ -47,7 +47,7 @@ def template_main():
         _tell(ready, LOCKED)
         sys.exit(0)
     _tell(ready, LISTENING)
-    listener, lock, lock_path, mine = held
+    listener, lock, mine = held
 
     def leave(*_):
         # Whatever happens to the files: a template told to stop must stop, and at once
@@ -56,7 +56,7 @@ def template_main():
             # Unless a newer template has taken the path over already.
             if os.path.exists(path) and os.stat(path).st_ino == mine:
                 os.unlink(path)
-            os.unlink(lock_path)    # ours while we hold it (see above)
+            os.unlink(lock_path(path))  # ours while we hold it (_listen)
         except OSError:
             pass
         finally:
@@ -86,23 +86,23 @@ def template_main():
 
 
 def _listen(path):
-    """(listener, lock, its path, the socket's inode): this template's place at path; None
-    if another template holds the path's lock. An OSError leaves no lock file of ours."""
+    """(listener, lock, the socket's inode): this template's place at path; None if
+    another template holds the path's lock. An OSError leaves no lock file of ours."""
     import fcntl
     # One template per path: clients that all found none start one each; the first to
     # lock serves, the others leave (the lock dies with its holder, the socket file not).
     # The holder removes the lock file as it leaves; so a lock won on a file that is no
     # longer at its path (removed meanwhile) is no lock: try the one there now.
-    lock_path = path + ".lock"
+    lock_file = lock_path(path)
     for _ in range(3):
-        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock)
             return None
         try:
-            if os.stat(lock_path).st_ino == os.fstat(lock).st_ino:
+            if os.stat(lock_file).st_ino == os.fstat(lock).st_ino:
                 break
         except FileNotFoundError:
             pass
@@ -117,11 +117,11 @@ def _listen(path):
             pass
         listener.bind(path)
         listener.listen(64)
-        return listener, lock, lock_path, os.stat(path).st_ino
+        return listener, lock, os.stat(path).st_ino
     except OSError:
         listener.close()
         try:
-            os.unlink(lock_path)    # ours, as we hold it: a client waiting sees it free
+            os.unlink(lock_file)    # ours, as we hold it: a client waiting sees it free
         except OSError:
             pass
         raise

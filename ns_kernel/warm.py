@@ -53,6 +53,11 @@ from . import preload
 LISTENING, LOCKED, FAILED = b"L", b"O", b"E"
 
 
+def lock_path(path):
+    """The lock file of the template at path: held by the one that serves there."""
+    return path + ".lock"
+
+
 def socket_path(environ=os.environ):
     """One template per user, interpreter, startup environment and ns_kernel install."""
     import zlib
@@ -300,7 +305,7 @@ def connect_or_start(path=None, timeout=60.0):
         sock = _connect(path)
         if sock:
             return sock
-        if word == LOCKED and not _locked(path + ".lock"):
+        if word == LOCKED and not _locked(lock_path(path)):
             raise SetupError("warm", "start the warm template", path,
                              hint="the template that held its lock died before it listened")
         time.sleep(0.005)
@@ -308,12 +313,13 @@ def connect_or_start(path=None, timeout=60.0):
                      hint="it never listened; the cold start says what stops it")
 
 
-def _locked(lock_path):
-    """Whether a template holds lock_path (template._listen): a shared lock taken and let
-    go at once (a template that tries for the lock meanwhile leaves, as if it were held)."""
+def _locked(lock):
+    """Whether a template holds the lock file at lock (template._listen): a shared lock
+    taken and let go at once (a template that tries for it meanwhile leaves, as if it were
+    held)."""
     import fcntl
     try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     try:
