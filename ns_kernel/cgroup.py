@@ -255,9 +255,9 @@ class Cgroup:
                     time.sleep(0.01)
 
 
-def leave(origin):
+def leave(origin, remove=True):
     """Move this process back to its cgroups in `origin` (hierarchies() from before it
-    was attached), then remove the kernel cgroups it leaves."""
+    was attached), then remove the kernel cgroups it leaves (unless not remove)."""
     for name, (_, now) in hierarchies().items():
         before = origin.get(name, (None, None))[1]
         if before and now != before and os.path.basename(now).startswith("ns-kernel-"):
@@ -265,7 +265,8 @@ def leave(origin):
                 _write(f"{before}/cgroup.procs", os.getpid())
             except OSError:
                 continue   # still inside: removing it would mean killing ourselves
-            Cgroup(0, {name: now}).remove()
+            if remove:
+                Cgroup(0, {name: now}).remove()
 
 
 def _try_write(path, value):

@@ -56,9 +56,7 @@ class KernelApp(SandboxApp):
                         start.socket_dir or self.kernel_socket_dir or None, spawn, prestarted,
                         requester, spare_monitor)
         status = launch.run()
-        line = launch.explain(status)
-        if line:
-            print(line, file=sys.stderr, flush=True)
+        launch.report(status)
         (finish or exit_like)(status)
 
 
@@ -158,6 +156,17 @@ def start_kernel(start, spawn=None, finish=None, prestarted=None, requester=None
     template's launcher (see KernelApp.start_kernel)."""
     return _one_line(KernelApp().start_kernel, start, spawn, finish, prestarted, requester,
                      spare_monitor)
+
+
+def resume_kernel(launch, finish):
+    """In a warm kernel's monitor, once its launcher has handed it over (Launch.hand_off):
+    the rest of start_kernel; finish(status) as there."""
+    def resume():
+        status = launch.resume()
+        launch.report(status)
+        finish(status)
+    code = _one_line(resume)
+    finish((code or 0) << 8)
 
 
 def _command(argv):

@@ -12,11 +12,14 @@ which imports ipykernel meanwhile: prestart.py):
   6. relay bytes, forward signals, watch the Jupyter server, until the kernel exits
   7. remove everything made in 3-4 (and the limits' cgroup), say why the kernel died if
      it did not exit cleanly, and exit with the kernel's own status
+A warm start without a bridge hands 6 and 7 to the sandbox's monitor once the kernel
+runs, and leaves (hand_off): one host process per kernel instead of two.
 """
 import os
 import re
 import selectors
 import signal
+import socket
 import sys
 from dataclasses import replace
 
@@ -25,7 +28,10 @@ from . import (bridge, connection, leftovers, limits, mount, notice, offline, ou
 from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan
-from .sandbox import Sandbox
+from .sandbox import MSG_HANDOFF, Sandbox
+
+# A requester's message (warm.Launcher.send_signal): a signal for the kernel, by number.
+SIGNAL = b"K"
 
 
 def kernel_id_from(path):
@@ -68,7 +74,8 @@ class Launch:
         prestarted: the kernel's interpreter, spawned already (prestart.py). requester:
         the warm template's request socket (warm.py), which turns readable when its other
         end is closed: Abandoned. spare_monitor: the pid spawn will make the monitor (a
-        warm template's, forked before the request), moved into the cgroup early."""
+        warm template's, forked before the request), moved into the cgroup early; it takes
+        over from this process once the kernel runs, unless a bridge needs this one."""
         self.config = sandbox_config
         self.connection_file = connection_file
         self.argv = list(argv)
@@ -91,6 +98,7 @@ class Launch:
         self.server = None         # a pidfd of the Jupyter server, if it says which it is
         self.requester = requester      # an fd: the caller closes it
         self.spare_monitor = spare_monitor
+        self.handing_off = False   # the monitor takes over once the kernel runs (hand_off)
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -140,6 +148,11 @@ class Launch:
                     "no seccomp filter (Sandbox.seccomp = off)"))
             if info and info["transport"] == "tcp":
                 self.listeners = bridge.listen(info)
+            # The template's spare monitor can do all that is left but a bridge's relay and
+            # a proxy's threads: a process that has unshared a PID namespace for its
+            # children cannot start a thread (clone(2): EINVAL).
+            self.handing_off = bool(info and self.spare_monitor and self.requester is not None
+                                    and not self.listeners and plan.network != "proxy")
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
             self.socket_dir = socketdir.create(socket_dir, owner)
             state.prepare(plan.state_dirs, owner)
@@ -164,12 +177,24 @@ class Launch:
                 mount.close_all(handles)    # the monitor has them now
                 if info:
                     mount.close_all(set(stdio))
-            self._supervise()
-            status = self._status()
-            self.usage = self.limits.usage()
-            return status
+            return self._to_end()
         finally:
             self.cleanup()
+
+    def resume(self):
+        """In the monitor, once the launcher has handed the kernel over (hand_off): the
+        rest of the kernel's life, as the launcher would have lived it."""
+        self._install_signal_handlers()
+        try:
+            return self._to_end()
+        finally:
+            self.cleanup()
+
+    def _to_end(self):
+        self._supervise()
+        status = self._status()
+        self.usage = self.limits.usage()
+        return status
 
     def _limit(self, wanted):
         """Make the kernel's cgroup (or pick rlimits) for the Limits wanted, and start moving
@@ -189,6 +214,12 @@ class Launch:
             return "command"
         return f"kernel {self.kernel_id[:8] or os.path.basename(self.connection_file)}"
 
+    def report(self, status):
+        """Say in the server log why the kernel ended, if it needs saying (explain)."""
+        line = self.explain(status)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+
     def explain(self, status):
         """The server log's lines on why the kernel ended (unless it ended by itself with
         status 0) and on what it left where nothing is kept; None if neither. They are
@@ -207,14 +238,16 @@ class Launch:
         return "\n".join(filter(None, [died, lost])) or None
 
     def _install_signal_handlers(self):
-        def forward(signum, _frame):
-            self.forwarded.add(signum)
-            if self.running and self.box.pid:
-                self.box.signal(signum)
-            else:
-                self.pending_signals.append(signum)
         for sig in FORWARDED:
-            signal.signal(sig, forward)
+            signal.signal(sig, lambda signum, _frame: self._forward(signum))
+
+    def _forward(self, signum):
+        """A signal from Jupyter (to us, or through the requester) for the kernel."""
+        self.forwarded.add(signum)
+        if self.running and self.box.pid:
+            self.box.signal(signum)
+        else:
+            self.pending_signals.append(signum)
 
     def _link_ipc_paths(self, info):
         """An ipc client connects to <ip>-<port>: point those paths at the kernel's sockets."""
@@ -247,15 +280,18 @@ class Launch:
         sel = selectors.DefaultSelector()
         monitor = os.pidfd_open(box.pid)
         sel.register(monitor, selectors.EVENT_READ, "monitor")
-        sel.register(box.errors, selectors.EVENT_READ, "errors")
+        if box.errors is not None:      # else the monitor, which took over once it closed
+            sel.register(box.errors, selectors.EVENT_READ, "errors")
         sel.register(box.ctl, selectors.EVENT_READ, "ctl")
         if self.server is not None:
             sel.register(self.server, selectors.EVENT_READ, "server")
         if self.requester is not None:
             sel.register(self.requester, selectors.EVENT_READ, "requester")
-        owners = None if self.config.tcp_clients == "any" else {os.getuid()}
-        relay = (bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid, owners,
-                               self._who()) if self.listeners else None)
+        relay = None
+        if self.listeners:
+            owners = None if self.config.tcp_clients == "any" else {os.getuid()}
+            relay = bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid, owners,
+                                  self._who())
         if self.output:
             sel.register(self.output.fd, selectors.EVENT_READ, "output")
         try:
@@ -277,6 +313,8 @@ class Launch:
                             for line in self.started_lines:
                                 print(line, file=sys.stderr, flush=True)
                             self._deliver_pending()
+                            if self.handing_off:
+                                self._hand_off()    # and this process is gone
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)
@@ -288,12 +326,7 @@ class Launch:
                         if self.output.handle() is False:
                             sel.unregister(self.output.fd)
                     elif key.data == "requester":
-                        # First the ports and links: a restart makes them again at once.
-                        for sock, _ in self.listeners:
-                            sock.close()
-                        self._unlink_ipc_paths()
-                        box.kill()
-                        raise Abandoned
+                        self._requested()
                     elif key.data == "server":
                         # The Jupyter server is gone: nobody will ever talk to this kernel.
                         box.kill()
@@ -307,6 +340,84 @@ class Launch:
                 relay.close()
             sel.close()
             os.close(monitor)
+
+    def _requested(self):
+        """What the requester says (warm.Launcher): a signal for the kernel, or, once it has
+        closed its end, that it has gone: Abandoned."""
+        try:
+            said = os.read(self.requester, 64)
+        except OSError:
+            said = b""
+        if said:
+            if said[:1] == SIGNAL and said[1:].isdigit() and int(said[1:]) in FORWARDED:
+                self._forward(int(said[1:]))
+            return
+        # First the ports and links: a restart makes them again at once.
+        for sock, _ in self.listeners:
+            sock.close()
+        self._unlink_ipc_paths()
+        self.box.kill()
+        raise Abandoned
+
+    def _hand_off(self):
+        """The kernel runs, and what is left of this process's work the monitor can do as
+        well (no bridge: the client talks to the kernel's sockets; no proxy): relay its
+        output, watch the server and the requester, say why it died, clean up.
+        So hand that to the monitor (a warm template's spare, a fork of the same image),
+        and leave: the kernel keeps one host process instead of two (7.6 MB private and
+        the interpreter's state this one copied while it read the config and made the
+        plan). The monitor gets this object and the fds it holds (taken_over); what the
+        requester says meanwhile waits in its socket."""
+        import pickle
+        state = pickle.dumps(self)
+        socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
+                        self._handed_fds())
+        self.box.ctl.sendall(state)
+        sys.stderr.flush()
+        os._exit(0)
+
+    def _handed_fds(self):
+        """What the monitor needs of ours, in the order taken_over takes them."""
+        extra = [self.output and self.output.fd, self.server]
+        return [self.box.ctl.fileno(), self.requester, sys.stderr.fileno(),
+                *(fd for fd in extra if fd is not None)]
+
+    @classmethod
+    def taken_over(cls, ctl, init, header, fds):
+        """In the monitor: the Launch its launcher handed over (header: the size of its
+        state, which follows on ctl; fds: _handed_fds's), now this process's, with init
+        (our child) as the sandbox's process to watch. ctl: our end of the control socket,
+        closed here: init's copy of it is what tells, by closing, that init has gone."""
+        import pickle
+        size = int.from_bytes(header, "big")
+        data = bytearray()
+        while len(data) < size:
+            chunk = ctl.recv(size - len(data))
+            if not chunk:
+                raise SetupError("warm", "the launcher's hand-off was cut short")
+            data += chunk
+        ctl.close()
+        self = pickle.loads(data)
+        launcher_ctl, self.requester, log, *extra = fds
+        # The server's log, where the launcher wrote: no longer the kernel's pipe, whose
+        # end the relay must see close.
+        for target in (1, 2):
+            os.dup2(log, target)
+        os.close(log)
+        self.box.pid, self.box.ctl = init, socket.socket(fileno=launcher_ctl)
+        if self.output:
+            self.output.fd = extra.pop(0)
+        if self.server is not None:
+            self.server = extra.pop(0)
+        self.handing_off = False
+        return self
+
+    def __getstate__(self):
+        """What hand_off sends: the live handles go as fds (_handed_fds); the config has
+        done its work (the plan holds what is left of it)."""
+        state = dict(vars(self))
+        state.update(config=None, spawn=None, prestarted=None, listeners=[], proxy=None)
+        return state
 
     def _server_pidfd(self):
         try:

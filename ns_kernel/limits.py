@@ -163,11 +163,12 @@ def cgroup_origin(limits, before=None):
     return before or cgroup.hierarchies()
 
 
-def leave_cgroup(origin):
+def leave_cgroup(origin, remove=True):
     """The monitor, orphaned by a SIGKILLed launcher: go back to `origin` and remove the
-    kernel's cgroup, which the launcher would have removed."""
+    kernel's cgroup, which the launcher would have removed. remove=False: the monitor that
+    a warm launcher handed its kernel to, which removes it at the end (Launch.cleanup)."""
     if origin:
-        cgroup.leave(origin)
+        cgroup.leave(origin, remove)
 
 
 def share(host_value, least):

@@ -13,8 +13,12 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
 
 
 def forward_signals(target):
-    """Send each forwarded signal on to `target` (a pid, or -pgid for a process group)."""
+    """Send each forwarded signal on to `target` (a pid, or -pgid for a process group; or
+    a function that sends it)."""
     def forward(signum, _frame):
+        if callable(target):
+            target(signum)
+            return
         try:
             os.kill(target, signum)
         except ProcessLookupError:

@@ -31,6 +31,8 @@ MSG_UNSHARED = b"U"
 MSG_MAPPED = b"M"
 MSG_STATUS = b"S"
 MSG_PROXY = b"P"       # with init's proxy listener (network 'proxy')
+MSG_HANDOFF = b"H"     # the launcher leaves, the monitor takes over (Launch.hand_off)
+MAX_HANDED_FDS = 8
 
 
 class Sandbox:
@@ -109,7 +111,7 @@ class Sandbox:
 
     def failure(self):
         """The SetupError a child reported, if any (blocks until the error pipe closes)."""
-        while not self.read_errors():
+        while self.errors is not None and not self.read_errors():
             pass
         return SetupError.from_json(self._error_data) if self._error_data else None
 
@@ -128,6 +130,14 @@ class Sandbox:
             self.kernel_status = report["status"]
             self.leftovers = report["left"], report["more"]
         return data
+
+    def __getstate__(self):
+        """A handle the launcher hands to the monitor (Launch.hand_off): what it knows, not
+        what it holds (the fds go along by themselves, or are closed by then)."""
+        state = dict(vars(self))
+        state.update(ctl=None, errors=None, attach=None, handles=(), stdio=(),
+                     prestarted=None)
+        return state
 
     def signal(self, signum):
         try:
@@ -166,11 +176,14 @@ def _wait_foreign(pid_):
     return signal.SIGKILL
 
 
-def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), origin=None):
+def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), origin=None,
+             take_over=None):
     """kernel_step(plan, ctl, err_w): the kernel's last step, forked.exec_kernel by default;
     prestarted: the socket to the kernel's prestarted interpreter (prestart.py); handles:
     of the bind sources (mount.open_sources); origin: our cgroups before the launcher may
-    have moved us (a warm template's spare monitor, moved early: cgroup.hierarchies())."""
+    have moved us (a warm template's spare monitor, moved early: cgroup.hierarchies());
+    take_over(ctl, init, origin, header, fds): how to take the launcher's place when it
+    hands the kernel over (a warm template's spare; never returns)."""
     # Out of the launcher's process group: Jupyter's killpg(SIGINT) reaches the launcher
     # alone, which forwards it exactly once; and no controlling terminal (TIOCSTI).
     os.setsid()
@@ -199,12 +212,13 @@ def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), or
         prestarted.close()
     mount.close_all(handles)
     pid.forward_signals(init)
-    _supervise(plan, ctl, init, origin)
+    _supervise(plan, ctl, init, origin, take_over)
 
 
-def _supervise(plan, ctl, init, origin):
+def _supervise(plan, ctl, init, origin, take_over=None):
     """Wait for init; if the launcher dies first (the control socket closes), kill the
-    sandbox and remove its socket dir and cgroup, which nobody else would."""
+    sandbox and remove its socket dir and cgroup, which nobody else would. If it hands
+    the kernel over instead, take_over."""
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ)
     pidfd = os.pidfd_open(init)
@@ -213,7 +227,18 @@ def _supervise(plan, ctl, init, origin):
         ready = [key.fileobj for key, _ in sel.select()]
         if pidfd in ready:
             break
-        if ctl in ready and not ctl.recv(1):
+        if ctl not in ready:
+            continue
+        said, fds, _, _ = socket.recv_fds(ctl, 1 + 8, MAX_HANDED_FDS)
+        if said[:1] == MSG_HANDOFF and take_over and len(fds) >= 3:
+            sel.close()
+            os.close(pidfd)
+            # Returns only if it could not: the launcher has gone all the same.
+            take_over(ctl, init, origin, said[1:], fds)
+            said = b""
+        else:
+            mount.close_all(fds)
+        if not said:
             os.kill(init, signal.SIGKILL)
             os.waitpid(init, 0)
             socketdir.remove(plan.socket_dir)

@@ -332,23 +332,48 @@ def _launcher_child(conn, request, fds, monitor, spare):
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     conn.sendall(str(os.getpid()).encode())
-
-    def finish(status):
-        try:
-            conn.sendall(b"S%d" % status)
-        except OSError:
-            pass    # the requester is gone (the server died): nobody to tell
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    finish = functools.partial(_finish, conn)
     spawn = functools.partial(_spawn_monitor, monitor)
     # The connection's other end is what Jupyter kills (the client: a restart, a shutdown
     # now) or closes (the provisioner's warm.Launcher.kill): the launcher watches it and,
     # once closed, removes what it made and leaves (launcher.Abandoned, which _serve's
     # exit ends silently), whenever that happens, even while the sandbox is being built.
+    # Once the kernel runs, the monitor may take all that over (_take_over).
     code = cli.start_kernel(request["start"], spawn=spawn, finish=finish,
                             requester=conn.fileno(), spare_monitor=spare)
     finish((code or 0) << 8)
+
+
+def _finish(conn, status):
+    """Tell the requester how the kernel ended (warm.Launcher), and leave."""
+    try:
+        conn.sendall(b"S%d" % status)
+    except OSError:
+        pass    # the requester is gone (the server died): nobody to tell
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _take_over(ctl, init, origin, header, fds):
+    """In the monitor, when its launcher hands it the running kernel (Launch.hand_off):
+    leave the kernel's cgroup (this process's work is not the kernel's to pay for, and
+    the cgroup is removed at the end), then live the rest of the launcher's life."""
+    from . import cli, limits
+    from .launcher import Abandoned, Launch
+    try:
+        launch = Launch.taken_over(ctl, init, header, fds)
+    except Exception as exc:  # noqa: BLE001 - said; the caller removes the sandbox
+        print(f"ns-kernel: warm start: take the kernel over from its launcher: {exc}",
+              file=sys.stderr, flush=True)
+        return
+    limits.leave_cgroup(origin, remove=False)
+    try:
+        cli.resume_kernel(launch, lambda status: _finish(socket.socket(
+            fileno=launch.requester), status))
+    except Abandoned:
+        pass        # silently, as the launcher it took over from would have
+    os._exit(0)
 
 
 def _spawn_monitor(monitor, plan, ctl, err_w, handles, stdio, fresh=False):
@@ -406,7 +431,7 @@ def _spare_monitor(sock, made_from, origin, template_fd):
         os._exit(127)
     kernel_step = forked.exec_kernel if stale or fresh else preload.run_preloaded
     forked.run(functools.partial(sandbox._monitor, kernel_step=kernel_step, handles=handles,
-                                 origin=origin), plan, ctl, err_w)
+                                 origin=origin, take_over=_take_over), plan, ctl, err_w)
 
 
 def _stop_template(template_fd):

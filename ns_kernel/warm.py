@@ -13,11 +13,14 @@ process has imported both already and forks, per kernel:
              client (cli.start_kernel, the same Launch as a cold start: config, plan,
              socket dir, bridge, limits) except that it hands the plan to a monitor the
              template forked beside it instead of forking one: it holds the client's
-             environment (tokens), a kernel must not
+             environment (tokens), a kernel must not. Once the kernel runs, unless it
+             bridges TCP, it hands the rest of its work to the monitor and exits
+             (launcher.Launch.hand_off)
   monitor    another fork of the template, made with the launcher (while that reads the
              config) and waiting for its plan, with the same sandbox.py steps as ever (user
              ns, then init: mounts, hostname, uid, caps), except the kernel's last step:
-             ipykernel is already imported, so it runs in-process instead of execve
+             ipykernel is already imported, so it runs in-process instead of execve. Taking
+             over from the launcher, it leaves the kernel's cgroup first
 
 Nothing a kernel does reaches the template (each kernel is a fork, the template never runs
 user code and never reads a request: its children do), and the template's memory never
@@ -104,7 +107,7 @@ def client_main(start):
         _cold(f"the template {path} started no launcher")
         return None
     from .pid import exit_like, forward_signals
-    forward_signals(launcher.pid)
+    forward_signals(launcher.send_signal)
     launcher.wait()
     if launcher.status is None:
         print("ns-kernel: the warm kernel's launcher died", file=sys.stderr, flush=True)
@@ -133,14 +136,15 @@ def launch(sock, argv, env, cwd, stdio):
 class Launcher:
     """A launcher the template forked for us, seen like a subprocess.Popen of it: by the
     warm client, and by the provisioner in the Jupyter server (its `process`), which then
-    needs no client interpreter at all. Its status comes over the request's socket (it
-    is the template's child, not ours); signals go through a pidfd, never to a reused
-    pid, but a SIGKILL closes our end of the socket instead (send_signal)."""
+    needs no client interpreter at all. Both talk to it over the request's socket, never
+    to a pid: its status comes that way (it is the template's child, not ours), and so do
+    signals, since once the kernel runs the launcher may hand it to the sandbox's monitor
+    and leave (launcher.Launch.hand_off), and the socket, with what was said on it, goes
+    along. `pid` stays the launcher's."""
     stdin = stdout = stderr = None      # Popen's pipes: LocalProvisioner.wait closes them
 
     def __init__(self, sock, pid):
         self.sock, self.pid = sock, pid
-        self.pidfd = os.pidfd_open(pid)
         self.status = None          # its kernel's raw wait status, once sent
         self.returncode = None      # as Popen's: the exit code, or minus the signal
         self._killed = False
@@ -179,25 +183,22 @@ class Launcher:
             import signal
             self.returncode = -signal.SIGKILL if self._killed else 1
         self.sock.close()
-        os.close(self.pidfd)
 
     def send_signal(self, signum):
         if self.returncode is None:
             import signal
-            if signum == signal.SIGKILL:
-                # A SIGKILLed launcher could not remove what it made (a cgroup, in its
-                # first moments); closing our end has it kill its sandbox at once, clean
-                # up and exit (launcher.Abandoned); the socket's EOF says it has.
-                self._killed = True
-                try:
-                    self.sock.shutdown(_socket.SHUT_WR)
-                except OSError:
-                    pass    # it has gone already: the EOF is there to read
-                return
             try:
-                signal.pidfd_send_signal(self.pidfd, signum)
-            except ProcessLookupError:
-                pass        # exiting: its status is on its way
+                if signum == signal.SIGKILL:
+                    # A SIGKILLed launcher could not remove what it made (a cgroup, in
+                    # its first moments); closing our end has whoever holds the other
+                    # kill its sandbox at once, clean up and exit (launcher.Abandoned);
+                    # the socket's EOF says it has.
+                    self._killed = True
+                    self.sock.shutdown(_socket.SHUT_WR)
+                else:
+                    self.sock.send(b"K%d" % signum)     # launcher.SIGNAL
+            except OSError:
+                pass    # it has gone already: its status, or the EOF, is there to read
 
     def terminate(self):
         import signal

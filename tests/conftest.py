@@ -383,20 +383,28 @@ def stray_prestarted():
 def kernel_host_pid(kernel):
     """The host pid of the kernel (PID 2 inside): below its launcher, or (a warm
     template's child) the PID 2 of the PID namespace the kernel says it is in."""
-    def is_kernel(pid):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                nspid = next(line for line in f if line.startswith("NSpid:")).split()
-        except OSError:
-            return False
-        return len(nspid) > 2 and nspid[-1] == "2"
-
-    found = [p for p in descendants(kernel.km.provisioner.process.pid) if is_kernel(p)]
+    found = [p for p in descendants(kernel.km.provisioner.process.pid) if _is_kernel(p)]
     if not found:
-        ns = kernel.value("__import__('os').readlink('/proc/self/ns/pid')")
-        found = [p for p in in_pid_namespace(ns) if is_kernel(p)]
+        return kernel_in_pid_namespace(
+            kernel.value("__import__('os').readlink('/proc/self/ns/pid')"))
     assert len(found) == 1, f"kernels found: {found}"
     return found[0]
+
+
+def kernel_in_pid_namespace(ns):
+    """The host pid of the kernel (PID 2) of the PID namespace ns."""
+    found = [p for p in in_pid_namespace(ns) if _is_kernel(p)]
+    assert len(found) == 1, f"kernels found: {found}"
+    return found[0]
+
+
+def _is_kernel(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            nspid = next(line for line in f if line.startswith("NSpid:")).split()
+    except OSError:
+        return False
+    return len(nspid) > 2 and nspid[-1] == "2"
 
 
 def in_pid_namespace(ns):

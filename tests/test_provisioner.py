@@ -13,7 +13,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from conftest import socket_inodes, write_spec
 from ns_kernel.connection import CHANNELS
-from conftest import alive, descendants, wait_until
+from conftest import alive, descendants, kernel_in_pid_namespace, parent_pid, wait_until
 
 
 def spec(socket_base, options=(), config=None):
@@ -71,11 +71,15 @@ def test_client_talks_to_the_kernels_own_sockets(workdir, socket_base):
             for name in CHANNELS:   # real sockets, not links to somewhere else
                 assert stat.S_ISSOCK(os.lstat(f"{box}/k-{info[name]}").st_mode)
             assert await value(kc, "__import__('os').getpid()") == 2
-            launcher = km.provisioner.pid
-            tree = [launcher, *descendants(launcher)]
-            # No TCP socket anywhere in the launcher's tree (a template's fork when warm,
-            # with its sandbox beside it): no bridge, no port.
-            assert not socket_inodes(tree) & tcp_socket_inodes()
+            # No TCP socket anywhere on the kernel's host side: the monitor and all below
+            # it, and a cold start's launcher above it (a warm one, a template's fork,
+            # handed the kernel to the monitor and left): no bridge, no port.
+            ns = await value(kc, "__import__('os').readlink('/proc/self/ns/pid')")
+            monitor = parent_pid(parent_pid(kernel_in_pid_namespace(ns)))
+            tree = [monitor, *descendants(monitor)]
+            if parent_pid(monitor) == km.provisioner.pid:
+                tree.append(km.provisioner.pid)
+            assert len(tree) >= 3 and not socket_inodes(tree) & tcp_socket_inodes()
         finally:
             kc.stop_channels()
             await km.shutdown_kernel()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import (KERNEL_NAME, alive, descendants, in_pid_namespace, interrupt_busy_loop,
+from conftest import (KERNEL_NAME, LIMITS_BACKEND, alive, descendants, in_pid_namespace, interrupt_busy_loop,
                       kernel_cgroups, kernel_host_pid, parent_pid, process_state, start_kernel,
                       stop_kernel, wait_until, write_spec)
 from ns_kernel import warm
@@ -125,13 +125,25 @@ def test_the_provisioner_starts_no_client(user_base, workdir_module):
     # With the template listening, the provisioner (in the Jupyter server: here, this
     # process) asks it for the launcher itself: no client interpreter for the kernel.
     first = start_kernel(workdir_module, kernel_name=WARM)    # the template runs
+    template = warm.template_pid()
     k = start_kernel(workdir_module, kernel_name=PROVISIONED)
     try:
         launcher = k.km.provisioner.process
         assert isinstance(launcher, warm.Launcher)
-        assert parent_pid(launcher.pid) == warm.template_pid()
         assert not [pid for pid in descendants(os.getpid()) if k.km.connection_file.encode()
                     in open(f"/proc/{pid}/cmdline", "rb").read()]
+        # Once the kernel runs, its launcher hands it to the sandbox's monitor and leaves:
+        # on the host the kernel keeps its monitor, the template's child, and init.
+        assert gone(launcher.pid)
+        monitor = parent_pid(parent_pid(kernel_host_pid(k)))
+        assert parent_pid(monitor) == template
+        assert len(descendants(monitor)) == 2       # init, the kernel
+        # Out of the kernel's cgroup: its work is not the kernel's to pay for (nor its to
+        # be OOM-killed for), and it removes that cgroup at the end.
+        with open(f"/proc/{monitor}/cgroup") as f:
+            assert "/ns-kernel-" not in f.read()
+        with open(f"/proc/{kernel_host_pid(k)}/cgroup") as f:
+            assert ("/ns-kernel-" in f.read()) == (LIMITS_BACKEND != "rlimit")
         # What the server does to a kernel through it: interrupt, restart, its exit status.
         interrupt_busy_loop(k)
         k.km.restart_kernel(now=True)
