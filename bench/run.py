@@ -27,6 +27,7 @@ The client uses a 10 ms ZMQ reconnect interval (default 100 ms) for every kind a
 that start times are not rounded up to the next reconnect attempt.
 """
 import argparse
+import ast
 import json
 import os
 import platform
@@ -219,12 +220,14 @@ class Bench:
                 for _ in range(20):   # warm up: first cells compile and import
                     self.execute(kc, TRIVIAL)
             time.sleep(0.5)
-            # A warm kernel's launcher, monitor, init and kernel live under the template:
-            # its whole tree, divided over the kernels it serves.
-            served = sum(kind in WARM_KINDS for kind, _ in lanes.values())
-            shared = template_pss() / served if served else 0
+            # A warm kernel's host processes live under the template: each kernel counts
+            # its own (warm_kernel_pss), and the rest of the template's tree (the template
+            # and the pair it keeps forked) divided over the kernels it serves.
+            own = {label: warm_kernel_pss(km, kc) for label, (km, kc) in kernels.items()
+                   if lanes[label][0] in WARM_KINDS}
+            shared = (template_pss() - sum(own.values())) / len(own) if own else 0
             for label, (km, _) in kernels.items():
-                extra = shared if lanes[label][0] in WARM_KINDS else 0
+                extra = own[label] + shared if label in own else 0
                 mem[label] = (host_pss(km) + extra) / (1 << 20)
             labels = list(lanes)
             for r in range(rounds):
@@ -390,12 +393,44 @@ def launcher_pid(km):
 def host_pss(km):
     """Bytes of PSS of the process km started and its descendants (a cold kernel's
     launcher, monitor, init and kernel; a warm one's client on the argv path); none for a
-    warm start through the provisioner, which starts no process: its launcher is the
-    template's child, counted in template_pss."""
+    warm start through the provisioner, which starts no process: what it has on the host
+    is the template's children (warm_kernel_pss)."""
     from ns_kernel import warm
     if isinstance(km.provisioner.process, warm.Launcher):
         return 0
     return pss_tree(kernel_pid(km))
+
+
+def warm_kernel_pss(km, kc):
+    """Bytes of PSS of the host processes a warm kernel keeps of its own below the
+    template: its sandbox (the monitor and all below it), and its launcher where it stays
+    (a TCP bridge; elsewhere it hands the kernel to the monitor and exits)."""
+    reply = kc.execute_interactive("", timeout=60, user_expressions={
+        "ns": "__import__('os').readlink('/proc/self/ns/pid')"})
+    ns = ast.literal_eval(reply["content"]["user_expressions"]["ns"]["data"]["text/plain"])
+    init = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if _pid_ns(pid) == ns and _nspid(pid)[-1] == "1")
+    own = pss_tree(_parent(init))
+    if km.transport == "tcp":
+        own += pss_tree(launcher_pid(km), descend=False)
+    return own
+
+
+def _pid_ns(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _nspid(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(line for line in f if line.startswith("NSpid:")).split()
+
+
+def _parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def stop_template():
@@ -507,7 +542,7 @@ class Table:
             goal = f"<= {target:.2f}x" if target else ""
         else:
             value = isolated - plain
-            shown = f"+{value:.1f} {unit}"
+            shown = f"{value:+.1f} {unit}"
             goal = f"<= +{target:g} {unit}" if target is not None else ""
         ok = "" if target is None else ("yes" if value <= target else "NO")
         if ok == "NO":

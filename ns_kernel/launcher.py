@@ -397,20 +397,20 @@ class Launch:
                 raise SetupError("warm", "the launcher's hand-off was cut short")
             data += chunk
         ctl.close()
-        self = pickle.loads(data)
-        launcher_ctl, self.requester, log, *extra = fds
+        launch = pickle.loads(data)
+        launcher_ctl, launch.requester, log, *extra = fds
         # The server's log, where the launcher wrote: no longer the kernel's pipe, whose
         # end the relay must see close.
         for target in (1, 2):
             os.dup2(log, target)
         os.close(log)
-        self.box.pid, self.box.ctl = init, socket.socket(fileno=launcher_ctl)
-        if self.output:
-            self.output.fd = extra.pop(0)
-        if self.server is not None:
-            self.server = extra.pop(0)
-        self.handing_off = False
-        return self
+        launch.box.pid, launch.box.ctl = init, socket.socket(fileno=launcher_ctl)
+        if launch.output:
+            launch.output.fd = extra.pop(0)
+        if launch.server is not None:
+            launch.server = extra.pop(0)
+        launch.handing_off = False
+        return launch
 
     def __getstate__(self):
         """What hand_off sends: the live handles go as fds (_handed_fds); the config has
