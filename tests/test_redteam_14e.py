@@ -1,0 +1,86 @@
+"""Red team 14e: 44c6490, a warm launcher that hands its running kernel to the sandbox's
+monitor and exits (launcher.Launch.hand_off / taken_over, template._take_over): from then
+on the monitor alone relays the output, watches the server and the requester, writes the
+death notice and removes what the launcher made."""
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import (LIMITS_BACKEND, alive, kernel_in_pid_namespace, parent_pid, start_kernel,
+                      stop_kernel, wait_until, write_spec)
+from ns_kernel import cgroup
+
+
+def kernel_cgroups_of(pid):
+    """The host dirs of the ns-kernel cgroups pid is in, in every hierarchy."""
+    mounts = cgroup.hierarchies()
+    found = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f.read().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "/ns-kernel-" in path:
+                name = controllers.split(",")[0] or "cgroup2"
+                found.append(mounts[name][0] + path)
+    return sorted(set(found))
+
+
+def handed_off(monitor, log):
+    """The monitor has taken over from a warm launcher: its stderr is the server's log
+    (taken_over), no longer the kernel's pipe."""
+    try:
+        return os.readlink(f"/proc/{monitor}/fd/2") == str(log)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("path, options", [("argv", []), ("argv", ["--cold"]),
+                                           ("provisioner", []), ("provisioner", ["--cold"])],
+                         ids=["argv-warm", "argv-cold", "provisioner-warm", "provisioner-cold"])
+def test_a_killed_monitor_leaves_nothing_behind(workdir, socket_base, tmp_path, path, options):
+    # Attack: SIGKILL the sandbox's monitor of a running kernel (the user may: it is their
+    # uid, as is the kernel's for an ordinary user; root may; so may the OOM killer, now
+    # that the monitor holds the launcher's state and is no longer in the kernel's cgroup).
+    # Before 44c6490 the launcher (cold: still) saw its monitor go, and removed the ipc
+    # links, the socket dir and the kernel's cgroup at once. Once a warm launcher has
+    # handed off, the monitor was the only one who knew them: on the argv path (an ipc
+    # connection) all three stay for good; on the provisioner's, the cgroup stays, and the
+    # socket dir until the provisioner's cleanup.
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}-{path}",
+                      [f"--socket-dir={socket_base}", *options], provisioner=path != "argv")
+    log = tmp_path / "server.log"
+    ipc = {"transport": "ipc", "ip": str(tmp_path / "kernel-ipc")} if path == "argv" else {}
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=name, stderr=stderr, **ipc)
+    links = [str(tmp_path / f"kernel-ipc-{k.km.shell_port}")] if ipc else []
+    groups = []
+    try:
+        assert all(map(os.path.islink, links)) and len(os.listdir(socket_base)) == 1
+        ns = k.value("__import__('os').readlink('/proc/self/ns/pid')")
+        monitor = parent_pid(parent_pid(kernel_in_pid_namespace(ns)))
+        if not options:
+            assert wait_until(lambda: handed_off(monitor, log))
+        groups = kernel_cgroups_of(kernel_in_pid_namespace(ns))
+        assert bool(groups) == (LIMITS_BACKEND != "rlimit")
+        os.kill(monitor, signal.SIGKILL)
+        assert wait_until(lambda: not k.km.is_alive(), timeout=20)
+        assert wait_until(lambda: not alive([monitor]))
+        wait_until(lambda: not any(map(os.path.lexists, links)) and not os.listdir(socket_base)
+                   and not any(map(os.path.isdir, groups)), timeout=3)
+        left = {"links": [p for p in links if os.path.lexists(p)],
+                "socket dirs": os.listdir(socket_base),
+                "cgroups": [g for g in groups if os.path.isdir(g)]}
+    finally:
+        stop_kernel(k)
+        # Ours to clean, whatever the outcome.
+        for link in links:
+            if os.path.lexists(link):
+                os.unlink(link)
+        for box in os.listdir(socket_base):
+            subprocess.run(["rm", "-rf", os.path.join(socket_base, box)])
+        for group in groups:
+            if os.path.isdir(group):
+                os.rmdir(group)
+    assert not any(left.values()), f"left behind by a killed monitor: {left}"
+
