@@ -32,6 +32,9 @@ from .sandbox import MSG_HANDOFF, Sandbox
 
 # A requester's message (warm.Launcher.send_signal): a signal for the kernel, by number.
 SIGNAL = b"K"
+# To the requester, at the hand-off: what it removes if the monitor dies without a word
+# (warm.Launcher, remove_left).
+LEFT = b"L"
 
 
 def kernel_id_from(path):
@@ -266,13 +269,7 @@ class Launch:
             self.links.append(path)
 
     def _unlink_ipc_paths(self):
-        """Our links, unless the next kernel's launcher (a restart) has made them its own."""
-        for path in self.links:
-            try:
-                if os.path.dirname(os.readlink(path)) == self.socket_dir:
-                    os.unlink(path)
-            except OSError:
-                pass
+        unlink_ipc_paths(self.links, self.socket_dir)
         self.links = []
 
     def _supervise(self):
@@ -368,7 +365,17 @@ class Launch:
         the interpreter's state this one copied while it read the config and made the
         plan). The monitor gets this object and the fds it holds (taken_over); what the
         requester says meanwhile waits in its socket."""
+        import json
         import pickle
+        # The monitor may be SIGKILLed (by the user, whose uid it has; by the OOM killer)
+        # before it can remove what this launch made; then only the requester, which sees
+        # its socket close without a status, is left to (remove_left).
+        try:
+            os.write(self.requester, LEFT + json.dumps({
+                "socket_dir": self.socket_dir, "links": self.links,
+                "cgroups": self.limits.cgroup.dirs if self.limits.cgroup else {}}).encode())
+        except OSError:
+            pass    # it has gone: the monitor sees that, and removes all (Abandoned)
         state = pickle.dumps(self)
         socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
                         self._handed_fds())
@@ -484,6 +491,26 @@ class Launch:
         self._unlink_ipc_paths()
         if self.socket_dir:
             socketdir.remove(self.socket_dir)
+
+
+def unlink_ipc_paths(links, socket_dir):
+    """The links to socket_dir's sockets, unless the next kernel's launcher (a restart)
+    has made them its own."""
+    for path in links:
+        try:
+            if os.path.dirname(os.readlink(path)) == socket_dir:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_left(left):
+    """In the requester of a warm start whose monitor took the kernel over and died
+    without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
+    from . import cgroup
+    unlink_ipc_paths(left["links"], left["socket_dir"])
+    socketdir.remove(left["socket_dir"])
+    cgroup.Cgroup(0, left["cgroups"]).remove()
 
 
 def describe_exit(status, who, usage=None):
