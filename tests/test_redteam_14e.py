@@ -84,3 +84,50 @@ def test_a_killed_monitor_leaves_nothing_behind(workdir, socket_base, tmp_path, 
                 os.rmdir(group)
     assert not any(left.values()), f"left behind by a killed monitor: {left}"
 
+
+
+@pytest.mark.parametrize("path", ["argv", "provisioner"])
+def test_a_kernel_dead_before_a_late_hand_off_keeps_its_status(workdir, socket_base, tmp_path,
+                                                               path):
+    # Attack (or a busy host): the launcher is late to hand the kernel over, and the kernel
+    # dies meanwhile. Here the server's log is not read for a moment (a paused terminal,
+    # a slow journal), so the launcher's "limits" line blocks it just before the hand-off,
+    # while the kernel, sockets bound, exits in its first line (exec_lines). The monitor
+    # sees init go and exits; the launcher then hands the kernel to nobody.
+    import fcntl
+    import threading
+    from jupyter_client.manager import KernelManager
+    from conftest import in_pid_namespace
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}-{path}",
+                      [f"--socket-dir={socket_base}"], provisioner=path == "provisioner")
+    ipc = {"transport": "ipc", "ip": str(tmp_path / "kernel-ipc")} if path == "argv" else {}
+    km = KernelManager(kernel_name=name, **ipc)
+    read, write = os.pipe()
+    os.write(write, b"\n" * fcntl.fcntl(write, 1032))     # F_GETPIPE_SZ: full
+    marker = os.path.join(workdir, "died")
+    try:
+        km.start_kernel(cwd=workdir, stderr=write, extra_arguments=[
+            "--IPKernelApp.exec_lines=import os; open('died', 'w').write("
+            "os.readlink('/proc/self/ns/pid')); os._exit(3)"])
+    finally:
+        os.close(write)
+    log = []
+    reader = threading.Thread(target=lambda: log.append(open(read, "rb").read()))
+    try:
+        assert wait_until(lambda: os.path.exists(marker) and open(marker).read(), timeout=60)
+        ns = open(marker).read()
+        assert wait_until(lambda: not in_pid_namespace(ns))
+        wait_until(lambda: False, timeout=1)    # and the monitor after it
+        reader.start()
+        assert wait_until(lambda: not km.is_alive(), timeout=20)
+        code = km.provisioner.process.wait(timeout=5)
+        wait_until(lambda: not os.listdir(socket_base), timeout=5)
+        left = os.listdir(socket_base)
+    finally:
+        km.shutdown_kernel(now=True)
+        if not reader.is_alive() and not log:
+            reader.start()
+        reader.join(timeout=10)
+    said = [line for line in b"".join(log).decode().splitlines() if line.startswith("ns-kernel:")]
+    assert (code, left) == (3, []), said
+    assert said[-1].endswith("exited with status 3"), said
