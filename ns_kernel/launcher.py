@@ -311,7 +311,7 @@ class Launch:
                                 print(line, file=sys.stderr, flush=True)
                             self._deliver_pending()
                             if self.handing_off:
-                                self._hand_off()    # and this process is gone
+                                self._hand_off()    # and this process is gone, if it could
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)
@@ -377,9 +377,16 @@ class Launch:
         except OSError:
             pass    # it has gone: the monitor sees that, and removes all (Abandoned)
         state = pickle.dumps(self)
-        socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
-                        self._handed_fds())
-        self.box.ctl.sendall(state)
+        try:
+            socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
+                            self._handed_fds())
+            self.box.ctl.sendall(state)
+        except OSError:
+            # The monitor has gone (the kernel died as it started, while this process was
+            # slow to get here): it ends the kernel's life as if there were no monitor to
+            # hand it to; init's last words wait on the control socket.
+            self.handing_off = False
+            return
         sys.stderr.flush()
         os._exit(0)
 
