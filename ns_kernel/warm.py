@@ -178,8 +178,8 @@ class Launcher:
             data = self.sock.recv(1 << 16)
         except OSError:
             data = b""
-        if data.startswith(b"L"):      # launcher.LEFT
-            self.left = data[1:]
+        if data.startswith(b"L"):      # launcher.LEFT, said once, before the hand-off
+            self.left = self.left or data[1:]
             return
         if data.startswith(b"S"):
             self.status = int(data[1:])
