@@ -131,3 +131,41 @@ def test_a_kernel_dead_before_a_late_hand_off_keeps_its_status(workdir, socket_b
     said = [line for line in b"".join(log).decode().splitlines() if line.startswith("ns-kernel:")]
     assert (code, left) == (3, []), said
     assert said[-1].endswith("exited with status 3"), said
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="root's monitor has no capability on the host: "
+                    "an ordinary user's has the user's own access, as its launcher had")
+@pytest.mark.parametrize("path", ["argv", "provisioner", "cold"])
+def test_root_kernel_death_notice_in_a_runtime_dir_root_does_not_own(workdir, socket_base,
+                                                                     tmp_path, path):
+    # Root runs the Jupyter server with its runtime dir (the connection file's) in a dir of
+    # another user's, 0700 (`sudo jupyter lab` keeping the user's HOME; a shared runtime
+    # dir). The launcher, root on the host, reads and writes there by CAP_DAC_OVERRIDE.
+    # The monitor it hands the kernel to is root in a user namespace of its own, with no
+    # capability on the host: it cannot reach the connection file to keep why the kernel
+    # died, and the restarted kernel is never told.
+    import json
+    from jupyter_client.manager import KernelManager
+    from ns_kernel import notice
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, 12345, 12345)     # nobody's: not root's, not the sandbox's
+    name = write_spec(f"isolated-{os.path.basename(socket_base)}-{path}",
+                      [f"--socket-dir={socket_base}", *(["--cold"] if path == "cold" else [])],
+                      provisioner=path == "provisioner")
+    ipc = {"transport": "ipc", "ip": str(tmp_path / "kernel-ipc")} if path != "provisioner" else {}
+    km = KernelManager(kernel_name=name, connection_file=str(runtime / "kernel-1.json"), **ipc)
+    km.start_kernel(cwd=workdir)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kc.execute("import os; os._exit(3)")
+        assert wait_until(lambda: not km.is_alive(), timeout=20)
+        assert km.provisioner.process.wait(timeout=5) == 3
+        with open(km.connection_file) as f:
+            told = json.load(f).get(notice.NOTICE_KEY, "")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert told.endswith("exited with status 3"), told
