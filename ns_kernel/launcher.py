@@ -102,6 +102,7 @@ class Launch:
         self.requester = requester      # an fd: the caller closes it
         self.spare_monitor = spare_monitor
         self.handing_off = False   # the monitor takes over once the kernel runs (hand_off)
+        self.notice_fd = None      # the connection file, open, in the monitor (taken_over)
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -237,7 +238,7 @@ class Launch:
         lost = leftovers.describe(*self.box.leftovers, self._who()) if self.box else None
         told = "\n".join(filter(None, [*told, lost]))
         if told and self.connection_file:
-            notice.remember(self.connection_file, told)
+            notice.remember(self.connection_file, told, self.notice_fd)
         return "\n".join(filter(None, [died, lost])) or None
 
     def _install_signal_handlers(self):
@@ -376,6 +377,13 @@ class Launch:
                 "cgroups": self.limits.cgroup.dirs if self.limits.cgroup else {}}).encode())
         except OSError:
             pass    # it has gone: the monitor sees that, and removes all (Abandoned)
+        # The monitor is root in a user namespace of its own when we are root: no capability
+        # on the host, where the connection file may be in a dir root does not own.
+        try:
+            self.notice_fd = os.open(self.connection_file,
+                                     os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            pass        # gone, or not a file: the death notice, then, goes nowhere
         state = pickle.dumps(self)
         try:
             socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
@@ -386,13 +394,16 @@ class Launch:
             # slow to get here): it ends the kernel's life as if there were no monitor to
             # hand it to; init's last words wait on the control socket.
             self.handing_off = False
+            if self.notice_fd is not None:
+                os.close(self.notice_fd)
+                self.notice_fd = None
             return
         sys.stderr.flush()
         os._exit(0)
 
     def _handed_fds(self):
         """What the monitor needs of ours, in the order taken_over takes them."""
-        extra = [self.output and self.output.fd, self.server]
+        extra = [self.output and self.output.fd, self.server, self.notice_fd]
         return [self.box.ctl.fileno(), self.requester, sys.stderr.fileno(),
                 *(fd for fd in extra if fd is not None)]
 
@@ -423,6 +434,8 @@ class Launch:
             self.output.fd = extra.pop(0)
         if self.server is not None:
             self.server = extra.pop(0)
+        if self.notice_fd is not None:
+            self.notice_fd = extra.pop(0)
         self.handing_off = False
         return self
 

@@ -5,6 +5,7 @@ death notice and removes what the launcher made."""
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -117,7 +118,7 @@ def test_a_kernel_dead_before_a_late_hand_off_keeps_its_status(workdir, socket_b
         assert wait_until(lambda: os.path.exists(marker) and open(marker).read(), timeout=60)
         ns = open(marker).read()
         assert wait_until(lambda: not in_pid_namespace(ns))
-        wait_until(lambda: False, timeout=1)    # and the monitor after it
+        time.sleep(1)       # and init and the monitor after it
         reader.start()
         assert wait_until(lambda: not km.is_alive(), timeout=20)
         code = km.provisioner.process.wait(timeout=5)
