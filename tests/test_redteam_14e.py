@@ -126,7 +126,7 @@ def test_a_kernel_dead_before_a_late_hand_off_keeps_its_status(workdir, socket_b
         left = os.listdir(socket_base)
     finally:
         km.shutdown_kernel(now=True)
-        if not reader.is_alive() and not log:
+        if reader.ident is None:     # not started: the launcher may wait on its log
             reader.start()
         reader.join(timeout=10)
     said = [line for line in b"".join(log).decode().splitlines() if line.startswith("ns-kernel:")]
