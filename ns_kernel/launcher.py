@@ -32,6 +32,9 @@ from .sandbox import MSG_HANDOFF, Sandbox
 
 # A requester's message (warm.Launcher.send_signal): a signal for the kernel, by number.
 SIGNAL = b"K"
+# To the requester, at the hand-off: what it removes if the monitor dies without a word
+# (warm.Launcher, remove_left).
+LEFT = b"L"
 
 
 def kernel_id_from(path):
@@ -99,6 +102,7 @@ class Launch:
         self.requester = requester      # an fd: the caller closes it
         self.spare_monitor = spare_monitor
         self.handing_off = False   # the monitor takes over once the kernel runs (hand_off)
+        self.notice_fd = None      # the connection file, open, in the monitor (taken_over)
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -234,7 +238,7 @@ class Launch:
         lost = leftovers.describe(*self.box.leftovers, self._who()) if self.box else None
         told = "\n".join(filter(None, [*told, lost]))
         if told and self.connection_file:
-            notice.remember(self.connection_file, told)
+            notice.remember(self.connection_file, told, self.notice_fd)
         return "\n".join(filter(None, [died, lost])) or None
 
     def _install_signal_handlers(self):
@@ -266,13 +270,7 @@ class Launch:
             self.links.append(path)
 
     def _unlink_ipc_paths(self):
-        """Our links, unless the next kernel's launcher (a restart) has made them its own."""
-        for path in self.links:
-            try:
-                if os.path.dirname(os.readlink(path)) == self.socket_dir:
-                    os.unlink(path)
-            except OSError:
-                pass
+        unlink_ipc_paths(self.links, self.socket_dir)
         self.links = []
 
     def _supervise(self):
@@ -314,7 +312,7 @@ class Launch:
                                 print(line, file=sys.stderr, flush=True)
                             self._deliver_pending()
                             if self.handing_off:
-                                self._hand_off()    # and this process is gone
+                                self._hand_off()    # and this process is gone, if it could
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)
@@ -368,17 +366,44 @@ class Launch:
         the interpreter's state this one copied while it read the config and made the
         plan). The monitor gets this object and the fds it holds (taken_over); what the
         requester says meanwhile waits in its socket."""
+        import json
         import pickle
+        # The monitor may be SIGKILLed (by the user, whose uid it has; by the OOM killer)
+        # before it can remove what this launch made; then only the requester, which sees
+        # its socket close without a status, is left to (remove_left).
+        try:
+            os.write(self.requester, LEFT + json.dumps({
+                "socket_dir": self.socket_dir, "links": self.links,
+                "cgroups": self.limits.cgroup.dirs if self.limits.cgroup else {}}).encode())
+        except OSError:
+            pass    # it has gone: the monitor sees that, and removes all (Abandoned)
+        # The monitor is root in a user namespace of its own when we are root: no capability
+        # on the host, where the connection file may be in a dir root does not own.
+        try:
+            self.notice_fd = os.open(self.connection_file,
+                                     os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            pass        # gone, or not a file: the death notice, then, goes nowhere
         state = pickle.dumps(self)
-        socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
-                        self._handed_fds())
-        self.box.ctl.sendall(state)
+        try:
+            socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
+                            self._handed_fds())
+            self.box.ctl.sendall(state)
+        except OSError:
+            # The monitor has gone (the kernel died as it started, while this process was
+            # slow to get here): it ends the kernel's life as if there were no monitor to
+            # hand it to; init's last words wait on the control socket.
+            self.handing_off = False
+            if self.notice_fd is not None:
+                os.close(self.notice_fd)
+                self.notice_fd = None
+            return
         sys.stderr.flush()
         os._exit(0)
 
     def _handed_fds(self):
         """What the monitor needs of ours, in the order taken_over takes them."""
-        extra = [self.output and self.output.fd, self.server]
+        extra = [self.output and self.output.fd, self.server, self.notice_fd]
         return [self.box.ctl.fileno(), self.requester, sys.stderr.fileno(),
                 *(fd for fd in extra if fd is not None)]
 
@@ -409,6 +434,8 @@ class Launch:
             launch.output.fd = extra.pop(0)
         if launch.server is not None:
             launch.server = extra.pop(0)
+        if launch.notice_fd is not None:
+            launch.notice_fd = extra.pop(0)
         launch.handing_off = False
         return launch
 
@@ -484,6 +511,26 @@ class Launch:
         self._unlink_ipc_paths()
         if self.socket_dir:
             socketdir.remove(self.socket_dir)
+
+
+def unlink_ipc_paths(links, socket_dir):
+    """The links to socket_dir's sockets, unless the next kernel's launcher (a restart)
+    has made them its own."""
+    for path in links:
+        try:
+            if os.path.dirname(os.readlink(path)) == socket_dir:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_left(left):
+    """In the requester of a warm start whose monitor took the kernel over and died
+    without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
+    from . import cgroup
+    unlink_ipc_paths(left["links"], left["socket_dir"])
+    socketdir.remove(left["socket_dir"])
+    cgroup.Cgroup(0, left["cgroups"]).remove()
 
 
 def describe_exit(status, who, usage=None):

@@ -15,17 +15,26 @@ EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.notice"
 NOTICE_KEY = "ns_kernel_previous_exit"
 
 
-def remember(connection_file, line):
+def remember(connection_file, line, fd=None):
     """Keep the server log's line for the restarted kernel, in the client's connection
     file: jupyter_client starts the restarted kernel from the same file and deletes it at
     shutdown, so the reason lives exactly as long as the kernel and nothing is left
     behind. (A restart with new random ports, in a kernel's first seconds, rewrites the
-    file: that restart shows no reason, the server log still has it.)"""
+    file: that restart shows no reason, the server log still has it.) fd: the file, open
+    for writing, rewritten in place (a warm kernel's monitor, which may not reach its
+    dir: launcher.Launch._hand_off); nobody reads it before the kernel's end is told."""
     try:
-        with open(connection_file) as f:
-            info = json.load(f)
+        if fd is None:
+            with open(connection_file) as f:
+                info = json.load(f)
+        else:
+            info = json.loads(os.pread(fd, 1 << 20, 0))
         info[NOTICE_KEY] = line
-        _replace_json(connection_file, info)
+        if fd is None:
+            _replace_json(connection_file, info)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
     except (OSError, ValueError):
         pass   # the reason is in the server log; the notebook just won't show it
 

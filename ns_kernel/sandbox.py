@@ -225,10 +225,10 @@ def _supervise(plan, ctl, init, origin, take_over=None):
     sel.register(pidfd, selectors.EVENT_READ)
     while True:
         ready = [key.fileobj for key, _ in sel.select()]
-        if pidfd in ready:
-            break
+        # The launcher first: a hand-off that came as init exited (the kernel died as it
+        # started) is the kernel's life to end, with init's status and the cleanup.
         if ctl not in ready:
-            continue
+            break
         said, fds, _, _ = socket.recv_fds(ctl, 1 + 8, MAX_HANDED_FDS)
         if said[:1] == MSG_HANDOFF and take_over and len(fds) >= 3:
             sel.close()

@@ -147,15 +147,16 @@ class Launcher:
         self.sock, self.pid = sock, pid
         self.status = None          # its kernel's raw wait status, once sent
         self.returncode = None      # as Popen's: the exit code, or minus the signal
+        self.left = None            # what to remove if it dies without a word (launcher.LEFT)
         self._killed = False
 
     def poll(self):
-        if self.returncode is None and self._ready(0):
+        while self.returncode is None and self._ready(0):
             self._finish()
         return self.returncode
 
     def wait(self, timeout=None):
-        if self.returncode is None:
+        while self.returncode is None:
             if not self._ready(timeout):
                 import subprocess
                 raise subprocess.TimeoutExpired(f"launcher {self.pid}", timeout)
@@ -171,17 +172,28 @@ class Launcher:
         return bool(poller.poll(None if timeout is None else timeout * 1000))
 
     def _finish(self):
+        """Read what it says: what it made (once the monitor has the kernel), or how the
+        kernel ended, or nothing: then it has gone."""
         try:
-            data = self.sock.recv(64)
+            data = self.sock.recv(1 << 16)
         except OSError:
             data = b""
+        if data.startswith(b"L"):      # launcher.LEFT, said once, before the hand-off
+            self.left = self.left or data[1:]
+            return
         if data.startswith(b"S"):
             self.status = int(data[1:])
             self.returncode = os.waitstatus_to_exitcode(self.status)
         else:
-            # Gone without a word: killed (by us, or the OOM killer) or it crashed.
+            # Gone without a word: killed (by us, or the OOM killer) or it crashed. The
+            # monitor that took the kernel over (SIGKILLed, it removed nothing): what it
+            # would have removed, nobody else knows of.
             import signal
             self.returncode = -signal.SIGKILL if self._killed else 1
+            if self.left:
+                import json
+                from .launcher import remove_left
+                remove_left(json.loads(self.left))
         self.sock.close()
 
     def send_signal(self, signum):
