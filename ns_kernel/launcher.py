@@ -527,10 +527,15 @@ def unlink_ipc_paths(links, socket_dir):
 def remove_left(left):
     """In the requester of a warm start whose monitor took the kernel over and died
     without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
+    import threading
     from . import cgroup
     unlink_ipc_paths(left["links"], left["socket_dir"])
     socketdir.remove(left["socket_dir"])
-    cgroup.Cgroup(0, left["cgroups"]).remove()
+    if left["cgroups"]:
+        # Beside the caller (a Jupyter server's event loop polls): a cgroup whose kernel
+        # held GBs takes seconds to empty. Not a daemon: a client that exits waits for it.
+        threading.Thread(target=cgroup.Cgroup(0, left["cgroups"]).remove,
+                         name="ns-kernel-remove-cgroup").start()
 
 
 def describe_exit(status, who, usage=None):

@@ -33,8 +33,11 @@ def remember(connection_file, line, fd=None):
         if fd is None:
             _replace_json(connection_file, info)
         else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+            # Written over, then cut to length: the file is never empty on the way (the
+            # line only adds to it, unless an older one was longer).
+            data = json.dumps(info).encode()
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
     except (OSError, ValueError):
         pass   # the reason is in the server log; the notebook just won't show it
 
