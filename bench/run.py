@@ -408,9 +408,10 @@ def warm_kernel_pss(km, kc):
     reply = kc.execute_interactive("", timeout=60, user_expressions={
         "ns": "__import__('os').readlink('/proc/self/ns/pid')"})
     ns = ast.literal_eval(reply["content"]["user_expressions"]["ns"]["data"]["text/plain"])
-    init = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                if _pid_ns(pid) == ns and _nspid(pid)[-1] == "1")
-    own = pss_tree(_parent(init))
+    # The kernel, PID 2: an ordinary user may not read init's namespace (not dumpable).
+    kernel = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                  if _pid_ns(pid) == ns and _nspid(pid)[-1] == "2")
+    own = pss_tree(_parent(_parent(kernel)))
     if km.transport == "tcp":
         own += pss_tree(launcher_pid(km), descend=False)
     return own
