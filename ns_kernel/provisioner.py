@@ -15,9 +15,10 @@ options, so they win over them.
 
 Second, a warm start needs no process of its own: when the user's warm template listens, the
 provisioner hands it the start itself (warm.launch, as the warm client would) and
-supervises the launcher it forks through a pidfd and the request's socket (warm.Launcher,
-Popen's poll, wait and send_signal); otherwise it Popens the command, as LocalProvisioner
-does, and the client started that way makes the template (a user's first kernel).
+supervises the launcher it forks, and the monitor the launcher hands the kernel to once it
+runs, through the request's socket (warm.Launcher, Popen's poll, wait and send_signal);
+otherwise it Popens the command, as LocalProvisioner does, and the client started that way
+makes the template (a user's first kernel).
 
 It reads the launcher's options with the launcher's own parser (cli.KernelApp), but the
 config files as data only: ns_kernel_config.json, never ns_kernel_config.py, which would

@@ -49,7 +49,7 @@ def restarts_in_first_moments(workdir, spec, delays, stop_at):
 def test_a_kernel_jupyter_interrupted_at_its_start_was_not_killed_by_sigkill(workdir, path):
     # Attack (or plain bad luck): Restart (or Shutdown, or Interrupt) a kernel right after
     # it was started: jupyter_client's shutdown always interrupts first, SIGINT to the
-    # launcher (the provisioner's warm.Launcher sends it through its pidfd since 697c830;
+    # launcher (the provisioner's warm.Launcher sends it over the request's socket;
     # on the argv path the warm client forwards it). A launcher whose sandbox does not stand
     # yet keeps the signal (Launch.pending_signals) and sends it to the monitor as soon as
     # Sandbox.start returns, before the monitor has forked init and installed its forwarder
