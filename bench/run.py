@@ -461,11 +461,9 @@ def children_map():
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
+            ppid = _parent(int(entry))
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         kids.setdefault(ppid, []).append(int(entry))
     return kids
 

@@ -29,12 +29,7 @@ from .errors import SetupError
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan
 from .sandbox import MSG_HANDOFF, Sandbox
-
-# A requester's message (warm.Launcher.send_signal): a signal for the kernel, by number.
-SIGNAL = b"K"
-# To the requester, at the hand-off: what it removes if the monitor dies without a word
-# (warm.Launcher, remove_left).
-LEFT = b"L"
+from .warm import LEFT, SIGNAL
 
 
 def kernel_id_from(path):
@@ -436,14 +431,14 @@ class Launch:
             launch.server = extra.pop(0)
         if launch.notice_fd is not None:
             launch.notice_fd = extra.pop(0)
-        launch.handing_off = False
         return launch
 
     def __getstate__(self):
         """What hand_off sends: the live handles go as fds (_handed_fds); the config has
         done its work (the plan holds what is left of it)."""
         state = dict(vars(self))
-        state.update(config=None, spawn=None, prestarted=None, listeners=[], proxy=None)
+        state.update(config=None, spawn=None, prestarted=None, listeners=[], proxy=None,
+                     handing_off=False)
         return state
 
     def _server_pidfd(self):

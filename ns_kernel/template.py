@@ -8,7 +8,7 @@ import socket
 import sys
 
 from . import preload
-from .warm import FAILED, LISTENING, LOCKED, _untrusted, lock_path
+from .warm import FAILED, LISTENING, LOCKED, STATUS, _untrusted, lock_path
 
 IDLE_EXIT = 600.0
 NEXT_PAIR_DELAY = 0.1
@@ -347,7 +347,7 @@ def _launcher_child(conn, request, fds, monitor, spare):
 def _finish(conn, status):
     """Tell the requester how the kernel ended (warm.Launcher), and leave."""
     try:
-        conn.sendall(b"S%d" % status)
+        conn.sendall(STATUS + b"%d" % status)
     except OSError:
         pass    # the requester is gone (the server died): nobody to tell
     sys.stdout.flush()

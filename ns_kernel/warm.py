@@ -54,6 +54,10 @@ from . import preload
 # listens, or another template won the path's lock (wait for that one); else it failed,
 # and says why after FAILED (or dies, and says nothing).
 LISTENING, LOCKED, FAILED = b"L", b"O", b"E"
+# On a kernel's request socket: from the requester (Launcher), a signal for the kernel, by
+# number; to it, what the launch made (said once, at the hand-off: removed by the requester
+# if the monitor then dies without a word), and the kernel's raw wait status, last.
+SIGNAL, LEFT, STATUS = b"K", b"L", b"S"
 
 
 def lock_path(path):
@@ -147,7 +151,7 @@ class Launcher:
         self.sock, self.pid = sock, pid
         self.status = None          # its kernel's raw wait status, once sent
         self.returncode = None      # as Popen's: the exit code, or minus the signal
-        self.left = None            # what to remove if it dies without a word (launcher.LEFT)
+        self.left = None            # what to remove if it dies without a word (LEFT)
         self._killed = False
 
     def poll(self):
@@ -178,10 +182,10 @@ class Launcher:
             data = self.sock.recv(1 << 16)
         except OSError:
             data = b""
-        if data.startswith(b"L"):      # launcher.LEFT, said once, before the hand-off
+        if data.startswith(LEFT):
             self.left = self.left or data[1:]
             return
-        if data.startswith(b"S"):
+        if data.startswith(STATUS):
             self.status = int(data[1:])
             self.returncode = os.waitstatus_to_exitcode(self.status)
         else:
@@ -208,7 +212,7 @@ class Launcher:
                     self._killed = True
                     self.sock.shutdown(_socket.SHUT_WR)
                 else:
-                    self.sock.send(b"K%d" % signum)     # launcher.SIGNAL
+                    self.sock.send(SIGNAL + b"%d" % signum)
             except OSError:
                 pass    # it has gone already: its status, or the EOF, is there to read
 
