@@ -116,7 +116,7 @@ class Launch:
                 argv = kernel_argv(self.argv)
             else:
                 info, argv = None, command_argv(self.argv)
-            host = Host.probe()
+            host = Host.probe(binds=(*self.config.ro_binds, *self.config.rw_binds))
             socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
                           if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
             previous = notice.recall(self.connection_file, info) if info else ""
@@ -162,10 +162,9 @@ class Launch:
                 notice.leave_notice(self.socket_dir, previous, owner)
             if info and info["transport"] == "ipc":
                 self._link_ipc_paths(info)
-            # Taken as given: the admin's binds, and the dirs made just now for this kernel.
+            # Taken as given: the dirs made just now for this kernel.
             handles = mount.open_sources(plan.mounts, host.cwd, trusted={
-                *self.config.ro_binds, *self.config.rw_binds, self.socket_dir,
-                *plan.state_dirs})
+                self.socket_dir, *plan.state_dirs})
             # A kernel's stdio: /dev/null and a pipe to the log (output.py); a command of
             # `ns-kernel run` keeps the admin's terminal.
             stdio = self._kernel_stdio() if info else (0, 1, 2)

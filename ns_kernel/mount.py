@@ -59,7 +59,7 @@ def makedirs(path):
 def _touch(path):
     makedirs(os.path.dirname(path))
     if os.path.lexists(path):
-        return      # a file of a bind already (.git/config): not ours to open for writing
+        return      # a file of a bind already: not ours to open for writing
     try:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
     except OSError as exc:
@@ -72,8 +72,8 @@ def open_sources(mounts, cwd, trusted=()):
     renames or links meanwhile in a folder it may write (another kernel's notebook folder,
     a venv there). `cwd` is the launcher's own working directory, taken as it is (no name
     is looked up); the plan's other sources are real paths, so a handle that resolved
-    elsewhere means a link appeared on the way. `trusted`: sources given as they are (the
-    admin's binds, the socket dir the launcher made), not compared."""
+    elsewhere means a link appeared on the way (the admin's binds too: Host.probe resolved
+    them). `trusted`: the dirs the launcher made for this kernel, not compared."""
     handles = []
     try:
         for m in mounts:

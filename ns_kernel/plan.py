@@ -30,9 +30,6 @@ MAX_PTYS = 64          # per kernel: terminals, pexpect sessions, one per runnin
 # In a home shown to the kernel, the non-dot entries a shell or desktop still runs as code
 # (Debian's ~/.profile puts ~/bin on PATH): read-only.
 HOME_CODE = ("bin",)
-# In the notebook folder's own git repository, what git on the host runs or obeys at the
-# next commit (hooks; core.hooksPath, core.fsmonitor, filters): read-only.
-GIT_HOST_READS = ("config", "hooks")
 SANDBOX_HOME = ".isolated-home"   # $HOME inside, when the real home is the notebook's folder
 
 
@@ -87,12 +84,20 @@ class Host:
     cwd_shared: bool = False  # cwd is writable by every user, as /tmp is
     homes: tuple = ()         # every user's own home
     config_paths: tuple = ()  # (path, exists): what the host side reads as configuration
-    cwd_git: tuple = ()       # kind of <cwd>/.git ("dir", "file") and the entries it has
+    cwd_git: bool = False     # <cwd>/.git exists (a dir, or a file naming the git dir)
+    # sys.path and PYTHONPATH entries that do not exist (yet), as real paths: a kernel that
+    # may write where one lies could create it, and the next launcher would import from it
+    unbuilt_paths: tuple = ()
+    binds: tuple = ()         # (given, real path) of each of the admin's ro/rw binds
+    landlock: int = 0         # Landlock's ABI version, 0 where Linux has none
 
     @classmethod
-    def probe(cls):
+    def probe(cls, binds=()):
+        """binds: the admin's bind sources, resolved here once: what the plan mounts and
+        open_sources compares against."""
         from jupyter_core.paths import jupyter_runtime_dir
         from .socketdir import default_base
+        from .syscalls import landlock_abi
         links, missing = [], set()
         for path in SYSTEM_DIRS:
             if os.path.islink(path):
@@ -113,18 +118,20 @@ class Host:
                    home_entries=_entries(home) if os.path.isdir(home) else (),
                    cwd_shared=_shared(cwd),
                    homes=_homes(pwd.getpwall()),
-                   config_paths=config_paths(), cwd_git=_git(cwd),
+                   config_paths=config_paths(),
+                   cwd_git=_is_git(cwd),
+                   unbuilt_paths=unbuilt_paths(),
+                   binds=tuple((path, os.path.realpath(path)) for path in binds),
+                   landlock=landlock_abi(),
                    data_home=os.path.realpath(os.environ.get("XDG_DATA_HOME")
                                               or os.path.join(home, ".local/share")))
 
 
-def _git(cwd):
+def _is_git(cwd):
+    """The folder has a .git of its own (a dir, or a file naming the git dir). A link there
+    is the user's: it points where they chose, and is not bound."""
     git = os.path.join(cwd, ".git")
-    if os.path.islink(git) or not os.path.exists(git):
-        return ()
-    if not os.path.isdir(git):
-        return ("file",)
-    return ("dir", *(name for name in GIT_HOST_READS if os.path.lexists(f"{git}/{name}")))
+    return os.path.lexists(git) and not os.path.islink(git)
 
 
 def _homes(users):
@@ -167,19 +174,29 @@ def _entries(path):
     return tuple(sorted(entries, key=lambda e: e[0]))
 
 
+def _search_path():
+    """Every dir this interpreter imports from, or a later launcher would: sys.path, and
+    PYTHONPATH's entries, as a cold launcher has them on sys.path (an empty entry is the
+    current folder): a warm template's launcher runs with the template's sys.path, which
+    lacks the folder the template was started in."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable)), *filter(None, sys.path)}
+    if os.environ.get("PYTHONPATH"):
+        paths.update(map(os.path.abspath, os.environ["PYTHONPATH"].split(os.pathsep)))
+    return paths
+
+
 def python_paths():
     """Where this interpreter and its packages live: all of it must be readable inside."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable))}
-    paths.update(p for p in sys.path if p and os.path.exists(p))
-    # And PYTHONPATH's, as a cold launcher has them on sys.path (an empty entry is the
-    # current folder): a warm template's launcher runs with the template's sys.path, which
-    # lacks the folder the template was started in.
-    if os.environ.get("PYTHONPATH"):
-        entries = map(os.path.abspath, os.environ["PYTHONPATH"].split(os.pathsep))
-        paths.update(p for p in entries if os.path.exists(p))
+    paths = (os.path.realpath(p) for p in _search_path() if os.path.exists(p))
     # "/" would show the whole host; it only gets here as `python -m` run from /.
-    return tuple(sorted(os.path.realpath(p) for p in paths if os.path.realpath(p) != "/"))
+    return tuple(sorted(p for p in paths if p != "/"))
+
+
+def unbuilt_paths():
+    """The search path's entries that do not exist, as real paths (what exists of them
+    resolved): where a kernel must not be able to create one."""
+    return tuple(sorted({os.path.realpath(p) for p in _search_path() if not os.path.exists(p)}))
 
 
 @dataclass(frozen=True)
@@ -217,6 +234,9 @@ class Plan:
     sockets: tuple = ()       # the kernel's socket names in the socket dir, once bound
     seccomp: object = None    # the seccomp.Filter loaded last (seal.py), None for none
     allow_userns: bool = False  # let the kernel make namespaces of its own
+    # dirs (inside) where the kernel may make links and FIFOs, which Landlock denies it
+    # everywhere else (seal.py); None: Linux has no Landlock, the seccomp filter denies them
+    links_in: tuple = None
     egress: object = None     # network 'proxy': where its proxy may go (proxy.Policy)
 
 
@@ -292,9 +312,17 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
             mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
             visible.append(path)
     mounts += own_filesystems(tmp_opt, sandbox.network)
+    # The admin's binds, as real paths: a link on the way (a kernel may write the folder
+    # one lies in) is resolved once, in Host.probe, and open_sources compares.
+    binds = dict(host.binds)
+    for path in (*sandbox.ro_binds, *sandbox.rw_binds):
+        if not os.path.isabs(path):
+            raise SetupError("plan", "bind", path, hint="bind paths must be absolute")
+    ro_binds, rw_binds = ([binds.get(p, os.path.normpath(p)) for p in paths]
+                          for paths in (sandbox.ro_binds, sandbox.rw_binds))
     # What the kernel may write. Nothing the host side runs or reads as configuration may
     # be in it (checked below): not the launcher's own code, not Jupyter's settings.
-    writable = [*(os.path.normpath(p) for p in sandbox.rw_binds)]
+    writable = list(rw_binds)
     seals = []     # made read-only last, once everything below them is mounted
     kernel_home = home
     if sandbox.home in ("readonly", "shared") or cwd == home:
@@ -316,6 +344,13 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         mounts.append(Mount(Op.BIND, kernel_home, source=state_dirs[-1], attrs=RW))
     if cwd != home:
         writable.insert(0, cwd)
+    for path in host.unbuilt_paths:
+        inside = next((w for w in writable if under(path, w)), None)
+        if inside:
+            raise SetupError("plan", f"sys.path entry {path} does not exist", hint=(
+                f"it lies in {inside}, which the kernel may write: the kernel could create "
+                "it, and the next launcher would import what it put there outside the "
+                "sandbox; create it, or take it out of PYTHONPATH"))
     below_writable = []
     for path in host.python_paths:
         if path in writable or (cwd == home and path == home):
@@ -334,11 +369,8 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
             # After the tmpfs mounts: a venv under /tmp or a private $HOME stays visible.
             mounts += python_mounts(path, host, packages)
             visible.append(path)
-    for paths, attrs in ((sandbox.ro_binds, RO), (sandbox.rw_binds, RW)):
+    for paths, attrs in ((ro_binds, RO), (rw_binds, RW)):
         for path in paths:
-            if not os.path.isabs(path):
-                raise SetupError("plan", "bind", path, hint="bind paths must be absolute")
-            path = os.path.normpath(path)
             mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
             visible.append(path)
     if cwd != home:     # else shown above, without its dot entries
@@ -349,7 +381,12 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         mounts += python_mounts(path, host, packages)
         visible.append(path)
         read_only.append(path)
-    mounts += git_mounts(cwd, host.cwd_git) if cwd != home else []
+    if host.cwd_git and cwd != home:
+        # What git on the host obeys in a repository is more than hooks and config
+        # (commondir, config.worktree, modules/*/config, info/attributes ...), and the
+        # names that do not exist yet could not be covered: the whole of it, read-only.
+        mounts.append(Mount(Op.BIND, f"{cwd}/.git", source=f"{cwd}/.git", attrs=RO))
+        read_only.append(f"{cwd}/.git")
     for path, exists in host.config_paths:
         covering = max((p for p in (*writable, *read_only) if under(path, p)), key=len,
                        default=None)
@@ -374,6 +411,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         if any(under(path, v) for v in visible):
             mounts.append(Mount(Op.HIDE, path, data="mode=0755,size=4k", attrs=RO))
     mounts += seals
+    mounts = pin_ancestors(mounts, writable)
 
     package_paths = ()
     env = kernel_env(dict(host.environ), sandbox, kernel_home)
@@ -395,7 +433,9 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         env=tuple(sorted(env.items())), cwd=cwd, socket_dir=socket_dir,
         limits=Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
         package_paths=package_paths,
-        seccomp=seccomp_filter(sandbox, seccomp_profile, [*writable, *state_dirs]),
+        seccomp=seccomp_filter(sandbox, seccomp_profile, [*writable, *state_dirs],
+                               no_links=not host.landlock),
+        links_in=links_in(sandbox, kernel_home, writable) if host.landlock else None,
         allow_userns=sandbox.allow_userns, egress=egress,
         discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
                    *([(home, True)] if sandbox.home == "private" else []),
@@ -403,11 +443,28 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
                      if packages and packages.op is Op.TMPFS)))
 
 
-def seccomp_filter(sandbox, profile, writable):
+def links_in(sandbox, kernel_home, writable):
+    """Where the kernel may make links and FIFOs (seal.LINKS): its own filesystems, where
+    nothing on the host reads them. Landlock grants a right on a whole tree, binds below
+    included: a dir that holds a folder the host reads (a notebook folder in /tmp) is
+    left out."""
+    own = ("/tmp", "/var/tmp", "/dev/shm",
+           *([kernel_home] if sandbox.home in ("persistent", "private") else []))
+    return tuple(d for d in own if not any(under(w, d) for w in writable))
+
+
+def seccomp_filter(sandbox, profile, writable, no_links=False):
+    """no_links: the filter must deny symlink(2) (Linux without Landlock)."""
+    if no_links and sandbox.seccomp != "default":
+        raise SetupError("plan", f"Sandbox.seccomp = {sandbox.seccomp} on a Linux without "
+                         "Landlock", hint=(
+            "nothing else would stop the kernel making links in the notebook folder, which "
+            "the Jupyter server follows out of it; use --seccomp default (it denies "
+            "symlinks), or a Linux with Landlock (5.13+, lsm=...,landlock)"))
     if sandbox.seccomp == "off":
         return None
     if sandbox.seccomp == "default":
-        return seccomp.default_filter(sandbox.allow_userns)
+        return seccomp.default_filter(sandbox.allow_userns, no_links)
     inside = next((w for w in writable if under(profile.source, w)), None)
     if inside:
         raise SetupError("plan", f"seccomp profile {sandbox.seccomp}", hint=(
@@ -464,15 +521,29 @@ def home_mounts(home, entries, attrs):
     return mounts
 
 
-def git_mounts(cwd, git):
-    """The notebook folder's own repository: what git on the host obeys, read-only."""
-    if not git:
-        return []
-    if git[0] == "file" or "hooks" not in git:
-        # A gitdir link the kernel could point anywhere, or no hooks dir it could not make.
-        return [Mount(Op.BIND, f"{cwd}/.git", source=f"{cwd}/.git", attrs=RO)]
-    return [Mount(Op.BIND, f"{cwd}/.git/{name}", source=f"{cwd}/.git/{name}", attrs=RO)
-            for name in git[1:]]
+def pin_ancestors(mounts, writable):
+    """Each dir between a writable bind and a mount below it, bound onto itself right
+    after that bind: Linux refuses to rename or remove a mount point, but lets a kernel
+    rename a dir that merely holds one (taking the read-only mount with it) and make a
+    fresh one in its place, which the host side then reads by the old name."""
+    roots = {m.dest: m for m in mounts if m.op is Op.BIND and m.dest in writable}
+    pins = {}
+    for m in mounts:
+        root = max((r for r in roots if m.dest != r and under(m.dest, r)), key=len, default=None)
+        if root is None or m.dest in writable:
+            continue
+        parent = os.path.dirname(m.dest)
+        while parent != root:
+            pins.setdefault(root, set()).add(parent)
+            parent = os.path.dirname(parent)
+    mounted = {m.dest for m in mounts}
+    out = []
+    for m in mounts:
+        out.append(m)
+        if m.op is Op.BIND and roots.get(m.dest) is m:
+            out += [Mount(Op.BIND, path, source=path, attrs=m.attrs)
+                    for path in sorted(pins.get(m.dest, ())) if path not in mounted]
+    return out
 
 
 def python_mounts(path, host, packages):

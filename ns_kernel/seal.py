@@ -8,8 +8,14 @@ import errno
 
 from . import limits, seccomp
 from .errors import SetupError
-from .syscalls import drop_all_capabilities, join_new_session_keyring, landlock_abi, \
-    scope_abstract_unix_sockets, set_dumpable, set_no_new_privs
+from .syscalls import LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET, LandlockFs, drop_all_capabilities, \
+    join_new_session_keyring, landlock_abi, landlock_restrict, set_dumpable, set_no_new_privs
+
+# What a kernel may make only where nothing on the host reads it (plan.links_in): the
+# Jupyter server, git and editors follow a link in the notebook folder out of it (onto a
+# key, into a dot dir the next host program runs from), and a FIFO there hangs whoever
+# opens it. Landlock's "make" rights also cover renaming and linking one into a dir.
+LINKS = LandlockFs.LANDLOCK_ACCESS_FS_MAKE_SYM | LandlockFs.LANDLOCK_ACCESS_FS_MAKE_FIFO
 
 # The host's OOM killer takes a kernel before the Jupyter server (0) and the rest of the
 # host: a runaway cell costs its own kernel, not everyone's.
@@ -29,15 +35,23 @@ def seal(plan):
     _step("write /proc/self/oom_score_adj", _raise_oom_score)
     # setuid binaries stay inert, and the filter below may be loaded without privileges.
     _step("prctl(PR_SET_NO_NEW_PRIVS)", set_no_new_privs)
-    # The host's abstract unix sockets (X11's, D-Bus's) are in its network namespace,
-    # which `--network host` shares: none of them may be reached from here. Older Linux
-    # (Landlock ABI < 6) cannot scope them; the README says so.
-    if plan.network == "host" and landlock_abi() >= 6:
-        scope_abstract_unix_sockets()
+    _step("landlock_restrict_self", lambda: _landlock(plan))
     _step("capset (drop every capability)", drop_all_capabilities)
     # Last: what the steps above call (keyctl, prctl) is denied by it.
     if plan.seccomp:
         _step("load the seccomp filter", lambda: seccomp.load(plan.seccomp))
+
+
+def _landlock(plan):
+    # The host's abstract unix sockets (X11's, D-Bus's) are in its network namespace,
+    # which `--network host` shares: none of them may be reached from here. Older Linux
+    # (Landlock ABI < 6) cannot scope them; the README says so.
+    scoped = (LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+              if plan.network == "host" and landlock_abi() >= 6 else 0)
+    # links_in is None where Linux has no Landlock: the seccomp filter denies symlink(2).
+    links = LINKS if plan.links_in is not None else LandlockFs(0)
+    if links or scoped:
+        landlock_restrict(links, plan.links_in or (), scoped)
 
 
 def _join_new_session_keyring():

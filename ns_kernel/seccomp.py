@@ -81,10 +81,15 @@ class Filter:
     source: str = ""     # the profile file it came from, '' for the default filter
 
 
-def default_filter(allow_userns=False):
+# Where Linux has no Landlock to keep links out of the folders the host reads (seal.LINKS).
+LINKS = ("symlink", "symlinkat")
+
+
+def default_filter(allow_userns=False, no_links=False):
     """Allow all but DENIED, which answers EPERM (unshare and setns too, unless
-    allow_userns)."""
+    allow_userns; symlinks too, with no_links)."""
     denied = tuple(n for n in DENIED if not (allow_userns and n in NAMESPACES))
+    denied += LINKS if no_links else ()
     return Filter(SCMP_ACT_ALLOW, (Rule(denied, SCMP_ACT_ERRNO(errno.EPERM)),))
 
 

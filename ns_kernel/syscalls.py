@@ -17,6 +17,7 @@ SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
 SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
 
 
@@ -233,11 +234,23 @@ def set_process_title(title):
 
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+
+
+class LandlockFs(enum.IntFlag):
+    """The filesystem rights Landlock can take away (landlock.h), those ns_kernel uses."""
+    LANDLOCK_ACCESS_FS_MAKE_FIFO = 1 << 10
+    LANDLOCK_ACCESS_FS_MAKE_SYM = 1 << 12
 
 
 class _LandlockRulesetAttr(ctypes.Structure):
     _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
                 ("scoped", ctypes.c_uint64)]
+
+
+class _LandlockPathBeneathAttr(ctypes.Structure):
+    _pack_ = 1      # __attribute__((packed)) in landlock.h: 12 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
 def landlock_abi():
@@ -247,14 +260,26 @@ def landlock_abi():
     return max(version, 0)
 
 
-def scope_abstract_unix_sockets():
-    """Landlock (ABI 6, Linux 6.12): from now on this process and its children connect
-    only to abstract unix sockets made inside the same domain. Needs no_new_privs."""
-    attr = _LandlockRulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)
+def landlock_restrict(handled_fs=LandlockFs(0), allowed_beneath=(), scoped=0):
+    """From now on this thread and its children lose the `handled_fs` rights except
+    beneath the dirs `allowed_beneath`, and whatever `scoped` names (ABI 6:
+    LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: abstract unix sockets made outside the domain).
+    Needs no_new_privs."""
+    attr = _LandlockRulesetAttr(handled_fs, 0, scoped)
     fd = _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
                               ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
-                "landlock_create_ruleset(LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)")
+                f"landlock_create_ruleset({flag_names(handled_fs)})")
     try:
+        for path in allowed_beneath:
+            beneath = _LandlockPathBeneathAttr(
+                handled_fs, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            try:
+                _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(fd),
+                                     ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                                     ctypes.byref(beneath), ctypes.c_uint32(0)),
+                       f"landlock_add_rule({path})")
+            finally:
+                os.close(beneath.parent_fd)
         _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(fd),
                              ctypes.c_uint32(0)), "landlock_restrict_self")
     finally:

@@ -14,7 +14,8 @@ def host(**kw):
                  python_paths=("/home/ada/.venv", "/usr/lib/python3.11"),
                  symlinks=(("/bin", "usr/bin"), ("/lib", "usr/lib")),
                  missing=frozenset({"/lib32", "/libx32", "/opt"}),
-                 runtime_dirs=("/home/ada/.local/share/jupyter/runtime", "/run/user/1000"))
+                 runtime_dirs=("/home/ada/.local/share/jupyter/runtime", "/run/user/1000"),
+                 landlock=6)
     facts.update(kw)
     return Host(**facts)
 
@@ -201,11 +202,75 @@ def test_configuration_in_a_writable_folder_is_read_only_or_refused():
 
 
 def test_the_notebook_folders_git_is_obeyed_by_the_host_so_read_only():
-    mounts = by_dest(plan(cwd_git=("dir", "config", "hooks")))
-    assert mounts["/home/ada/notebooks/.git/config"].attrs == RO
-    assert mounts["/home/ada/notebooks/.git/hooks"].attrs == RO
-    for git in (("dir", "config"), ("file",)):
-        assert by_dest(plan(cwd_git=git))["/home/ada/notebooks/.git"].attrs == RO
+    # All of it: git obeys more than hooks and config (commondir, config.worktree,
+    # modules/*/config), some of which do not exist until the kernel would make them.
+    mounts = by_dest(plan(cwd_git=True))
+    assert mounts["/home/ada/notebooks/.git"].attrs == RO
+    assert not any(dest.startswith("/home/ada/notebooks/.git/") for dest in mounts)
+    assert "/home/ada/notebooks/.git" not in by_dest(plan(cwd_git=False))
+
+
+def test_what_the_host_reads_below_a_writable_folder_cannot_be_moved_away():
+    # A kernel may rename a dir that merely holds a read-only mount, taking the mount
+    # with it, and make a fresh one where the host reads: each dir between the writable
+    # folder and the read-only mount is a mount point itself, which Linux will not rename.
+    p = plan(python_paths=("/home/ada/notebooks/src/lib", "/usr/lib/python3.11"))
+    dests = [m.dest for m in p.mounts]
+    pin = by_dest(p)["/home/ada/notebooks/src"]
+    assert pin.op is Op.BIND and pin.source == pin.dest and pin.attrs == RW
+    assert dests.index("/home/ada/notebooks") < dests.index("/home/ada/notebooks/src") \
+        < dests.index("/home/ada/notebooks/src/lib")
+    assert by_dest(p)["/home/ada/notebooks/src/lib"].attrs == RO
+    # Every level, once, whatever holds several: parents before children.
+    p = plan(python_paths=("/home/ada/notebooks/a/b/c", "/home/ada/notebooks/a/d"),
+             config_paths=(("/home/ada/notebooks/a/b/etc/jupyter", True),))
+    pins = [m.dest for m in p.mounts if m.dest in ("/home/ada/notebooks/a",
+                                                    "/home/ada/notebooks/a/b")]
+    assert pins == ["/home/ada/notebooks/a", "/home/ada/notebooks/a/b"]
+    # A notebook folder that is the home: below a writable entry of it too.
+    p = plan(cwd="/home/ada", python_paths=("/home/ada/proj/src/lib",),
+             home_entries=(("proj", ""),))
+    assert by_dest(p)["/home/ada/proj/src"].attrs == RW
+    # Nothing read-only below the folder, nothing pinned.
+    assert [m.dest for m in plan().mounts if m.dest.startswith("/home/ada/notebooks/")] == []
+
+
+def test_a_search_path_entry_the_kernel_could_create_is_refused():
+    for missing, sandbox in (("/home/ada/notebooks/src/lib", Sandbox()),
+                             ("/srv/data/site", Sandbox(rw_binds=["/srv/data"]))):
+        with pytest.raises(SetupError, match=f"sys.path entry {missing} does not exist.*"
+                                             "the kernel could create it"):
+            plan(sandbox, unbuilt_paths=(missing,))
+    plan(unbuilt_paths=("/usr/lib/python311.zip", "/srv/lib"))     # where it may not write
+
+
+def test_the_admins_binds_are_mounted_from_their_real_paths():
+    p = plan(Sandbox(ro_binds=["/data/ref"], rw_binds=["/scratch/"]),
+             binds=(("/data/ref", "/mnt/disk1/ref"), ("/scratch/", "/scratch")))
+    mounts = by_dest(p)
+    assert mounts["/mnt/disk1/ref"].source == "/mnt/disk1/ref" and "/data/ref" not in mounts
+    assert mounts["/scratch"].attrs == RW
+
+
+def test_links_only_where_the_host_reads_nothing():
+    assert plan(cwd="/srv/nb").links_in == ("/tmp", "/var/tmp", "/dev/shm", "/home/ada")
+    assert plan(Sandbox(home="private"), cwd="/srv/nb").links_in[-1] == "/home/ada"
+    assert plan(Sandbox(home="shared"), cwd="/srv/nb").links_in == ("/tmp", "/var/tmp",
+                                                                    "/dev/shm")
+    assert plan(cwd="/home/ada").links_in[-1] == "/home/ada/.isolated-home"
+    # A right granted on a dir holds on the binds below it too: not where the notebook
+    # folder lies ($HOME's path here, /tmp there).
+    assert plan().links_in == ("/tmp", "/var/tmp", "/dev/shm")
+    assert plan(cwd="/tmp/nb").links_in == ("/var/tmp", "/dev/shm", "/home/ada")
+    assert "/var/tmp" not in plan(Sandbox(rw_binds=["/var/tmp/shared"])).links_in
+    # Without Landlock the default filter denies symlinks everywhere; no other can be
+    # trusted to.
+    from ns_kernel import seccomp
+    bare = plan(landlock=0)
+    assert bare.links_in is None and bare.seccomp == seccomp.default_filter(no_links=True)
+    assert "symlinkat" in bare.seccomp.rules[0].names
+    with pytest.raises(SetupError, match="without Landlock.*--seccomp default"):
+        plan(Sandbox(seccomp="off"), landlock=0)
 
 
 def test_runtime_dir_never_shown():
