@@ -320,6 +320,11 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
             raise SetupError("plan", "bind", path, hint="bind paths must be absolute")
     ro_binds, rw_binds = ([binds.get(p, os.path.normpath(p)) for p in paths]
                           for paths in (sandbox.ro_binds, sandbox.rw_binds))
+    for given, real in host.binds:
+        if real == "/":
+            raise SetupError("plan", "bind", given, hint=(
+                "it is / or a link to it, which would show the whole host; bind the "
+                "folder itself"))
     # What the kernel may write. Nothing the host side runs or reads as configuration may
     # be in it (checked below): not the launcher's own code, not Jupyter's settings.
     writable = list(rw_binds)

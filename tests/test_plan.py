@@ -250,6 +250,8 @@ def test_the_admins_binds_are_mounted_from_their_real_paths():
     mounts = by_dest(p)
     assert mounts["/mnt/disk1/ref"].source == "/mnt/disk1/ref" and "/data/ref" not in mounts
     assert mounts["/scratch"].attrs == RW
+    with pytest.raises(SetupError, match=r"bind /data/ref \(it is / or a link to it"):
+        plan(Sandbox(ro_binds=["/data/ref"]), binds=(("/data/ref", "/"),))
 
 
 def test_links_only_where_the_host_reads_nothing():

@@ -10,9 +10,12 @@ import threading
 
 import pytest
 
-from conftest import ATTEMPT, start_kernel, start_paths, stop_kernel, wait_until
+from conftest import ATTEMPT, start_kernel, start_paths, stop_kernel, wait_until, \
+    write_spec
 
 PATHS = start_paths("trust")
+# What each start path's kernelspec adds (conftest.start_paths), for specs of a test's own.
+SPEC_OPTIONS = {"argv": [], "provisioner": [], "cold": ["--cold"], "no-prestart": ["--no-prestart"]}
 SHARED_HOME = start_paths("trust-shared", ["--home=shared"])
 
 ATTACKS = "import os\n" + ATTEMPT + """home = {home!r}
@@ -108,30 +111,173 @@ def test_shared_home_shares_files_not_settings(fake_home, workdir, path):
     assert_home_untouched(fake_home)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_the_notebook_folders_git_hooks_and_config_are_read_only(workdir, path):
-    subprocess.run(["git", "init", "-q", workdir], check=True)
-    # As git leaves them (root's kernel, nobody, may not write .git/config: its mount
-    # point must not need that), but for one file the kernel may write.
-    os.chmod(f"{workdir}/.git/description", 0o666)
-    k = start_kernel(workdir, kernel_name=PATHS[path])
+def attack(path, cwd, code, env=None, options=()):
+    """Run `code` (ATTEMPT lines) in a kernel started in cwd on start path `path` (or as
+    `ns-kernel run`'s Python, with `options`): what each attempt met."""
+    code = ATTEMPT + code
+    if path == "run":
+        done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", *options, "--",
+                               sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, **(env or {})})
+        assert done.returncode == 0, done.stderr
+        return results(done.stdout), done.stdout
+    k = start_kernel(str(cwd), kernel_name=PATHS[path], env=env)
     try:
-        out, error, _ = k.execute(
-            "def attempt(what, path):\n"
-            "    try:\n"
-            "        open(path, 'a').write('#!/bin/sh\\necho pwned\\n')\n"
-            "        print(what, 'ALLOWED')\n"
-            "    except OSError:\n"
-            "        print(what, 'OSError')\n"
-            "attempt('hook', '.git/hooks/pre-commit')\n"
-            "attempt('config', '.git/config')\n"
-            "attempt('description', '.git/description')\n")
+        out, error, _ = k.execute(code)
     finally:
         stop_kernel(k)
-    seen = results(out)
-    assert seen["hook"] == "OSError" and seen["config"] == "OSError", out
-    assert seen["description"] == "ALLOWED"      # the rest of the repository is the user's
-    assert not os.path.exists(f"{workdir}/.git/hooks/pre-commit")
+    assert error is None, out
+    return results(out), out
+
+
+def failed_start(path, cwd, env):
+    """What a start on `path` that must fail said (the server log's, or run's stderr)."""
+    env = {**os.environ, **env}
+    if path == "run":
+        proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--", "/bin/true"],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        return proc.stderr
+    from jupyter_client.manager import KernelManager
+    log = os.path.join(cwd, "..", f"server-{path}.log")
+    km = KernelManager(kernel_name=PATHS[path])
+    with open(log, "w") as stderr:
+        km.start_kernel(cwd=str(cwd), env=env, stderr=stderr)
+        try:
+            assert wait_until(lambda: not km.is_alive(), timeout=30)
+        finally:
+            km.shutdown_kernel(now=True)
+    with open(log) as f:
+        return f.read()
+
+
+def shared_folder(tmp_path, *dirs):
+    """A notebook folder, with dirs in it, that the sandbox's uid may write (nobody, as
+    root): as a kernel of the user's own could."""
+    tmp_path.chmod(0o755)
+    folder = tmp_path / "notebooks"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    for d in dirs:
+        path = folder
+        for part in d.split("/"):
+            path /= part
+            path.mkdir(mode=0o777, exist_ok=True)
+            path.chmod(0o777)
+    return folder
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_what_the_host_imports_below_the_folder_cannot_be_moved_away(tmp_path, path):
+    # Attack: the launcher imports from <folder>/src/lib (PYTHONPATH), bound read-only;
+    # the kernel renames src, which merely holds that mount, makes a fresh src/lib with a
+    # sitecustomize.py, and the next start runs it on the host, with the server's rights.
+    folder = shared_folder(tmp_path, "src/lib")
+    lib = folder / "src" / "lib"
+    seen, out = attack(path, folder, f"""import os
+attempt("rename", lambda: os.rename("src", "src.old"))
+attempt("remove", lambda: os.rmdir("src"))
+attempt("exchange", lambda: os.rename("src/lib", "lib.old"))
+def plant():
+    os.makedirs("src/lib", exist_ok=True)
+    with open("src/lib/sitecustomize.py", "w") as f:
+        f.write("open({str(tmp_path / 'ran')!r}, 'w').close()\\n")
+attempt("plant", plant)
+attempt("beside", lambda: open("src/other.py", "w").close())
+""", env={"PYTHONPATH": str(lib)})
+    for what in ("rename", "remove", "exchange", "plant"):
+        assert seen[what] in ("OSError", "PermissionError"), (what, out)
+    assert seen["beside"] == "ALLOWED", out      # the rest of the folder stays writable
+    assert os.listdir(lib) == [] and not (folder / "src.old").exists()
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_a_search_path_entry_the_kernel_could_create_is_refused(tmp_path, path):
+    folder = shared_folder(tmp_path)
+    said = failed_start(path, folder, {"PYTHONPATH": str(folder / "src" / "lib")})
+    lines = [line for line in said.splitlines() if line.startswith("ns-kernel:")]
+    assert len(lines) == 1, said
+    assert f"sys.path entry {folder}/src/lib does not exist" in lines[0], said
+    assert "the kernel could create it" in lines[0]
+    assert not (folder / "src").exists()
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_the_notebook_folders_git_is_read_only_and_stays_in_place(tmp_path, path):
+    # Attack: .git/hooks and .git/config were read-only, .git was not: the kernel renamed
+    # it and put a copy with core.fsmonitor in its place, which the user's next
+    # `git status` on the host ran. Or .git/commondir, naming a config of its own.
+    folder = shared_folder(tmp_path)
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    for d, _, files in os.walk(folder / ".git"):
+        os.chmod(d, 0o777)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o666)
+    before = os.stat(folder / ".git").st_ino
+    seen, out = attack(path, folder, """import os, subprocess
+def write(path, text="x"):
+    with open(path, "a") as f:
+        f.write(text)
+attempt("hook", lambda: write(".git/hooks/pre-commit", "#!/bin/sh\\necho pwned\\n"))
+attempt("config", lambda: write(".git/config", "[core]\\n\\tfsmonitor = touch pwned\\n"))
+attempt("commondir", lambda: write(".git/commondir", "../elsewhere"))
+attempt("index", lambda: write(".git/index"))
+attempt("rename", lambda: os.rename(".git", ".git.old"))
+attempt("remove", lambda: os.rmdir(".git"))
+attempt("git-status", lambda: subprocess.run(["git", "status"], check=True,
+                                             capture_output=True))
+""")
+    for what in ("hook", "config", "commondir", "index", "rename", "remove"):
+        assert seen[what] in ("OSError", "PermissionError"), (what, out)
+    assert seen["git-status"] == "ALLOWED", out      # git reads it as it is
+    assert os.stat(folder / ".git").st_ino == before
+    assert not (folder / ".git" / "commondir").exists()
+    assert not (folder / ".git" / "hooks" / "pre-commit").exists()
+
+
+LINKS = """import os
+attempt("symlink", lambda: os.symlink({target!r}, ".ipynb_checkpoints"))
+attempt("symlink-rw-bind", lambda: os.symlink({target!r}, {rw!r} + "/link"))
+attempt("fifo", lambda: os.mkfifo("notes.ipynb"))
+attempt("move-users-link", lambda: os.rename("users-link", "checkpoint-link"))
+attempt("link-users-link", lambda: os.link("users-link", "another", follow_symlinks=False))
+attempt("symlink-var-tmp", lambda: os.symlink("/etc/hostname", "/var/tmp/link"))
+attempt("fifo-var-tmp", lambda: os.mkfifo("/var/tmp/fifo"))
+attempt("read-users-link", lambda: os.readlink("users-link"))
+"""
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_a_kernel_makes_no_links_where_the_host_reads(tmp_path, path):
+    # Attack: the kernel made .ipynb_checkpoints a link into a dot dir of the home: saving
+    # a file in JupyterLab made the server copy a kernel-written file there. A link to a
+    # key: the server's checkpoint copied the key into the folder. The folders the host
+    # reads (the notebook folder, --rw-bind sources) take no links and no FIFOs.
+    folder = shared_folder(tmp_path)
+    rw = tmp_path / "scratch"
+    rw.mkdir(mode=0o777)
+    rw.chmod(0o777)
+    os.symlink("/etc/hostname", folder / "users-link")      # the user's own stays as it is
+    options = ("--rw-bind", str(rw))
+    if path == "run":
+        seen, out = attack(path, folder, LINKS.format(target=str(tmp_path), rw=str(rw)),
+                           options=options)
+    else:
+        name = write_spec(f"trust-links-{path}", [*options, *SPEC_OPTIONS[path]],
+                          provisioner=path == "provisioner")
+        k = start_kernel(str(folder), kernel_name=name)
+        try:
+            out, error, _ = k.execute(ATTEMPT + LINKS.format(target=str(tmp_path), rw=str(rw)))
+        finally:
+            stop_kernel(k)
+        assert error is None, out
+        seen = results(out)
+    for what in ("symlink", "symlink-rw-bind", "fifo", "move-users-link", "link-users-link"):
+        assert seen[what] == "PermissionError", (what, out)
+    # The sandbox's own filesystems take them, as programs there expect.
+    assert seen["symlink-var-tmp"] == seen["fifo-var-tmp"] == "ALLOWED", out
+    assert seen["read-users-link"] == "ALLOWED", out
+    assert sorted(os.listdir(folder)) == ["users-link"] and os.listdir(rw) == []
 
 
 @pytest.mark.parametrize("path", PATHS)
