@@ -51,3 +51,10 @@ class SetupError(Exception):
         import json
         record, _ = json.JSONDecoder().raw_decode(data.decode() if isinstance(data, bytes) else data)
         return cls(record["step"], record["syscall"], record["path"], record["errno"], record["hint"])
+
+
+def moved(source):
+    """A path the sandbox would show, changed while a kernel started."""
+    return SetupError("mount", f"{source} moved or became a link while the kernel started",
+                      hint=("a folder the kernel would see was changed meanwhile, perhaps by "
+                            "another kernel that may write its parent; start it again"))

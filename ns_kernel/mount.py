@@ -7,7 +7,7 @@ is detached, so nothing of the host is left underneath to be revealed by an umou
 import os
 import stat
 
-from .errors import SetupError
+from .errors import SetupError, moved
 from .plan import Op
 from .syscalls import MNT_DETACH, MountAttr, MountFlags, chdir, flag_names, mount, \
     mount_setattr, move_mount, open_tree_clone, pivot_root, umount2
@@ -85,7 +85,7 @@ def open_sources(mounts, cwd, trusted=()):
             except OSError as exc:
                 raise SetupError("mount", "bind", m.source, exc.errno) from None
             if m.source not in trusted and os.readlink(f"/proc/self/fd/{handles[-1]}") != m.source:
-                raise _moved(m.source)
+                raise moved(m.source)
     except BaseException:
         close_all(handles)
         raise
@@ -117,19 +117,13 @@ def grab_bind_sources(mounts, handles):
         try:
             held, found = os.fstat(handle), os.fstat(here)
             if (held.st_dev, held.st_ino) != (found.st_dev, found.st_ino):
-                raise _moved(source)
+                raise moved(source)
             trees[i] = (open_tree_clone(here, source), stat.S_ISDIR(found.st_mode))
         except OSError as exc:
             raise SetupError("mount", "bind", source, exc.errno) from None
         finally:
             os.close(here)
     return trees
-
-
-def _moved(source):
-    return SetupError("mount", f"{source} moved or became a link while the kernel started",
-                      hint=("a folder the kernel would see was changed meanwhile, perhaps by "
-                            "another kernel that may write its parent; start it again"))
 
 
 def enter_new_root(mounts, trees, cwd):

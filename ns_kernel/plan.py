@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from . import seccomp
 from .sizes import format_size, parse_size
-from .errors import SetupError
+from .errors import SetupError, moved
 from .preload import IMPORT_ENV
 from .syscalls import MountAttr
 
@@ -121,10 +121,17 @@ class Host:
                    config_paths=config_paths(),
                    cwd_git=_is_git(cwd),
                    unbuilt_paths=unbuilt_paths(),
-                   binds=tuple((path, os.path.realpath(path)) for path in binds),
+                   binds=tuple((path, _real(path)) for path in binds),
                    landlock=landlock_abi(),
                    data_home=os.path.realpath(os.environ.get("XDG_DATA_HOME")
                                               or os.path.join(home, ".local/share")))
+
+
+def _real(path):
+    try:
+        return os.path.realpath(path)
+    except OSError:     # a link swapped in or out while it was read (readlink: EINVAL)
+        raise moved(path) from None
 
 
 def _is_git(cwd):
