@@ -21,7 +21,7 @@ from . import argv as command_line, cgroup, container, limits, seccomp
 from .config import SandboxApp
 from .plan import Limits
 from .errors import SetupError
-from .syscalls import CloneFlags, unshare
+from .syscalls import CloneFlags, landlock_abi, unshare
 from .user import _HINT_SYSCTLS, read_sysctl, userns_hint
 
 # Runs in each trial kernel: what a kernel sees, and how it was started (prestart.py,
@@ -35,7 +35,14 @@ for line in open("/proc/self/mounts"):
 with open("/tmp/.ns-kernel-doctor", "w") as f:
     f.write("tmp is writable")
 cmdline = open("/proc/self/cmdline", "rb").read()
+try:
+    os.symlink("/", "link")
+    os.unlink("link")
+    links = "made"
+except OSError as exc:
+    links = exc.strerror
 print(json.dumps({
+    "links": links,
     "started": ("prestarted" if b"ns_kernel.prestart" in cmdline else
                 "warm" if b"ns_kernel.template" in cmdline else "exec"),
     "pid": os.getpid(), "uid": os.getuid(), "hostname": socket.gethostname(),
@@ -101,6 +108,24 @@ def check_seccomp(config):
     show("FAIL" if why else "ok", "seccomp", why or "libseccomp.so.2 loads; the default "
          f"filter denies {len(seccomp.DENIED)} syscalls")
     return f"ns-kernel: {why}, or run without the filter: --seccomp off" if why else None
+
+
+def check_links(config):
+    """What keeps a kernel from making links in the folders the host reads (plan.links_in)."""
+    abi = landlock_abi()
+    if abi:
+        show("ok", "links", f"Landlock ABI {abi}: kernels make no symlink or FIFO in the "
+             "folders the host reads")
+        return None
+    if config.seccomp == "default":
+        show("ok", "links", "no Landlock: the seccomp filter denies symlinks everywhere in "
+             "the sandbox")
+        return None
+    why = (f"ns-kernel: no Landlock here, and Sandbox.seccomp = {config.seccomp}: nothing "
+           "would keep kernels from making links the Jupyter server follows; use --seccomp "
+           "default, or a Linux with Landlock (5.13+, lsm=...,landlock)")
+    show("FAIL", "links", why)
+    return why
 
 
 def check_cgroups(config):
@@ -260,7 +285,8 @@ def describe(seen):
     return (f"{seen['started']}, pid {seen['pid']} of {seen['processes']} processes, /proc "
             f"{seen['proc']}, /tmp {seen['tmp']} (writable), hostname {seen['hostname']}, uid "
             f"{seen['uid']}, network {' '.join(seen['net']) or 'host'}, cgroup "
-            f"{seen['cgroup']}, seccomp mode {seen['seccomp']}")
+            f"{seen['cgroup']}, seccomp mode {seen['seccomp']}, a link in its folder: "
+            f"{seen['links']}")
 
 
 def prestart_note():
@@ -308,6 +334,9 @@ def judge(seen, config):
         return "ns-kernel: no proxy answers at 127.0.0.1:3128 inside (--network proxy)"
     if config.seccomp != "off" and seen["seccomp"] != "2":
         return f"ns-kernel: no seccomp filter inside (Seccomp: {seen['seccomp']})"
+    if seen["links"] == "made":
+        return ("ns-kernel: the kernel made a symlink in its folder, which the Jupyter server "
+                "and git on the host would follow")
     if seen["cgroup"] != "/":
         return (f"ns-kernel: the kernel sees its cgroup as {seen['cgroup']}: it has no cgroup "
                 "namespace of its own")
@@ -321,6 +350,7 @@ def main(argv):
           f"({sys.executable}), uid {os.getuid()}", flush=True)
     first = check_user_namespaces() or check_seccomp(config)
     errors = [first] if first else []
+    errors += filter(None, [check_links(config)])
     errors += check_container(config)
     errors += filter(None, [check_cgroups(config)])
     check_network(config)

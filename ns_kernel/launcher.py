@@ -116,7 +116,9 @@ class Launch:
                 argv = kernel_argv(self.argv)
             else:
                 info, argv = None, command_argv(self.argv)
-            host = Host.probe(binds=(*self.config.ro_binds, *self.config.rw_binds))
+            host = Host.probe(binds=(*self.config.ro_binds, *self.config.rw_binds),
+                              writable=(*self.config.rw_binds,
+                                        *(["~"] if self.config.home == "shared" else [])))
             socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
                           if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
             previous = notice.recall(self.connection_file, info) if info else ""

@@ -84,7 +84,7 @@ class Host:
     cwd_shared: bool = False  # cwd is writable by every user, as /tmp is
     homes: tuple = ()         # every user's own home
     config_paths: tuple = ()  # (path, exists): what the host side reads as configuration
-    cwd_git: bool = False     # <cwd>/.git exists (a dir, or a file naming the git dir)
+    repos: tuple = ()         # real paths of the .git entries git on the host obeys (repos())
     # sys.path and PYTHONPATH entries that do not exist (yet), as real paths: a kernel that
     # may write where one lies could create it, and the next launcher would import from it
     unbuilt_paths: tuple = ()
@@ -92,9 +92,10 @@ class Host:
     landlock: int = 0         # Landlock's ABI version, 0 where Linux has none
 
     @classmethod
-    def probe(cls, binds=()):
+    def probe(cls, binds=(), writable=()):
         """binds: the admin's bind sources, resolved here once: what the plan mounts and
-        open_sources compares against."""
+        open_sources compares against. writable: folders besides the working directory
+        the kernel may write (--rw-bind, a shared home), searched for git repositories."""
         from jupyter_core.paths import jupyter_runtime_dir
         from .socketdir import default_base
         from .syscalls import landlock_abi
@@ -119,7 +120,7 @@ class Host:
                    cwd_shared=_shared(cwd),
                    homes=_homes(pwd.getpwall()),
                    config_paths=config_paths(),
-                   cwd_git=_is_git(cwd),
+                   repos=repos((cwd, *map(_real, writable))),
                    unbuilt_paths=unbuilt_paths(),
                    binds=tuple((path, _real(path)) for path in binds),
                    landlock=landlock_abi(),
@@ -134,11 +135,34 @@ def _real(path):
         raise moved(path) from None
 
 
-def _is_git(cwd):
-    """The folder has a .git of its own (a dir, or a file naming the git dir). A link there
-    is the user's: it points where they chose, and is not bound."""
-    git = os.path.join(cwd, ".git")
-    return os.path.lexists(git) and not os.path.islink(git)
+# How far below a folder the kernel may write its git repositories are looked for, and how
+# many dirs are read at most: a notebook in the home (JupyterLab's default root) has the
+# user's projects below it. Measured in docs/trust.md.
+REPO_DEPTH = 3
+REPO_SCAN_ENTRIES = 4000
+NOT_SEARCHED = ("node_modules", "__pycache__", "site-packages")
+
+
+def repos(roots):
+    """The .git entries (a dir, or a file naming the git dir; not a link: the user's, it
+    points where they chose) in each root and up to REPO_DEPTH levels below, breadth
+    first, dot dirs skipped, until REPO_SCAN_ENTRIES entries are read."""
+    found, todo, read = [], [(root, 0) for root in roots], 0
+    while todo and read < REPO_SCAN_ENTRIES:
+        path, depth = todo.pop(0)
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    read += 1
+                    if entry.name == ".git" and not entry.is_symlink():
+                        found.append(os.path.realpath(entry.path))
+                    elif (depth < REPO_DEPTH and not entry.name.startswith(".")
+                          and entry.name not in NOT_SEARCHED
+                          and entry.is_dir(follow_symlinks=False)):
+                        todo.append((entry.path, depth + 1))
+        except OSError:
+            continue
+    return tuple(sorted(set(found)))
 
 
 def _homes(users):
@@ -381,24 +405,28 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
             # After the tmpfs mounts: a venv under /tmp or a private $HOME stays visible.
             mounts += python_mounts(path, host, packages)
             visible.append(path)
-    for paths, attrs in ((ro_binds, RO), (rw_binds, RW)):
-        for path in paths:
-            mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
-            visible.append(path)
-    if cwd != home:     # else shown above, without its dot entries
-        mounts.append(Mount(Op.BIND, cwd, source=cwd, attrs=RW))
-        visible.append(cwd)
+    # The folder (unless shown above with the home, without its dot entries) and the
+    # admin's binds, each after any of them it lies in: a --ro-bind inside the folder stays
+    # read-only, a folder inside a --rw-bind stays shown.
+    shown = [*((path, RO) for path in ro_binds), *((path, RW) for path in rw_binds),
+             *([(cwd, RW)] if cwd != home else [])]
+    for path, attrs in sorted(shown, key=lambda bind: bind[0].rstrip("/").count("/")):
+        mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
+        visible.append(path)
     read_only = []
     for path in below_writable:     # e.g. the notebook folder's own .venv
         mounts += python_mounts(path, host, packages)
         visible.append(path)
         read_only.append(path)
-    if host.cwd_git and cwd != home:
+    for git in host.repos:
         # What git on the host obeys in a repository is more than hooks and config
         # (commondir, config.worktree, modules/*/config, info/attributes ...), and the
         # names that do not exist yet could not be covered: the whole of it, read-only.
-        mounts.append(Mount(Op.BIND, f"{cwd}/.git", source=f"{cwd}/.git", attrs=RO))
-        read_only.append(f"{cwd}/.git")
+        covering = max((p for p in (*writable, *read_only) if under(git, p)), key=len,
+                       default=None)
+        if covering in writable:
+            mounts.append(Mount(Op.BIND, git, source=git, attrs=RO))
+            read_only.append(git)
     for path, exists in host.config_paths:
         covering = max((p for p in (*writable, *read_only) if under(path, p)), key=len,
                        default=None)

@@ -34,7 +34,8 @@ def test_doctor_passes_here():
     for how, started in (("provisioner", "warm"), ("argv", "warm"), ("cold", "prestarted")):
         assert (f"  ok    kernel ({how}): {started}, pid 2 of 2 processes, /proc proc, /tmp "
                 "tmpfs (writable)") in out
-    assert "network lo, cgroup /, seccomp mode 2" in out
+    assert "network lo, cgroup /, seccomp mode 2, a link in its folder: Permission denied" in out
+    assert "  ok    links: Landlock ABI " in out
     assert "  ok    sandbox syscalls: unshare, mount, umount2, pivot_root, open_tree, " in out
     assert "  ok    fresh proc and sysfs: mountable" in out
     assert "  ok    seccomp: libseccomp.so.2 loads; the default filter denies " in out

@@ -204,10 +204,20 @@ def test_configuration_in_a_writable_folder_is_read_only_or_refused():
 def test_the_notebook_folders_git_is_obeyed_by_the_host_so_read_only():
     # All of it: git obeys more than hooks and config (commondir, config.worktree,
     # modules/*/config), some of which do not exist until the kernel would make them.
-    mounts = by_dest(plan(cwd_git=True))
+    mounts = by_dest(plan(repos=("/home/ada/notebooks/.git",)))
     assert mounts["/home/ada/notebooks/.git"].attrs == RO
     assert not any(dest.startswith("/home/ada/notebooks/.git/") for dest in mounts)
-    assert "/home/ada/notebooks/.git" not in by_dest(plan(cwd_git=False))
+    assert "/home/ada/notebooks/.git" not in by_dest(plan())
+    # The user's projects below a notebook in the home, pinned where they are.
+    mounts = by_dest(plan(cwd="/home/ada", home_entries=(("code", ""),),
+                          repos=("/home/ada/.git", "/home/ada/code/proj/.git")))
+    assert mounts["/home/ada/code/proj/.git"].attrs == RO
+    assert mounts["/home/ada/code/proj"].attrs == RW
+    assert "/home/ada/.git" not in mounts       # a dot entry: not shown at all
+    # In a read-only view already (a venv in the folder): nothing more.
+    p = plan(python_paths=("/home/ada/notebooks/.venv",),
+             repos=("/home/ada/notebooks/.venv/src/x/.git",))
+    assert "/home/ada/notebooks/.venv/src/x/.git" not in by_dest(p)
 
 
 def test_what_the_host_reads_below_a_writable_folder_cannot_be_moved_away():
@@ -250,6 +260,12 @@ def test_the_admins_binds_are_mounted_from_their_real_paths():
     mounts = by_dest(p)
     assert mounts["/mnt/disk1/ref"].source == "/mnt/disk1/ref" and "/data/ref" not in mounts
     assert mounts["/scratch"].attrs == RW
+    # Inside the notebook folder a read-only bind stays read-only; a folder inside a
+    # writable bind stays shown: each after the one it lies in.
+    p = plan(Sandbox(ro_binds=["/home/ada/notebooks/data"], rw_binds=["/home/ada"]))
+    dests = [m.dest for m in p.mounts]
+    assert dests.index("/home/ada") < dests.index("/home/ada/notebooks") \
+        < dests.index("/home/ada/notebooks/data")
     with pytest.raises(SetupError, match=r"bind /data/ref \(it is / or a link to it"):
         plan(Sandbox(ro_binds=["/data/ref"]), binds=(("/data/ref", "/"),))
 

@@ -235,6 +235,77 @@ attempt("git-status", lambda: subprocess.run(["git", "status"], check=True,
     assert not (folder / ".git" / "hooks" / "pre-commit").exists()
 
 
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_the_repositories_below_the_folder_are_read_only_and_stay_in_place(tmp_path, path):
+    # A notebook in the home (JupyterLab's default root) has the user's projects below it:
+    # their hooks and config are what git on the host runs at the user's next commit.
+    folder = shared_folder(tmp_path, "code/proj")
+    subprocess.run(["git", "init", "-q", str(folder / "code" / "proj")], check=True)
+    os.chmod(folder / "code" / "proj" / ".git" / "hooks", 0o777)
+    seen, out = attack(path, folder, """import os
+attempt("hook", lambda: open("code/proj/.git/hooks/post-checkout", "w").write("echo pwned"))
+attempt("rename-repo", lambda: os.rename("code/proj", "code/proj.old"))
+attempt("rename-parent", lambda: os.rename("code", "code.old"))
+attempt("work-tree", lambda: open("code/proj/notes.txt", "w").write("mine"))
+""")
+    for what in ("hook", "rename-repo", "rename-parent"):
+        assert seen[what] in ("OSError", "PermissionError"), (what, out)
+    assert seen["work-tree"] == "ALLOWED", out      # the project's files stay writable
+    assert not (folder / "code" / "proj" / ".git" / "hooks" / "post-checkout").exists()
+
+
+# A process and all it starts on a Linux without Landlock, as far as ns_kernel can tell:
+# landlock_create_ruleset answers ENOSYS (as under a container runtime's older profile).
+# argv: kernelspec name (or "run"), folder, code; prints what the kernel printed.
+WITHOUT_LANDLOCK = """import errno, os, sys
+from ns_kernel import seccomp, syscalls, warm
+syscalls.set_no_new_privs()
+seccomp.load(seccomp.Filter(seccomp.SCMP_ACT_ALLOW, (seccomp.Rule(
+    ("landlock_create_ruleset",), seccomp.SCMP_ACT_ERRNO(errno.ENOSYS)),)))
+name, folder, code = sys.argv[1:]
+if name == "run":
+    os.chdir(folder)
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                              sys.executable, "-c", code])
+from jupyter_client.manager import KernelManager
+km = KernelManager(kernel_name=name)
+km.start_kernel(cwd=folder)
+kc = km.client()
+kc.start_channels()
+try:
+    kc.wait_for_ready(timeout=60)
+    def show(msg):
+        if msg["msg_type"] == "stream":
+            print(msg["content"]["text"], end="")
+    kc.execute_interactive(code, timeout=30, output_hook=show)
+finally:
+    kc.stop_channels()
+    km.shutdown_kernel()
+    warm.stop(warm.socket_path())
+"""
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_without_landlock_the_seccomp_filter_keeps_links_out(tmp_path, path):
+    folder = shared_folder(tmp_path)
+    runtime = tmp_path / "runtime"      # a template of its own, started without Landlock
+    runtime.mkdir(mode=0o700)
+    code = ATTEMPT + """import os
+attempt("symlink", lambda: os.symlink("/etc", "link"))
+attempt("symlink-var-tmp", lambda: os.symlink("/etc", "/var/tmp/link"))
+attempt("file", lambda: open("notes.txt", "w").close())
+"""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_LANDLOCK, PATHS.get(path, path),
+                           str(folder), code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
+    assert done.returncode == 0, done.stderr
+    seen = results(done.stdout)
+    # Denied everywhere now, the sandbox's own /var/tmp too: EPERM, not Landlock's EACCES.
+    assert seen == {"symlink": "PermissionError", "symlink-var-tmp": "PermissionError",
+                    "file": "ALLOWED"}, done.stdout
+    assert sorted(os.listdir(folder)) == ["notes.txt"]
+
+
 LINKS = """import os
 attempt("symlink", lambda: os.symlink({target!r}, ".ipynb_checkpoints"))
 attempt("symlink-rw-bind", lambda: os.symlink({target!r}, {rw!r} + "/link"))
