@@ -39,10 +39,21 @@ DENIED = (
 )
 
 SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_FLTATR_ACT_BADARCH = 2     # libseccomp's enum scmp_filter_attr
 
 
 def SCMP_ACT_ERRNO(code):  # noqa: N802 - libseccomp's name
     return 0x00050000 | (code & 0xFFFF)
+
+
+# A syscall of an ABI the filter was not built for: x32 numbers (0x40000000 | nr) and
+# i386's int 0x80 on x86_64, compat ABIs elsewhere. Its rules name the native numbers
+# only, so such a call must not pass; libseccomp's default answer (SCMP_ACT_KILL) kills
+# only the calling thread, which leaves an ipykernel whose heartbeat thread answers and
+# whose shell never will again. ENOSYS is what a Linux built without x32 answers (most
+# distributions' default): the call fails, the kernel lives, nothing reaches the rules'
+# blind side.
+BAD_ARCH = SCMP_ACT_ERRNO(errno.ENOSYS)
 
 
 # The actions a Docker/OCI profile may name. SCMP_ACT_TRACE and SCMP_ACT_NOTIFY need a
@@ -216,6 +227,7 @@ def _library():
     lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
     lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                            ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -259,6 +271,9 @@ def program(filter_):
     if not ctx:
         raise SeccompError(errno.ENOMEM, "seccomp_init")
     try:
+        rc = lib.seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, BAD_ARCH)
+        if rc < 0:
+            raise SeccompError(-rc, "seccomp_attr_set(SCMP_FLTATR_ACT_BADARCH)")
         for arch in filter_.arches:
             token = lib.seccomp_arch_resolve_name(arch.encode())
             rc = lib.seccomp_arch_add(ctx, token) if token else -errno.EINVAL
