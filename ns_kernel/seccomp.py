@@ -58,10 +58,14 @@ BAD_ARCH = SCMP_ACT_ERRNO(errno.ENOSYS)
 
 # The actions a Docker/OCI profile may name. SCMP_ACT_TRACE and SCMP_ACT_NOTIFY need a
 # tracer or a listener, which a kernel does not have: refused, not silently changed.
+# SCMP_ACT_KILL and SCMP_ACT_KILL_THREAD kill the whole process here: a killed thread
+# leaves an ipykernel whose heartbeat answers and whose shell never does (a cell's thread
+# waits forever on it, a killed main thread takes the shell with it); the whole kernel
+# ending with SIGSYS is what the user and the server log can see (limits.death_reason).
 ACTIONS = {"SCMP_ACT_ALLOW": lambda code: SCMP_ACT_ALLOW,
            "SCMP_ACT_ERRNO": SCMP_ACT_ERRNO,
-           "SCMP_ACT_KILL": lambda code: 0x00000000,
-           "SCMP_ACT_KILL_THREAD": lambda code: 0x00000000,
+           "SCMP_ACT_KILL": lambda code: 0x80000000,
+           "SCMP_ACT_KILL_THREAD": lambda code: 0x80000000,
            "SCMP_ACT_KILL_PROCESS": lambda code: 0x80000000,
            "SCMP_ACT_TRAP": lambda code: 0x00030000,
            "SCMP_ACT_LOG": lambda code: 0x7FFC0000}

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import LIMITS_BACKEND, kernel_cgroup_dir, kernel_host_pid, start_kernel, start_paths, \
-    stop_kernel, write_spec
+    stop_kernel, wait_until, write_spec
 from ns_kernel import cgroup, container, seccomp
 from ns_kernel.limits import DEFAULT_PIDS
 
@@ -336,3 +336,44 @@ def test_a_syscall_of_another_abi_fails_and_the_kernel_lives(workdir, path):
     finally:
         stop_kernel(k)
 
+
+# A profile whose rule kills a thread (SCMP_ACT_KILL in older profiles, KILL_THREAD).
+KILLING_PROFILE = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+    {"names": ["kcmp"], "action": "SCMP_ACT_KILL"},
+    {"names": ["lookup_dcookie"], "action": "SCMP_ACT_KILL_THREAD"}]}
+KCMP_IN_A_THREAD = ("import ctypes, threading\n"
+                    "t = threading.Thread(target=ctypes.CDLL(None).syscall, args=({nr}, 0, 0, 0, "
+                    "0, 0))\nt.start(); t.join(); print('alive')")
+SIGSYS_SAID = "killed by SIGSYS (a system call its seccomp filter forbids)"
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+@pytest.mark.parametrize("path", ["argv", "provisioner", "run"])
+def test_a_profile_s_kill_ends_the_whole_kernel_and_says_so(workdir, tmp_path, path):
+    # A killed thread left a kernel that looked alive and never answered: a profile's kill
+    # ends the whole process, and the launcher says it was the filter.
+    import json
+    profile = tmp_path / "killing.json"
+    profile.write_text(json.dumps(KILLING_PROFILE))
+    profile.chmod(0o644)
+    if path == "run":
+        for nr in (312, 212):       # kcmp, lookup_dcookie
+            done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--seccomp",
+                                   str(profile), "--", sys.executable, "-c",
+                                   KCMP_IN_A_THREAD.format(nr=nr)], cwd=workdir,
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and done.stdout == "", (done.stdout, done.stderr)
+            assert f"ns-kernel: command {SIGSYS_SAID}" in done.stderr, done.stderr
+        return
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=start_paths("killing", [
+            "--seccomp", str(profile)])[path], stderr=stderr)
+        try:
+            k.kc.execute(KCMP_IN_A_THREAD.format(nr=312))
+            assert wait_until(lambda: not k.km.is_alive(), timeout=30), \
+                "a kernel that looks alive"
+        finally:
+            stop_kernel(k)
+    said = [line for line in log.read_text().splitlines() if SIGSYS_SAID in line]
+    assert len(said) == 1 and said[0].startswith("ns-kernel: kernel "), log.read_text()
