@@ -307,11 +307,16 @@ def parse_head(head):
             host, port = split_host_port(authority.rpartition("@")[2], 80)
         except ValueError as exc:
             raise BadRequest(f"{target[:100]}: {exc}") from None
-        # One request per connection: a next one may be for another host.
+        # One request per connection: a next one may be for another host. The Host header
+        # is the URI's, as RFC 9112 (3.2.2) has a proxy make it: the server is asked for
+        # the host that was checked, not another one it also serves.
         kept = [h for h in headers if h and h.split(":", 1)[0].strip().lower() not in
-                ("proxy-connection", "proxy-authorization", "connection", "keep-alive")]
-        upstream = "\r\n".join([f"{method} {slash}{path} {version}", *kept,
-                                "Connection: close", "", ""]).encode("latin-1")
+                ("host", "proxy-connection", "proxy-authorization", "connection",
+                 "keep-alive")]
+        named = hostport(host, port) if port != HTTP_PORT else (
+            f"[{host}]" if ":" in host else host)
+        upstream = "\r\n".join([f"{method} {slash}{path} {version}", f"Host: {named}",
+                                *kept, "Connection: close", "", ""]).encode("latin-1")
     if literal(host) is None and not NAME.fullmatch(host) or len(host) > 253:
         raise BadRequest(f"{host[:100]!r} is not a host name or address")
     return method, host, port, upstream

@@ -205,6 +205,12 @@ def test_requests_parsed():
     assert parse_head(b"CONNECT pypi.org:00022 HTTP/1.1")[2] == 22
     assert parse_head(b"GET http://u:p@h.example:22/x HTTP/1.1")[1:3] == ("h.example", 22)
     assert parse_head(b"GET http://[2001:db8::1]:22/ HTTP/1.1")[1:3] == ("2001:db8::1", 22)
+    # The Host header is the URI's (the host checked), whatever the client wrote.
+    assert parse_head(b"GET http://h.example/ HTTP/1.1\r\nHost: other.example:22\r\n"
+                      b"hOST: third.example")[3] == \
+        b"GET / HTTP/1.1\r\nHost: h.example\r\nConnection: close\r\n\r\n"
+    assert parse_head(b"GET http://[2001:db8::1]:8080/ HTTP/1.1")[3].split(b"\r\n")[1] == \
+        b"Host: [2001:db8::1]:8080"
     method, host, port, upstream = parse_head(
         b"GET http://mirror.example/simple/x/ HTTP/1.1\r\nHost: mirror.example\r\n"
         b"Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\nAccept: */*")
