@@ -83,13 +83,16 @@ class Sandbox(Configurable):
         With network 'proxy': where the kernel may go, as HOST[:PORT] entries (several per
         item, comma-separated): a name (pypi.org), a pattern (*.github.com: its subdomains;
         *: every name), an exact address (203.0.113.7:8080, [2001:db8::1]), or a preset
-        (pypi, conda, github, huggingface: their hosts, port 443). Empty (default): the
-        public internet. An address entry is the only way to open the host's own, loopback,
-        private, link-local or metadata addresses, and opens only that address.""")
+        (pypi, conda, github, huggingface: their hosts, port 443). An entry without a port
+        opens CONNECT to 443 and plain HTTP to 80 only: HTTP(S), no other port unless named.
+        Empty (default): the public internet, on those two ports. An address entry is the
+        only way to open the host's own, loopback, private, link-local or metadata
+        addresses, and opens only that address.""")
 
     proxy_deny = List(Unicode(), config=True, help="""
         With network 'proxy': where the kernel may not go, even if proxy_allow says so
-        (same entries as proxy_allow; an address entry also catches names resolving to it).""")
+        (same entries as proxy_allow; one without a port denies every port; an address
+        entry also catches names resolving to it).""")
 
     tmp_size = Unicode("1G", config=True, help="""
         Size cap of each private tmpfs: /tmp, /var/tmp, /dev/shm and a private $HOME

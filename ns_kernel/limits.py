@@ -240,6 +240,8 @@ def death_reason(code, usage):
             text = f"killed by {signal.Signals(-code).name}"
         except ValueError:     # real-time signals have no name
             text = f"killed by signal {-code}"
+        if -code == signal.SIGSYS:      # what seccomp's kill actions look like
+            text += " (a system call its seccomp filter forbids)"
     elif code:
         text = f"exited with status {code}"
     else:

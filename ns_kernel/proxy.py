@@ -8,8 +8,10 @@ kernel's processes can connect to its proxy (another kernel's 127.0.0.1 is its o
 HTTP_PROXY and the rest point the kernel's clients at it (plan.py).
 
 Per connection: read the request (CONNECT host:port, or a plain-HTTP request in absolute
-form); check the name against --deny and --allow before looking it up (a refused name is
-never resolved, so it cannot carry data out through DNS); resolve it once; check each
+form); check the port (HTTP(S) only: CONNECT to 443, plain HTTP to 80, another port only
+where an --allow entry names it) and the name against --deny and --allow before looking it
+up (a refused name is never resolved, so it cannot carry data out through DNS); resolve it
+once; check each
 address (always_denied: the host's own, loopback, private, link-local, metadata ...) and
 connect to the first that passes, that very address, never a second lookup (DNS rebinding);
 then copy bytes both ways. TLS is not decrypted, and its SNI is not compared with the
@@ -37,6 +39,20 @@ HEAD_TIMEOUT = 30.0         # to send the request head
 CONNECT_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 1.0         # for open connections to end and log when the kernel has gone
 CHUNK = 1 << 20             # per splice(2), and each pipe's size when the host allows
+
+# The ports a request may go to unless an --allow entry names another: HTTP(S) only. A
+# tunnel to any port would carry ssh or anything else, and a plain-HTTP request is a
+# tunnel too once its head is sent (the proxy relays the rest as bytes).
+CONNECT_PORT = 443
+HTTP_PORT = 80
+PORTS_SAID = (f"CONNECT goes to port {CONNECT_PORT} and plain HTTP to {HTTP_PORT} unless "
+              "--allow names another")
+
+
+def default_port(method):
+    """The one port a request of this method may go to when no entry names a port."""
+    return CONNECT_PORT if method == "CONNECT" else HTTP_PORT
+
 
 PRESETS = {
     "pypi": ("pypi.org:443", "files.pythonhosted.org:443"),
@@ -81,7 +97,8 @@ PATTERN = re.compile(r"(\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*)")
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One --allow/--deny entry: a name pattern (`*`, `*.github.com`, `pypi.org`) or an
-    exact address, with a port or None for every port."""
+    exact address, with a port or None: in --allow the method's default port (80 or 443)
+    only, in --deny every port."""
     name: str = ""
     address: object = None      # ipaddress.IPv4Address / IPv6Address
     port: int = None
@@ -91,11 +108,18 @@ class Entry:
                              else str(self.address))
         return f"{host}:{self.port}" if self.port else host
 
-    def matches(self, host, port, address=None):
+    def matches(self, host, port, address=None, default=None):
         """Whether the entry names this request: a pattern the host name, an address the
-        address connected to (or, before resolving, the host when it is that literal)."""
-        if self.port is not None and self.port != port:
+        address connected to (or, before resolving, the host when it is that literal).
+        default: the only port an entry without one names (an --allow entry: the
+        method's); None: it names every port (a --deny entry)."""
+        wanted = self.port if self.port is not None else default
+        if wanted is not None and wanted != port:
             return False
+        return self.names(host, address)
+
+    def names(self, host, address=None):
+        """Whether the entry names this host (or address), at whatever port."""
         if self.address is not None:
             return self.address == (address if address is not None else literal(host))
         return fnmatch.fnmatchcase(host, self.name)
@@ -103,7 +127,7 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    allow: tuple = ()     # of Entry; empty: the public internet
+    allow: tuple = ()     # of Entry; empty: the public internet, at the default ports
     deny: tuple = ()
 
     @classmethod
@@ -113,6 +137,12 @@ class Policy:
     def describe(self):
         allowed = ", ".join(map(str, self.allow)) if self.allow else "the public internet"
         denied = f" except {', '.join(map(str, self.deny))}" if self.deny else ""
+        # Said only when an entry leaves its port to the default (a preset's say 443).
+        ports = f"{CONNECT_PORT} for CONNECT, {HTTP_PORT} for plain HTTP"
+        if not self.allow:
+            allowed += f" ({ports})"
+        elif any(e.port is None for e in self.allow):
+            allowed += f" (without a port: {ports})"
         return f"{allowed}{denied}"
 
 
@@ -161,7 +191,8 @@ def split_host_port(text, default):
             raise ValueError("empty port")
         port = default
     else:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        # ASCII digits only: int() also reads other scripts' ('４４３').
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ValueError(f"bad port {port!r}")
         port = int(port)
     host = host.rstrip(".")
@@ -206,23 +237,31 @@ def always_denied(address):
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-def decide(policy, host, port, address=None, local=False):
+def decide(policy, host, port, address=None, local=False, method="CONNECT"):
     """Why this request is refused, or '' if it may go. First (address None) on the name
-    alone, before any lookup; then on each address the name resolved to. local: the
-    address is one of the host's own (the proxy's is_local)."""
+    and port alone, before any lookup; then on each address the name resolved to. local:
+    the address is one of the host's own (the proxy's is_local). method: the request's;
+    an --allow entry without a port names only its default port (default_port)."""
     # An entry naming an IPv4 address names it in every IPv6 form too.
     inner = inner_ipv4(address) if address is not None else None
     forms = [address] + ([inner] if inner else [])
     if any(e.matches(host, port, a) for e in policy.deny for a in forms):
         return f"{host} is on this kernel's denylist (--deny)"
+    default = default_port(method)
     if address is None:
-        if policy.allow and not any(e.matches(host, port) for e in policy.allow):
-            named = any(e.matches(host, e.port) for e in policy.allow)
-            return (f"{hostport(host, port) if named else host} is not on this kernel's "
-                    "allowlist (--allow)")
+        if policy.allow and not any(e.matches(host, port, default=default)
+                                    for e in policy.allow):
+            named = any(e.names(host) for e in policy.allow)
+            if not named:
+                return f"{host} is not on this kernel's allowlist (--allow)"
+            return (f"{hostport(host, port)} is not on this kernel's allowlist (--allow)"
+                    + ("" if port == default else f": {PORTS_SAID}"))
+        if not policy.allow and port != default:
+            return (f"{hostport(host, port)} is not a port this kernel's proxy opens: "
+                    f"{PORTS_SAID}")
         return ""
     what = always_denied(address) or ("one of the host's own addresses" if local else "")
-    if what and not any(e.address is not None and e.matches(host, port, a)
+    if what and not any(e.address is not None and e.matches(host, port, a, default)
                         for e in policy.allow for a in forms):
         shown = host if literal(host) == address else f"{host} ({address})"
         return f"{shown} is {what}, refused unless --allow names that exact address"
@@ -268,11 +307,16 @@ def parse_head(head):
             host, port = split_host_port(authority.rpartition("@")[2], 80)
         except ValueError as exc:
             raise BadRequest(f"{target[:100]}: {exc}") from None
-        # One request per connection: a next one may be for another host.
+        # One request per connection: a next one may be for another host. The Host header
+        # is the URI's, as RFC 9112 (3.2.2) has a proxy make it: the server is asked for
+        # the host that was checked, not another one it also serves.
         kept = [h for h in headers if h and h.split(":", 1)[0].strip().lower() not in
-                ("proxy-connection", "proxy-authorization", "connection", "keep-alive")]
-        upstream = "\r\n".join([f"{method} {slash}{path} {version}", *kept,
-                                "Connection: close", "", ""]).encode("latin-1")
+                ("host", "proxy-connection", "proxy-authorization", "connection",
+                 "keep-alive")]
+        named = hostport(host, port) if port != HTTP_PORT else (
+            f"[{host}]" if ":" in host else host)
+        upstream = "\r\n".join([f"{method} {slash}{path} {version}", f"Host: {named}",
+                                *kept, "Connection: close", "", ""]).encode("latin-1")
     if literal(host) is None and not NAME.fullmatch(host) or len(host) > 253:
         raise BadRequest(f"{host[:100]!r} is not a host name or address")
     return method, host, port, upstream
@@ -380,7 +424,7 @@ class Proxy:
             why = str(exc) if isinstance(exc, BadRequest) else "no complete request"
             self._refuse(client, 400, "?", 0, "?", why)
             return
-        reason = decide(self.policy, host, port)
+        reason = decide(self.policy, host, port, method=method)
         if reason:
             self._refuse(client, 403, host, port, method, reason)
             return
@@ -397,7 +441,7 @@ class Proxy:
             address = ipaddress.ip_address(sockaddr[0])
             inner = inner_ipv4(address)
             local = is_local(address) or (inner is not None and is_local(inner))
-            why = decide(self.policy, host, port, address, local)
+            why = decide(self.policy, host, port, address, local, method)
             if why:
                 refusals.append(why)
                 continue

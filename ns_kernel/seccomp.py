@@ -39,18 +39,33 @@ DENIED = (
 )
 
 SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_FLTATR_ACT_BADARCH = 2     # libseccomp's enum scmp_filter_attr
 
 
 def SCMP_ACT_ERRNO(code):  # noqa: N802 - libseccomp's name
     return 0x00050000 | (code & 0xFFFF)
 
 
+# A syscall of an ABI the filter was not built for: x32 numbers (0x40000000 | nr) and
+# i386's int 0x80 on x86_64, compat ABIs elsewhere. Its rules name the native numbers
+# only, so such a call must not pass; libseccomp's default answer (SCMP_ACT_KILL) kills
+# only the calling thread, which leaves an ipykernel whose heartbeat thread answers and
+# whose shell never will again. ENOSYS is what a Linux built without x32 answers (most
+# distributions' default): the call fails, the kernel lives, nothing reaches the rules'
+# blind side.
+BAD_ARCH = SCMP_ACT_ERRNO(errno.ENOSYS)
+
+
 # The actions a Docker/OCI profile may name. SCMP_ACT_TRACE and SCMP_ACT_NOTIFY need a
 # tracer or a listener, which a kernel does not have: refused, not silently changed.
+# SCMP_ACT_KILL and SCMP_ACT_KILL_THREAD kill the whole process here: a killed thread
+# leaves an ipykernel whose heartbeat answers and whose shell never does (a cell's thread
+# waits forever on it, a killed main thread takes the shell with it); the whole kernel
+# ending with SIGSYS is what the user and the server log can see (limits.death_reason).
 ACTIONS = {"SCMP_ACT_ALLOW": lambda code: SCMP_ACT_ALLOW,
            "SCMP_ACT_ERRNO": SCMP_ACT_ERRNO,
-           "SCMP_ACT_KILL": lambda code: 0x00000000,
-           "SCMP_ACT_KILL_THREAD": lambda code: 0x00000000,
+           "SCMP_ACT_KILL": lambda code: 0x80000000,
+           "SCMP_ACT_KILL_THREAD": lambda code: 0x80000000,
            "SCMP_ACT_KILL_PROCESS": lambda code: 0x80000000,
            "SCMP_ACT_TRAP": lambda code: 0x00030000,
            "SCMP_ACT_LOG": lambda code: 0x7FFC0000}
@@ -221,6 +236,7 @@ def _library():
     lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
     lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                            ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -264,6 +280,9 @@ def program(filter_):
     if not ctx:
         raise SeccompError(errno.ENOMEM, "seccomp_init")
     try:
+        rc = lib.seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, BAD_ARCH)
+        if rc < 0:
+            raise SeccompError(-rc, "seccomp_attr_set(SCMP_FLTATR_ACT_BADARCH)")
         for arch in filter_.arches:
             token = lib.seccomp_arch_resolve_name(arch.encode())
             rc = lib.seccomp_arch_add(ctx, token) if token else -errno.EINVAL

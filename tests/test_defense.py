@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import LIMITS_BACKEND, kernel_cgroup_dir, kernel_host_pid, start_kernel, start_paths, \
-    stop_kernel, write_spec
+    stop_kernel, wait_until, write_spec
 from ns_kernel import cgroup, container, seccomp
 from ns_kernel.limits import DEFAULT_PIDS
 
@@ -286,3 +286,94 @@ def test_the_kernel_has_none_of_the_servers_fds(workdir, tmp_path, path):
     assert "\x1b" not in text and "\x07" not in text
     forged = [line for line in text.splitlines() if "killed: out of memory" in line]
     assert len(forged) == 1 and forged[0].startswith("[kernel "), forged
+
+
+# getpid by another ABI's number: x32's (0x40000000 | 39) and i386's (int 0x80, eax 20),
+# from the cell's own thread and from a thread of its own, the thread first: each is
+# (return value, errno) or what became of the thread.
+OTHER_ABI = r"""
+import ctypes, mmap, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def x32():
+    ctypes.set_errno(0)
+    return libc.syscall(0x40000000 | 39), ctypes.get_errno()
+code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+code.write(bytes.fromhex("b814000000cd80c3"))       # mov eax, 20; int 0x80; ret
+int80 = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(code)))
+def i386():
+    return int80(), None
+def in_thread(call):
+    done = []
+    thread = threading.Thread(target=lambda: done.append(call()))
+    thread.start()
+    thread.join(20)
+    return done[0] if done else "its thread is gone"
+print(in_thread(x32), in_thread(i386), flush=True)
+print(x32(), i386(), flush=True)
+"""
+ENOSYS_ALL = "(-1, 38) (-38, None)\n(-1, 38) (-38, None)\n"
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x32 and i386 are x86_64's")
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_a_syscall_of_another_abi_fails_and_the_kernel_lives(workdir, path):
+    # Attack (issue 22, item 6): the filter's rules name x86_64's numbers; a call by x32's
+    # or i386's met libseccomp's default for another ABI, SCMP_ACT_KILL, which kills the
+    # calling thread only: the kernel's heartbeat still answered, its shell never did, and
+    # the restarted kernel was told "killed by SIGKILL" (the restarter's). Now ENOSYS, as
+    # on a Linux without x32; the kernel answers after it.
+    if path == "run":
+        done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                               sys.executable, "-c", OTHER_ABI], cwd=workdir,
+                              capture_output=True, text=True, timeout=90)
+        assert (done.returncode, done.stdout) == (0, ENOSYS_ALL), done.stderr
+        return
+    k = start_kernel(workdir, kernel_name=PATHS[path])
+    try:
+        out, error, _ = k.execute(OTHER_ABI, timeout=60)
+        assert (error, out) == (None, ENOSYS_ALL)
+        assert k.value("1 + 1") == 2
+    finally:
+        stop_kernel(k)
+
+
+# A profile whose rule kills a thread (SCMP_ACT_KILL in older profiles, KILL_THREAD).
+KILLING_PROFILE = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+    {"names": ["kcmp"], "action": "SCMP_ACT_KILL"},
+    {"names": ["lookup_dcookie"], "action": "SCMP_ACT_KILL_THREAD"}]}
+KCMP_IN_A_THREAD = ("import ctypes, threading\n"
+                    "t = threading.Thread(target=ctypes.CDLL(None).syscall, args=({nr}, 0, 0, 0, "
+                    "0, 0))\nt.start(); t.join(); print('alive')")
+SIGSYS_SAID = "killed by SIGSYS (a system call its seccomp filter forbids)"
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+@pytest.mark.parametrize("path", ["argv", "provisioner", "run"])
+def test_a_profile_s_kill_ends_the_whole_kernel_and_says_so(workdir, tmp_path, path):
+    # A killed thread left a kernel that looked alive and never answered: a profile's kill
+    # ends the whole process, and the launcher says it was the filter.
+    import json
+    profile = tmp_path / "killing.json"
+    profile.write_text(json.dumps(KILLING_PROFILE))
+    profile.chmod(0o644)
+    if path == "run":
+        for nr in (312, 212):       # kcmp, lookup_dcookie
+            done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--seccomp",
+                                   str(profile), "--", sys.executable, "-c",
+                                   KCMP_IN_A_THREAD.format(nr=nr)], cwd=workdir,
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and done.stdout == "", (done.stdout, done.stderr)
+            assert f"ns-kernel: command {SIGSYS_SAID}" in done.stderr, done.stderr
+        return
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=start_paths("killing", [
+            "--seccomp", str(profile)])[path], stderr=stderr)
+        try:
+            k.kc.execute(KCMP_IN_A_THREAD.format(nr=312))
+            assert wait_until(lambda: not k.km.is_alive(), timeout=30), \
+                "a kernel that looks alive"
+        finally:
+            stop_kernel(k)
+    said = [line for line in log.read_text().splitlines() if SIGSYS_SAID in line]
+    assert len(said) == 1 and said[0].startswith("ns-kernel: kernel "), log.read_text()

@@ -356,6 +356,8 @@ def test_death_reasons_read_from_the_counters():
     assert describe_exit(9, "kernel ab12cd34", oom) == \
         "ns-kernel: kernel ab12cd34 killed: out of memory (limit 512 MiB, peak 511 MiB)"
     assert describe_exit(11, "kernel ab12cd34") == "ns-kernel: kernel ab12cd34 killed by SIGSEGV"
+    assert describe_exit(31, "kernel ab12cd34") == "ns-kernel: kernel ab12cd34 killed by " \
+        "SIGSYS (a system call its seccomp filter forbids)"
     assert describe_exit(1 << 8, "kernel ab12cd34", Usage(pids_limit=64, pids_refused=3)) == \
         "ns-kernel: kernel ab12cd34 exited with status 1 after reaching its process limit (64)"
     assert describe_exit(0, "kernel ab12cd34", Usage(pids_limit=64, pids_refused=3)) is None

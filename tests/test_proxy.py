@@ -31,13 +31,16 @@ def ip(text):
 
 # -- the policy, pure ---------------------------------------------------------------------
 
+PORTS = "CONNECT goes to port 443 and plain HTTP to 80 unless --allow names another"
+
+
 def test_names_allow_and_deny():
     policy = Policy.parse(["pypi, *.github.com", "example.org:8080"], ["evil.github.com"])
     assert decide(policy, "pypi.org", 443) == ""
     assert decide(policy, "files.pythonhosted.org", 443) == ""
     assert decide(policy, "pypi.org", 80) == \
-        "pypi.org:80 is not on this kernel's allowlist (--allow)"
-    assert decide(policy, "api.github.com", 22) == ""
+        "pypi.org:80 is not on this kernel's allowlist (--allow): " + PORTS
+    assert decide(policy, "api.github.com", 443) == ""
     assert decide(policy, "a.b.github.com", 443) == ""
     assert decide(policy, "github.com", 443) == \
         "github.com is not on this kernel's allowlist (--allow)"
@@ -93,11 +96,13 @@ def test_only_the_exact_address_opens_a_denied_one():
     # Its IPv6 forms are that address too (and a --deny of it catches them: test_redteam_11).
     assert decide(policy, "::ffff:127.0.0.2", 8080, ip("::ffff:127.0.0.2")) == ""
     assert "IPv6 form" in decide(policy, "::ffff:127.0.0.3", 8080, ip("::ffff:127.0.0.3"))
-    assert decide(policy, "fd00::5", 22, ip("fd00::5")) == ""
+    assert decide(policy, "fd00::5", 443, ip("fd00::5")) == ""
+    # Without a port, the exact address at the default ports only.
+    assert "private" in decide(policy, "fd00::5", 22, ip("fd00::5"))
     # A name is never enough, whatever the list says.
     named = Policy.parse(["localhost", "*.internal"])
-    assert decide(named, "localhost", 80) == ""
-    assert decide(named, "localhost", 80, ip("127.0.0.1")) == \
+    assert decide(named, "localhost", 80, method="GET") == ""
+    assert decide(named, "localhost", 80, ip("127.0.0.1"), method="GET") == \
         "localhost (127.0.0.1) is a loopback address, refused unless --allow names that " \
         "exact address"
     # The host's own addresses, public ones too.
@@ -109,6 +114,56 @@ def test_only_the_exact_address_opens_a_denied_one():
     assert decide(exact, "127.0.0.2", 8080) == ""
     assert decide(exact, "2130706434", 8080) == \
         "2130706434 is not on this kernel's allowlist (--allow)"
+
+
+@pytest.mark.parametrize("allow, deny, method, host, port, why", [
+    # Attack (issue 22, item 5): with no --allow the proxy tunnelled any port, ssh's too.
+    ((), (), "CONNECT", "ssh.example", 22, "ssh.example:22 is not a port this kernel's "
+     "proxy opens: " + PORTS),
+    ((), (), "GET", "ssh.example", 22, "ssh.example:22 is not a port this kernel's proxy "
+     "opens: " + PORTS),
+    ((), (), "CONNECT", "h.example", 443, ""), ((), (), "GET", "h.example", 80, ""),
+    # Each method its own port: plain HTTP to 443, CONNECT to 80 are not HTTP(S) on them.
+    ((), (), "CONNECT", "h.example", 80, "h.example:80 is not a port this kernel's proxy "
+     "opens: " + PORTS),
+    ((), (), "GET", "h.example", 443, "h.example:443 is not a port this kernel's proxy "
+     "opens: " + PORTS),
+    # Every name, a bare name, an address, a preset: the default ports only.
+    (("*",), (), "CONNECT", "h.example", 22, "h.example:22 is not on this kernel's "
+     "allowlist (--allow): " + PORTS),
+    (("*",), (), "CONNECT", "h.example", 443, ""),
+    (("files.example.edu",), (), "CONNECT", "files.example.edu", 8443,
+     "files.example.edu:8443 is not on this kernel's allowlist (--allow): " + PORTS),
+    (("files.example.edu",), (), "GET", "files.example.edu", 80, ""),
+    (("198.51.100.7",), (), "CONNECT", "198.51.100.7", 22, "198.51.100.7:22 is not on this "
+     "kernel's allowlist (--allow): " + PORTS),
+    (("[2001:db8::1]",), (), "CONNECT", "2001:db8::1", 22, "[2001:db8::1]:22 is not on "
+     "this kernel's allowlist (--allow): " + PORTS),
+    (("pypi",), (), "CONNECT", "pypi.org", 22, "pypi.org:22 is not on this kernel's "
+     "allowlist (--allow): " + PORTS),
+    # A port named opens that port, for either method.
+    (("*.example.edu:8443",), (), "CONNECT", "a.example.edu", 8443, ""),
+    (("*.example.edu:8443",), (), "GET", "a.example.edu", 8443, ""),
+    (("*.example.edu:8443",), (), "CONNECT", "a.example.edu", 443,
+     "a.example.edu:443 is not on this kernel's allowlist (--allow)"),
+    (("*:22",), (), "CONNECT", "h.example", 22, ""),
+    # --deny wins, on every port when it names none.
+    (("*:22",), ("h.example",), "CONNECT", "h.example", 22,
+     "h.example is on this kernel's denylist (--deny)"),
+    ((), ("h.example:443",), "CONNECT", "h.example", 443,
+     "h.example is on this kernel's denylist (--deny)"),
+    ((), ("h.example:443",), "GET", "h.example", 80, ""),
+])
+def test_ports_are_http_s_unless_named(allow, deny, method, host, port, why):
+    assert decide(Policy.parse(allow, deny), host, port, method=method) == why
+
+
+def test_the_lists_say_their_ports():
+    assert Policy().describe() == "the public internet (443 for CONNECT, 80 for plain HTTP)"
+    assert Policy.parse(["pypi"]).describe() == "pypi.org:443, files.pythonhosted.org:443"
+    assert Policy.parse(["example.org", "*:8443"], ["b.example.org"]).describe() == \
+        "example.org, *:8443 (without a port: 443 for CONNECT, 80 for plain HTTP) except " \
+        "b.example.org"
 
 
 def own_address():
@@ -132,6 +187,7 @@ def test_the_host_s_own_addresses_are_found():
     ("pypi.org:0", "bad port '0'"), ("pypi.org:http", "bad port 'http'"),
     ("a b", "not a host name, *.domain or address"), ("*github.com", "not a host name"),
     ("foo.*", "not a host name"), ("[::1", "unbalanced [ ]"), ("host:", "empty port"),
+    ("pypi.org:\uff14\uff14\uff13", "bad port"), ("pypi.org:+443", "bad port"),
 ])
 def test_bad_entries(entry, why):
     with pytest.raises(ValueError) as info:
@@ -144,6 +200,17 @@ def test_requests_parsed():
         ("CONNECT", "pypi.org", 443, None)
     assert parse_head(b"CONNECT [::ffff:127.0.0.1]:22 HTTP/1.1")[1:3] == \
         ("::ffff:127.0.0.1", 22)
+    # A port is its number, however written: 0443 is checked and connected to as 443.
+    assert parse_head(b"CONNECT pypi.org:0443 HTTP/1.1")[2] == 443
+    assert parse_head(b"CONNECT pypi.org:00022 HTTP/1.1")[2] == 22
+    assert parse_head(b"GET http://u:p@h.example:22/x HTTP/1.1")[1:3] == ("h.example", 22)
+    assert parse_head(b"GET http://[2001:db8::1]:22/ HTTP/1.1")[1:3] == ("2001:db8::1", 22)
+    # The Host header is the URI's (the host checked), whatever the client wrote.
+    assert parse_head(b"GET http://h.example/ HTTP/1.1\r\nHost: other.example:22\r\n"
+                      b"hOST: third.example")[3] == \
+        b"GET / HTTP/1.1\r\nHost: h.example\r\nConnection: close\r\n\r\n"
+    assert parse_head(b"GET http://[2001:db8::1]:8080/ HTTP/1.1")[3].split(b"\r\n")[1] == \
+        b"Host: [2001:db8::1]:8080"
     method, host, port, upstream = parse_head(
         b"GET http://mirror.example/simple/x/ HTTP/1.1\r\nHost: mirror.example\r\n"
         b"Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\nAccept: */*")
@@ -286,7 +353,7 @@ def test_kernel_reaches_what_is_listed(servers, workdir, tmp_path, path):
             # The same host on a port not listed: refused, and the cell says why.
             status, reason = k.value(f"fetch('http://{SERVER}:{ports['other']}/hello.txt')")
             assert (status, reason) == (403, f"ns-kernel: {SERVER}:{ports['other']} is not "
-                                        "on this kernel's allowlist (--allow)")
+                                        f"on this kernel's allowlist (--allow): {PORTS}")
             out, error, _ = k.execute(f"%pip install --no-cache-dir --no-index --find-links "
                                       f"http://{SERVER}:{ports['http']}/ nskproxyprobe",
                                       timeout=180)
@@ -314,7 +381,7 @@ def test_kernel_reaches_what_is_listed(servers, workdir, tmp_path, path):
     assert any(re.fullmatch(rf"allowed CONNECT {SERVER}:{ports['https']} \({SERVER}\): "
                             r"\d+ bytes sent, \d+ received", line) for line in lines), lines
     assert f"refused GET {SERVER}:{ports['other']}: {SERVER}:{ports['other']} is not on " \
-           "this kernel's allowlist (--allow)" in lines
+           f"this kernel's allowlist (--allow): {PORTS}" in lines
     assert "refused CONNECT files.example.com:443: files.example.com is on this kernel's " \
            "denylist (--deny)" in lines
 
@@ -331,31 +398,30 @@ def ask(method, target):
 
 @pytest.mark.parametrize("path", ["argv", "provisioner"])
 def test_always_denied_even_with_allow_all(servers, workdir, tmp_path, path):
-    port = servers["ports"]["http"]
     # The provisioner's kernelspec says it in its config stanza.
     spec = servers["any"] if path == "argv" else write_spec(
         "proxy-any-provisioner", provisioner=True,
         config={"network": "proxy", "proxy_allow": ["*"]})
-    targets = [f"localhost:{port}", f"{SERVER}:{port}", f"127.1:{port}",
-               f"0x7f000002:{port}", f"2130706434:{port}", f"[::1]:{port}",
-               f"[::ffff:{SERVER}]:{port}", "10.0.0.1:80", "192.168.1.1:80", "172.16.0.1:80",
-               "169.254.169.254:80", "100.64.0.1:80", "0.0.0.0:80",
-               *([f"{own_address()}:{port}"] if own_address() else [])]
+    # At the ports `*` opens: GET to 80, CONNECT to 443 (and test_redteam_11 with the
+    # test servers' own ports named).
+    hosts = ["localhost", SERVER, "127.1", "0x7f000002", "2130706434", "[::1]",
+             f"[::ffff:{SERVER}]", "10.0.0.1", "192.168.1.1", "172.16.0.1", "169.254.169.254",
+             "100.64.0.1", "0.0.0.0", *([own_address()] if own_address() else [])]
     log = tmp_path / "server.log"
     with open(log, "w") as stderr:
         k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
         try:
             k.execute(ASK)
-            for target in targets:
-                for method in ("GET", "CONNECT"):
+            for host in hosts:
+                for method, target in (("GET", host), ("CONNECT", f"{host}:443")):
                     status, reason = k.value(f"ask({method!r}, {target!r})")
                     assert status == 403 and reason.endswith(
                         "refused unless --allow names that exact address"), (target, reason)
         finally:
             stop_kernel(k)
     lines = logged(k, log)
-    assert len([line for line in lines if line.startswith("refused ")]) == 2 * len(targets)
-    assert f"refused GET localhost:{port}: localhost (127.0.0.1) is a loopback address, " \
+    assert len([line for line in lines if line.startswith("refused ")]) == 2 * len(hosts)
+    assert "refused GET localhost:80: localhost (127.0.0.1) is a loopback address, " \
            "refused unless --allow names that exact address" in lines
 
 
@@ -437,12 +503,26 @@ def test_doctor_says_what_the_mode_gives():
     assert "  ok    kernel (argv): " in done.stdout and "network lo, cgroup /" in done.stdout
 
 
+BANNER = b"SSH-2.0-OpenSSH_9.2p1 ns-kernel-test\r\n"
+# A server that speaks first, as sshd does: what a tunnel to it brings back.
+SPEAKS_FIRST = f"""
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print(server.getsockname()[1], flush=True)
+while True:
+    client, _ = server.accept()
+    with client:
+        client.sendall({BANNER!r})
+"""
+
+
 @pytest.fixture
 def public_server(tmp_path):
     """An HTTP server at an address that is neither the host's nor a private one (a
-    documentation range, 198.51.100.254), in a network namespace of its own joined to the
-    host by a veth pair whose host end, 198.51.100.253, is then one of the host's own.
-    Making them needs root."""
+    documentation range, 198.51.100.254), on port 80, in a network namespace of its own
+    joined to the host by a veth pair whose host end, 198.51.100.253, is then one of the
+    host's own; beside it on port 22 a server that answers as sshd does (BANNER). Making
+    them needs root."""
     name = f"nsk-proxy-{os.getpid()}"
     outside, inside = f"nskp{os.getpid() % 100000}", f"nskq{os.getpid() % 100000}"
     steps = [["ip", "netns", "add", name],
@@ -455,19 +535,23 @@ def public_server(tmp_path):
              ["ip", "-n", name, "link", "set", "lo", "up"]]
     (tmp_path / "hello.txt").write_text("hello from a public address\n")
     os.chmod(tmp_path, 0o755)
-    server = None
+    server = ssh = None
     try:
         for step in steps:
             subprocess.run(step, check=True, capture_output=True)
         server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-u", "-m",
                                    "http.server", "--bind", "198.51.100.254", "--directory",
-                                   str(tmp_path), "0"], stdout=subprocess.PIPE,
+                                   str(tmp_path), "80"], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
+        ssh = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", SPEAKS_FIRST,
+                                "198.51.100.254", "22"], stdout=subprocess.PIPE, text=True)
+        assert ssh.stdout.readline().strip() == "22"
         yield int(server.stdout.readline().split(" port ")[1].split()[0])
     finally:
-        if server:
-            server.kill()
-            server.wait()
+        for process in (server, ssh):
+            if process:
+                process.kill()
+                process.wait()
         subprocess.run(["ip", "link", "del", outside], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
@@ -478,6 +562,7 @@ def test_public_address_without_the_internet(public_server, workdir, tmp_path):
     port = public_server
     log = tmp_path / "server.log"
     spec = write_spec("proxy-public", ["--network", "proxy"])    # no list: the internet
+    assert port == 80
     with open(log, "w") as stderr:
         k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
         try:
@@ -492,3 +577,90 @@ def test_public_address_without_the_internet(public_server, workdir, tmp_path):
             stop_kernel(k)
     assert any(line.startswith(f"allowed GET 198.51.100.254:{port} (198.51.100.254): ")
                for line in logged(k, log))
+
+
+# The red team's tunnel: CONNECT (or a plain-HTTP request, whose rest the proxy relays as
+# bytes) to a port that is not HTTP(S)'s; what came back, up to a banner.
+TUNNEL = r'''
+import socket
+def tunnel(head):
+    with socket.create_connection(("127.0.0.1", 3128), timeout=20) as s:
+        s.sendall(head.encode() + b"\r\n\r\n")
+        got = b""
+        while b"SSH-" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    return got.decode("latin-1")
+'''
+
+
+@pytest.fixture(scope="module")
+def speaks_first():
+    """A server on SERVER that greets each connection as sshd does, and kernelspecs for
+    every start path whose --allow names its address but no port."""
+    server = subprocess.Popen([sys.executable, "-c", SPEAKS_FIRST, SERVER, "0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        yield port, start_paths("proxy-ports", ["--network", "proxy", "--allow", SERVER])
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
+def test_no_tunnel_to_a_port_not_named(speaks_first, workdir, tmp_path, path):
+    """Attack (issue 22, item 5): the proxy relayed CONNECT to any port, and a plain-HTTP
+    request's bytes after its head as well: a raw TCP tunnel (ssh's banner came back).
+    An entry without a port (here the exact address of a server on host loopback, the one
+    way a kernel reaches one) now opens 443 for CONNECT and 80 for plain HTTP only."""
+    port, specs = speaks_first
+    said = f"{SERVER}:{port} is not on this kernel's allowlist (--allow): {PORTS}"
+    heads = {f"CONNECT {SERVER}:{port} HTTP/1.1": said,
+             f"CONNECT {SERVER}:0{port} HTTP/1.1": said,        # the same port
+             f"GET http://{SERVER}:{port}/ HTTP/1.1\r\nHost: {SERVER}": said,
+             f"GET http://x@{SERVER}:{port}/ HTTP/1.1": said,
+             # The address in IPv6 form is not the entry's literal: not listed at all.
+             f"CONNECT [::ffff:{SERVER}]:{port} HTTP/1.1":
+                 f"::ffff:{SERVER} is not on this kernel's allowlist (--allow)"}
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        k = start_kernel(workdir, kernel_name=specs[path], stderr=stderr)
+        try:
+            k.execute(TUNNEL)
+            got = {head: k.value(f"tunnel({head!r})") for head in heads}
+        finally:
+            stop_kernel(k)
+    for head, why in heads.items():
+        assert got[head].split("\r\n")[0] == f"HTTP/1.1 403 ns-kernel: {why}", (head, got)
+        assert "SSH-" not in got[head]
+    lines = logged(k, log)
+    assert f"refused CONNECT {SERVER}:{port}: {said}" in lines, lines
+    assert f"refused GET {SERVER}:{port}: {said}" in lines, lines
+    assert not [line for line in lines if line.startswith("allowed ")], lines
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="makes a network namespace and a veth pair on "
+                    "the host (root); the ordinary user's runs test the same on loopback")
+@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
+def test_no_tunnel_to_ssh_without_any_allow(public_server, workdir, tmp_path, path):
+    """Attack (issue 22, item 5), as the red team made it: `--network proxy` with no
+    --allow, CONNECT to a public address's port 22, and sshd's banner came back. Now the
+    refusal, in the words of the others; plain HTTP to that address still goes."""
+    said = "198.51.100.254:22 is not a port this kernel's proxy opens: " + PORTS
+    spec = start_paths("proxy-no-list", ["--network", "proxy"])[path]
+    with open(tmp_path / "server.log", "w") as stderr:
+        k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
+        try:
+            k.execute(TUNNEL + FETCH)
+            got = {head: k.value(f"tunnel({head!r})") for head in (
+                "CONNECT 198.51.100.254:22 HTTP/1.1", "CONNECT 198.51.100.254:022 HTTP/1.1",
+                "GET http://198.51.100.254:22/ HTTP/1.1")}
+            fetched = k.value("fetch('http://198.51.100.254/hello.txt')")
+        finally:
+            stop_kernel(k)
+    for head, answer in got.items():
+        assert answer.split("\r\n")[0] == f"HTTP/1.1 403 ns-kernel: {said}", (head, got)
+    assert fetched == (200, "hello from a public address\n")

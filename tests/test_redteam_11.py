@@ -133,7 +133,7 @@ def test_own_and_metadata_addresses_in_nat64_and_6to4_form(workdir, tmp_path):
         k = start_kernel(workdir, kernel_name=spec, stderr=stderr)
         try:
             k.execute(ASK)
-            answers = {str(a): k.value(f"ask('CONNECT', '[{a}]:22')", timeout=90)
+            answers = {str(a): k.value(f"ask('CONNECT', '[{a}]:443')", timeout=90)
                        for a in (nat64, sixtofour, metadata)}
         finally:
             stop_kernel(k)
