@@ -3,9 +3,11 @@ performs an attack a kernel (or a kernel racing another) made on an earlier main
 way a kernel starts, and checks that it fails while the legitimate use beside it works."""
 import ctypes
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -288,16 +290,20 @@ finally:
 @pytest.mark.parametrize("path", [*PATHS, "run"])
 def test_without_landlock_the_seccomp_filter_keeps_links_out(tmp_path, path):
     folder = shared_folder(tmp_path)
-    runtime = tmp_path / "runtime"      # a template of its own, started without Landlock
-    runtime.mkdir(mode=0o700)
+    # A template of its own, started without Landlock; a short path, for its socket.
+    runtime = tempfile.mkdtemp(prefix="nsk-")
     code = ATTEMPT + """import os
 attempt("symlink", lambda: os.symlink("/etc", "link"))
 attempt("symlink-var-tmp", lambda: os.symlink("/etc", "/var/tmp/link"))
 attempt("file", lambda: open("notes.txt", "w").close())
 """
-    done = subprocess.run([sys.executable, "-c", WITHOUT_LANDLOCK, PATHS.get(path, path),
-                           str(folder), code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
+    try:
+        # (From tmp_path: `-c` puts its working directory first on sys.path.)
+        done = subprocess.run([sys.executable, "-c", WITHOUT_LANDLOCK, PATHS.get(path, path),
+                               str(folder), code], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env={**os.environ, "XDG_RUNTIME_DIR": runtime})
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     seen = results(done.stdout)
     # Denied everywhere now, the sandbox's own /var/tmp too: EPERM, not Landlock's EACCES.
