@@ -119,6 +119,30 @@ def v1_parents(mounts):
     return found, ""
 
 
+def enable_v2(parent, controllers):
+    """Controllers are usable in a child only if enabled in the parent's subtree_control;
+    ns-kernel's own parent dir may need making and enabling first. Returns those of
+    `controllers` that are not enabled there."""
+    if not os.path.isdir(parent):
+        try:
+            os.mkdir(parent, 0o755)
+        except FileExistsError:
+            pass
+        _enable_in(os.path.dirname(parent), controllers)
+    _enable_in(parent, controllers)
+    enabled = set(read(os.path.join(parent, "cgroup.subtree_control")).split())
+    return [c for c in controllers if c not in enabled]
+
+
+def _enable_in(path, controllers):
+    have = set(read(os.path.join(path, "cgroup.subtree_control")).split())
+    available = set(read(os.path.join(path, "cgroup.controllers")).split())
+    for c in controllers:
+        if c not in have and c in available:
+            # EBUSY (processes live there) leaves the limit reported unenforced.
+            _try_write(os.path.join(path, "cgroup.subtree_control"), f"+{c}")
+
+
 class Cgroup:
     """One kernel's cgroup: dirs maps each controller to its directory (the same one
     for all controllers in v2)."""
@@ -141,7 +165,8 @@ class Cgroup:
         unenforced = []
         try:
             if version == 2:
-                unenforced = self._enable_v2(parents, wanted)
+                off = enable_v2(parents, wanted.values())
+                unenforced = [limit for limit, c in wanted.items() if c in off]
             for path in sorted(set(dirs.values())):
                 os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
                 os.mkdir(path, 0o755)
@@ -157,27 +182,6 @@ class Cgroup:
                 from None
         return self, sorted(set(unenforced))
 
-    def _enable_v2(self, parent, wanted):
-        """Controllers are usable in a child only if enabled in the parent's
-        subtree_control; ns-kernel's own parent dir may need making and enabling first."""
-        if not os.path.isdir(parent):
-            try:
-                os.mkdir(parent, 0o755)
-            except FileExistsError:
-                pass
-            self._enable_in(os.path.dirname(parent), wanted.values())
-        self._enable_in(parent, wanted.values())
-        enabled = set(read(os.path.join(parent, "cgroup.subtree_control")).split())
-        return [limit for limit, c in wanted.items() if c not in enabled]
-
-    @staticmethod
-    def _enable_in(path, controllers):
-        have = set(read(os.path.join(path, "cgroup.subtree_control")).split())
-        available = set(read(os.path.join(path, "cgroup.controllers")).split())
-        for c in controllers:
-            if c not in have and c in available:
-                # EBUSY (processes live there) leaves the limit reported unenforced.
-                _try_write(os.path.join(path, "cgroup.subtree_control"), f"+{c}")
 
     def _set(self, limit, value):
         d = self.dirs[CONTROLLER[limit]]

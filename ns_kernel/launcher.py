@@ -21,7 +21,6 @@ import selectors
 import signal
 import socket
 import sys
-from dataclasses import replace
 
 from . import (bridge, connection, leftovers, limits, mount, notice, offline, output, seccomp,
                socketdir, state, usage)
@@ -40,6 +39,23 @@ def kernel_id_from(path):
 def kernel_argv(extra):
     return [sys.executable, "-m", "ipykernel_launcher",
             "-f", f"{SOCKET_DIR_INSIDE}/connection.json", *extra]
+
+
+def kernel_extensions(info, config, previous, limits_in_force):
+    """What the kernel loads besides ipykernel (IPython extensions, config): the notice of
+    why the previous one died, the offline hint, CurveZMQ's keys, the usage panel's limits."""
+    extra = [notice.EXTENSION_ARGV] if previous else []
+    if config.network not in ("host", "proxy"):
+        extra.append(offline.EXTENSION_ARGV)
+    if connection.CURVE_KEYS[0] in info:
+        extra.append(connection.CURVE_CONFIG_ARGV)
+    return [*extra, *usage.argv(limits_in_force, limits_in_force.skipped)]
+
+
+def kernel_sockets(info):
+    """The names of the kernel's sockets in its socket dir, one per channel."""
+    return tuple(os.path.basename(connection.socket_path(SOCKET_DIR_INSIDE, info[name]))
+                 for name in connection.CHANNELS)
 
 
 def command_argv(argv):
@@ -105,12 +121,6 @@ class Launch:
         # From the start: a server that dies while the sandbox is built is seen too.
         self.server = self._server_pidfd()
         try:
-            if self.spare_monitor:
-                # A warm start's monitor exists already: its cgroup first, and the move into
-                # it (cgroup v1 waits 10-15 ms for an RCU grace period) beside the plan's
-                # making. A cold launcher, which Jupyter SIGKILLs, makes it after the plan:
-                # nobody would remove it before the monitor holds it.
-                self._limit(Limits.from_config(self.config))
             if self.connection_file:
                 info = connection.read(self.connection_file)
                 argv = kernel_argv(self.argv)
@@ -122,26 +132,19 @@ class Launch:
             socket_dir = (socketdir.check_length(os.path.abspath(self.exact_socket_dir))
                           if self.exact_socket_dir else socketdir.choose(self.config.socket_dir))
             previous = notice.recall(self.connection_file, info) if info else ""
-            if previous:
-                argv.append(notice.EXTENSION_ARGV)
-            if info and self.config.network not in ("host", "proxy"):
-                argv.append(offline.EXTENSION_ARGV)
-            if info and connection.CURVE_KEYS[0] in info:
-                argv.append(connection.CURVE_CONFIG_ARGV)
+            # Which backend enforces the limits, and what it cannot: nothing made yet.
+            limits_in_force = limits.decide(Limits.from_config(self.config),
+                                            self.config.cgroup_parent)
+            if info:
+                argv += kernel_extensions(info, self.config, previous, limits_in_force)
             profile = (seccomp.read_profile(self.config.seccomp)
                        if seccomp.is_profile(self.config.seccomp) else None)
-            plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id, profile)
-            if info:
-                plan = replace(plan, sockets=tuple(
-                    os.path.basename(connection.socket_path(SOCKET_DIR_INSIDE, info[name]))
-                    for name in connection.CHANNELS))
-            if not self.spare_monitor:
-                self._limit(plan.limits)
-            plan = replace(plan, limits=replace(plan.limits, backend=self.limits.backend))
-            if info:
-                # Known only now: which limits are in force (usage.py shows them).
-                plan = replace(plan, argv=(*plan.argv, *usage.argv(plan.limits,
-                                                                    self.limits.skipped)))
+            plan = build_plan(self.config, host, argv, socket_dir, self.kernel_id, profile,
+                              limits_in_force, kernel_sockets(info) if info else ())
+            # The kernel's cgroup, and the move into it of what exists already (the
+            # prestarted interpreter, a warm start's monitor): on cgroup v1 it waits for an
+            # RCU grace period (10-15 ms here), beside the steps up to the sandbox's start.
+            self._limit(plan.limits)
             self.started_lines = self.limits.log_lines(plan.limits, self._who())
             if not plan.seccomp or plan.seccomp.source:
                 self.started_lines.append(f"ns-kernel: {self._who()}: " + (
@@ -196,11 +199,11 @@ class Launch:
         self.usage = self.limits.usage()
         return status
 
-    def _limit(self, wanted):
-        """Make the kernel's cgroup (or pick rlimits) for the Limits wanted, and start moving
+    def _limit(self, decided):
+        """Make the kernel's cgroup for the Limits decided (limits.decide), and start moving
         what exists already into it: before they fork anything, the kernel is born in the
-        kernel's cgroup. It probes the host, so it happens here, not in the pure build_plan."""
-        self.limits = limits.enforce(wanted, self.config.cgroup_parent, self.kernel_id)
+        kernel's cgroup."""
+        self.limits = limits.enforce(decided, self.config.cgroup_parent, self.kernel_id)
         self.limits.attach_soon([pid for pid in (self.prestarted and self.prestarted.pid,
                                                  self.spare_monitor) if pid])
 

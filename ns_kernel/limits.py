@@ -123,36 +123,57 @@ def rlimit_cannot(need):
     return [n for n in need if n not in RLIMIT_CAN]
 
 
-def enforce(limits, cgroup_parent="", name=""):
-    """Pick the backend for `limits` and make its cgroup (if any). A limit it cannot
-    enforce is a SetupError unless limits.best_effort, then it is listed in .skipped."""
+def decide(limits, cgroup_parent=""):
+    """`limits` (plan.Limits, as configured) with the backend that will enforce them, and
+    the names of those it cannot (best_effort lets them go; else a SetupError): known before
+    the plan is built, nothing made for the kernel yet (enforce makes its cgroup)."""
+    from dataclasses import replace
     need = wanted(limits)
     if not need:
-        return Enforcement()
+        return replace(limits, backend="none")
     mounts = cgroup.hierarchies()
     options = probe(cgroup_parent, mounts)
     backend = choose(options, limits.backend)
     if not backend[1]:
         raise SetupError("limits", f"limits backend {limits.backend}", hint=backend[2])
-    # Random too: after a SIGKILLed launcher the old cgroup of a restarted kernel may still
-    # be on its way out (the orphaned monitor removes it).
-    name = f"ns-kernel-{name[:8] + '-' if name else ''}{os.urandom(4).hex()}"
     if backend[0] == "cgroup2":
-        group, skipped = cgroup.Cgroup.create(2, backend[2], name, limits)
+        skipped = cgroup.enable_v2(backend[2], [cgroup.CONTROLLER[n] for n in need])
+        skipped = [n for n in need if cgroup.CONTROLLER[n] in skipped]
     elif backend[0] == "cgroup1":
-        group, skipped = cgroup.Cgroup.create(1, cgroup.v1_parents(mounts)[0], name, limits)
+        parents = cgroup.v1_parents(mounts)[0]
+        skipped = [n for n in need if cgroup.CONTROLLER[n] not in parents]
     else:
-        group, skipped = None, rlimit_cannot(need)
+        skipped = rlimit_cannot(need)
     if skipped and not limits.best_effort:
-        if group:
-            group.remove()
         # Under auto, why the better backends were passed over.
         passed_over = options if limits.backend == "auto" else []
         reasons = "; ".join(f"{o[0]}: {o[2]}" for o in passed_over if not o[1])
         raise SetupError("limits", f"{backend[0]} cannot enforce {', '.join(skipped)}", hint=(
             (reasons + "; " if reasons else "") +
             "run `ns-kernel doctor`, or allow it with --best-effort"))
-    return Enforcement(backend[0], group, skipped)
+    return replace(limits, backend=backend[0], skipped=tuple(skipped))
+
+
+def enforce(limits, cgroup_parent="", name=""):
+    """Make the cgroup (if any) of the backend `limits` was decided for (decide)."""
+    if limits.backend not in ("cgroup1", "cgroup2"):
+        return Enforcement(limits.backend, None, list(limits.skipped))
+    mounts = cgroup.hierarchies()
+    # Random too: after a SIGKILLed launcher the old cgroup of a restarted kernel may still
+    # be on its way out (the orphaned monitor removes it).
+    name = f"ns-kernel-{name[:8] + '-' if name else ''}{os.urandom(4).hex()}"
+    if limits.backend == "cgroup2":
+        parent = cgroup.v2_parent(mounts, cgroup_parent)[0]
+        group, skipped = cgroup.Cgroup.create(2, parent, name, limits)
+    else:
+        group, skipped = cgroup.Cgroup.create(1, cgroup.v1_parents(mounts)[0], name, limits)
+    if set(skipped) - set(limits.skipped):
+        # Changed since decide (a controller disabled meanwhile): the plan says otherwise.
+        group.remove()
+        raise SetupError("limits", f"{limits.backend} cannot enforce "
+                         f"{', '.join(sorted(set(skipped) - set(limits.skipped)))}",
+                         hint="the cgroup changed while the kernel started; start it again")
+    return Enforcement(limits.backend, group, list(limits.skipped))
 
 
 def cgroup_origin(limits, before=None):

@@ -235,8 +235,9 @@ class Limits:
     memory: int = 0      # bytes, 0 = none
     pids: int = 0
     cpus: float = 0.0
-    backend: str = "auto"
+    backend: str = "auto"   # as configured; once decided (limits.decide), the one in force
     best_effort: bool = False
+    skipped: tuple = ()     # what the backend in force cannot enforce (best_effort)
 
     @classmethod
     def from_config(cls, sandbox):
@@ -301,9 +302,12 @@ def own_filesystems(tmp_opt, network):
     ]
 
 
-def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=None):
+def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=None,
+               limits=None, sockets=()):
     """Return the Plan for running argv in a sandbox configured by `sandbox` on `host`;
-    seccomp_profile: the seccomp.Filter read from the file Sandbox.seccomp names, if any."""
+    seccomp_profile: the seccomp.Filter read from the file Sandbox.seccomp names, if any;
+    limits: the Limits with the backend in force (limits.decide), else as configured;
+    sockets: the kernel's socket names in the socket dir (none for a command)."""
     cwd = os.path.normpath(host.cwd)
     check_cwd(cwd, host)
     if host.uid == 0:
@@ -471,7 +475,8 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         hostname=f"{sandbox.hostname_prefix}-{(kernel_id or os.urandom(4).hex())[:8]}",
         network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
         env=tuple(sorted(env.items())), cwd=cwd, socket_dir=socket_dir,
-        limits=Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
+        limits=limits or Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
+        sockets=tuple(sockets),
         package_paths=package_paths,
         seccomp=seccomp_filter(sandbox, seccomp_profile, [*writable, *state_dirs],
                                no_links=not host.landlock),
