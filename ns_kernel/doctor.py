@@ -19,7 +19,7 @@ import tempfile
 
 from . import argv as command_line, cgroup, container, limits, seccomp
 from .config import SandboxApp
-from .plan import Limits
+from .plan import LANDLOCK_ABI, Limits
 from .errors import SetupError
 from .syscalls import CloneFlags, landlock_abi, unshare
 from .user import _HINT_SYSCTLS, read_sysctl, userns_hint
@@ -113,13 +113,13 @@ def check_seccomp(config):
 def check_links(config):
     """What keeps a kernel from making links in the folders the host reads (plan.links_in)."""
     abi = landlock_abi()
-    if abi:
+    if abi >= LANDLOCK_ABI:
         show("ok", "links", f"Landlock ABI {abi}: kernels make no symlink or FIFO in the "
              "folders the host reads")
         return None
     if config.seccomp == "default":
-        show("ok", "links", "no Landlock: the seccomp filter denies symlinks everywhere in "
-             "the sandbox")
+        show("ok", "links", f"no Landlock (ABI {LANDLOCK_ABI}): the seccomp filter denies "
+             "symlinks and FIFOs everywhere in the sandbox")
         return None
     why = (f"ns-kernel: no Landlock here, and Sandbox.seccomp = {config.seccomp}: nothing "
            "would keep kernels from making links the Jupyter server follows; use --seccomp "

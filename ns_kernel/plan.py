@@ -30,6 +30,9 @@ MAX_PTYS = 64          # per kernel: terminals, pexpect sessions, one per runnin
 # In a home shown to the kernel, the non-dot entries a shell or desktop still runs as code
 # (Debian's ~/.profile puts ~/bin on PATH): read-only.
 HOME_CODE = ("bin",)
+# The Landlock ABI the sandbox uses (seal.LINKS): ABI 1 (Linux 5.13-5.18) cannot grant a
+# move between dirs, which any ruleset denies, and the seccomp filter stands in for it.
+LANDLOCK_ABI = 2
 SANDBOX_HOME = ".isolated-home"   # $HOME inside, when the real home is the notebook's folder
 
 
@@ -120,7 +123,7 @@ class Host:
                    cwd_shared=_shared(cwd),
                    homes=_homes(pwd.getpwall()),
                    config_paths=config_paths(),
-                   repos=repos((cwd, *map(_real, writable))),
+                   repos=repos((cwd, *map(_real, writable)), hidden=(home,)),
                    unbuilt_paths=unbuilt_paths(),
                    binds=tuple((path, _real(path)) for path in binds),
                    landlock=landlock_abi(),
@@ -143,10 +146,11 @@ REPO_SCAN_ENTRIES = 4000
 NOT_SEARCHED = ("node_modules", "__pycache__", "site-packages")
 
 
-def repos(roots):
-    """The .git entries (a dir, or a file naming the git dir; not a link: the user's, it
-    points where they chose) in each root and up to REPO_DEPTH levels below, breadth
-    first, dot dirs skipped, until REPO_SCAN_ENTRIES entries are read."""
+def repos(roots, hidden=()):
+    """What git on the host obeys in each root and up to REPO_DEPTH levels below, breadth
+    first, until REPO_SCAN_ENTRIES entries are read: the .git entries (a dir, or a file,
+    with the git dirs it names; not a link: the user's, it points where they chose). Dot
+    entries are skipped only in `hidden` dirs (a home: the kernel never sees its own)."""
     found, todo, read = [], [(root, 0) for root in roots], 0
     while todo and read < REPO_SCAN_ENTRIES:
         path, depth = todo.pop(0)
@@ -156,13 +160,40 @@ def repos(roots):
                     read += 1
                     if entry.name == ".git" and not entry.is_symlink():
                         found.append(os.path.realpath(entry.path))
-                    elif (depth < REPO_DEPTH and not entry.name.startswith(".")
-                          and entry.name not in NOT_SEARCHED
+                        if entry.is_file(follow_symlinks=False):
+                            found += _git_dirs(entry.path)
+                    elif (depth < REPO_DEPTH and entry.name not in NOT_SEARCHED
+                          and not (path in hidden and entry.name.startswith("."))
                           and entry.is_dir(follow_symlinks=False)):
                         todo.append((entry.path, depth + 1))
         except OSError:
             continue
     return tuple(sorted(set(found)))
+
+
+def _git_dirs(git_file):
+    """The git dir a .git file names (`gitdir: X`: git init --separate-git-dir, a
+    worktree, a submodule) and the common dir that one names (`commondir`), as real
+    paths, where they are dirs: git on the host reads its config and hooks there."""
+    dirs, path, name = [], git_file, "gitdir: "
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 4096).decode(errors="replace").splitlines()
+            finally:
+                os.close(fd)
+        except OSError:
+            break
+        if not text or not text[0].startswith(name):
+            break
+        target = os.path.realpath(os.path.join(os.path.dirname(path), text[0][len(name):]))
+        if not os.path.isdir(target):
+            break
+        dirs.append(target)
+        # The common dir is named relative to the git dir, in its `commondir` file.
+        path, name = os.path.join(target, "commondir"), ""
+    return dirs
 
 
 def _homes(users):
@@ -479,8 +510,9 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         sockets=tuple(sockets),
         package_paths=package_paths,
         seccomp=seccomp_filter(sandbox, seccomp_profile, [*writable, *state_dirs],
-                               no_links=not host.landlock),
-        links_in=links_in(sandbox, kernel_home, writable) if host.landlock else None,
+                               no_links=host.landlock < LANDLOCK_ABI),
+        links_in=(links_in(sandbox, kernel_home, writable) if host.landlock >= LANDLOCK_ABI
+                  else None),
         allow_userns=sandbox.allow_userns, egress=egress,
         discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
                    *([(home, True)] if sandbox.home == "private" else []),

@@ -36,6 +36,7 @@ from . import kernelspec, socketdir, warm
 from .cli import KernelApp
 from .config import Sandbox
 from .errors import SetupError
+from .plan import under
 
 SETTINGS = frozenset(Sandbox.class_trait_names(config=True))
 # What jupyter_client's factory passes besides the stanza.
@@ -98,11 +99,12 @@ class IsolatedProvisioner(LocalProvisioner):
                 f"{' '.join(self.kernel_spec.argv)!r} (installed by an older ns_kernel? run "
                 "`ns-kernel install` again)")
         extra = settings_argv(self.settings)
+        # The launcher's view of its settings (argv, stanza, JSON config files): the same
+        # socket base, and bad options fail here, in the server's words, before any launch.
+        config = self._launcher_config(start.options, extra)
+        check_server_imports(kwargs.get("cwd") or os.getcwd(), config.rw_binds)
         if not self.kernel_socket_dir:
-            # The launcher's view of its settings (argv, stanza, JSON config files): the same
-            # socket base, and bad options fail here, in the server's words, before any launch.
-            base = self._launcher_config(start.options, extra).socket_dir
-            self.kernel_socket_dir = socketdir.choose(base, warn=self.log.warning)
+            self.kernel_socket_dir = socketdir.choose(config.socket_dir, warn=self.log.warning)
         km.transport = "ipc"
         km.ip = f"{self.kernel_socket_dir}/k"
         kwargs = await super().pre_launch(**kwargs)
@@ -186,6 +188,23 @@ class IsolatedProvisioner(LocalProvisioner):
         await super().load_provisioner_info(provisioner_info)
         self.kernel_socket_dir = provisioner_info.get("kernel_socket_dir", "")
         self.settings = provisioner_info.get("settings", {})
+
+
+def check_server_imports(cwd, rw_binds):
+    """This process is the Jupyter server: nothing on its import path may lie where the
+    kernel may write (the notebook folder, a --rw-bind). A server started as `python -m
+    jupyterlab` from the folder has it first, and imports modules as late as a user's
+    first export (nbconvert): what the kernel put there would run in the server."""
+    writable = [os.path.realpath(p) for p in (cwd, *rw_binds)]
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        inside = next((w for w in writable if under(path, w)), None)
+        if inside:
+            raise ProvisionerConfigError(
+                f"the Jupyter server imports from {path}, which this kernel may write "
+                f"({inside}): what it put there would run in the server; start the server "
+                "as `jupyter lab` (not `python -m` from that folder) and keep PYTHONPATH "
+                "out of it")
 
 
 def _fd(stream, default):

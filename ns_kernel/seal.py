@@ -16,6 +16,10 @@ from .syscalls import LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET, LandlockFs, drop_all_
 # key, into a dot dir the next host program runs from), and a FIFO there hangs whoever
 # opens it. Landlock's "make" rights also cover renaming and linking one into a dir.
 LINKS = LandlockFs.LANDLOCK_ACCESS_FS_MAKE_SYM | LandlockFs.LANDLOCK_ACCESS_FS_MAKE_FIFO
+# Moving a file to another dir: any Landlock ruleset denies it unless a rule grants it
+# (ABI 2), even where it is not handled; granted everywhere, a move is then held to the
+# "make" rights of where it goes (a link moved out of /tmp into the folder: denied).
+REFER = LandlockFs.LANDLOCK_ACCESS_FS_REFER
 
 # The host's OOM killer takes a kernel before the Jupyter server (0) and the rest of the
 # host: a runaway cell costs its own kernel, not everyone's.
@@ -48,10 +52,13 @@ def _landlock(plan):
     # (Landlock ABI < 6) cannot scope them; the README says so.
     scoped = (LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
               if plan.network == "host" and landlock_abi() >= 6 else 0)
-    # links_in is None where Linux has no Landlock: the seccomp filter denies symlink(2).
-    links = LINKS if plan.links_in is not None else LandlockFs(0)
-    if links or scoped:
-        landlock_restrict(links, plan.links_in or (), scoped)
+    # links_in is None where Linux has no Landlock (ABI 2): the seccomp filter denies
+    # symlink(2) and mknod(2) instead.
+    if plan.links_in is not None:
+        landlock_restrict(LINKS | REFER, [("/", REFER), *((d, LINKS) for d in plan.links_in)],
+                          scoped)
+    elif scoped:
+        landlock_restrict(scoped=scoped)
 
 
 def _join_new_session_keyring():

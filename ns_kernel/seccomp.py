@@ -96,8 +96,9 @@ class Filter:
     source: str = ""     # the profile file it came from, '' for the default filter
 
 
-# Where Linux has no Landlock to keep links out of the folders the host reads (seal.LINKS).
-LINKS = ("symlink", "symlinkat")
+# Where Linux has no Landlock to keep links and FIFOs out of the folders the host reads
+# (seal.LINKS): denied everywhere instead (mknod makes FIFOs; devices need a capability).
+LINKS = ("symlink", "symlinkat", "mknod", "mknodat")
 
 
 def default_filter(allow_userns=False, no_links=False):

@@ -241,6 +241,7 @@ class LandlockFs(enum.IntFlag):
     """The filesystem rights Landlock can take away (landlock.h), those ns_kernel uses."""
     LANDLOCK_ACCESS_FS_MAKE_FIFO = 1 << 10
     LANDLOCK_ACCESS_FS_MAKE_SYM = 1 << 12
+    LANDLOCK_ACCESS_FS_REFER = 1 << 13      # ABI 2
 
 
 class _LandlockRulesetAttr(ctypes.Structure):
@@ -260,19 +261,19 @@ def landlock_abi():
     return max(version, 0)
 
 
-def landlock_restrict(handled_fs=LandlockFs(0), allowed_beneath=(), scoped=0):
-    """From now on this thread and its children lose the `handled_fs` rights except
-    beneath the dirs `allowed_beneath`, and whatever `scoped` names (ABI 6:
-    LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: abstract unix sockets made outside the domain).
-    Needs no_new_privs."""
+def landlock_restrict(handled_fs=LandlockFs(0), rules=(), scoped=0):
+    """From now on this thread and its children lose the `handled_fs` rights but where
+    `rules` ((dir, rights), ...) grant them, beneath a dir, and whatever `scoped` names
+    (ABI 6: LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: abstract unix sockets made outside the
+    domain). Needs no_new_privs."""
     attr = _LandlockRulesetAttr(handled_fs, 0, scoped)
     fd = _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
                               ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
                 f"landlock_create_ruleset({flag_names(handled_fs)})")
     try:
-        for path in allowed_beneath:
+        for path, rights in rules:
             beneath = _LandlockPathBeneathAttr(
-                handled_fs, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                rights, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
             try:
                 _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(fd),
                                      ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),

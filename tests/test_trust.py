@@ -320,6 +320,9 @@ attempt("move-users-link", lambda: os.rename("users-link", "checkpoint-link"))
 attempt("link-users-link", lambda: os.link("users-link", "another", follow_symlinks=False))
 attempt("symlink-var-tmp", lambda: os.symlink("/etc/hostname", "/var/tmp/link"))
 attempt("fifo-var-tmp", lambda: os.mkfifo("/var/tmp/fifo"))
+attempt("move-in-a-link", lambda: os.rename("/var/tmp/link", "moved-link"))
+attempt("move-own-file", lambda: (open("a.txt", "w").close(), os.mkdir("sub"),
+                                  os.rename("a.txt", "sub/a.txt")))
 attempt("read-users-link", lambda: os.readlink("users-link"))
 """
 
@@ -351,10 +354,13 @@ def test_a_kernel_makes_no_links_where_the_host_reads(tmp_path, path):
         seen = results(out)
     for what in ("symlink", "symlink-rw-bind", "fifo", "move-users-link", "link-users-link"):
         assert seen[what] == "PermissionError", (what, out)
-    # The sandbox's own filesystems take them, as programs there expect.
+    # Another mount: EXDEV (and `mv` would copy it: a new link, denied).
+    assert seen["move-in-a-link"] == "OSError", out
+    # The sandbox's own filesystems take them, as programs there expect; files move
+    # between dirs as in a plain kernel.
     assert seen["symlink-var-tmp"] == seen["fifo-var-tmp"] == "ALLOWED", out
-    assert seen["read-users-link"] == "ALLOWED", out
-    assert sorted(os.listdir(folder)) == ["users-link"] and os.listdir(rw) == []
+    assert seen["read-users-link"] == seen["move-own-file"] == "ALLOWED", out
+    assert sorted(os.listdir(folder)) == ["sub", "users-link"] and os.listdir(rw) == []
 
 
 @pytest.mark.parametrize("path", PATHS)
