@@ -22,7 +22,7 @@ from .config import SandboxApp
 from .plan import Limits
 from .errors import SetupError
 from .syscalls import CloneFlags, landlock_abi, unshare
-from .user import _HINT_SYSCTLS, read_sysctl, userns_hint
+from .user import HINT_SYSCTLS, read_sysctl, userns_hint
 
 # Runs in each trial kernel: what a kernel sees, and how it was started (prestart.py,
 # warm.py: their interpreters keep the command line they were spawned with).
@@ -70,7 +70,7 @@ def show(status, what, detail):
 def check_user_namespaces():
     """Can this process make a user namespace? The error line (with the fix), or None."""
     found = []
-    for path, _, _ in _HINT_SYSCTLS:
+    for path, _, _ in HINT_SYSCTLS:
         value = read_sysctl(path)
         if value is not None:
             found.append(f"{path[len('/proc/sys/'):].replace('/', '.')}={value}")
