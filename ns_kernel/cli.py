@@ -16,8 +16,7 @@ from .config import SANDBOX_ALIASES, SANDBOX_FLAGS, Sandbox, SandboxApp
 from .errors import SetupError
 
 # The launcher's own flags besides the Sandbox's: `ns-kernel install` passes them on too.
-KERNEL_FLAGS = {"no-prestart": ({"KernelApp": {"prestart": False}},
-                                "Exec the kernel once the sandbox is built (KernelApp.prestart).")}
+KERNEL_FLAGS = {command_line.NO_PRESTART_FLAG[0]: command_line.NO_PRESTART_FLAG[1:]}
 
 
 class KernelApp(SandboxApp):
