@@ -266,7 +266,7 @@ class Launch:
             self.links.append(path)
 
     def _unlink_ipc_paths(self):
-        unlink_ipc_paths(self.links, self.socket_dir)
+        socketdir.unlink_ipc_paths(self.links, self.socket_dir)
         self.links = []
 
     def _supervise(self):
@@ -507,31 +507,6 @@ class Launch:
         self._unlink_ipc_paths()
         if self.socket_dir:
             socketdir.remove(self.socket_dir)
-
-
-def unlink_ipc_paths(links, socket_dir):
-    """The links to socket_dir's sockets, unless the next kernel's launcher (a restart)
-    has made them its own."""
-    for path in links:
-        try:
-            if os.path.dirname(os.readlink(path)) == socket_dir:
-                os.unlink(path)
-        except OSError:
-            pass
-
-
-def remove_left(left):
-    """In the requester of a warm start whose monitor took the kernel over and died
-    without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
-    import threading
-    from . import cgroup
-    unlink_ipc_paths(left["links"], left["socket_dir"])
-    socketdir.remove(left["socket_dir"])
-    if left["cgroups"]:
-        # Beside the caller (a Jupyter server's event loop polls): a cgroup whose kernel
-        # held GBs takes seconds to empty. Not a daemon: a client that exits waits for it.
-        threading.Thread(target=cgroup.Cgroup(0, left["cgroups"]).remove,
-                         name="ns-kernel-remove-cgroup").start()
 
 
 def describe_exit(status, who, usage=None):

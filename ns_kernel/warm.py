@@ -196,7 +196,6 @@ class Launcher:
             self.returncode = -signal.SIGKILL if self._killed else 1
             if self.left:
                 import json
-                from .launcher import remove_left
                 remove_left(json.loads(self.left))
         self.sock.close()
 
@@ -249,6 +248,20 @@ def _connect(path):
         sock.close()
         raise SetupError("warm", "connect", path, hint=f"{why}: not our template")
     return sock
+
+
+def remove_left(left):
+    """In the requester of a warm start whose monitor took the kernel over and died
+    without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
+    import threading
+    from . import cgroup, socketdir
+    socketdir.unlink_ipc_paths(left["links"], left["socket_dir"])
+    socketdir.remove(left["socket_dir"])
+    if left["cgroups"]:
+        # Beside the caller (a Jupyter server's event loop polls): a cgroup whose kernel
+        # held GBs takes seconds to empty. Not a daemon: a client that exits waits for it.
+        threading.Thread(target=cgroup.Cgroup(0, left["cgroups"]).remove,
+                         name="ns-kernel-remove-cgroup").start()
 
 
 def untrusted(sock):
