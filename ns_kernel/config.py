@@ -13,6 +13,7 @@ from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
 
 from .errors import SetupError
 from .limits import DEFAULT_PIDS
+from .net import DEFAULT_MODE, MODES
 from .sizes import parse_size
 
 CONFIG_FILE = "ns_kernel_config"
@@ -69,15 +70,9 @@ class Sandbox(Configurable):
         Per user: a root-run hub's kernels keep theirs under root's, owned by the sandbox
         uid.""")
 
-    network = CaselessStrEnum(["loopback", "none", "proxy", "host"], default_value="loopback",
-                              config=True, help="""
-        'loopback' (default): a private network namespace with only `lo`, up; no route out and
-        the host's loopback services unreachable. 'none': the same namespace with `lo` down.
-        'proxy': the loopback namespace, plus an HTTP/HTTPS proxy at 127.0.0.1:3128 inside
-        (HTTP_PROXY and the like are set) that the launcher runs on the host for this kernel
-        alone, going where proxy_allow and proxy_deny say, never to the host's own, loopback,
-        private, link-local or metadata addresses unless proxy_allow names that exact
-        address. 'host': share the host's network (no isolation of ports or services).""")
+    network = CaselessStrEnum(list(MODES), default_value=DEFAULT_MODE, config=True, help=" ".join(
+        f"'{m.name}'{' (default)' if m.name == DEFAULT_MODE else ''}: {m.help}"
+        for m in MODES.values()))     # net.MODES: what each one means
 
     proxy_allow = List(Unicode(), config=True, help="""
         With network 'proxy': where the kernel may go, as HOST[:PORT] entries (several per

@@ -21,6 +21,7 @@ from . import argv as command_line, cgroup, container, limits, seccomp
 from .config import SandboxApp
 from .plan import Limits
 from .errors import SetupError
+from .net import MODES
 from .syscalls import CloneFlags, landlock_abi, unshare
 from .user import HINT_SYSCTLS, read_sysctl, userns_hint
 
@@ -239,7 +240,7 @@ def check_container(config):
          f"{', '.join(container.SANDBOX_SYSCALLS)} allowed" +
          (" (a seccomp filter is on this process)" if container.seccomp_filtered() else ""))
     refused = [fs for fs in ("proc", "sysfs") if seen.get(fs)
-               and (fs == "proc" or config.network != "host")]
+               and (fs == "proc" or MODES[config.network].sysfs)]
     masks = container.masked()
     # A denied mount would refuse them too: that fix comes first.
     mountable = "mount" not in denied
@@ -367,24 +368,13 @@ def prestart_note():
             "interpreter's imports; --no-prestart skips the attempt")
 
 
-NETWORKS = {
-    "loopback": "only lo, up: no way out (%pip cannot reach an index; --network proxy "
-                "gives one)",
-    "none": "only lo, down: no way out, not even to the kernel's own loopback",
-    "proxy": "only lo; HTTP(S) out through the kernel's own proxy (127.0.0.1:3128 inside, "
-             "run by its launcher) to {allowed}; the host's own, loopback, private, "
-             "link-local and metadata addresses refused unless named exactly",
-    "host": "the host's network, its loopback services and LAN included: no isolation",
-}
-
-
 def check_network(config):
-    allowed = ""
-    if config.network == "proxy":
+    mode, allowed = MODES[config.network], ""
+    if mode.proxy:
         from .proxy import Policy
         allowed = Policy.parse(config.proxy_allow, config.proxy_deny).describe()
-    show("--" if config.network == "host" else "ok", f"network {config.network}",
-         NETWORKS[config.network].format(allowed=allowed))
+    show("ok" if mode.new_netns else "--", f"network {mode.name}",
+         mode.doctor.format(allowed=allowed))
 
 
 def judge(seen, config):
@@ -394,9 +384,9 @@ def judge(seen, config):
                 "the sandbox's own (an over-mounted /proc, e.g. Docker's masks?)")
     if seen["proc"] != "proc" or seen["tmp"] != "tmpfs":
         return f"ns-kernel: /proc is {seen['proc']}, /tmp is {seen['tmp']} inside"
-    if config.network != "host" and seen["net"] not in (["lo"], []):
+    if MODES[config.network].new_netns and seen["net"] not in (["lo"], []):
         return f"ns-kernel: the sandbox sees network interfaces {seen['net']}"
-    if config.network == "proxy" and not seen["proxy"]:
+    if MODES[config.network].proxy and not seen["proxy"]:
         return "ns-kernel: no proxy answers at 127.0.0.1:3128 inside (--network proxy)"
     if config.seccomp != "off" and seen["seccomp"] != "2":
         return f"ns-kernel: no seccomp filter inside (Seccomp: {seen['seccomp']})"

@@ -26,6 +26,7 @@ from dataclasses import replace
 from . import (bridge, connection, leftovers, limits, mount, notice, offline, output, seccomp,
                socketdir, state, usage)
 from .errors import SetupError
+from .net import MODES as NETWORK_MODES
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan
 from .sandbox import MSG_HANDOFF, Sandbox
@@ -124,7 +125,7 @@ class Launch:
             previous = notice.recall(self.connection_file, info) if info else ""
             if previous:
                 argv.append(notice.EXTENSION_ARGV)
-            if info and self.config.network not in ("host", "proxy"):
+            if info and NETWORK_MODES[self.config.network].offline_hint:
                 argv.append(offline.EXTENSION_ARGV)
             if info and connection.CURVE_KEYS[0] in info:
                 argv.append(connection.CURVE_CONFIG_ARGV)
@@ -153,7 +154,7 @@ class Launch:
             # a proxy's threads: a process that has unshared a PID namespace for its
             # children cannot start a thread (clone(2): EINVAL).
             self.handing_off = bool(info and self.spare_monitor and self.requester is not None
-                                    and not self.listeners and plan.network != "proxy")
+                                    and not self.listeners and not NETWORK_MODES[plan.network].proxy)
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
             self.socket_dir = socketdir.create(socket_dir, owner)
             state.prepare(plan.state_dirs, owner)

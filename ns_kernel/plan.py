@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from . import seccomp
 from .sizes import format_size, parse_size
 from .errors import SetupError, moved
+from .net import MODES
 from .preload import IMPORT_ENV
 from .syscalls import MountAttr
 
@@ -297,7 +298,7 @@ def own_filesystems(tmp_opt, network):
         # A fresh sysfs shows its network namespace's devices, and only that namespace's
         # owner may mount it: with the host's network, there is none.
         *([Mount(Op.SYSFS, "/sys", attrs=RO | MountAttr.MOUNT_ATTR_NOEXEC)]
-          if network != "host" else []),
+          if MODES[network].sysfs else []),
     ]
 
 
@@ -456,7 +457,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
     package_paths = ()
     env = kernel_env(dict(host.environ), sandbox, kernel_home)
     egress = None
-    if sandbox.network == "proxy":
+    if MODES[sandbox.network].proxy:
         from .proxy import Policy
         egress = Policy.parse(sandbox.proxy_allow, sandbox.proxy_deny)
         env.update(proxy_env())

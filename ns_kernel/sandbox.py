@@ -257,7 +257,8 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # becomes its root, so the kernel does not learn the host's cgroup layout.
     flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
              | CloneFlags.CLONE_NEWCGROUP)
-    if plan.network != "host":
+    network = net.MODES[plan.network]
+    if network.new_netns:
         flags |= CloneFlags.CLONE_NEWNET
     try:
         unshare(flags)
@@ -281,9 +282,9 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # package the first `%pip install` puts there would not import until a restart.
     for path in plan.package_paths:
         mount.makedirs(path)
-    if plan.network in ("loopback", "proxy"):
+    if network.loopback_up:
         net.bring_up_loopback()
-    if plan.network == "proxy":
+    if network.proxy:
         # Made here, in the kernel's namespace, and handed up: the launcher serves it from
         # the host's side (proxy.py). Before the kernel runs: the port is never the kernel's.
         with net.proxy_listener() as listener:
