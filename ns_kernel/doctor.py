@@ -21,6 +21,7 @@ from . import argv as command_line, cgroup, container, limits, seccomp
 from .config import SandboxApp
 from .plan import Limits
 from .errors import SetupError
+from .limittable import CONTROLLERS, LIMITS
 from .net import MODES
 from .syscalls import CloneFlags, landlock_abi, unshare
 from .user import HINT_SYSCTLS, read_sysctl, userns_hint
@@ -54,9 +55,9 @@ print(json.dumps({
     "proxy": "HTTP_PROXY" in os.environ and socket.socket().connect_ex(("127.0.0.1", 3128)) == 0,
     "seccomp": [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0]}))
 """
-RLIMIT_CAVEAT = ("rlimits only: memory gives MemoryError instead of a kill, pids count per "
-                 "sandbox, no CPU share; for cgroups run the server as root (cgroup v1/v2) or "
-                 "delegate a cgroup v2 subtree and set --cgroup-parent")
+RLIMIT_CAVEAT = ("rlimits only: " + ", ".join(limit.rlimit_caveat for limit in LIMITS) +
+                 "; for cgroups run the server as root (cgroup v1/v2) or delegate a cgroup v2 "
+                 "subtree and set --cgroup-parent")
 
 
 class DoctorApp(SandboxApp):
@@ -131,7 +132,7 @@ def check_links(config):
 
 def check_cgroups(config):
     mounts = cgroup.hierarchies()
-    v1 = [c for c in ("memory", "pids", "cpu") if c in mounts]
+    v1 = [c for c in CONTROLLERS if c in mounts]
     show("info", "cgroup v1", f"{', '.join(v1)} mounted" if v1 else "not mounted")
     if "cgroup2" in mounts:
         top = mounts["cgroup2"][0]

@@ -10,13 +10,14 @@ import resource
 from dataclasses import dataclass, field
 
 from . import cgroup
-from .sizes import format_size
 from .errors import SetupError
+from .limittable import LIMITS, DEFAULT_PIDS as LIMITTABLE_DEFAULT_PIDS
 
-# What rlimits can do: RLIMIT_CPU caps total seconds, it is not a share of a core.
-RLIMIT_CAN = ("memory", "pids")
-# Every kernel's, unless configured (Sandbox.pids says why this number).
-DEFAULT_PIDS = 4096
+# Every kernel's pids limit, unless configured (Sandbox.pids says why this number).
+DEFAULT_PIDS = LIMITTABLE_DEFAULT_PIDS
+
+# What rlimits can do (limittable: the rows with an rlimit).
+RLIMIT_CAN = tuple(limit.name for limit in LIMITS if limit.rlimit)
 
 
 @dataclass
@@ -82,16 +83,13 @@ class Enforcement:
 
 
 def wanted(limits):
-    return [name for name in ("memory", "pids", "cpus") if getattr(limits, name)]
+    return [limit.name for limit in LIMITS if getattr(limits, limit.name)]
 
 
 def describe(limits, skipped=(), backend=""):
-    # RLIMIT_DATA holds each process, not their sum, and counts no tmpfs page.
-    per_process = " per process" if backend == "rlimit" else ""
-    shown = {"memory": lambda v: format_size(v) + per_process, "pids": str,
-             "cpus": lambda v: f"{v:g}"}
-    return ", ".join(f"{n} {shown[n](getattr(limits, n))}"
-                     for n in wanted(limits) if n not in skipped) or "none"
+    return ", ".join(f"{limit.name} {limit.show(getattr(limits, limit.name), backend)}"
+                     for limit in LIMITS
+                     if getattr(limits, limit.name) and limit.name not in skipped) or "none"
 
 
 def probe(cgroup_parent="", mounts=None):
@@ -102,8 +100,9 @@ def probe(cgroup_parent="", mounts=None):
     parents, why1 = cgroup.v1_parents(mounts)
     return [("cgroup2", parent is not None, parent or why2),
             ("cgroup1", bool(parents), ", ".join(sorted(parents)) or why1),
-            ("rlimit", True, "RLIMIT_DATA for memory, RLIMIT_NPROC per user namespace for "
-                             "pids; no CPU share")]
+            ("rlimit", True, "; ".join(", ".join(limit.rlimit_note for limit in LIMITS
+                                                  if bool(limit.rlimit) == can)
+                                        for can in (True, False)))]
 
 
 def first_usable(options):
@@ -202,17 +201,8 @@ def apply_rlimits(limits):
     RLIMIT_NPROC counts the sandbox's processes, not every process of the uid."""
     if limits.backend != "rlimit":
         return
-    settings = []
-    if limits.memory:
-        # RLIMIT_DATA, not RLIMIT_AS: an idle kernel already maps ~740 MB of address space,
-        # while DATA fails big allocations with MemoryError and leaves threads working.
-        settings.append(("RLIMIT_DATA", resource.RLIMIT_DATA, limits.memory))
-    if limits.pids:
-        # Only a privilege on the host could raise the hard limit; a lower one holds anyway.
-        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        value = limits.pids if hard == resource.RLIM_INFINITY else min(limits.pids, hard)
-        settings.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, value))
-    _setrlimits(settings)
+    _setrlimits([limit.rlimit(getattr(limits, limit.name)) for limit in LIMITS
+                 if limit.rlimit and getattr(limits, limit.name)])
 
 
 def _setrlimits(settings):

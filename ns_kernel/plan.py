@@ -11,11 +11,12 @@ import functools
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from . import seccomp
 from .sizes import format_size, parse_size
 from .errors import SetupError, moved
+from .limittable import LIMITS
 from .net import MODES
 from .preload import IMPORT_ENV
 from .syscalls import MountAttr
@@ -231,18 +232,19 @@ def unbuilt_paths():
     return tuple(sorted({os.path.realpath(p) for p in _search_path() if not os.path.exists(p)}))
 
 
-@dataclass(frozen=True)
-class Limits:
-    memory: int = 0      # bytes, 0 = none
-    pids: int = 0
-    cpus: float = 0.0
-    backend: str = "auto"
-    best_effort: bool = False
+def _limits_from_config(cls, sandbox):
+    return cls(**{limit.name: limit.parse(getattr(sandbox, limit.name)) for limit in LIMITS},
+               backend=sandbox.limits_backend, best_effort=sandbox.best_effort)
 
-    @classmethod
-    def from_config(cls, sandbox):
-        return cls(parse_size(sandbox.memory), sandbox.pids, sandbox.cpus,
-                   sandbox.limits_backend, sandbox.best_effort)
+
+# One field per limit (memory: bytes, pids, cpus: cores; each 0 = none), from its row
+# (limittable.LIMITS), then how they are enforced.
+Limits = make_dataclass("Limits", [
+    *((limit.name, type(limit.none), field(default=limit.none)) for limit in LIMITS),
+    ("backend", str, field(default="auto")),
+    ("best_effort", bool, field(default=False)),
+], frozen=True, namespace={"__module__": __name__,
+                           "from_config": classmethod(_limits_from_config)})
 
 
 @dataclass(frozen=True)
