@@ -9,15 +9,18 @@ import os
 import resource
 from dataclasses import dataclass, field
 
-from . import cgroup
+from . import cgroup, limittable
 from .errors import SetupError
-from .limittable import LIMITS, DEFAULT_PIDS as LIMITTABLE_DEFAULT_PIDS
+from .limittable import LIMITS
 
 # Every kernel's pids limit, unless configured (Sandbox.pids says why this number).
-DEFAULT_PIDS = LIMITTABLE_DEFAULT_PIDS
+DEFAULT_PIDS = limittable.DEFAULT_PIDS
 
-# What rlimits can do (limittable: the rows with an rlimit).
+# What rlimits can do (limittable: the rows with an rlimit), and what the doctor says of it:
+# "RLIMIT_DATA for memory, RLIMIT_NPROC per user namespace for pids; no CPU share".
 RLIMIT_CAN = tuple(limit.name for limit in LIMITS if limit.rlimit)
+RLIMIT_DETAIL = (", ".join(limit.rlimit_note for limit in LIMITS if limit.rlimit) + "; " +
+                 ", ".join(limit.rlimit_note for limit in LIMITS if not limit.rlimit))
 
 
 @dataclass
@@ -100,9 +103,7 @@ def probe(cgroup_parent="", mounts=None):
     parents, why1 = cgroup.v1_parents(mounts)
     return [("cgroup2", parent is not None, parent or why2),
             ("cgroup1", bool(parents), ", ".join(sorted(parents)) or why1),
-            ("rlimit", True, "; ".join(", ".join(limit.rlimit_note for limit in LIMITS
-                                                  if bool(limit.rlimit) == can)
-                                        for can in (True, False)))]
+            ("rlimit", True, RLIMIT_DETAIL)]
 
 
 def first_usable(options):
