@@ -17,8 +17,12 @@ SUBCOMMANDS = ("install", "run", "doctor")
 CONNECTION_FILE_OPTIONS = ("-f", "--f", "--connection-file")
 WARM = "--warm"
 COLD = "--cold"
-# KernelApp.prestart = False, said on the command line (a config file may say it too: cli).
-NO_PRESTART = ("--no-prestart", "--KernelApp.prestart=False")
+# The launcher's one flag besides the Sandbox's (cli.KERNEL_FLAGS: `ns-kernel install` passes
+# it on): KernelApp.prestart = False. Said on the command line it is read here too (a config
+# file may say it as well: cli), in either spelling.
+NO_PRESTART_FLAG = ("no-prestart", {"KernelApp": {"prestart": False}},
+                    "Exec the kernel once the sandbox is built (KernelApp.prestart).")
+NO_PRESTART = ("--" + NO_PRESTART_FLAG[0], "--KernelApp.prestart=False")
 # KernelApp.kernel_socket_dir, which the provisioner adds to every start: read here, so
 # that a start with no other option needs no argparse (~6 ms of a warm start).
 SOCKET_DIR = ("--kernel-socket-dir", "--KernelApp.kernel_socket_dir")

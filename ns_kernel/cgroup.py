@@ -16,10 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import SetupError
-
-# Which controller enforces which limit.
-CONTROLLER = {"memory": "memory", "pids": "pids", "cpus": "cpu"}
-CPU_PERIOD_US = 100_000
+from .limittable import BY_NAME, CONTROLLERS, LIMITS
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ def hierarchies():
         sep = fields.index("-")
         fstype, options, root, target = fields[sep + 1], fields[sep + 3], fields[3], fields[4]
         names = ["cgroup2"] if fstype == "cgroup2" else (
-            [o for o in options.split(",") if o in ("memory", "pids", "cpu")]
+            [o for o in options.split(",") if o in CONTROLLERS]
             if fstype == "cgroup" else [])
         for name in names:
             path = paths.get(name)
@@ -98,9 +95,9 @@ def v2_parent(mounts, cgroup_parent=""):
                       "(--cgroup-parent) to one this user may write")
     base = parent if os.path.isdir(parent) else os.path.dirname(parent)
     available = set(read(os.path.join(base, "cgroup.controllers")).split())
-    if not available & {"memory", "pids", "cpu"}:
-        return None, (f"cgroup v2 at {base} offers none of memory, pids, cpu (bound to "
-                      "cgroup v1 hierarchies, or not delegated)")
+    if not available & set(CONTROLLERS):
+        return None, (f"cgroup v2 at {base} offers none of {', '.join(CONTROLLERS)} (bound "
+                      "to cgroup v1 hierarchies, or not delegated)")
     if not os.access(base, os.W_OK):
         return None, f"cgroup v2 at {base} is not writable by uid {uid}"
     return parent, ""
@@ -110,9 +107,9 @@ def v1_parents(mounts):
     """{'memory': dir, ...} for the v1 controllers mounted, or ({}, reason); mounts as
     hierarchies() returns them."""
     uid = os.getuid()
-    found = {c: mounts[c][1] for c in ("memory", "pids", "cpu") if c in mounts}
+    found = {c: mounts[c][1] for c in CONTROLLERS if c in mounts}
     if not found:
-        return {}, "no cgroup v1 memory, pids or cpu hierarchy is mounted"
+        return {}, f"no cgroup v1 {', '.join(CONTROLLERS[:-1])} or {CONTROLLERS[-1]} hierarchy is mounted"
     unwritable = [d for d in found.values() if not os.access(d, os.W_OK)]
     if unwritable:
         return {}, f"cgroup v1 needs root ({unwritable[0]} is not writable by uid {uid})"
@@ -155,7 +152,7 @@ class Cgroup:
     def create(cls, version, parents, name, limits):
         """Make the cgroup and write the limits. parents: the v2 parent dir, or v1's
         {controller: dir}. Returns (cgroup, names of the limits it cannot enforce)."""
-        wanted = {k: CONTROLLER[k] for k in ("memory", "pids", "cpus") if getattr(limits, k)}
+        wanted = {limit.name: limit.controller for limit in LIMITS if getattr(limits, limit.name)}
         if version == 2:
             dirs = {c: os.path.join(parents, name) for c in wanted.values()}
         else:
@@ -183,26 +180,13 @@ class Cgroup:
         return self, sorted(set(unenforced))
 
 
-    def _set(self, limit, value):
-        d = self.dirs[CONTROLLER[limit]]
-        if limit == "memory":
-            if self.version == 2:
-                _write(f"{d}/memory.max", value)
-                if os.path.exists(f"{d}/memory.swap.max"):
-                    _write(f"{d}/memory.swap.max", 0)   # swap is not a way around the limit
-            else:
-                _write(f"{d}/memory.limit_in_bytes", value)
-                if os.path.exists(f"{d}/memory.memsw.limit_in_bytes"):
-                    _write(f"{d}/memory.memsw.limit_in_bytes", value)
-        elif limit == "pids":
-            _write(f"{d}/pids.max", value)
-        elif limit == "cpus":
-            quota = max(1000, int(value * CPU_PERIOD_US))
-            if self.version == 2:
-                _write(f"{d}/cpu.max", f"{quota} {CPU_PERIOD_US}")
-            else:
-                _write(f"{d}/cpu.cfs_period_us", CPU_PERIOD_US)
-                _write(f"{d}/cpu.cfs_quota_us", quota)
+    def _set(self, name, value):
+        """Write the files of the limit `name` (its row's cgroup_files), in order."""
+        limit = BY_NAME[name]
+        d = self.dirs[limit.controller]
+        for file, setting, only_if_present in limit.cgroup_files(self.version, value):
+            if not only_if_present or os.path.exists(f"{d}/{file}"):
+                _write(f"{d}/{file}", setting)
 
     def attach(self, pid):
         """Move `pid` (the monitor, before it forks anything) into every directory."""

@@ -14,10 +14,10 @@ from traitlets import Bool, Unicode
 from . import argv as command_line, kernelspec
 from .config import SANDBOX_ALIASES, SANDBOX_FLAGS, Sandbox, SandboxApp
 from .errors import SetupError
+from .net import MODES
 
 # The launcher's own flags besides the Sandbox's: `ns-kernel install` passes them on too.
-KERNEL_FLAGS = {"no-prestart": ({"KernelApp": {"prestart": False}},
-                                "Exec the kernel once the sandbox is built (KernelApp.prestart).")}
+KERNEL_FLAGS = {command_line.NO_PRESTART_FLAG[0]: command_line.NO_PRESTART_FLAG[1:]}
 
 
 class KernelApp(SandboxApp):
@@ -93,7 +93,7 @@ class InstallApp(SandboxApp):
             # Its own persistent home and packages (Sandbox.kernel_name).
             options.append(f"--Sandbox.kernel_name={self.kernel_name}")
         spec = kernelspec.kernel_dict(options, self.display_name,
-                                      debugger=sandbox.network != "none")
+                                      debugger=MODES[sandbox.network].debugger)
         path = kernelspec.install(self.kernel_name, spec, user=self.user,
                                   prefix=self.prefix or None)
         print(f"Installed kernelspec {self.kernel_name} ({self.display_name!r}) in {path}")

@@ -7,12 +7,14 @@ flags (or the provisioner's config stanza), then the command line, later ones wi
 import argparse
 import os
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, List, TraitError, Unicode, validate
+import traitlets
+from traitlets import Bool, CaselessStrEnum, Int, List, TraitError, Unicode, validate
 from traitlets.config import Application, Configurable
 from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
 
 from .errors import SetupError
-from .limits import DEFAULT_PIDS
+from .limittable import LIMITS
+from .net import DEFAULT_MODE, MODES
 from .sizes import parse_size
 
 CONFIG_FILE = "ns_kernel_config"
@@ -69,15 +71,9 @@ class Sandbox(Configurable):
         Per user: a root-run hub's kernels keep theirs under root's, owned by the sandbox
         uid.""")
 
-    network = CaselessStrEnum(["loopback", "none", "proxy", "host"], default_value="loopback",
-                              config=True, help="""
-        'loopback' (default): a private network namespace with only `lo`, up; no route out and
-        the host's loopback services unreachable. 'none': the same namespace with `lo` down.
-        'proxy': the loopback namespace, plus an HTTP/HTTPS proxy at 127.0.0.1:3128 inside
-        (HTTP_PROXY and the like are set) that the launcher runs on the host for this kernel
-        alone, going where proxy_allow and proxy_deny say, never to the host's own, loopback,
-        private, link-local or metadata addresses unless proxy_allow names that exact
-        address. 'host': share the host's network (no isolation of ports or services).""")
+    network = CaselessStrEnum(list(MODES), default_value=DEFAULT_MODE, config=True, help=" ".join(
+        f"'{m.name}'{' (default)' if m.name == DEFAULT_MODE else ''}: {m.help}"
+        for m in MODES.values()))     # net.MODES: what each one means
 
     proxy_allow = List(Unicode(), config=True, help="""
         With network 'proxy': where the kernel may go, as HOST[:PORT] entries (several per
@@ -170,21 +166,10 @@ class Sandbox(Configurable):
         attack surface out of reach. True also lets unshare and setns through the seccomp
         filter.""")
 
-    memory = Unicode("", config=True, help="""
-        Memory limit of the whole sandbox (e.g. 512M, 2G; '' = none). Enforced by a cgroup
-        when one can be made, else by RLIMIT_DATA (see limits_backend).""")
-
-    pids = Int(DEFAULT_PIDS, config=True, help=f"""
-        Maximum number of processes and threads in the sandbox (0 = none). Enforced by the
-        pids cgroup when one can be made, else by RLIMIT_NPROC counted in the sandbox's own
-        user namespace (never above the host's own RLIMIT_NPROC). Default {DEFAULT_PIDS}:
-        a fork bomb in one cell stops there instead of filling the host's process table,
-        while a multiprocessing pool on a big machine, each worker with a thread per core
-        (BLAS, OpenMP), still fits; OpenShift's default pod limit is the same number.""")
-
-    cpus = Float(0.0, config=True, help="""
-        CPU share of the sandbox in cores (e.g. 1.5; 0 = none), by the cpu cgroup's quota.
-        The rlimit fallback cannot share CPU: there it is an error unless best_effort.""")
+    # memory, pids, cpus: one trait per limit, from its row (limittable.LIMITS).
+    vars().update({limit.name: getattr(traitlets, limit.trait)(limit.default, config=True,
+                                                               help=limit.help)
+                   for limit in LIMITS})
 
     limits_backend = CaselessStrEnum(["auto", "cgroup2", "cgroup1", "rlimit"], default_value="auto",
                                      config=True, help="""
@@ -202,7 +187,7 @@ class Sandbox(Configurable):
         If True, a limit the chosen backend cannot enforce is skipped with a warning in the
         log instead of refusing to start the kernel.""")
 
-    @validate("tmp_size", "memory")
+    @validate("tmp_size")
     def _valid_size(self, proposal):
         try:
             parse_size(proposal["value"])
@@ -219,23 +204,18 @@ class Sandbox(Configurable):
             raise TraitError(str(exc)) from None
         return proposal["value"]
 
-    @validate("pids")
-    def _valid_pids(self, proposal):
-        if proposal["value"] < 0:
-            raise TraitError(f"pids: {proposal['value']} is negative (0 means no limit)")
-        return proposal["value"]
-
-    @validate("cpus")
-    def _valid_cpus(self, proposal):
-        if proposal["value"] < 0:
-            raise TraitError(f"cpus: {proposal['value']} is negative (0 means no limit)")
+    @validate(*(limit.name for limit in LIMITS))
+    def _valid_limit(self, proposal):
+        name = proposal["trait"].name
+        try:
+            next(limit for limit in LIMITS if limit.name == name).parse(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"{name}: {exc}") from None
         return proposal["value"]
 
 
 SANDBOX_ALIASES = {
-    "memory": "Sandbox.memory",
-    "pids": "Sandbox.pids",
-    "cpus": "Sandbox.cpus",
+    **{limit.name: f"Sandbox.{limit.name}" for limit in LIMITS},
     "tmp-size": "Sandbox.tmp_size",
     "home": "Sandbox.home",
     "network": "Sandbox.network",

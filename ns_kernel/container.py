@@ -2,11 +2,11 @@
 undoes each, in the runtime's own words (docs/containers.md): its seccomp profile, its
 masked /proc and /sys, the capabilities root keeps, its user namespace's id map.
 
-`ns-kernel doctor` probes them (probe() makes the sandbox's syscalls in a throwaway set of
-namespaces); the launcher's hints name the same fixes.
+`ns-kernel doctor` probes them (doctor.try_sandbox_syscalls makes the sandbox's syscalls in
+a throwaway set of namespaces; denied() reads what it saw); the launcher's hints name the
+same fixes. Facts and fixes only: this module imports none of the sandbox's.
 """
 import errno
-import json
 import os
 
 # The profile to give the container runtime (scripts/container-seccomp made it).
@@ -113,72 +113,6 @@ def cgroups_read_only(mountinfo="/proc/self/mountinfo"):
             if fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
                 found.append("ro" in fields[5].split(","))
     return bool(found) and all(found)
-
-
-def probe():
-    """Make each syscall the sandbox needs, and a fresh proc and sysfs mount, in throwaway
-    namespaces; {name: errno (0: it worked)}. With harmless arguments: a call the filter
-    lets through fails on them (ENOENT, EBADF) or changes only the throwaway namespaces."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(r)
-        seen = {}
-        try:
-            _probe_in_child(seen)
-        except BaseException:  # noqa: BLE001 - a bug must show, not read as "allowed"
-            import traceback
-            traceback.print_exc()
-        finally:
-            os.write(w, json.dumps(seen).encode())
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as pipe:
-        seen = json.loads(pipe.read() or "{}")
-    os.waitpid(child, 0)
-    return seen
-
-
-def _probe_in_child(seen):
-    from .mount import FILESYSTEMS
-    from .plan import Op
-    from .syscalls import CloneFlags, MountAttr, MountFlags, move_mount, mount, mount_setattr, \
-        open_tree_clone, pivot_root, sethostname, setns, umount2, unshare
-
-    def attempt(name, call, *args):
-        try:
-            call(*args)
-            seen[name] = 0
-        except OSError as exc:
-            seen[name] = exc.errno
-        return not seen[name]
-
-    if not attempt("unshare", unshare, CloneFlags.CLONE_NEWUSER):
-        return
-    flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID
-             | CloneFlags.CLONE_NEWNET)
-    if not attempt("unshare", unshare, flags):
-        return
-    pid1 = os.fork()     # the new PID namespace's first process: proc needs one
-    if pid1:
-        os.waitpid(pid1, 0)
-        os._exit(0)
-    nowhere = "/nonexistent-ns-kernel-doctor"
-    private = attempt("mount", mount, None, "/", None, MountFlags.MS_REC | MountFlags.MS_PRIVATE)
-    attempt("umount2", umount2, nowhere)
-    attempt("pivot_root", pivot_root, nowhere, nowhere)
-    attempt("open_tree", open_tree_clone, -1, nowhere)
-    attempt("move_mount", move_mount, -1, nowhere)
-    attempt("mount_setattr", mount_setattr, nowhere, MountAttr.MOUNT_ATTR_RDONLY)
-    attempt("sethostname", sethostname, os.uname().nodename)
-    with open("/proc/self/ns/uts") as uts:
-        attempt("setns", setns, uts.fileno(), CloneFlags.CLONE_NEWUTS)
-    # Stacked on a tmpfs on /tmp, in this private mount namespace (nothing is created),
-    # with the flags the sandbox gives them (a runtime's read-only /sys locks that one).
-    if private and attempt("tmpfs", mount, "tmpfs", "/tmp", "tmpfs", MountFlags(0)):
-        attempt("proc", mount, "proc", "/tmp", "proc", FILESYSTEMS[Op.PROC][1])
-        attempt("sysfs", mount, "sysfs", "/tmp", "sysfs",
-                FILESYSTEMS[Op.SYSFS][1] | MountFlags.MS_RDONLY)
 
 
 def denied(seen):

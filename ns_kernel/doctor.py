@@ -2,8 +2,8 @@
 
 It reads what governs user namespaces (sysctls, AppArmor) and cgroups (versions, controllers,
 delegation), and what a container runtime does to this process (its seccomp filter, masked
-/proc and /sys, root's capabilities and id map: container.py, which tries the sandbox's own
-syscalls and mounts in throwaway namespaces); names the limits backend a kernel would get;
+/proc and /sys, root's capabilities and id map: container.py; try_sandbox_syscalls tries the
+sandbox's own syscalls and mounts in throwaway namespaces); names the limits backend a kernel would get;
 then proves it: it starts a real kernel each way one starts (the provisioner's, JupyterLab's;
 the argv with its TCP bridge; the warm template), with the same options, through
 jupyter_client as a Jupyter server does, and reports what each saw inside and how it was
@@ -21,8 +21,10 @@ from . import argv as command_line, cgroup, container, limits, seccomp
 from .config import SandboxApp
 from .plan import LANDLOCK_ABI, Limits
 from .errors import SetupError
+from .limittable import CONTROLLERS, LIMITS
+from .net import MODES
 from .syscalls import CloneFlags, landlock_abi, unshare
-from .user import _HINT_SYSCTLS, read_sysctl, userns_hint
+from .user import HINT_SYSCTLS, read_sysctl, userns_hint
 
 # Runs in each trial kernel: what a kernel sees, and how it was started (prestart.py,
 # warm.py: their interpreters keep the command line they were spawned with).
@@ -53,9 +55,9 @@ print(json.dumps({
     "proxy": "HTTP_PROXY" in os.environ and socket.socket().connect_ex(("127.0.0.1", 3128)) == 0,
     "seccomp": [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0]}))
 """
-RLIMIT_CAVEAT = ("rlimits only: memory gives MemoryError instead of a kill, pids count per "
-                 "sandbox, no CPU share; for cgroups run the server as root (cgroup v1/v2) or "
-                 "delegate a cgroup v2 subtree and set --cgroup-parent")
+RLIMIT_CAVEAT = ("rlimits only: " + ", ".join(limit.rlimit_caveat for limit in LIMITS) +
+                 "; for cgroups run the server as root (cgroup v1/v2) or delegate a cgroup v2 "
+                 "subtree and set --cgroup-parent")
 
 
 class DoctorApp(SandboxApp):
@@ -70,7 +72,7 @@ def show(status, what, detail):
 def check_user_namespaces():
     """Can this process make a user namespace? The error line (with the fix), or None."""
     found = []
-    for path, _, _ in _HINT_SYSCTLS:
+    for path, _, _ in HINT_SYSCTLS:
         value = read_sysctl(path)
         if value is not None:
             found.append(f"{path[len('/proc/sys/'):].replace('/', '.')}={value}")
@@ -130,7 +132,7 @@ def check_links(config):
 
 def check_cgroups(config):
     mounts = cgroup.hierarchies()
-    v1 = [c for c in ("memory", "pids", "cpu") if c in mounts]
+    v1 = [c for c in CONTROLLERS if c in mounts]
     show("info", "cgroup v1", f"{', '.join(v1)} mounted" if v1 else "not mounted")
     if "cgroup2" in mounts:
         top = mounts["cgroup2"][0]
@@ -157,11 +159,77 @@ def check_cgroups(config):
     return None
 
 
+def try_sandbox_syscalls():
+    """Make each syscall the sandbox needs, and a fresh proc and sysfs mount, in throwaway
+    namespaces; {name: errno (0: it worked)}. With harmless arguments: a call the filter
+    lets through fails on them (ENOENT, EBADF) or changes only the throwaway namespaces."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(r)
+        seen = {}
+        try:
+            _try_in_child(seen)
+        except BaseException:  # noqa: BLE001 - a bug must show, not read as "allowed"
+            import traceback
+            traceback.print_exc()
+        finally:
+            os.write(w, json.dumps(seen).encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        seen = json.loads(pipe.read() or "{}")
+    os.waitpid(child, 0)
+    return seen
+
+
+def _try_in_child(seen):
+    from .mount import FILESYSTEMS
+    from .plan import Op
+    from .syscalls import CloneFlags, MountAttr, MountFlags, move_mount, mount, mount_setattr, \
+        open_tree_clone, pivot_root, sethostname, setns, umount2, unshare
+
+    def attempt(name, call, *args):
+        try:
+            call(*args)
+            seen[name] = 0
+        except OSError as exc:
+            seen[name] = exc.errno
+        return not seen[name]
+
+    if not attempt("unshare", unshare, CloneFlags.CLONE_NEWUSER):
+        return
+    flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID
+             | CloneFlags.CLONE_NEWNET)
+    if not attempt("unshare", unshare, flags):
+        return
+    pid1 = os.fork()     # the new PID namespace's first process: proc needs one
+    if pid1:
+        os.waitpid(pid1, 0)
+        os._exit(0)
+    nowhere = "/nonexistent-ns-kernel-doctor"
+    private = attempt("mount", mount, None, "/", None, MountFlags.MS_REC | MountFlags.MS_PRIVATE)
+    attempt("umount2", umount2, nowhere)
+    attempt("pivot_root", pivot_root, nowhere, nowhere)
+    attempt("open_tree", open_tree_clone, -1, nowhere)
+    attempt("move_mount", move_mount, -1, nowhere)
+    attempt("mount_setattr", mount_setattr, nowhere, MountAttr.MOUNT_ATTR_RDONLY)
+    attempt("sethostname", sethostname, os.uname().nodename)
+    with open("/proc/self/ns/uts") as uts:
+        attempt("setns", setns, uts.fileno(), CloneFlags.CLONE_NEWUTS)
+    # Stacked on a tmpfs on /tmp, in this private mount namespace (nothing is created),
+    # with the flags the sandbox gives them (a runtime's read-only /sys locks that one).
+    if private and attempt("tmpfs", mount, "tmpfs", "/tmp", "tmpfs", MountFlags(0)):
+        attempt("proc", mount, "proc", "/tmp", "proc", FILESYSTEMS[Op.PROC][1])
+        attempt("sysfs", mount, "sysfs", "/tmp", "sysfs",
+                FILESYSTEMS[Op.SYSFS][1] | MountFlags.MS_RDONLY)
+
+
 def check_container(config):
     """What a container runtime does to this process, from a throwaway trial of the
     sandbox's own syscalls and mounts (container.py); its error lines, each with the
     setting that fixes it in the runtime's words."""
-    seen = container.probe()
+    seen = try_sandbox_syscalls()
     if seen.get("unshare"):
         return []            # check_user_namespaces has said why
     errors = []
@@ -173,7 +241,7 @@ def check_container(config):
          f"{', '.join(container.SANDBOX_SYSCALLS)} allowed" +
          (" (a seccomp filter is on this process)" if container.seccomp_filtered() else ""))
     refused = [fs for fs in ("proc", "sysfs") if seen.get(fs)
-               and (fs == "proc" or config.network != "host")]
+               and (fs == "proc" or MODES[config.network].sysfs)]
     masks = container.masked()
     # A denied mount would refuse them too: that fix comes first.
     mountable = "mount" not in denied
@@ -301,24 +369,13 @@ def prestart_note():
             "interpreter's imports; --no-prestart skips the attempt")
 
 
-NETWORKS = {
-    "loopback": "only lo, up: no way out (%pip cannot reach an index; --network proxy "
-                "gives one)",
-    "none": "only lo, down: no way out, not even to the kernel's own loopback",
-    "proxy": "only lo; HTTP(S) out through the kernel's own proxy (127.0.0.1:3128 inside, "
-             "run by its launcher) to {allowed}; the host's own, loopback, private, "
-             "link-local and metadata addresses refused unless named exactly",
-    "host": "the host's network, its loopback services and LAN included: no isolation",
-}
-
-
 def check_network(config):
-    allowed = ""
-    if config.network == "proxy":
+    mode, allowed = MODES[config.network], ""
+    if mode.proxy:
         from .proxy import Policy
         allowed = Policy.parse(config.proxy_allow, config.proxy_deny).describe()
-    show("--" if config.network == "host" else "ok", f"network {config.network}",
-         NETWORKS[config.network].format(allowed=allowed))
+    show("ok" if mode.new_netns else "--", f"network {mode.name}",
+         mode.doctor.format(allowed=allowed))
 
 
 def judge(seen, config):
@@ -328,9 +385,9 @@ def judge(seen, config):
                 "the sandbox's own (an over-mounted /proc, e.g. Docker's masks?)")
     if seen["proc"] != "proc" or seen["tmp"] != "tmpfs":
         return f"ns-kernel: /proc is {seen['proc']}, /tmp is {seen['tmp']} inside"
-    if config.network != "host" and seen["net"] not in (["lo"], []):
+    if MODES[config.network].new_netns and seen["net"] not in (["lo"], []):
         return f"ns-kernel: the sandbox sees network interfaces {seen['net']}"
-    if config.network == "proxy" and not seen["proxy"]:
+    if MODES[config.network].proxy and not seen["proxy"]:
         return "ns-kernel: no proxy answers at 127.0.0.1:3128 inside (--network proxy)"
     if config.seccomp != "off" and seen["seccomp"] != "2":
         return f"ns-kernel: no seccomp filter inside (Seccomp: {seen['seccomp']})"

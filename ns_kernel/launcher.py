@@ -25,6 +25,7 @@ import sys
 from . import (bridge, connection, leftovers, limits, mount, notice, offline, output, seccomp,
                socketdir, state, usage)
 from .errors import SetupError
+from .net import MODES as NETWORK_MODES
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan
 from .sandbox import MSG_HANDOFF, Sandbox
@@ -45,7 +46,7 @@ def kernel_extensions(info, config, previous, limits_in_force):
     """What the kernel loads besides ipykernel (IPython extensions, config): the notice of
     why the previous one died, the offline hint, CurveZMQ's keys, the usage panel's limits."""
     extra = [notice.EXTENSION_ARGV] if previous else []
-    if config.network not in ("host", "proxy"):
+    if NETWORK_MODES[config.network].offline_hint:
         extra.append(offline.EXTENSION_ARGV)
     if connection.CURVE_KEYS[0] in info:
         extra.append(connection.CURVE_CONFIG_ARGV)
@@ -156,7 +157,7 @@ class Launch:
             # a proxy's threads: a process that has unshared a PID namespace for its
             # children cannot start a thread (clone(2): EINVAL).
             self.handing_off = bool(info and self.spare_monitor and self.requester is not None
-                                    and not self.listeners and plan.network != "proxy")
+                                    and not self.listeners and not NETWORK_MODES[plan.network].proxy)
             owner = (plan.uid_map.outside, plan.gid_map.outside) if host.uid == 0 else None
             self.socket_dir = socketdir.create(socket_dir, owner)
             state.prepare(plan.state_dirs, owner)
@@ -269,7 +270,7 @@ class Launch:
             self.links.append(path)
 
     def _unlink_ipc_paths(self):
-        unlink_ipc_paths(self.links, self.socket_dir)
+        socketdir.unlink_ipc_paths(self.links, self.socket_dir)
         self.links = []
 
     def _supervise(self):
@@ -510,31 +511,6 @@ class Launch:
         self._unlink_ipc_paths()
         if self.socket_dir:
             socketdir.remove(self.socket_dir)
-
-
-def unlink_ipc_paths(links, socket_dir):
-    """The links to socket_dir's sockets, unless the next kernel's launcher (a restart)
-    has made them its own."""
-    for path in links:
-        try:
-            if os.path.dirname(os.readlink(path)) == socket_dir:
-                os.unlink(path)
-        except OSError:
-            pass
-
-
-def remove_left(left):
-    """In the requester of a warm start whose monitor took the kernel over and died
-    without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
-    import threading
-    from . import cgroup
-    unlink_ipc_paths(left["links"], left["socket_dir"])
-    socketdir.remove(left["socket_dir"])
-    if left["cgroups"]:
-        # Beside the caller (a Jupyter server's event loop polls): a cgroup whose kernel
-        # held GBs takes seconds to empty. Not a daemon: a client that exits waits for it.
-        threading.Thread(target=cgroup.Cgroup(0, left["cgroups"]).remove,
-                         name="ns-kernel-remove-cgroup").start()
 
 
 def describe_exit(status, who, usage=None):

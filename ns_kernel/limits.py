@@ -9,14 +9,18 @@ import os
 import resource
 from dataclasses import dataclass, field
 
-from . import cgroup
-from .sizes import format_size
+from . import cgroup, limittable
 from .errors import SetupError
+from .limittable import BY_NAME, LIMITS
 
-# What rlimits can do: RLIMIT_CPU caps total seconds, it is not a share of a core.
-RLIMIT_CAN = ("memory", "pids")
-# Every kernel's, unless configured (Sandbox.pids says why this number).
-DEFAULT_PIDS = 4096
+# Every kernel's pids limit, unless configured (Sandbox.pids says why this number).
+DEFAULT_PIDS = limittable.DEFAULT_PIDS
+
+# What rlimits can do (limittable: the rows with an rlimit), and what the doctor says of it:
+# "RLIMIT_DATA for memory, RLIMIT_NPROC per user namespace for pids; no CPU share".
+RLIMIT_CAN = tuple(limit.name for limit in LIMITS if limit.rlimit)
+RLIMIT_DETAIL = (", ".join(limit.rlimit_note for limit in LIMITS if limit.rlimit) + "; " +
+                 ", ".join(limit.rlimit_note for limit in LIMITS if not limit.rlimit))
 
 
 @dataclass
@@ -82,16 +86,13 @@ class Enforcement:
 
 
 def wanted(limits):
-    return [name for name in ("memory", "pids", "cpus") if getattr(limits, name)]
+    return [limit.name for limit in LIMITS if getattr(limits, limit.name)]
 
 
 def describe(limits, skipped=(), backend=""):
-    # RLIMIT_DATA holds each process, not their sum, and counts no tmpfs page.
-    per_process = " per process" if backend == "rlimit" else ""
-    shown = {"memory": lambda v: format_size(v) + per_process, "pids": str,
-             "cpus": lambda v: f"{v:g}"}
-    return ", ".join(f"{n} {shown[n](getattr(limits, n))}"
-                     for n in wanted(limits) if n not in skipped) or "none"
+    return ", ".join(f"{limit.name} {limit.show(getattr(limits, limit.name), backend)}"
+                     for limit in LIMITS
+                     if getattr(limits, limit.name) and limit.name not in skipped) or "none"
 
 
 def probe(cgroup_parent="", mounts=None):
@@ -102,8 +103,7 @@ def probe(cgroup_parent="", mounts=None):
     parents, why1 = cgroup.v1_parents(mounts)
     return [("cgroup2", parent is not None, parent or why2),
             ("cgroup1", bool(parents), ", ".join(sorted(parents)) or why1),
-            ("rlimit", True, "RLIMIT_DATA for memory, RLIMIT_NPROC per user namespace for "
-                             "pids; no CPU share")]
+            ("rlimit", True, RLIMIT_DETAIL)]
 
 
 def first_usable(options):
@@ -136,12 +136,13 @@ def decide(limits, cgroup_parent=""):
     backend = choose(options, limits.backend)
     if not backend[1]:
         raise SetupError("limits", f"limits backend {limits.backend}", hint=backend[2])
+    controller = {n: BY_NAME[n].controller for n in need}
     if backend[0] == "cgroup2":
-        skipped = cgroup.enable_v2(backend[2], [cgroup.CONTROLLER[n] for n in need])
-        skipped = [n for n in need if cgroup.CONTROLLER[n] in skipped]
+        off = cgroup.enable_v2(backend[2], list(controller.values()))
+        skipped = [n for n in need if controller[n] in off]
     elif backend[0] == "cgroup1":
         parents = cgroup.v1_parents(mounts)[0]
-        skipped = [n for n in need if cgroup.CONTROLLER[n] not in parents]
+        skipped = [n for n in need if controller[n] not in parents]
     else:
         skipped = rlimit_cannot(need)
     if skipped and not limits.best_effort:
@@ -223,17 +224,8 @@ def apply_rlimits(limits):
     RLIMIT_NPROC counts the sandbox's processes, not every process of the uid."""
     if limits.backend != "rlimit":
         return
-    settings = []
-    if limits.memory:
-        # RLIMIT_DATA, not RLIMIT_AS: an idle kernel already maps ~740 MB of address space,
-        # while DATA fails big allocations with MemoryError and leaves threads working.
-        settings.append(("RLIMIT_DATA", resource.RLIMIT_DATA, limits.memory))
-    if limits.pids:
-        # Only a privilege on the host could raise the hard limit; a lower one holds anyway.
-        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        value = limits.pids if hard == resource.RLIM_INFINITY else min(limits.pids, hard)
-        settings.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, value))
-    _setrlimits(settings)
+    _setrlimits([limit.rlimit(getattr(limits, limit.name)) for limit in LIMITS
+                 if limit.rlimit and getattr(limits, limit.name)])
 
 
 def _setrlimits(settings):

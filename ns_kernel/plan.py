@@ -11,11 +11,13 @@ import functools
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from . import seccomp
 from .sizes import format_size, parse_size
 from .errors import SetupError, moved
+from .limittable import LIMITS
+from .net import MODES
 from .preload import IMPORT_ENV
 from .syscalls import MountAttr
 
@@ -261,19 +263,22 @@ def unbuilt_paths():
     return tuple(sorted({os.path.realpath(p) for p in _search_path() if not os.path.exists(p)}))
 
 
-@dataclass(frozen=True)
-class Limits:
-    memory: int = 0      # bytes, 0 = none
-    pids: int = 0
-    cpus: float = 0.0
-    backend: str = "auto"   # as configured; once decided (limits.decide), the one in force
-    best_effort: bool = False
-    skipped: tuple = ()     # what the backend in force cannot enforce (best_effort)
+def _limits_from_config(cls, sandbox):
+    return cls(**{limit.name: limit.parse(getattr(sandbox, limit.name)) for limit in LIMITS},
+               backend=sandbox.limits_backend, best_effort=sandbox.best_effort)
 
-    @classmethod
-    def from_config(cls, sandbox):
-        return cls(parse_size(sandbox.memory), sandbox.pids, sandbox.cpus,
-                   sandbox.limits_backend, sandbox.best_effort)
+
+# One field per limit (memory: bytes, pids, cpus: cores; each 0 = none), from its row
+# (limittable.LIMITS), then how they are enforced.
+Limits = make_dataclass("Limits", [
+    *((limit.name, type(limit.none), field(default=limit.none)) for limit in LIMITS),
+    # as configured; once decided (limits.decide), the one in force
+    ("backend", str, field(default="auto")),
+    ("best_effort", bool, field(default=False)),
+    # what the backend in force cannot enforce (best_effort)
+    ("skipped", tuple, field(default=())),
+], frozen=True, namespace={"__module__": __name__,
+                           "from_config": classmethod(_limits_from_config)})
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ def own_filesystems(tmp_opt, network):
         # A fresh sysfs shows its network namespace's devices, and only that namespace's
         # owner may mount it: with the host's network, there is none.
         *([Mount(Op.SYSFS, "/sys", attrs=RO | MountAttr.MOUNT_ATTR_NOEXEC)]
-          if network != "host" else []),
+          if MODES[network].sysfs else []),
     ]
 
 
@@ -491,7 +496,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
     package_paths = ()
     env = kernel_env(dict(host.environ), sandbox, kernel_home)
     egress = None
-    if sandbox.network == "proxy":
+    if MODES[sandbox.network].proxy:
         from .proxy import Policy
         egress = Policy.parse(sandbox.proxy_allow, sandbox.proxy_deny)
         env.update(proxy_env())

@@ -190,10 +190,11 @@ def main():
 def _join(plan, sock, pidfd, err_w):
     from . import forked, mount
     from .errors import SetupError
+    from .net import MODES
     from .syscalls import CloneFlags, drop_supplementary_groups, setns
     flags = (CloneFlags.CLONE_NEWUSER | CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC
              | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID | CloneFlags.CLONE_NEWCGROUP)
-    if plan.network != "host":
+    if MODES[plan.network].new_netns:
         flags |= CloneFlags.CLONE_NEWNET
     if plan.drop_groups:
         drop_supplementary_groups()

@@ -79,7 +79,7 @@ class Sandbox:
                 os.close(err_r)
                 for target, fd in enumerate(self.stdio):
                     os.dup2(fd, target)
-                forked.run(functools.partial(_monitor, prestarted=prestarted,
+                forked.run(functools.partial(monitor, prestarted=prestarted,
                                              handles=self.handles),
                            self.plan, ctl_child, err_w)
             if self.prestarted:
@@ -176,9 +176,10 @@ def _wait_foreign(pid_):
     return signal.SIGKILL
 
 
-def _monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), origin=None,
+def monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), origin=None,
              take_over=None):
-    """kernel_step(plan, ctl, err_w): the kernel's last step, forked.exec_kernel by default;
+    """The monitor's whole life, in the process forked to be it: by Sandbox.start, or a
+    warm template's spare monitor (template.py). kernel_step(plan, ctl, err_w): the kernel's last step, forked.exec_kernel by default;
     prestarted: the socket to the kernel's prestarted interpreter (prestart.py); handles:
     of the bind sources (mount.open_sources); origin: our cgroups before the launcher may
     have moved us (a warm template's spare monitor, moved early: cgroup.hierarchies());
@@ -256,7 +257,8 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # becomes its root, so the kernel does not learn the host's cgroup layout.
     flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWIPC | CloneFlags.CLONE_NEWUTS
              | CloneFlags.CLONE_NEWCGROUP)
-    if plan.network != "host":
+    network = net.MODES[plan.network]
+    if network.new_netns:
         flags |= CloneFlags.CLONE_NEWNET
     try:
         unshare(flags)
@@ -280,9 +282,9 @@ def _init(plan, ctl, err_w, kernel_step, prestarted, handles):
     # package the first `%pip install` puts there would not import until a restart.
     for path in plan.package_paths:
         mount.makedirs(path)
-    if plan.network in ("loopback", "proxy"):
+    if network.loopback_up:
         net.bring_up_loopback()
-    if plan.network == "proxy":
+    if network.proxy:
         # Made here, in the kernel's namespace, and handed up: the launcher serves it from
         # the host's side (proxy.py). Before the kernel runs: the port is never the kernel's.
         with net.proxy_listener() as listener:

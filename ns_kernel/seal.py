@@ -8,6 +8,7 @@ import errno
 
 from . import limits, seccomp
 from .errors import SetupError
+from .net import MODES
 from .syscalls import LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET, LandlockFs, drop_all_capabilities, \
     join_new_session_keyring, landlock_abi, landlock_restrict, set_dumpable, set_no_new_privs
 
@@ -51,7 +52,7 @@ def _landlock(plan):
     # which `--network host` shares: none of them may be reached from here. Older Linux
     # (Landlock ABI < 6) cannot scope them; the README says so.
     scoped = (LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
-              if plan.network == "host" and landlock_abi() >= 6 else 0)
+              if MODES[plan.network].scope_abstract_unix and landlock_abi() >= 6 else 0)
     # links_in is None where Linux has no Landlock (ABI 2): the seccomp filter denies
     # symlink(2) and mknod(2) instead.
     if plan.links_in is not None:

@@ -150,6 +150,17 @@ def give(path, owner, step):
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def unlink_ipc_paths(links, socket_dir):
+    """The links to socket_dir's sockets (where an ipc client looks for them), unless the
+    next kernel's launcher (a restart) has made them its own."""
+    for path in links:
+        try:
+            if os.path.dirname(os.readlink(path)) == socket_dir:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def remove(path):
     """Remove a socket dir and whatever its kernel left in it, in whatever modes (a dir it
     closed to its own uid, mode 000): every step by a directory fd, never following a

@@ -8,7 +8,7 @@ import socket
 import sys
 
 from . import preload
-from .warm import FAILED, LISTENING, LOCKED, STATUS, _untrusted, lock_path
+from .warm import FAILED, LISTENING, LOCKED, STATUS, lock_path, untrusted
 
 IDLE_EXIT = 600.0
 NEXT_PAIR_DELAY = 0.1
@@ -207,7 +207,7 @@ def _accept(listener):
     """The next connection from a client we trust (warm.py: who may talk to whom)."""
     while True:
         conn, _ = listener.accept()
-        if not _untrusted(conn):
+        if not untrusted(conn):
             return conn
         conn.close()
 
@@ -430,7 +430,7 @@ def _spare_monitor(sock, made_from, origin, template_fd):
                                         hint="unshare(CLONE_NEWUSER) needs one thread"))
         os._exit(127)
     kernel_step = forked.exec_kernel if stale or fresh else preload.run_preloaded
-    forked.run(functools.partial(sandbox._monitor, kernel_step=kernel_step, handles=handles,
+    forked.run(functools.partial(sandbox.monitor, kernel_step=kernel_step, handles=handles,
                                  origin=origin, take_over=_take_over), plan, ctl, err_w)
 
 

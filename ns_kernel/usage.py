@@ -32,12 +32,15 @@ class SandboxUsage(Configurable):
 
 def argv(limits, skipped=()):
     """The kernel's options for the limits (plan.Limits) in force, those not `skipped`
-    (best_effort): none without a memory or CPU limit."""
-    memory = 0 if "memory" in skipped else limits.memory
-    cpus = 0.0 if "cpus" in skipped else limits.cpus
-    if not memory and not cpus:
+    (best_effort): none without a limit the panel shows (limittable: usage_panel)."""
+    from .limittable import LIMITS
+    shown = {limit.name: limit.none if limit.name in skipped else getattr(limits, limit.name)
+             for limit in LIMITS if limit.usage_panel}
+    if not any(shown.values()):
         return []
-    return [EXTENSION_ARGV, f"--SandboxUsage.memory={memory}", f"--SandboxUsage.cpus={cpus:g}"]
+    return [EXTENSION_ARGV, *(f"--SandboxUsage.{name}={value:g}" if isinstance(value, float)
+                              else f"--SandboxUsage.{name}={value}"
+                              for name, value in shown.items())]
 
 
 def load_ipython_extension(ip):

@@ -4,7 +4,7 @@ import os
 
 from .errors import SetupError
 
-_HINT_SYSCTLS = (
+HINT_SYSCTLS = (
     ("/proc/sys/kernel/unprivileged_userns_clone", "0",
      "unprivileged user namespaces are disabled: sysctl -w kernel.unprivileged_userns_clone=1"),
     ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
@@ -27,7 +27,7 @@ def read_sysctl(path):
 def userns_hint(read=read_sysctl):
     """Why unshare(CLONE_NEWUSER) fails on this host, from the sysctls that govern it."""
     from . import container
-    for path, bad, hint in _HINT_SYSCTLS:
+    for path, bad, hint in HINT_SYSCTLS:
         if read(path) == bad:
             return hint
     if container.seccomp_filtered():

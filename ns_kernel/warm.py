@@ -33,7 +33,7 @@ The template listens on <socket base>/warm-<key>.sock (the 0700 per-user dir of
 socketdir.py), is started by the first warm client (that start costs a cold one), and
 exits after template.IDLE_EXIT seconds without a request, or on `python -m ns_kernel.warm stop`.
 
-Who may talk to whom: each side checks the other before it trusts it (_untrusted): the
+Who may talk to whom: each side checks the other before it trusts it (untrusted): the
 same uid, and the host's own user namespace, which no kernel is in (a kernel of an
 ordinary user has that user's uid). A client checks the base too, and talks to no
 template in a dir another user made: it starts the kernel cold instead (__main__). A
@@ -196,7 +196,6 @@ class Launcher:
             self.returncode = -signal.SIGKILL if self._killed else 1
             if self.left:
                 import json
-                from .launcher import remove_left
                 remove_left(json.loads(self.left))
         self.sock.close()
 
@@ -244,14 +243,28 @@ def _connect(path):
         sock.close()
         raise SetupError("warm", "connect", path, exc.errno or 0,
                          hint="" if exc.errno else str(exc)) from None
-    why = _untrusted(sock)
+    why = untrusted(sock)
     if why:
         sock.close()
         raise SetupError("warm", "connect", path, hint=f"{why}: not our template")
     return sock
 
 
-def _untrusted(sock):
+def remove_left(left):
+    """In the requester of a warm start whose monitor took the kernel over and died
+    without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
+    import threading
+    from . import cgroup, socketdir
+    socketdir.unlink_ipc_paths(left["links"], left["socket_dir"])
+    socketdir.remove(left["socket_dir"])
+    if left["cgroups"]:
+        # Beside the caller (a Jupyter server's event loop polls): a cgroup whose kernel
+        # held GBs takes seconds to empty. Not a daemon: a client that exits waits for it.
+        threading.Thread(target=cgroup.Cgroup(0, left["cgroups"]).remove,
+                         name="ns-kernel-remove-cgroup").start()
+
+
+def untrusted(sock):
     """Why the process at the other end of sock is not one of ours on the host, or ''."""
     pid, uid, _ = _peer(sock)
     if uid != os.getuid():

@@ -229,7 +229,7 @@ def test_stop_without_template_says_so(monkeypatch):
     assert warm.stop() is False
 
 
-# -- who may talk to whom (warm.py: _untrusted, KINDS) ---------------------------------
+# -- who may talk to whom (warm.py: untrusted, KINDS) ---------------------------------
 
 OTHER_UID = 12345
 ROOT_ONLY = pytest.mark.skipif(os.getuid() != 0, reason="needs a second uid: root makes one")
