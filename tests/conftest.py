@@ -84,6 +84,31 @@ def pytest_collection_modifyitems(items):
     items.sort(key=tier)
 
 
+@pytest.fixture(autouse=True)
+def _tier_kept(request, monkeypatch):
+    """What a test uses must be of its tier: a pure test starts no process and enters no
+    namespace, a privileged one starts no kernel through jupyter_client. Whatever does is
+    stopped, with the tier it needs. (What a subprocess does in turn, a doctor's trial
+    kernels, is not seen from here.)"""
+    import subprocess
+    tier = next(m.name for m in request.node.iter_markers() if m.name in TIERS)
+
+    def refuse(what, needs):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"a {tier} test {what}: mark it @pytest.mark.{needs}")
+        return refused
+    if tier == "pure":
+        from ns_kernel import syscalls
+        monkeypatch.setattr(subprocess.Popen, "_execute_child",
+                            refuse("started a process", "privileged"))
+        for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "unshare"):
+            if hasattr(os, name):
+                monkeypatch.setattr(os, name, refuse(f"called os.{name}", "privileged"))
+        monkeypatch.setattr(syscalls, "unshare", refuse("unshared a namespace", "privileged"))
+    elif tier == "privileged":
+        monkeypatch.setattr(KernelManager, "start_kernel", refuse("started a kernel", "kernel"))
+
+
 def write_spec(name, options=(), provisioner=False, config=None, python=None):
     """A kernelspec in the test data dir whose launcher gets `options` (e.g. --home shared).
     Without the provisioner (default) clients take the argv path with its TCP bridge, as

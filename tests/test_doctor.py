@@ -115,6 +115,7 @@ def test_doctor_names_roots_capabilities():
             "`docker run --cap-add CHOWN --cap-add SETUID --cap-add SETGID`") in done.stderr
 
 
+@pytest.mark.kernel      # the doctor's trial kernels start
 @pytest.mark.skipif(os.geteuid() != 0, reason="only host root can drop its capabilities")
 def test_doctor_explains_an_exec_instead_of_the_prestart():
     done = doctor(prefix=["setpriv", "--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace"])

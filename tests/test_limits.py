@@ -82,7 +82,7 @@ def test_install_writes_limits_and_specs_coexist(specs):
                                "{connection_file}"]
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_install_writes_sandbox_options(tmp_path):
     options = ["--home", "readonly", "--ro-bind", "/srv/data", "--rw-bind", "/srv/scratch",
                "--network", "none", "--tmp-size", "256M", "--cpus", "1.5"]
@@ -94,7 +94,7 @@ def test_install_writes_sandbox_options(tmp_path):
     assert argv[4:] == [*options, "--Sandbox.kernel_name=opts", "-f", "{connection_file}"]
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_install_rejects_a_bad_limit(tmp_path):
     done = ns_kernel("install", "--prefix", str(tmp_path), "--memory", "lots")
     assert done.returncode != 0
@@ -102,7 +102,7 @@ def test_install_rejects_a_bad_limit(tmp_path):
     assert not (tmp_path / "share").exists()
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_help_all_documents_every_option():
     from ns_kernel.config import Sandbox
     text = ns_kernel("--help-all").stdout
