@@ -298,9 +298,19 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
         kc.start_channels()
         try:
             await kc.wait_for_ready(timeout=60)
+            old = km.provisioner.process.pid
             kc.execute(code)
             await asyncio.wait_for(restarted.wait(), 60)
-            await asyncio.sleep(0.5)       # the restart itself runs after the callback
+
+            async def new_launcher():
+                # The restart itself runs after the callback: until its new launcher is up,
+                # wait_for_ready finds "the kernel" dead.
+                while True:
+                    process = getattr(km.provisioner, "process", None)
+                    if process and process.pid != old and process.poll() is None:
+                        return
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(new_launcher(), 60)
             await kc.wait_for_ready(timeout=60)
             msg_id = kc.execute("print('after')")
             out = []

@@ -102,7 +102,19 @@ def test_comm_round_trip(kernel):
 
 
 def test_heartbeat(kernel):
-    time.sleep(1.5)   # longer than the heartbeat period: beats must have gone both ways
+    # A ping of our own on the heartbeat socket comes back, as a client's does (the
+    # client's hb channel counts as beating before its first answer: no proof of one).
+    import zmq
+    sock = kernel.kc.context.socket(zmq.REQ)
+    sock.linger = 0
+    try:
+        sock.connect(kernel.kc._make_url("hb"))
+        for beat in (b"ping-1", b"ping-2"):
+            sock.send(beat)
+            assert sock.poll(20000), "no answer on the heartbeat socket"
+            assert sock.recv() == beat
+    finally:
+        sock.close()
     assert kernel.kc.hb_channel.is_beating()
     assert kernel.km.is_alive()
 
