@@ -118,7 +118,9 @@ def test_a_kernel_dead_before_a_late_hand_off_keeps_its_status(workdir, socket_b
         assert wait_until(lambda: os.path.exists(marker) and open(marker).read(), timeout=60)
         ns = open(marker).read()
         assert wait_until(lambda: not in_pid_namespace(ns))
-        time.sleep(1)       # and init and the monitor after it
+        # The point: the log stays unread a moment longer, while init and the monitor
+        # leave (their pids are not known here: the kernel died in its first line).
+        time.sleep(1)
         reader.start()
         assert wait_until(lambda: not km.is_alive(), timeout=20)
         code = km.provisioner.process.wait(timeout=5)

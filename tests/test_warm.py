@@ -336,7 +336,7 @@ def test_the_pair_a_template_keeps_forked_goes_with_it(user_base, end):
 
     def settled():
         seen.append(sorted(alive(descendants(pid))))
-        time.sleep(0.3)
+        time.sleep(0.3)     # the same two, still: no event marks the last pair forked
         return len(seen[-1]) == 2 and sorted(alive(descendants(pid))) == seen[-1]
     assert wait_until(settled), seen
     waiting = seen[-1]
@@ -366,6 +366,8 @@ def test_template_takes_plain_requests_of_known_kinds_only(template, workdir):
                              "cwd": workdir}).encode(), ()),               # without its stdio
         ):
             assert ask(connect(), data, fds) == b"", data
+        # A negative (nothing started): no event says a thing will not happen; the positive
+        # case below takes milliseconds.
         time.sleep(1)    # what a request started would have done by now
         assert alive([template]) and warm.template_pid() == template
         assert not os.path.exists(marker)
@@ -403,7 +405,7 @@ def test_template_refuses_a_client_inside_a_sandbox(template):
         os.waitpid(child, 0)
         for fd in (ready_r, ready_w, mapped_r, mapped_w, done_r, done_w):
             os.close(fd)
-    time.sleep(1)    # what a stop would have done by now
+    time.sleep(1)    # a negative, as above: what a stop would have done by now
     assert alive([template]) and warm.template_pid() == template
 
 
@@ -422,7 +424,7 @@ def test_template_refuses_a_client_of_another_uid(template, user_base):
                           group=OTHER_UID, extra_groups=[], capture_output=True, text=True,
                           timeout=30)
     assert done.stdout.strip() in ("b''", "BrokenPipeError", "ConnectionResetError"), done
-    time.sleep(1)    # what a stop would have done by now
+    time.sleep(1)    # a negative, as above: what a stop would have done by now
     assert alive([template]) and warm.template_pid() == template
 
 
