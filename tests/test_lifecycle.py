@@ -162,7 +162,9 @@ def test_launcher_exits_when_jupyter_server_dies(workdir, socket_base, tmp_path)
     finally:
         launcher.kill()
         launcher.wait()
+        launcher.stderr.close()
         server.kill()
+        server.wait()
 
 
 def test_ipc_client_talks_to_kernel_sockets_directly(workdir, socket_base, tmp_path):

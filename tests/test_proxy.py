@@ -563,6 +563,7 @@ def public_server(tmp_path):
             if process:
                 process.kill()
                 process.wait()
+                process.stdout.close()
         subprocess.run(["ip", "link", "del", outside], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
