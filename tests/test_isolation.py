@@ -8,7 +8,8 @@ import tempfile
 
 import pytest
 
-from conftest import COLD_NAME, KERNEL_NAME, start_kernel, stop_kernel, stop_templates, write_spec
+from conftest import (COLD_NAME, KERNEL_NAME, start_kernel, stop_kernel, stop_templates,
+                      wait_until, write_spec)
 
 IPC_HELPERS = r'''
 import ctypes, ctypes.util, os
@@ -76,8 +77,11 @@ def test_pid_namespace(pair):
     try:
         cmdlines = ("[open(f'/proc/{p}/cmdline', 'rb').read() for p in "
                     "__import__('os').listdir('/proc') if p.isdigit()]")
-        with open(f"/proc/{host.pid}/cmdline", "rb") as f:
-            assert b"4343.5" in f.read()        # the host sees it: so could a shared /proc
+        def host_sees_it():
+            with open(f"/proc/{host.pid}/cmdline", "rb") as f:
+                return b"4343.5" in f.read()
+        # The host sees it (once its exec has filled in the command line): a shared /proc would.
+        assert wait_until(host_sees_it)
         assert not any(b"4343.5" in c for c in a.value(cmdlines))
     finally:
         host.kill()
