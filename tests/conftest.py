@@ -311,6 +311,19 @@ def kernel(workdir):
     stop_kernel(k)
 
 
+@pytest.fixture(scope="module")
+def module_kernel():
+    """One kernel for those of a module's tests that only run code in it, in its own
+    notebook folder. A test that interrupts, restarts, kills or limits its kernel, exhausts
+    something in it, or needs a fresh sandbox takes `kernel`."""
+    path = tempfile.mkdtemp(prefix="ns-kernel-wd-")
+    os.chmod(path, 0o777)
+    k = start_kernel(path)
+    yield k
+    stop_kernel(k)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def kernel_pair(workdir):
     a, b = start_kernel(workdir), start_kernel(workdir)

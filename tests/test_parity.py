@@ -26,6 +26,12 @@ def no_warm_template_left():
     warm.stop()
 
 
+@pytest.fixture(scope="module")
+def kernel(module_kernel):
+    """The tests that take `kernel` only ask it things: they share one."""
+    return module_kernel
+
+
 def kernel_info(kernel):
     content = kernel.reply(kernel.kc.kernel_info())["content"]
     # IPython's banner ends with a random tip.

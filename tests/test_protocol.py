@@ -5,8 +5,16 @@ import time
 import unittest
 
 import jupyter_kernel_test
+import pytest
 
 from conftest import KERNEL_NAME, start_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel(module_kernel):
+    """The tests below that take `kernel` only run code in it: they share one (none
+    interrupts, restarts, kills or limits it)."""
+    return module_kernel
 
 
 class IsolatedPythonKernelTests(jupyter_kernel_test.KernelTests):
