@@ -47,13 +47,13 @@ class IsolatedPythonKernelTests(jupyter_kernel_test.KernelTests):
     def setUpClass(cls):
         # jupyter_kernel_test's own, with the launcher's lines kept: if the kernel dies
         # before it answers, the failure says what it said and how it ended.
-        log = tempfile.TemporaryFile("w+")
-        try:
-            kernel = start_kernel(None, kernel_name=cls.kernel_name, stderr=log)
-        except Exception as exc:
-            log.seek(0)
-            raise AssertionError(f"the kernel did not start ({exc}); its lines:\n"
-                                 f"{log.read()[-4000:]}") from exc
+        with tempfile.TemporaryFile("w+") as log:     # the launcher has its own copy
+            try:
+                kernel = start_kernel(None, kernel_name=cls.kernel_name, stderr=log)
+            except Exception as exc:
+                log.seek(0)
+                raise AssertionError(f"the kernel did not start ({exc}); its lines:\n"
+                                     f"{log.read()[-4000:]}") from exc
         cls.km, cls.kc = kernel.km, kernel.kc
 
     def test_runs_isolated(self):

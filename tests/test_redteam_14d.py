@@ -121,6 +121,8 @@ def test_the_first_clients_other_fds_do_not_outlive_it(user_base, workdir, tmp_p
             client.wait(30)
         finally:
             client.kill()
+            client.wait()
+            log.close()
     hears = select.poll()
     hears.register(theirs, select.POLLIN)
     # Once the kernel's processes have gone, nobody but the template could hold it.
@@ -153,6 +155,7 @@ def test_a_socket_base_too_long_for_the_template_starts_the_kernel_cold(workdir,
         assert "Traceback" not in read(log), read(log)
         assert len(warm_lines(read(log))) == 1, read(log)
     finally:
+        log.close()
         stop_templates()
         for path in (runtime, sockets):
             shutil.rmtree(path, ignore_errors=True)
