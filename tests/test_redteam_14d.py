@@ -67,6 +67,8 @@ def test_clients_that_lose_the_lock_to_a_dying_template_start_at_once(user_base,
     finally:
         for km in kms:
             km.shutdown_kernel(now=True)
+        for log in logs:
+            log.close()
 
 
 @pytest.mark.parametrize("path", ["argv", "provisioner"])
@@ -86,7 +88,9 @@ def test_a_template_that_dies_after_its_imports_says_why_and_leaves_no_lock(
         assert wait_until(lambda: warm_lines(read(logs[0])), timeout=30), read(logs[0])
     finally:
         kms[0].shutdown_kernel(now=True)
-    line = warm_lines(read(logs[0]))[0]
+        said = read(logs[0])
+        logs[0].close()
+    line = warm_lines(said)[0]
     assert os.strerror(errno.EISDIR) in line, line
     if which == "socket":
         assert wait_until(lambda: not os.path.exists(sock + ".lock"), timeout=5), \
