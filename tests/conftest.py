@@ -106,7 +106,9 @@ def _tier_kept(request, monkeypatch):
                 monkeypatch.setattr(os, name, refuse(f"called os.{name}", "privileged"))
         monkeypatch.setattr(syscalls, "unshare", refuse("unshared a namespace", "privileged"))
     elif tier == "privileged":
-        monkeypatch.setattr(KernelManager, "start_kernel", refuse("started a kernel", "kernel"))
+        from jupyter_client.manager import AsyncKernelManager
+        for manager in (KernelManager, AsyncKernelManager):
+            monkeypatch.setattr(manager, "start_kernel", refuse("started a kernel", "kernel"))
 
 
 def write_spec(name, options=(), provisioner=False, config=None, python=None):
