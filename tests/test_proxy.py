@@ -315,6 +315,7 @@ def servers():
            "any": write_spec("proxy-any", ["--network", "proxy", "--allow", "*"])}
     for server in (plain, tls, other):
         server.shutdown()
+        server.server_close()
     silent.close()
     import shutil
     shutil.rmtree(folder, ignore_errors=True)
@@ -620,6 +621,7 @@ def speaks_first():
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
 
 
 @pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
