@@ -84,6 +84,33 @@ def pytest_collection_modifyitems(items):
     items.sort(key=tier)
 
 
+@pytest.fixture(autouse=True)
+def _tier_kept(request, monkeypatch):
+    """What a test uses must be of its tier: a pure test starts no process and enters no
+    namespace, a privileged one starts no kernel through jupyter_client. Whatever does is
+    stopped, with the tier it needs. (What a subprocess does in turn, a doctor's trial
+    kernels, is not seen from here.)"""
+    import subprocess
+    tier = next(m.name for m in request.node.iter_markers() if m.name in TIERS)
+
+    def refuse(what, needs):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"a {tier} test {what}: mark it @pytest.mark.{needs}")
+        return refused
+    if tier == "pure":
+        from ns_kernel import syscalls
+        monkeypatch.setattr(subprocess.Popen, "_execute_child",
+                            refuse("started a process", "privileged"))
+        for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "unshare"):
+            if hasattr(os, name):
+                monkeypatch.setattr(os, name, refuse(f"called os.{name}", "privileged"))
+        monkeypatch.setattr(syscalls, "unshare", refuse("unshared a namespace", "privileged"))
+    elif tier == "privileged":
+        from jupyter_client.manager import AsyncKernelManager
+        for manager in (KernelManager, AsyncKernelManager):
+            monkeypatch.setattr(manager, "start_kernel", refuse("started a kernel", "kernel"))
+
+
 def write_spec(name, options=(), provisioner=False, config=None, python=None):
     """A kernelspec in the test data dir whose launcher gets `options` (e.g. --home shared).
     Without the provisioner (default) clients take the argv path with its TCP bridge, as
@@ -284,6 +311,19 @@ def kernel(workdir):
     k = start_kernel(workdir)
     yield k
     stop_kernel(k)
+
+
+@pytest.fixture(scope="module")
+def module_kernel():
+    """One kernel for those of a module's tests that only run code in it, in its own
+    notebook folder. A test that interrupts, restarts, kills or limits its kernel, exhausts
+    something in it, or needs a fresh sandbox takes `kernel`."""
+    path = tempfile.mkdtemp(prefix="ns-kernel-wd-")
+    os.chmod(path, 0o777)
+    k = start_kernel(path)
+    yield k
+    stop_kernel(k)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -69,7 +69,6 @@ def test_missing_connection_file(base):
     assert_nothing_left(base)
 
 
-@pytest.mark.pure
 def test_no_arguments_is_a_usage_error():
     for argv in ([os.path.join(os.path.dirname(sys.executable), "ns-kernel")],
                  [sys.executable, "-P", "-m", "ns_kernel"]):

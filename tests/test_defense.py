@@ -2,8 +2,10 @@
 way a kernel starts, and each attack made from a kernel on an earlier main fails."""
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -53,48 +55,50 @@ def host_key():
     libc.syscall(250, 3, serial)   # KEYCTL_REVOKE
 
 
+@pytest.fixture(scope="module", params=list(PATHS))
+def path_kernel(request, host_key):
+    """A kernel of each start path (started once host_key is in the keyring it must not
+    inherit), shared by the tests that only look at it: its state, its filter."""
+    wd = tempfile.mkdtemp(prefix="ns-kernel-wd-")
+    os.chmod(wd, 0o777)
+    k = start_kernel(wd, kernel_name=PATHS[request.param])
+    yield k
+    stop_kernel(k)
+    shutil.rmtree(wd, ignore_errors=True)
+
+
 def state(out):
     return dict(line.split(" ", 1) for line in out.splitlines())
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
-@pytest.mark.parametrize("path", PATHS)
-def test_final_state_is_the_same_on_every_path(host_key, workdir, path):
-    k = start_kernel(workdir, kernel_name=PATHS[path])
-    try:
-        out, error, _ = k.execute(STATE, timeout=60)
-        assert error is None, out
-        # numpy, threads, multiprocessing still work under the filter (and everyday.ipynb
-        # runs pty, subprocess, matplotlib, widgets, the debugger under it too).
-        out2, error, _ = k.execute(
-            "import numpy, multiprocessing, threading\n"
-            "with multiprocessing.Pool(2) as p: print(p.map(abs, [-1, -2]))\n"
-            "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
-            "print(int(numpy.arange(10).sum()))", timeout=60)
-        assert (error, out2) == (None, "[1, 2]\nthread\n45\n")
-        seen = state(out)
-        seen["pids"] = pids_limit(k, seen)
-    finally:
-        stop_kernel(k)
+def test_final_state_is_the_same_on_every_path(path_kernel):
+    k = path_kernel
+    out, error, _ = k.execute(STATE, timeout=60)
+    assert error is None, out
+    # numpy, threads, multiprocessing still work under the filter (and everyday.ipynb
+    # runs pty, subprocess, matplotlib, widgets, the debugger under it too).
+    out2, error, _ = k.execute(
+        "import numpy, multiprocessing, threading\n"
+        "with multiprocessing.Pool(2) as p: print(p.map(abs, [-1, -2]))\n"
+        "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+        "print(int(numpy.arange(10).sum()))", timeout=60)
+    assert (error, out2) == (None, "[1, 2]\nthread\n45\n")
+    seen = state(out)
+    seen["pids"] = pids_limit(k, seen)
     assert_sealed(seen, out)
 
 
 @pytest.mark.skipif(not container.has_capability(CAP_SYS_ADMIN) or container.seccomp_filtered(),
                     reason="reading a filter needs CAP_SYS_ADMIN and no filter of one's own: "
                     "root's pass outside a container")
-@pytest.mark.parametrize("path", PATHS)
-def test_the_filter_is_libseccomps_program_on_every_path(workdir, path):
+def test_the_filter_is_libseccomps_program_on_every_path(path_kernel):
     # Warm (a fork of the template), prestarted (joined the sandbox) or exec'd: exactly
     # one filter, and it is the program libseccomp makes of the default filter.
-    k = start_kernel(workdir, kernel_name=PATHS[path])
-    try:
-        pid = kernel_host_pid(k)
-        with open(f"/proc/{pid}/status") as f:
-            assert "Seccomp_filters:\t1\n" in f.read()
-        loaded = loaded_filter(pid)
-    finally:
-        stop_kernel(k)
-    assert loaded == seccomp.program(seccomp.default_filter())
+    pid = kernel_host_pid(path_kernel)
+    with open(f"/proc/{pid}/status") as f:
+        assert "Seccomp_filters:\t1\n" in f.read()
+    assert loaded_filter(pid) == seccomp.program(seccomp.default_filter())
 
 
 def loaded_filter(pid):

@@ -2,12 +2,14 @@
 see or touch each other, nor the host."""
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 
 import pytest
 
-from conftest import COLD_NAME, KERNEL_NAME, start_kernel, stop_kernel, stop_templates, write_spec
+from conftest import (COLD_NAME, KERNEL_NAME, start_kernel, stop_kernel, stop_templates,
+                      wait_until, write_spec)
 
 IPC_HELPERS = r'''
 import ctypes, ctypes.util, os
@@ -66,8 +68,24 @@ def test_pid_namespace(pair):
     assert a.value("__import__('os').getppid()") == 1
     pids = a.value("sorted(int(p) for p in __import__('os').listdir('/proc') if p.isdigit())")
     assert pids[:2] == [1, 2] and len(pids) < 10, pids
-    # The test runner's own pid means nothing inside (or is someone of the sandbox's).
-    assert os.getpid() not in pids or os.getpid() < 10
+    # A PID namespace of its own, not the host's (this process's)...
+    ns = "__import__('os').readlink('/proc/self/ns/pid')"
+    assert a.value(ns) != os.readlink("/proc/self/ns/pid")
+    # ...whose /proc shows none of the host's processes: a host process with a command
+    # line of its own is not among those the kernel can list.
+    host = subprocess.Popen(["sleep", "4343.5"])
+    try:
+        cmdlines = ("[open(f'/proc/{p}/cmdline', 'rb').read() for p in "
+                    "__import__('os').listdir('/proc') if p.isdigit()]")
+        def host_sees_it():
+            with open(f"/proc/{host.pid}/cmdline", "rb") as f:
+                return b"4343.5" in f.read()
+        # The host sees it (once its exec has filled in the command line): a shared /proc would.
+        assert wait_until(host_sees_it)
+        assert not any(b"4343.5" in c for c in a.value(cmdlines))
+    finally:
+        host.kill()
+        host.wait()
 
 
 def test_processes_and_signals_do_not_cross(pair):
@@ -198,8 +216,10 @@ def test_identity_and_privileges(pair):
     assert fields["NoNewPrivs"].strip() == "1"
     # A new session with no controlling terminal: TIOCSTI has nothing to inject into.
     assert a.value("__import__('os').getsid(0) == __import__('os').getpid()")
-    assert a.value("(lambda: [__import__('os').open('/dev/tty', 0)])() if False else "
-                   "__import__('os').system(\"sh -c 'exec 3</dev/tty' 2>/dev/null\") != 0")
+    a.execute("def open_tty():\n    try:\n        __import__('os').open('/dev/tty', 0)\n"
+              "        return 'opened'\n    except OSError as exc:\n"
+              "        return __import__('errno').errorcode[exc.errno]")
+    assert a.value("open_tty()") == "ENXIO"     # no controlling terminal
 
 
 def test_secrets_not_in_environment(pair):

@@ -19,7 +19,7 @@ def kernelspecs(prefix):
     return json.loads(out)["kernelspecs"]
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_ns_kernel_install_with_options(tmp_path):
     prefix = str(tmp_path)
     proc = subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={prefix}",
@@ -60,7 +60,7 @@ def test_shipped_spec_is_what_ns_kernel_install_writes(tmp_path):
     assert installed["metadata"]["supported_encryption"] == ["curve"]
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_install_rejects_bad_options(tmp_path):
     proc = subprocess.run([os.path.join(BIN, "ns-kernel"), "install", f"--prefix={tmp_path}",
                            "--network=internet"], capture_output=True, text=True)

@@ -4,12 +4,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import (alive, descendants, interrupt_busy_loop, sandbox_tree, socket_inodes,
-                      start_kernel, stop_kernel, wait_for_output, wait_until, write_spec)
+from conftest import (alive, descendants, interrupt_busy_loop, kernel_host_pid, sandbox_tree,
+                      socket_inodes, start_kernel, stop_kernel, wait_for_output, wait_until,
+                      write_spec)
+
+
+def wchan(pid):
+    """Where in the kernel the process waits (its main thread): do_wait in a wait4()."""
+    with open(f"/proc/{pid}/wchan") as f:
+        return f.read()
 
 
 # Every way a kernel starts: warm (the default) on the argv path and the provisioner's,
@@ -35,6 +41,7 @@ def test_interrupt_busy_loop_keeps_kernel(own_kernel):
 
 def test_interrupt_arrives_once_and_reaches_subprocesses(own_kernel):
     k = own_kernel
+    kernel = kernel_host_pid(k)     # while it is idle: it may be asked where it is
     # The cell's own handler counts deliveries (ipykernel resets handlers between cells).
     msg_id = k.kc.execute("import signal, subprocess, time\nhits = []\n"
                           "signal.signal(signal.SIGINT, lambda *a: hits.append(1))\n"
@@ -47,7 +54,8 @@ def test_interrupt_arrives_once_and_reaches_subprocesses(own_kernel):
     msg_id = k.kc.execute("p = subprocess.Popen(['sleep', '60'])\n"
                           "print('spawned', flush=True)\np.wait()")
     wait_for_output(k, "spawned")
-    time.sleep(0.2)   # past Popen's return: into p.wait()
+    # Past Popen's return: into p.wait(), waiting on its child (its main thread's wchan).
+    assert wait_until(lambda: wchan(kernel) == "do_wait"), wchan(kernel)
     k.km.interrupt_kernel()
     reply = k.reply(msg_id)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
@@ -123,10 +131,15 @@ def test_init_reaps_orphans(own_kernel):
     k = own_kernel
     # sh exits at once; its background sleep is orphaned to init, which must reap it.
     k.execute("import subprocess; subprocess.run(['sh', '-c', 'sleep 0.3 & exit 0'])")
-    time.sleep(1.5)
-    states = k.value("[open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] "
-                     "for p in __import__('os').listdir('/proc') if p.isdigit()]")
-    assert "Z" not in states and len(states) == 2
+    k.execute("import os\ndef states():\n    found = []\n"
+              "    for p in filter(str.isdigit, os.listdir('/proc')):\n        try:\n"
+              "            with open(f'/proc/{p}/stat') as f:\n"
+              "                found.append(f.read().rsplit(')', 1)[1].split()[0])\n"
+              "        except FileNotFoundError:\n            pass     # gone meanwhile\n"
+              "    return found")
+    # The sleep runs on a moment, then exits: an init that does not reap leaves a zombie.
+    assert wait_until(lambda: len(k.value("states()")) == 2), k.value("states()")
+    assert "Z" not in k.value("states()")
 
 
 def test_launcher_exits_when_jupyter_server_dies(workdir, socket_base, tmp_path):
@@ -149,7 +162,9 @@ def test_launcher_exits_when_jupyter_server_dies(workdir, socket_base, tmp_path)
     finally:
         launcher.kill()
         launcher.wait()
+        launcher.stderr.close()
         server.kill()
+        server.wait()
 
 
 def test_ipc_client_talks_to_kernel_sockets_directly(workdir, socket_base, tmp_path):

@@ -82,7 +82,7 @@ def test_install_writes_limits_and_specs_coexist(specs):
                                "{connection_file}"]
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_install_writes_sandbox_options(tmp_path):
     options = ["--home", "readonly", "--ro-bind", "/srv/data", "--rw-bind", "/srv/scratch",
                "--network", "none", "--tmp-size", "256M", "--cpus", "1.5"]
@@ -94,7 +94,7 @@ def test_install_writes_sandbox_options(tmp_path):
     assert argv[4:] == [*options, "--Sandbox.kernel_name=opts", "-f", "{connection_file}"]
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_install_rejects_a_bad_limit(tmp_path):
     done = ns_kernel("install", "--prefix", str(tmp_path), "--memory", "lots")
     assert done.returncode != 0
@@ -102,7 +102,7 @@ def test_install_rejects_a_bad_limit(tmp_path):
     assert not (tmp_path / "share").exists()
 
 
-@pytest.mark.pure
+@pytest.mark.privileged
 def test_help_all_documents_every_option():
     from ns_kernel.config import Sandbox
     text = ns_kernel("--help-all").stdout
@@ -298,9 +298,19 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
         kc.start_channels()
         try:
             await kc.wait_for_ready(timeout=60)
+            old = km.provisioner.process.pid
             kc.execute(code)
             await asyncio.wait_for(restarted.wait(), 60)
-            await asyncio.sleep(0.5)       # the restart itself runs after the callback
+
+            async def new_launcher():
+                # The restart itself runs after the callback: until its new launcher is up,
+                # wait_for_ready finds "the kernel" dead.
+                while True:
+                    process = getattr(km.provisioner, "process", None)
+                    if process and process.pid != old and process.poll() is None:
+                        return
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(new_launcher(), 60)
             await kc.wait_for_ready(timeout=60)
             msg_id = kc.execute("print('after')")
             out = []

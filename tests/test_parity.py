@@ -26,6 +26,12 @@ def no_warm_template_left():
     warm.stop()
 
 
+@pytest.fixture(scope="module")
+def kernel(module_kernel):
+    """The tests that take `kernel` only ask it things: they share one."""
+    return module_kernel
+
+
 def kernel_info(kernel):
     content = kernel.reply(kernel.kc.kernel_info())["content"]
     # IPython's banner ends with a random tip.
@@ -116,25 +122,39 @@ def test_debugger_stops_at_a_breakpoint_shows_variables_and_continues(workdir, p
 
 # -- CurveZMQ and who may read iopub --------------------------------------------------------
 
-# A plain SUB socket: what any local process can open. It counts how often `marker` shows
-# in what it reads from iopub while it listens.
+# A plain SUB socket: what any local process can open. It says what came of its connection
+# (a handshake done, the subscription right behind it on the same stream; or one refused: by
+# Curve, or by the bridge closing it), then counts how often `marker` shows in what it reads
+# from iopub, until it reads `end` (the cell's last line) or the test closes its stdin.
 EAVESDROP = """
 import sys, zmq
-endpoint, marker = sys.argv[1], sys.argv[2].encode()
+from zmq.utils.monitor import recv_monitor_message
+endpoint, marker, end = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
 sub = zmq.Context().socket(zmq.SUB)
 sub.setsockopt(zmq.SUBSCRIBE, b"")
 sub.setsockopt(zmq.LINGER, 0)
+monitor = sub.get_monitor_socket()
 sub.connect(endpoint)
-print("listening", flush=True)
+refused = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+           | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+while monitor.poll(30000):
+    event = recv_monitor_message(monitor)["event"]
+    if event & (zmq.EVENT_HANDSHAKE_SUCCEEDED | refused):
+        print("connected" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else "refused", flush=True)
+        break
+else:
+    print("no answer", flush=True)
 poller = zmq.Poller()
 poller.register(sub, zmq.POLLIN)
 poller.register(sys.stdin.fileno(), zmq.POLLIN)
 seen, done = 0, False
 while not done:
-    events = dict(poller.poll())
-    done = sys.stdin.fileno() in events     # closed: the test has stopped listening
+    events = dict(poller.poll(60000))
+    done = not events or sys.stdin.fileno() in events    # closed: the test stopped listening
     while sub.poll(0):
-        seen += sum(frame.count(marker) for frame in sub.recv_multipart())
+        frames = sub.recv_multipart()
+        seen += sum(frame.count(marker) for frame in frames)
+        done = done or any(end in frame for frame in frames)
 print(seen, flush=True)
 """
 
@@ -147,26 +167,31 @@ def iopub_endpoint(kernel):
 
 
 def eavesdrop(kernel, uid=None):
-    """How many of the kernel's output messages a plain SUB socket of `uid` (default:
-    ours) read while a cell printed for a while."""
-    marker = uuid.uuid4().hex
+    """What came of a plain SUB socket's connection to the kernel's iopub ("connected" or
+    "refused"), and how many of the kernel's output lines it read while a cell printed 30."""
+    marker, end = uuid.uuid4().hex, uuid.uuid4().hex
     ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    proc = subprocess.Popen([sys.executable, "-c", EAVESDROP, iopub_endpoint(kernel), marker],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
-                            **ids)
+    proc = subprocess.Popen([sys.executable, "-c", EAVESDROP, iopub_endpoint(kernel), marker,
+                             end], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd="/", **ids)
     try:
-        assert proc.stdout.readline() == "listening\n"
-        time.sleep(1)   # a subscription takes a moment to reach the publisher
-        # The code shows on iopub too (execute_input): it holds the marker in two halves.
+        status = proc.stdout.readline().strip()
+        # The code shows on iopub too (execute_input): it holds each marker in two halves.
         out, error, _ = kernel.execute(
             f"import time\nfor _ in range(30):\n    print({marker[:16]!r} + {marker[16:]!r}, "
-            "flush=True)\n    time.sleep(0.02)")
+            f"flush=True)\n    time.sleep(0.02)\nprint({end[:16]!r} + {end[16:]!r})")
         assert error is None and out.count(marker) == 30    # the kernel's own client reads
-        time.sleep(1)   # what the publisher sent the eavesdropper too, on its way
-        return int(proc.communicate(timeout=60)[0])
+        if status == "connected":
+            # Until it has read the last line: what the publisher sent it too, in order.
+            seen = proc.stdout.readline()
+        else:
+            seen = proc.communicate(timeout=60)[0]
+        return status, int(seen)
     finally:
         proc.kill()
         proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -179,7 +204,7 @@ def test_curve_keeps_iopub_from_a_client_without_the_keys(workdir, path, encrypt
         assert k.value("__import__('os').getpid()") == 2
         # Our own uid, so the bridge lets it in: only Curve can keep it out.
         seen = eavesdrop(k)
-        assert (seen == 0) if encryption == "required" else (seen == 30)
+        assert seen == (("refused", 0) if encryption == "required" else ("connected", 30))
         # And the kernel itself uses the keys: its connection file inside has them.
         inside = k.value("__import__('json').load(open('/run/ns-kernel/connection.json'))"
                          ".get('curve_publickey')")
@@ -208,7 +233,7 @@ def test_another_user_reads_nothing_from_iopub(workdir, capfd, encryption, clien
         seen = eavesdrop(k, uid=65534)
     finally:
         stop_kernel(k)
-    assert (seen == 30) if reads else (seen == 0)
+    assert seen == (("connected", 30) if reads else ("refused", 0))
     refusals = [line for line in capfd.readouterr().err.splitlines() if "refused" in line]
     if clients == "owner":
         assert len(refusals) == 1, refusals     # said once, however often it retries

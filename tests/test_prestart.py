@@ -248,16 +248,17 @@ def test_setns_refused_means_exec(workdir, refusal):
     spec["argv"] = [*REFUSALS[refusal], *spec["argv"][4:]]
     name = f"isolated-python-{refusal.replace(' ', '-')}"
     kernelspec.write_kernel_spec(os.path.join(_DATA, "kernels", name), spec)
-    log = tempfile.TemporaryFile("w+")
-    k = start_kernel(workdir, kernel_name=name, stderr=log)
-    try:
-        assert started_how(k) == "exec"
-        assert k.value("(__import__('os').getpid(), __import__('os').getppid())") == (2, 1)
-        # The prestarted interpreter tried and gave way: it is gone, and it said nothing.
-        assert wait_until(lambda: not stray_prestarted(), timeout=3)
-    finally:
-        stop_kernel(k)
-    log.seek(0)
+    with tempfile.TemporaryFile("w+") as log:
+        k = start_kernel(workdir, kernel_name=name, stderr=log)
+        try:
+            assert started_how(k) == "exec"
+            assert k.value("(__import__('os').getpid(), __import__('os').getppid())") == (2, 1)
+            # The prestarted interpreter tried and gave way: it is gone, and it said nothing.
+            assert wait_until(lambda: not stray_prestarted(), timeout=3)
+        finally:
+            stop_kernel(k)
+        log.seek(0)
+        said = log.read()
     # The limits line is every kernel's; no other line: the fallback is no error.
-    assert [line for line in log.read().splitlines()
+    assert [line for line in said.splitlines()
             if line.startswith("ns-kernel:") and " limits: " not in line] == []

@@ -5,8 +5,16 @@ import time
 import unittest
 
 import jupyter_kernel_test
+import pytest
 
 from conftest import KERNEL_NAME, start_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel(module_kernel):
+    """The tests below that take `kernel` only run code in it: they share one (none
+    interrupts, restarts, kills or limits it)."""
+    return module_kernel
 
 
 class IsolatedPythonKernelTests(jupyter_kernel_test.KernelTests):
@@ -39,13 +47,13 @@ class IsolatedPythonKernelTests(jupyter_kernel_test.KernelTests):
     def setUpClass(cls):
         # jupyter_kernel_test's own, with the launcher's lines kept: if the kernel dies
         # before it answers, the failure says what it said and how it ended.
-        log = tempfile.TemporaryFile("w+")
-        try:
-            kernel = start_kernel(None, kernel_name=cls.kernel_name, stderr=log)
-        except Exception as exc:
-            log.seek(0)
-            raise AssertionError(f"the kernel did not start ({exc}); its lines:\n"
-                                 f"{log.read()[-4000:]}") from exc
+        with tempfile.TemporaryFile("w+") as log:     # the launcher has its own copy
+            try:
+                kernel = start_kernel(None, kernel_name=cls.kernel_name, stderr=log)
+            except Exception as exc:
+                log.seek(0)
+                raise AssertionError(f"the kernel did not start ({exc}); its lines:\n"
+                                     f"{log.read()[-4000:]}") from exc
         cls.km, cls.kc = kernel.km, kernel.kc
 
     def test_runs_isolated(self):
@@ -102,7 +110,19 @@ def test_comm_round_trip(kernel):
 
 
 def test_heartbeat(kernel):
-    time.sleep(1.5)   # longer than the heartbeat period: beats must have gone both ways
+    # A ping of our own on the heartbeat socket comes back, as a client's does (the
+    # client's hb channel counts as beating before its first answer: no proof of one).
+    import zmq
+    sock = kernel.kc.context.socket(zmq.REQ)
+    sock.linger = 0
+    try:
+        sock.connect(kernel.kc._make_url("hb"))
+        for beat in (b"ping-1", b"ping-2"):
+            sock.send(beat)
+            assert sock.poll(20000), "no answer on the heartbeat socket"
+            assert sock.recv() == beat
+    finally:
+        sock.close()
     assert kernel.kc.hb_channel.is_beating()
     assert kernel.km.is_alive()
 

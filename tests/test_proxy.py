@@ -34,6 +34,7 @@ def ip(text):
 PORTS = "CONNECT goes to port 443 and plain HTTP to 80 unless --allow names another"
 
 
+@pytest.mark.pure
 def test_names_allow_and_deny():
     policy = Policy.parse(["pypi, *.github.com", "example.org:8080"], ["evil.github.com"])
     assert decide(policy, "pypi.org", 443) == ""
@@ -58,6 +59,7 @@ def test_names_allow_and_deny():
         "pypi.org is on this kernel's denylist (--deny)"
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("address, what", [
     ("127.0.0.1", "a loopback address"), ("127.8.9.10", "a loopback address"),
     ("::1", "a loopback address"), ("0.0.0.0", "a 'this host' address"),
@@ -79,6 +81,7 @@ def test_always_denied(address, what):
                       "names that exact address"
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("address", ["151.101.0.223", "2a04:4e42::223", "203.0.113.80",
                                      "198.51.100.7", "192.0.2.1", "2001:db8::1"])
 def test_public_and_documentation_addresses_pass(address):
@@ -87,6 +90,7 @@ def test_public_and_documentation_addresses_pass(address):
     assert decide(Policy.parse(["*"]), "name.example", 443, ip(address)) == ""
 
 
+@pytest.mark.pure
 def test_only_the_exact_address_opens_a_denied_one():
     policy = Policy.parse(["*", "127.0.0.2:8080", "[fd00::5]"])
     assert decide(policy, "127.0.0.2", 8080, ip("127.0.0.2")) == ""
@@ -116,6 +120,7 @@ def test_only_the_exact_address_opens_a_denied_one():
         "2130706434 is not on this kernel's allowlist (--allow)"
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("allow, deny, method, host, port, why", [
     # Attack (issue 22, item 5): with no --allow the proxy tunnelled any port, ssh's too.
     ((), (), "CONNECT", "ssh.example", 22, "ssh.example:22 is not a port this kernel's "
@@ -158,6 +163,7 @@ def test_ports_are_http_s_unless_named(allow, deny, method, host, port, why):
     assert decide(Policy.parse(allow, deny), host, port, method=method) == why
 
 
+@pytest.mark.pure
 def test_the_lists_say_their_ports():
     assert Policy().describe() == "the public internet (443 for CONNECT, 80 for plain HTTP)"
     assert Policy.parse(["pypi"]).describe() == "pypi.org:443, files.pythonhosted.org:443"
@@ -176,6 +182,7 @@ def own_address():
         return probe.getsockname()[0]
 
 
+@pytest.mark.pure
 def test_the_host_s_own_addresses_are_found():
     assert proxy.is_local(ip("127.0.0.1")) and proxy.is_local(ip("127.0.0.2"))
     assert not proxy.is_local(ip("198.51.100.254"))
@@ -183,6 +190,7 @@ def test_the_host_s_own_addresses_are_found():
         assert proxy.is_local(ip(own_address()))
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("entry, why", [
     ("pypi.org:0", "bad port '0'"), ("pypi.org:http", "bad port 'http'"),
     ("a b", "not a host name, *.domain or address"), ("*github.com", "not a host name"),
@@ -195,6 +203,7 @@ def test_bad_entries(entry, why):
     assert str(info.value).startswith(f"--allow {entry!r}: {why}")
 
 
+@pytest.mark.pure
 def test_requests_parsed():
     assert parse_head(b"CONNECT PyPI.org.:443 HTTP/1.1\r\nHost: pypi.org:443") == \
         ("CONNECT", "pypi.org", 443, None)
@@ -228,6 +237,7 @@ def test_requests_parsed():
 
 # -- options: one line, before anything starts ----------------------------------------
 
+@pytest.mark.privileged
 def test_bad_options_are_one_line(workdir):
     for argv, line in (
             (["--network", "proxy", "--allow", "a b"],
@@ -244,6 +254,7 @@ def test_bad_options_are_one_line(workdir):
         assert done.stderr.startswith(line), done.stderr
 
 
+@pytest.mark.privileged
 def test_install_writes_the_mode(tmp_path):
     done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "install", "--prefix",
                            str(tmp_path), "--network", "proxy", "--allow", "pypi"],
@@ -304,6 +315,7 @@ def servers():
            "any": write_spec("proxy-any", ["--network", "proxy", "--allow", "*"])}
     for server in (plain, tls, other):
         server.shutdown()
+        server.server_close()
     silent.close()
     import shutil
     shutil.rmtree(folder, ignore_errors=True)
@@ -552,6 +564,7 @@ def public_server(tmp_path):
             if process:
                 process.kill()
                 process.wait()
+                process.stdout.close()
         subprocess.run(["ip", "link", "del", outside], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
@@ -608,6 +621,7 @@ def speaks_first():
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
 
 
 @pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])

@@ -125,6 +125,7 @@ def run_block(where, text, newcomer):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        proc.stdout.close()
 
 
 @pytest.mark.timeout(1800)

@@ -93,7 +93,7 @@ def connected_then_stopped():
     global beside
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     client.connect(path)
-    time.sleep(0.5)
+    time.sleep(0.5)     # the point: a request slow to come (a loaded box)
     beside = children(template)     # the pair that takes the stop below
     assert warm.stop(path)
     wait_exit(template)
@@ -133,7 +133,7 @@ def play():
             pass
         taker = connected_then_stopped()
         os.kill(spare[0], signal.SIGCONT)
-        time.sleep(1)
+        time.sleep(1)       # the point: the spare, running again, acts on a gone template
         taker.close()
 
 
@@ -147,6 +147,8 @@ def below(pid):
 server = spare = beside = ()
 try:
     play()
+    # A negative: what the orphans would signal (below) has no event of its own to wait
+    # on; they act within milliseconds of the template going.
     time.sleep(1)
 finally:
     # Everything the template left is ours now: nothing below us may outlive us (and

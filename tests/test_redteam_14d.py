@@ -67,6 +67,8 @@ def test_clients_that_lose_the_lock_to_a_dying_template_start_at_once(user_base,
     finally:
         for km in kms:
             km.shutdown_kernel(now=True)
+        for log in logs:
+            log.close()
 
 
 @pytest.mark.parametrize("path", ["argv", "provisioner"])
@@ -86,7 +88,9 @@ def test_a_template_that_dies_after_its_imports_says_why_and_leaves_no_lock(
         assert wait_until(lambda: warm_lines(read(logs[0])), timeout=30), read(logs[0])
     finally:
         kms[0].shutdown_kernel(now=True)
-    line = warm_lines(read(logs[0]))[0]
+        said = read(logs[0])
+        logs[0].close()
+    line = warm_lines(said)[0]
     assert os.strerror(errno.EISDIR) in line, line
     if which == "socket":
         assert wait_until(lambda: not os.path.exists(sock + ".lock"), timeout=5), \
@@ -121,6 +125,8 @@ def test_the_first_clients_other_fds_do_not_outlive_it(user_base, workdir, tmp_p
             client.wait(30)
         finally:
             client.kill()
+            client.wait()
+            log.close()
     hears = select.poll()
     hears.register(theirs, select.POLLIN)
     # Once the kernel's processes have gone, nobody but the template could hold it.
@@ -153,6 +159,7 @@ def test_a_socket_base_too_long_for_the_template_starts_the_kernel_cold(workdir,
         assert "Traceback" not in read(log), read(log)
         assert len(warm_lines(read(log))) == 1, read(log)
     finally:
+        log.close()
         stop_templates()
         for path in (runtime, sockets):
             shutil.rmtree(path, ignore_errors=True)

@@ -3,6 +3,7 @@ monitor and exits (launcher.Launch.hand_off / taken_over, template._take_over): 
 on the monitor alone relays the output, watches the server and the requester, writes the
 death notice and removes what the launcher made."""
 import os
+import pathlib
 import signal
 import subprocess
 import time
@@ -113,12 +114,18 @@ def test_a_kernel_dead_before_a_late_hand_off_keeps_its_status(workdir, socket_b
     finally:
         os.close(write)
     log = []
-    reader = threading.Thread(target=lambda: log.append(open(read, "rb").read()))
+    def drain():
+        with open(read, "rb") as f:
+            log.append(f.read())
+    reader = threading.Thread(target=drain)
     try:
-        assert wait_until(lambda: os.path.exists(marker) and open(marker).read(), timeout=60)
-        ns = open(marker).read()
+        assert wait_until(lambda: os.path.exists(marker) and pathlib.Path(marker).read_text(),
+                          timeout=60)
+        ns = pathlib.Path(marker).read_text()
         assert wait_until(lambda: not in_pid_namespace(ns))
-        time.sleep(1)       # and init and the monitor after it
+        # The point: the log stays unread a moment longer, while init and the monitor
+        # leave (their pids are not known here: the kernel died in its first line).
+        time.sleep(1)
         reader.start()
         assert wait_until(lambda: not km.is_alive(), timeout=20)
         code = km.provisioner.process.wait(timeout=5)

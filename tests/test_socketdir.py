@@ -62,8 +62,8 @@ def test_an_unsafe_default_base_stops_no_kernel(user_base, workdir, tmp_path, ca
     base, tmpdir = user_base
     unsafe_bases()[how](base, tmpdir)
     before = os.lstat(base)
-    log = open(tmp_path / "log", "w+")
-    box = start_both(workdir, log)
+    with open(tmp_path / "log", "w") as log:
+        box = start_both(workdir, log)
     private = private_dirs(tmpdir)
     assert len(private) == 1, private    # found again by the second start
     assert os.path.dirname(box) == os.path.join(tmpdir, private[0])
@@ -75,8 +75,8 @@ def test_an_unsafe_default_base_stops_no_kernel(user_base, workdir, tmp_path, ca
     if how != "symlink":
         assert os.listdir(base) == []
     # One line each: the argv launcher's in its stderr, the provisioner's in the server log.
-    log.seek(0)
-    lines = [line for line in log.read().splitlines() if line.startswith("ns-kernel: socket base")]
+    lines = [line for line in (tmp_path / "log").read_text().splitlines()
+             if line.startswith("ns-kernel: socket base")]
     lines += [r.getMessage() for r in caplog.records if "ns-kernel: socket base" in r.getMessage()]
     assert len(lines) == 2 and lines[0] == lines[1], lines
     assert lines[0].startswith(f"ns-kernel: socket base {base}: ") and \
@@ -97,7 +97,8 @@ def test_private_dirs_someone_else_made_are_not_ours(user_base, workdir, tmp_pat
         decoys.append(os.path.join(tmpdir, "ns-kernel-0-3"))
         os.mkdir(decoys[3], 0o700)
         os.chown(decoys[3], OTHER_UID, OTHER_UID)
-    box = start_both(workdir, open(tmp_path / "log", "w"))
+    with open(tmp_path / "log", "w") as log:
+        box = start_both(workdir, log)
     assert os.path.dirname(os.path.dirname(box)) == tmpdir
     assert os.path.dirname(box) not in decoys
     assert os.listdir(decoys[1]) == []

@@ -3,6 +3,7 @@ as a cold start (test_isolation.py runs every probe on warm kernels too) and not
 carried from one kernel to the next."""
 import json
 import os
+import pathlib
 import pickle
 import shutil
 import signal
@@ -131,7 +132,7 @@ def test_the_provisioner_starts_no_client(user_base, workdir_module):
         launcher = k.km.provisioner.process
         assert isinstance(launcher, warm.Launcher)
         assert not [pid for pid in descendants(os.getpid()) if k.km.connection_file.encode()
-                    in open(f"/proc/{pid}/cmdline", "rb").read()]
+                    in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
         # Once the kernel runs, its launcher hands it to the sandbox's monitor and leaves:
         # on the host the kernel keeps its monitor, the template's child, and init.
         assert gone(launcher.pid)
@@ -194,6 +195,7 @@ def test_a_provisioned_kernel_goes_with_its_server(user_base, workdir_module):
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
         stop_kernel(first)
 
 
@@ -276,8 +278,8 @@ def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, t
                              str(OTHER_UID)], stdout=subprocess.PIPE, text=True)
     try:
         assert fake.stdout.readline() == "listening\n"
-        log = open(tmp_path / "log", "w+")
-        k = start_kernel(workdir, kernel_name=spec, stderr=log)
+        with open(tmp_path / "log", "w") as log:     # the launcher has its own copy
+            k = start_kernel(workdir, kernel_name=spec, stderr=log)
         try:
             assert k.value("__import__('os').getpid()") == 2
             assert b"ns_kernel.template" not in k.value(
@@ -290,8 +292,8 @@ def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, t
     assert all(seen == {"bytes": 0, "fds": 0} for seen in got), got
     if base_owner == "theirs":
         assert got == []
-    log.seek(0)
-    lines = [line for line in log.read().splitlines() if line.startswith("ns-kernel: warm start")]
+    lines = [line for line in (tmp_path / "log").read_text().splitlines()
+             if line.startswith("ns-kernel: warm start")]
     assert len(lines) == 1 and lines[0].endswith("; this kernel starts cold"), lines
     assert (f"is owned by uid {OTHER_UID}" if base_owner == "theirs"
             else f"the peer is uid {OTHER_UID}") in lines[0], lines[0]
@@ -336,7 +338,7 @@ def test_the_pair_a_template_keeps_forked_goes_with_it(user_base, end):
 
     def settled():
         seen.append(sorted(alive(descendants(pid))))
-        time.sleep(0.3)
+        time.sleep(0.3)     # the same two, still: no event marks the last pair forked
         return len(seen[-1]) == 2 and sorted(alive(descendants(pid))) == seen[-1]
     assert wait_until(settled), seen
     waiting = seen[-1]
@@ -366,6 +368,8 @@ def test_template_takes_plain_requests_of_known_kinds_only(template, workdir):
                              "cwd": workdir}).encode(), ()),               # without its stdio
         ):
             assert ask(connect(), data, fds) == b"", data
+        # A negative (nothing started): no event says a thing will not happen; the positive
+        # case below takes milliseconds.
         time.sleep(1)    # what a request started would have done by now
         assert alive([template]) and warm.template_pid() == template
         assert not os.path.exists(marker)
@@ -403,7 +407,7 @@ def test_template_refuses_a_client_inside_a_sandbox(template):
         os.waitpid(child, 0)
         for fd in (ready_r, ready_w, mapped_r, mapped_w, done_r, done_w):
             os.close(fd)
-    time.sleep(1)    # what a stop would have done by now
+    time.sleep(1)    # a negative, as above: what a stop would have done by now
     assert alive([template]) and warm.template_pid() == template
 
 
@@ -422,7 +426,7 @@ def test_template_refuses_a_client_of_another_uid(template, user_base):
                           group=OTHER_UID, extra_groups=[], capture_output=True, text=True,
                           timeout=30)
     assert done.stdout.strip() in ("b''", "BrokenPipeError", "ConnectionResetError"), done
-    time.sleep(1)    # what a stop would have done by now
+    time.sleep(1)    # a negative, as above: what a stop would have done by now
     assert alive([template]) and warm.template_pid() == template
 
 
