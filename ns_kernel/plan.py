@@ -148,53 +148,88 @@ REPO_SCAN_ENTRIES = 4000
 NOT_SEARCHED = ("node_modules", "__pycache__", "site-packages")
 
 
+class _Dir:
+    """An open dir of the repository search, closed once its last subdir is opened."""
+
+    def __init__(self, fd):
+        self.fd, self.pending = fd, 0
+
+    def release(self):
+        self.pending -= 1
+        if self.pending <= 0:
+            os.close(self.fd)
+
+
 def repos(roots, hidden=()):
     """What git on the host obeys in each root and up to REPO_DEPTH levels below, breadth
     first, until REPO_SCAN_ENTRIES entries are read: the .git entries (a dir, or a file,
     with the git dirs it names; not a link: the user's, it points where they chose). Dot
-    entries are skipped only in `hidden` dirs (a home: the kernel never sees its own)."""
-    found, todo, read = [], [(root, 0) for root in roots], 0
-    while todo and read < REPO_SCAN_ENTRIES:
-        path, depth = todo.pop(0)
-        try:
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    read += 1
-                    if entry.name == ".git" and not entry.is_symlink():
-                        found.append(os.path.realpath(entry.path))
-                        if entry.is_file(follow_symlinks=False):
-                            found += _git_dirs(entry.path)
-                    elif (depth < REPO_DEPTH and entry.name not in NOT_SEARCHED
-                          and not (path in hidden and entry.name.startswith("."))
-                          and entry.is_dir(follow_symlinks=False)):
-                        todo.append((entry.path, depth + 1))
-        except OSError:
-            continue
+    entries are skipped only in `hidden` dirs (a home: the kernel never sees its own).
+    Walked by handles, never following a link: a dir swapped for one meanwhile (another
+    kernel's folder) is not searched, and open_sources refuses what moved."""
+    found, todo, read = [], [], 0
+    for root in roots:
+        # The working directory as it is (".": no name looked up), as open_sources takes it.
+        todo.append((None, "." if root == os.getcwd() else root, root, 0))
+    try:
+        while todo and read < REPO_SCAN_ENTRIES:
+            parent, name, path, depth = todo.pop(0)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=parent.fd if parent else None)
+            except OSError:
+                continue
+            finally:
+                if parent:
+                    parent.release()
+            here = _Dir(fd)
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        read += 1
+                        if entry.name == ".git" and not entry.is_symlink():
+                            found.append(f"{path}/.git")
+                            if entry.is_file(follow_symlinks=False):
+                                found += _git_dirs(fd, path)
+                        elif (depth < REPO_DEPTH and entry.name not in NOT_SEARCHED
+                              and not (path in hidden and entry.name.startswith("."))
+                              and entry.is_dir(follow_symlinks=False)):
+                            here.pending += 1
+                            todo.append((here, entry.name, f"{path}/{entry.name}", depth + 1))
+            except OSError:
+                pass
+            here.pending += 1       # its own turn: closed now unless subdirs wait
+            here.release()
+    finally:
+        for parent, _, _, _ in todo:
+            if parent:
+                parent.release()
     return tuple(sorted(set(found)))
 
 
-def _git_dirs(git_file):
-    """The git dir a .git file names (`gitdir: X`: git init --separate-git-dir, a
-    worktree, a submodule) and the common dir that one names (`commondir`), as real
-    paths, where they are dirs: git on the host reads its config and hooks there."""
-    dirs, path, name = [], git_file, "gitdir: "
+def _git_dirs(dir_fd, path):
+    """The git dir that <path>/.git (a file, read through dir_fd) names (`gitdir: X`: git
+    init --separate-git-dir, a worktree, a submodule) and the common dir that one names
+    (`commondir`), as real paths, where they are dirs: git on the host reads its config
+    and hooks there."""
+    dirs, name, prefix = [], ".git", "gitdir: "
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             try:
                 text = os.read(fd, 4096).decode(errors="replace").splitlines()
             finally:
                 os.close(fd)
         except OSError:
             break
-        if not text or not text[0].startswith(name):
+        if not text or not text[0].startswith(prefix):
             break
-        target = os.path.realpath(os.path.join(os.path.dirname(path), text[0][len(name):]))
-        if not os.path.isdir(target):
+        path = os.path.realpath(os.path.join(path, text[0][len(prefix):]))
+        if not os.path.isdir(path):
             break
-        dirs.append(target)
+        dirs.append(path)
         # The common dir is named relative to the git dir, in its `commondir` file.
-        path, name = os.path.join(target, "commondir"), ""
+        dir_fd, name, prefix = None, os.path.join(path, "commondir"), ""
     return dirs
 
 

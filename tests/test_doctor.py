@@ -23,6 +23,7 @@ def doctor(*args, prefix=()):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.kernel     # its trial kernels start in the doctor's subprocess
 def test_doctor_passes_here():
     done = doctor("--memory", "512M", "--pids", "64")
     assert done.returncode == 0, done.stdout + done.stderr
