@@ -3,16 +3,17 @@
 It reads like the steps it takes (__main__ has spawned the kernel's interpreter already,
 which imports ipykernel meanwhile: prestart.py):
   1. read and check the client's connection file
-  2. build the plan (pure; option conflicts die here, before anything exists but, on a
-     warm start, the kernel's cgroup: its monitor exists already and its move into the
-     cgroup, which waits on cgroup v1, goes on meanwhile)
-  3. bind the client's TCP ports (tcp clients) or link its ipc paths (ipc clients)
-  4. make the private socket dir and the inner kernel's ipc connection file
-  5. start the sandbox (in the kernel's cgroup, with the prestarted interpreter, if any)
-  6. relay bytes, forward signals, watch the Jupyter server, until the kernel exits
-  7. remove everything made in 3-4 (and the limits' cgroup), say why the kernel died if
-     it did not exit cleanly, and exit with the kernel's own status
-A warm start without a bridge hands 6 and 7 to the sandbox's monitor once the kernel
+  2. decide which backend enforces the limits, and build the plan: complete, pure;
+     option conflicts die here, before anything exists
+  3. make the kernel's cgroup, and start moving into it what exists already (the
+     prestarted interpreter, a warm start's monitor: cgroup v1 waits meanwhile)
+  4. bind the client's TCP ports (tcp clients) or link its ipc paths (ipc clients)
+  5. make the private socket dir and the inner kernel's ipc connection file
+  6. start the sandbox (in the kernel's cgroup, with the prestarted interpreter, if any)
+  7. relay bytes, forward signals, watch the Jupyter server, until the kernel exits
+  8. remove everything made in 3-5, say why the kernel died if it did not exit cleanly
+     (and not by Jupyter's own signal), and exit with the kernel's own status
+A warm start without a bridge hands 7 and 8 to the sandbox's monitor once the kernel
 runs, and leaves (hand_off): one host process per kernel instead of two.
 """
 import os
@@ -228,18 +229,17 @@ class Launch:
         """The server log's lines on why the kernel ended (unless it ended by itself with
         status 0) and on what it left where nothing is kept; None if neither. They are
         also kept for the restarted kernel to show."""
-        died = describe_exit(status, self._who(), self.usage)
-        # A kernel that Jupyter itself stopped with a signal (terminate, a slow restart)
-        # did not die on the user: its next incarnation has nothing to tell them of that.
-        if died and -os.waitstatus_to_exitcode(status) in self.forwarded:
-            told = []
-        else:
-            told = [died]
+        usage = self.usage or limits.cgroup.Usage()
+        # A kernel that Jupyter itself stopped with a signal (a shutdown it did not answer in
+        # time, a restart) did not die on anyone: quiet, as a plain kernel's end is (a
+        # process limit it once reached is not why it ended), unless the OOM killer came first.
+        stopped = -os.waitstatus_to_exitcode(status) in self.forwarded and not usage.oom_kills
+        died = None if stopped else describe_exit(status, self._who(), usage)
         lost = leftovers.describe(*self.box.leftovers, self._who()) if self.box else None
-        told = "\n".join(filter(None, [*told, lost]))
+        told = "\n".join(filter(None, [died, lost]))
         if told and self.connection_file:
             notice.remember(self.connection_file, told, self.notice_fd)
-        return "\n".join(filter(None, [died, lost])) or None
+        return told or None
 
     def _install_signal_handlers(self):
         for sig in FORWARDED:

@@ -357,6 +357,44 @@ def test_no_death_notice_after_a_stop_jupyter_asked_for(workdir):
         stop_kernel(k)
 
 
+def test_a_stop_jupyter_asked_for_is_quiet_after_the_process_limit(specs, workdir, tmp_path):
+    """A kernel that once reached its process limit (a fork loop, its children gone) and
+    that Jupyter then stops with SIGTERM (a shutdown it did not answer in time) did not die
+    of that limit, nor on anyone: the server log says nothing of its end, as a plain
+    kernel's does."""
+    with open(tmp_path / "server.log", "w") as log:
+        k = start_kernel(workdir, kernel_name=LIMITED, stderr=log)
+        try:
+            out, error, _ = k.execute("""
+import os
+kids, refused = [], 0
+for _ in range(100):
+    try:
+        pid = os.fork()
+    except BlockingIOError:
+        refused += 1
+        break
+    if pid == 0:
+        import time
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(refused)
+""")
+            assert error is None and out == "1\n", out
+            proc = k.km.provisioner.process
+            k.km.signal_kernel(signal.SIGTERM)
+            assert proc.wait(timeout=20) == -signal.SIGTERM
+        finally:
+            stop_kernel(k)
+    said = (tmp_path / "server.log").read_text()
+    assert "limits: " in said            # the log is this kernel's
+    assert "killed" not in said and "process limit" not in said, said
+
+
 @pytest.mark.pure
 def test_death_reasons_read_from_the_counters():
     """Pure: the words for each way a kernel ends, from the wait status and the cgroup."""
