@@ -28,7 +28,7 @@ from . import (bridge, connection, leftovers, limits, mount, notice, offline, ou
 from .errors import SetupError
 from .net import MODES as NETWORK_MODES
 from .pid import FORWARDED
-from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan
+from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan, under
 from .sandbox import MSG_HANDOFF, Sandbox
 from .warm import LEFT, SIGNAL
 
@@ -106,6 +106,7 @@ class Launch:
         self.running = False       # the sandbox stands and the kernel runs
         self.forwarded = set()     # signals Jupyter sent (through us) to the sandbox
         self.kernel_id = kernel_id_from(connection_file)
+        self.folder = os.getcwd()  # the notebook's: a kernel without an id is named by it
         self.limits = limits.Enforcement()
         self.usage = None          # what the cgroup saw, read once the kernel has ended
         self.output = None         # the kernel's stdout/stderr relay (output.py)
@@ -215,9 +216,14 @@ class Launch:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), write, write
 
     def _who(self):
+        """The kernel as a person knows it: Jupyter's kernel id, else (nbconvert, nbclient,
+        nbgrader: a temporary connection file) the notebook's folder."""
         if not self.connection_file:
             return "command"
-        return f"kernel {self.kernel_id[:8] or os.path.basename(self.connection_file)}"
+        if self.kernel_id:
+            return f"kernel {self.kernel_id[:8]}"
+        home, folder = os.path.expanduser("~"), self.folder
+        return f"kernel in {'~' + folder[len(home):] if under(folder, home) else folder}"
 
     def report(self, status):
         """Say in the server log why the kernel ended, if it needs saying (explain)."""

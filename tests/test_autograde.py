@@ -122,6 +122,9 @@ def test_student_is_held_by_the_memory_limit(course, grader_spec, tmp_path):
     write_notebook(bob / "hw.ipynb", HOG.format(in_cgroup=LIMITS_BACKEND != "rlimit"),
                    "print('survived')")
     done = execute(bob / "hw.ipynb", grader_spec, tmp_path / "out")
+    # nbconvert's kernel has no id (a temporary connection file): the log names it by the
+    # submission's folder, which tells the grader whose it was.
+    assert f"ns-kernel: kernel in {bob} limits: memory 512M" in done.stderr, done.stderr
     if LIMITS_BACKEND == "rlimit":
         # The allocation fails inside the kernel; grading goes on.
         assert done.returncode == 0, done.stderr
