@@ -54,11 +54,18 @@ def kernel_dict(options=(), display_name=DISPLAY_NAME, provisioner=True, debugge
     }
 
 
+# Isolated Python's logo, beside kernel.json: JupyterLab's launcher shows it, not a letter.
+LOGOS = os.path.join(os.path.dirname(__file__), "logos")
+
+
 def write_kernel_spec(path, spec):
+    import shutil
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "kernel.json"), "w") as f:
         json.dump(spec, f, indent=1)
         f.write("\n")
+    for name in os.listdir(LOGOS):
+        shutil.copyfile(os.path.join(LOGOS, name), os.path.join(path, name))
     return path
 
 

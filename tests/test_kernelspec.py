@@ -58,6 +58,11 @@ def test_shipped_spec_is_what_ns_kernel_install_writes(tmp_path):
         == plain["metadata"]
     assert installed["metadata"]["debugger"] is True
     assert installed["metadata"]["supported_encryption"] == ["curve"]
+    # And its logo, which JupyterLab's launcher shows instead of a letter.
+    for logo in ("logo-svg.svg", "logo-32x32.png", "logo-64x64.png"):
+        with open(tmp_path / "share" / "jupyter" / "kernels" / "isolated-python" / logo, "rb") as f, \
+                open(os.path.join(REPO, "kernelspec", "isolated-python", logo), "rb") as g:
+            assert f.read() == g.read(), logo
 
 
 @pytest.mark.privileged
@@ -76,6 +81,8 @@ def test_jupyter_kernelspec_install_of_the_shipped_spec(tmp_path, workdir):
                    check=True, capture_output=True)
     specs = kernelspecs(prefix)
     assert specs["isolated-python"]["spec"]["display_name"] == "Isolated Python"
+    resources = specs["isolated-python"]["resource_dir"]
+    assert {"logo-svg.svg", "logo-64x64.png"} <= set(os.listdir(resources))
     # Its argv says `python3`: jupyter_client runs it with its own interpreter.
     old = os.environ["JUPYTER_PATH"]
     os.environ["JUPYTER_PATH"] = os.path.join(prefix, "share", "jupyter")
