@@ -373,6 +373,24 @@ def own_filesystems(tmp_opt, network):
     ]
 
 
+@dataclass
+class _Tree:
+    """The mounts as build_plan makes them, and what it must know of them on the way."""
+    mounts: list = field(default_factory=list)
+    visible: list = field(default_factory=list)     # host paths shown inside: a hidden
+    #                                                 path under one gets covered
+    writable: list = field(default_factory=list)    # nothing the host side runs or reads
+    #                                                 as configuration may be in these
+    read_only: list = field(default_factory=list)   # read-only views below writable ones
+    seals: list = field(default_factory=list)       # read-only last, with all below mounted
+    state_dirs: list = field(default_factory=list)  # host dirs that outlive the kernel
+
+    def covering(self, path):
+        """The writable or read-only folder nearest above path, None if none."""
+        return max((p for p in (*self.writable, *self.read_only) if under(path, p)), key=len,
+                   default=None)
+
+
 def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=None,
                limits=None, sockets=()):
     """Return the Plan for running argv in a sandbox configured by `sandbox` on `host`;
@@ -381,82 +399,150 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
     sockets: the kernel's socket names in the socket dir (none for a command)."""
     cwd = os.path.normpath(host.cwd)
     check_cwd(cwd, host)
-    if host.uid == 0:
-        if sandbox.sandbox_uid == 0 or sandbox.sandbox_gid == 0:
-            raise SetupError("plan", "Sandbox.sandbox_uid/sandbox_gid = 0", hint=(
-                "host root is never root inside; pick an unprivileged uid such as 65534"))
-        uid, gid, outside_uid, outside_gid = (sandbox.sandbox_uid, sandbox.sandbox_gid,
-                                              sandbox.sandbox_uid, sandbox.sandbox_gid)
-        home = host.home
-    else:
-        uid, gid, outside_uid, outside_gid = host.uid, host.gid, host.uid, host.gid
-        home = host.home
-    data_home = host.data_home or os.path.join(host.home, ".local/share")
-    state = os.path.join(sandbox.state_dir or os.path.join(data_home, "ns-kernel"),
-                         sandbox.kernel_name)
-    state_dirs = []
+    uid, gid = identity(sandbox, host)
+    home = host.home
+    state = os.path.join(sandbox.state_dir or os.path.join(
+        host.data_home or os.path.join(home, ".local/share"), "ns-kernel"), sandbox.kernel_name)
     tmp = parse_size(sandbox.tmp_size)
     tmp_opt = f",size={format_size(tmp)}" if tmp else ""
-    # What `%pip install` adds to a venv kernel: kept with a persistent home, else it goes
-    # with the kernel as a private home does (nothing one kernel leaves may reach the
-    # next: graders and services run many people's code as one user).
-    if not host.venv:
-        packages = None
-    elif sandbox.home == "persistent":
-        state_dirs.append(f"{state}/packages")
-        packages = Mount(Op.BIND, f"{host.venv}/{PACKAGES}", source=state_dirs[-1], attrs=RW)
-    else:
-        packages = Mount(Op.TMPFS, f"{host.venv}/{PACKAGES}",
-                         data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}")
+    tree = _Tree()
+    # In order: the host's system dirs, read-only; the sandbox's own filesystems; the home;
+    # the interpreter; the folder and the admin's binds; read-only views of what the host
+    # reads below them; the socket dir; covers over other kernels' secrets; seals; pins.
+    packages = packages_mount(sandbox, host, state, uid, gid, tmp_opt, tree)
+    system_mounts(host, tree)
+    tree.mounts += own_filesystems(tmp_opt, sandbox.network)
+    ro_binds, rw_binds = admin_binds(sandbox, host)
+    tree.writable += rw_binds
+    kernel_home = home_mounts(sandbox, host, cwd, uid, gid, tmp_opt, state, tree)
+    if cwd != home:
+        tree.writable.insert(0, cwd)
+    below_writable = interpreter_mounts(host, cwd, packages, tree)
+    folder_mounts(cwd, home, ro_binds, rw_binds, tree)
+    for path in below_writable:     # e.g. the notebook folder's own .venv
+        tree.mounts += python_mounts(path, host, packages)
+        tree.visible.append(path)
+        tree.read_only.append(path)
+    host_read_mounts(host, tree)
+    tree.mounts.append(Mount(Op.BIND, SOCKET_DIR_INSIDE, source=socket_dir, attrs=RW))
+    hide_mounts(sandbox, host, cwd, socket_dir, tree)
+    mounts = pin_ancestors([*tree.mounts, *tree.seals], tree.writable)
 
-    mounts = []
-    visible = []   # host paths shown inside: hidden paths under them get covered
+    env, egress = kernel_env(dict(host.environ), sandbox, kernel_home), None
+    if MODES[sandbox.network].proxy:
+        from .proxy import Policy
+        egress = Policy.parse(sandbox.proxy_allow, sandbox.proxy_deny)
+        env.update(proxy_env())
+    elif sandbox.proxy_allow or sandbox.proxy_deny:
+        raise SetupError("plan", "--allow/--deny without --network proxy", hint=(
+            f"they say where the proxy may go; this kernel's network is {sandbox.network}"))
+    package_paths = ()
+    if host.venv:
+        package_paths, env = with_packages(env, host.venv)
+    return Plan(
+        uid_map=IdMap(uid, uid), gid_map=IdMap(gid, gid), uid=uid, gid=gid,
+        drop_groups=host.uid == 0,
+        hostname=f"{sandbox.hostname_prefix}-{(kernel_id or os.urandom(4).hex())[:8]}",
+        network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
+        env=tuple(sorted(env.items())), cwd=cwd, socket_dir=socket_dir,
+        limits=limits or Limits.from_config(sandbox), state_dirs=tuple(tree.state_dirs),
+        sockets=tuple(sockets),
+        package_paths=package_paths,
+        seccomp=seccomp_filter(sandbox, seccomp_profile, [*tree.writable, *tree.state_dirs],
+                               no_links=host.landlock < LANDLOCK_ABI),
+        links_in=(links_in(sandbox, kernel_home, tree.writable)
+                  if host.landlock >= LANDLOCK_ABI else None),
+        allow_userns=sandbox.allow_userns, egress=egress,
+        discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
+                   *([(home, True)] if sandbox.home == "private" else []),
+                   *((path, False) for path in package_paths
+                     if packages and packages.op is Op.TMPFS)))
+
+
+def identity(sandbox, host):
+    """The kernel's uid and gid, the same inside as outside: the caller's, or (host root:
+    never root inside) Sandbox.sandbox_uid/gid."""
+    if host.uid != 0:
+        return host.uid, host.gid
+    if sandbox.sandbox_uid == 0 or sandbox.sandbox_gid == 0:
+        raise SetupError("plan", "Sandbox.sandbox_uid/sandbox_gid = 0", hint=(
+            "host root is never root inside; pick an unprivileged uid such as 65534"))
+    return sandbox.sandbox_uid, sandbox.sandbox_gid
+
+
+def packages_mount(sandbox, host, state, uid, gid, tmp_opt, tree):
+    """What `%pip install` adds to a venv kernel (None outside one): kept with a persistent
+    home, else it goes with the kernel as a private home does (nothing one kernel leaves
+    may reach the next: graders and services run many people's code as one user)."""
+    if not host.venv:
+        return None
+    if sandbox.home == "persistent":
+        tree.state_dirs.append(f"{state}/packages")
+        return Mount(Op.BIND, f"{host.venv}/{PACKAGES}", source=tree.state_dirs[-1], attrs=RW)
+    return Mount(Op.TMPFS, f"{host.venv}/{PACKAGES}",
+                 data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}")
+
+
+def system_mounts(host, tree):
+    """The host's system dirs, read-only (merged-/usr links as links); the rest of / (other
+    homes, /run, /var, /srv, /mnt) is absent."""
     for path, target in host.symlinks:
-        mounts.append(Mount(Op.SYMLINK, path, data=target))
+        tree.mounts.append(Mount(Op.SYMLINK, path, data=target))
     for path in SYSTEM_DIRS:
         if path not in host.missing and path not in dict(host.symlinks):
-            mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
-            visible.append(path)
-    mounts += own_filesystems(tmp_opt, sandbox.network)
-    # The admin's binds, as real paths: a link on the way (a kernel may write the folder
-    # one lies in) is resolved once, in Host.probe, and open_sources compares.
-    binds = dict(host.binds)
+            tree.mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+            tree.visible.append(path)
+
+
+def admin_binds(sandbox, host):
+    """The admin's --ro-bind and --rw-bind sources, as real paths: a link on the way (a
+    kernel may write the folder one lies in) is resolved once, in Host.probe, and
+    open_sources compares."""
     for path in (*sandbox.ro_binds, *sandbox.rw_binds):
         if not os.path.isabs(path):
             raise SetupError("plan", "bind", path, hint="bind paths must be absolute")
-    ro_binds, rw_binds = ([binds.get(p, os.path.normpath(p)) for p in paths]
-                          for paths in (sandbox.ro_binds, sandbox.rw_binds))
     for given, real in host.binds:
         if real == "/":
             raise SetupError("plan", "bind", given, hint=(
                 "it is / or a link to it, which would show the whole host; bind the "
                 "folder itself"))
-    # What the kernel may write. Nothing the host side runs or reads as configuration may
-    # be in it (checked below): not the launcher's own code, not Jupyter's settings.
-    writable = list(rw_binds)
-    seals = []     # made read-only last, once everything below them is mounted
-    kernel_home = home
+    binds = dict(host.binds)
+    return ([binds.get(p, os.path.normpath(p)) for p in paths]
+            for paths in (sandbox.ro_binds, sandbox.rw_binds))
+
+
+def home_mounts(sandbox, host, cwd, uid, gid, tmp_opt, state, tree):
+    """The real home where it is shown (--home readonly/shared, or the notebook folder is
+    the home): its own files, never its dot entries (keys, tokens, the settings of shells,
+    git, Jupyter, IPython), which the kernel can neither read nor create. Then $HOME: a
+    tmpfs (private) or a state dir (persistent), at ~/.isolated-home where the real home
+    is shown. Returns $HOME's path inside."""
+    home = kernel_home = host.home
     if sandbox.home in ("readonly", "shared") or cwd == home:
-        # The real home's own files, never its dot entries (keys, tokens, the settings of
-        # shells, git, Jupyter, IPython): those the kernel can neither read nor create.
         own = RO if sandbox.home == "readonly" and cwd != home else RW
-        shown = home_mounts(home, host.home_entries, own)
-        mounts += shown
-        seals.append(Mount(Op.SEAL, home))
-        visible += [m.dest for m in shown[1:]]
-        writable += [m.dest for m in shown if m.op is Op.BIND and m.attrs == RW]
+        shown = home_entries(home, host.home_entries, own)
+        tree.mounts += shown
+        tree.seals.append(Mount(Op.SEAL, home))
+        tree.visible += [m.dest for m in shown[1:]]
+        tree.writable += [m.dest for m in shown if m.op is Op.BIND and m.attrs == RW]
         if sandbox.home in ("persistent", "private"):
             kernel_home = f"{home}/{SANDBOX_HOME}"
     if sandbox.home == "private":
-        mounts.append(Mount(Op.TMPFS, kernel_home,
-                            data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}"))
+        tree.mounts.append(Mount(Op.TMPFS, kernel_home,
+                                 data=f"mode=0700,uid={uid},gid={gid}{tmp_opt}"))
     elif sandbox.home == "persistent":
-        state_dirs.append(f"{state}/home")
-        mounts.append(Mount(Op.BIND, kernel_home, source=state_dirs[-1], attrs=RW))
-    if cwd != home:
-        writable.insert(0, cwd)
+        tree.state_dirs.append(f"{state}/home")
+        tree.mounts.append(Mount(Op.BIND, kernel_home, source=tree.state_dirs[-1], attrs=RW))
+    return kernel_home
+
+
+def interpreter_mounts(host, cwd, packages, tree):
+    """The interpreter's paths, read-only, where nothing shows them yet. One the kernel
+    may write, or could create, is refused: the next launcher would import from it on the
+    host. Returns those below a writable folder, mounted read-only once that folder is."""
+    home = host.home
     for path in host.unbuilt_paths:
-        inside = next((w for w in writable if under(path, w)), None)
+        inside = next((w for w in tree.writable if under(path, w)), None)
         if inside:
             raise SetupError("plan", f"sys.path entry {path} does not exist", hint=(
                 f"it lies in {inside}, which the kernel may write: the kernel could create "
@@ -464,7 +550,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
                 "sandbox; create it, or take it out of PYTHONPATH"))
     below_writable = []
     for path in host.python_paths:
-        if path in writable or (cwd == home and path == home):
+        if path in tree.writable or (cwd == home and path == home):
             raise SetupError("plan", f"sys.path entry {path}", hint=(
                 "the kernel may write it, and the next launcher would import what it put "
                 "there outside the sandbox; take it (or an empty entry, which means the "
@@ -474,90 +560,60 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
             raise SetupError("plan", f"sys.path entry {path}", hint=(
                 f"it holds the home {home}, which the kernel must not see whole; take it "
                 "(or an empty entry, which means the current folder) out of PYTHONPATH"))
-        if any(under(path, w) for w in writable):
+        if any(under(path, w) for w in tree.writable):
             below_writable.append(path)     # read-only on top of it, below
-        elif path == host.venv or not any(under(path, v) for v in visible):
+        elif path == host.venv or not any(under(path, v) for v in tree.visible):
             # After the tmpfs mounts: a venv under /tmp or a private $HOME stays visible.
-            mounts += python_mounts(path, host, packages)
-            visible.append(path)
-    # The folder (unless shown above with the home, without its dot entries) and the
-    # admin's binds, each after any of them it lies in: a --ro-bind inside the folder stays
-    # read-only, a folder inside a --rw-bind stays shown.
+            tree.mounts += python_mounts(path, host, packages)
+            tree.visible.append(path)
+    return below_writable
+
+
+def folder_mounts(cwd, home, ro_binds, rw_binds, tree):
+    """The folder (unless shown with the home, without its dot entries) and the admin's
+    binds, each after any of them it lies in: a --ro-bind inside the folder stays
+    read-only, a folder inside a --rw-bind stays shown."""
     shown = [*((path, RO) for path in ro_binds), *((path, RW) for path in rw_binds),
              *([(cwd, RW)] if cwd != home else [])]
     for path, attrs in sorted(shown, key=lambda bind: bind[0].rstrip("/").count("/")):
-        mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
-        visible.append(path)
-    read_only = []
-    for path in below_writable:     # e.g. the notebook folder's own .venv
-        mounts += python_mounts(path, host, packages)
-        visible.append(path)
-        read_only.append(path)
+        tree.mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
+        tree.visible.append(path)
+
+
+def host_read_mounts(host, tree):
+    """Read-only views of what the host reads below a writable folder: git repositories
+    (what git obeys in one is more than hooks and config: commondir, config.worktree,
+    modules/*/config, info/attributes ..., and names that do not exist yet could not be
+    covered: the whole of it), Jupyter's and IPython's settings (one that does not exist
+    yet is refused: the kernel would create it)."""
     for git in host.repos:
-        # What git on the host obeys in a repository is more than hooks and config
-        # (commondir, config.worktree, modules/*/config, info/attributes ...), and the
-        # names that do not exist yet could not be covered: the whole of it, read-only.
-        covering = max((p for p in (*writable, *read_only) if under(git, p)), key=len,
-                       default=None)
-        if covering in writable:
-            mounts.append(Mount(Op.BIND, git, source=git, attrs=RO))
-            read_only.append(git)
+        if tree.covering(git) in tree.writable:
+            tree.mounts.append(Mount(Op.BIND, git, source=git, attrs=RO))
+            tree.read_only.append(git)
     for path, exists in host.config_paths:
-        covering = max((p for p in (*writable, *read_only) if under(path, p)), key=len,
-                       default=None)
-        if covering not in writable:
+        covering = tree.covering(path)
+        if covering not in tree.writable:
             continue
         if not exists:
             raise SetupError("plan", f"{path} would be the kernel's to create", hint=(
                 f"it lies in {covering}, which the kernel may write, and Jupyter or IPython "
                 "on the host would read it as configuration; create it, or run notebooks "
                 "from another folder"))
-        mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
-        read_only.append(path)
-    mounts.append(Mount(Op.BIND, SOCKET_DIR_INSIDE, source=socket_dir, attrs=RW))
-    # Other kernels' connection files and sockets: cover them wherever a bind shows them.
-    socket_base = os.path.dirname(socket_dir)
-    for path in (*host.runtime_dirs, socket_base, *sandbox.hide):
+        tree.mounts.append(Mount(Op.BIND, path, source=path, attrs=RO))
+        tree.read_only.append(path)
+
+
+def hide_mounts(sandbox, host, cwd, socket_dir, tree):
+    """Other kernels' connection files and sockets (Jupyter's runtime dir, ns-kernel's
+    socket base), and what --hide names: covered wherever a bind shows them."""
+    for path in (*host.runtime_dirs, os.path.dirname(socket_dir), *sandbox.hide):
         path = os.path.normpath(path)
         if under(cwd, path):
             raise SetupError("plan", "working directory", cwd, hint=(
                 f"it lies inside {path}, which holds other kernels' secrets; "
                 "run notebooks from another folder"))
-        if any(under(path, v) for v in visible):
-            mounts.append(Mount(Op.HIDE, path, data="mode=0755,size=4k", attrs=RO))
-    mounts += seals
-    mounts = pin_ancestors(mounts, writable)
-
-    package_paths = ()
-    env = kernel_env(dict(host.environ), sandbox, kernel_home)
-    egress = None
-    if MODES[sandbox.network].proxy:
-        from .proxy import Policy
-        egress = Policy.parse(sandbox.proxy_allow, sandbox.proxy_deny)
-        env.update(proxy_env())
-    elif sandbox.proxy_allow or sandbox.proxy_deny:
-        raise SetupError("plan", "--allow/--deny without --network proxy", hint=(
-            f"they say where the proxy may go; this kernel's network is {sandbox.network}"))
-    if host.venv:
-        package_paths, env = with_packages(env, host.venv)
-    return Plan(
-        uid_map=IdMap(uid, outside_uid), gid_map=IdMap(gid, outside_gid), uid=uid, gid=gid,
-        drop_groups=host.uid == 0,
-        hostname=f"{sandbox.hostname_prefix}-{(kernel_id or os.urandom(4).hex())[:8]}",
-        network=sandbox.network, mounts=tuple(mounts), argv=tuple(argv),
-        env=tuple(sorted(env.items())), cwd=cwd, socket_dir=socket_dir,
-        limits=limits or Limits.from_config(sandbox), state_dirs=tuple(state_dirs),
-        sockets=tuple(sockets),
-        package_paths=package_paths,
-        seccomp=seccomp_filter(sandbox, seccomp_profile, [*writable, *state_dirs],
-                               no_links=host.landlock < LANDLOCK_ABI),
-        links_in=(links_in(sandbox, kernel_home, writable) if host.landlock >= LANDLOCK_ABI
-                  else None),
-        allow_userns=sandbox.allow_userns, egress=egress,
-        discarded=(("/tmp", False), ("/var/tmp", False), ("/dev/shm", False),
-                   *([(home, True)] if sandbox.home == "private" else []),
-                   *((path, False) for path in package_paths
-                     if packages and packages.op is Op.TMPFS)))
+        if any(under(path, v) for v in tree.visible):
+            tree.mounts.append(Mount(Op.HIDE, path, data="mode=0755,size=4k", attrs=RO))
 
 
 def links_in(sandbox, kernel_home, writable):
@@ -623,7 +679,7 @@ def check_config_dir(cwd, path):
             "configuration; run notebooks from another folder"))
 
 
-def home_mounts(home, entries, attrs):
+def home_entries(home, entries, attrs):
     """A tmpfs at home with the real home's non-dot entries on it (`attrs`; HOME_CODE
     read-only); the caller seals it read-only once all its mounts are made."""
     mounts = [Mount(Op.TMPFS, home, data="mode=0755,size=64k")]
