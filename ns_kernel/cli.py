@@ -159,7 +159,7 @@ def start_kernel(start, spawn=None, finish=None, prestarted=None, requester=None
 
 
 def resume_kernel(launch, finish):
-    """In a warm kernel's monitor, once its launcher has handed it over (Launch.hand_off):
+    """In a warm kernel's monitor, once its launcher has handed it over (handoff.hand_off):
     the rest of start_kernel; finish(status) as there."""
     def resume():
         status = launch.resume()

@@ -20,17 +20,16 @@ import os
 import re
 import selectors
 import signal
-import socket
 import sys
 
-from . import (bridge, connection, leftovers, limits, mount, notice, offline, output, seccomp,
-               socketdir, state, usage)
+from . import (bridge, connection, handoff, leftovers, limits, mount, notice, offline, output,
+               seccomp, socketdir, state, usage)
 from .errors import SetupError
 from .net import MODES as NETWORK_MODES
 from .pid import FORWARDED
 from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan, under
-from .sandbox import MSG_HANDOFF, Sandbox
-from .warm import LEFT, SIGNAL
+from .sandbox import Sandbox
+from .warm import SIGNAL
 
 
 def kernel_id_from(path):
@@ -122,7 +121,7 @@ class Launch:
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
         self._install_signal_handlers()
         # From the start: a server that dies while the sandbox is built is seen too.
-        self.server = self._server_pidfd()
+        self.server = server_pidfd(bool(self.connection_file))
         try:
             if self.connection_file:
                 info = connection.read(self.connection_file)
@@ -169,7 +168,8 @@ class Launch:
             if previous:
                 notice.leave_notice(self.socket_dir, previous, owner)
             if info and info["transport"] == "ipc":
-                self._link_ipc_paths(info)
+                # An ipc client connects to <ip>-<port>: point those at the kernel's sockets.
+                self.links = socketdir.link_ipc_paths(info, self.socket_dir)
             # Taken as given: the dirs made just now for this kernel.
             handles = mount.open_sources(plan.mounts, host.cwd, trusted={
                 self.socket_dir, *plan.state_dirs})
@@ -259,22 +259,6 @@ class Launch:
         else:
             self.pending_signals.append(signum)
 
-    def _link_ipc_paths(self, info):
-        """An ipc client connects to <ip>-<port>: point those paths at the kernel's sockets."""
-        for name in connection.CHANNELS:
-            path = f"{info['ip']}-{info[name]}"
-            target = connection.socket_path(self.socket_dir, info[name])
-            if path == target:
-                continue   # the provisioner's client: its paths are the kernel's sockets
-            try:
-                if os.path.lexists(path) and not os.path.isfile(path):
-                    os.unlink(path)   # a stale socket of an earlier kernel
-                os.symlink(target, path)
-            except OSError as exc:
-                raise SetupError("connection", "link ipc socket", path, exc.errno,
-                                 "the connection file's ip must name a writable directory") from None
-            self.links.append(path)
-
     def _unlink_ipc_paths(self):
         socketdir.unlink_ipc_paths(self.links, self.socket_dir)
         self.links = []
@@ -318,7 +302,7 @@ class Launch:
                                 print(line, file=sys.stderr, flush=True)
                             self._deliver_pending()
                             if self.handing_off:
-                                self._hand_off()    # and this process is gone, if it could
+                                handoff.hand_off(self)  # and this process is gone, if it could
                     elif key.data == "ctl":
                         if not box.read_status():
                             sel.unregister(box.ctl)
@@ -363,108 +347,13 @@ class Launch:
         self.box.kill()
         raise Abandoned
 
-    def _hand_off(self):
-        """The kernel runs, and what is left of this process's work the monitor can do as
-        well (no bridge: the client talks to the kernel's sockets; no proxy): relay its
-        output, watch the server and the requester, say why it died, clean up.
-        So hand that to the monitor (a warm template's spare, a fork of the same image),
-        and leave: the kernel keeps one host process instead of two (7.6 MB private and
-        the interpreter's state this one copied while it read the config and made the
-        plan). The monitor gets this object and the fds it holds (taken_over); what the
-        requester says meanwhile waits in its socket."""
-        import json
-        import pickle
-        # The monitor may be SIGKILLed (by the user, whose uid it has; by the OOM killer)
-        # before it can remove what this launch made; then only the requester, which sees
-        # its socket close without a status, is left to (remove_left).
-        try:
-            os.write(self.requester, LEFT + json.dumps({
-                "socket_dir": self.socket_dir, "links": self.links,
-                "cgroups": self.limits.cgroup.dirs if self.limits.cgroup else {}}).encode())
-        except OSError:
-            pass    # it has gone: the monitor sees that, and removes all (Abandoned)
-        # The monitor is root in a user namespace of its own when we are root: no capability
-        # on the host, where the connection file may be in a dir root does not own.
-        try:
-            self.notice_fd = os.open(self.connection_file,
-                                     os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            pass        # gone, or not a file: the death notice, then, goes nowhere
-        state = pickle.dumps(self)
-        try:
-            socket.send_fds(self.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
-                            self._handed_fds())
-            self.box.ctl.sendall(state)
-        except OSError:
-            # The monitor has gone (the kernel died as it started, while this process was
-            # slow to get here): it ends the kernel's life as if there were no monitor to
-            # hand it to; init's last words wait on the control socket.
-            self.handing_off = False
-            if self.notice_fd is not None:
-                os.close(self.notice_fd)
-                self.notice_fd = None
-            return
-        sys.stderr.flush()
-        os._exit(0)
-
-    def _handed_fds(self):
-        """What the monitor needs of ours, in the order taken_over takes them."""
-        extra = [self.output and self.output.fd, self.server, self.notice_fd]
-        return [self.box.ctl.fileno(), self.requester, sys.stderr.fileno(),
-                *(fd for fd in extra if fd is not None)]
-
-    @classmethod
-    def taken_over(cls, ctl, init, header, fds):
-        """In the monitor: the Launch its launcher handed over (header: the size of its
-        state, which follows on ctl; fds: _handed_fds's), now this process's, with init
-        (our child) as the sandbox's process to watch. ctl: our end of the control socket,
-        closed here: init's copy of it is what tells, by closing, that init has gone."""
-        import pickle
-        size = int.from_bytes(header, "big")
-        data = bytearray()
-        while len(data) < size:
-            chunk = ctl.recv(size - len(data))
-            if not chunk:
-                raise SetupError("warm", "the launcher's hand-off was cut short")
-            data += chunk
-        ctl.close()
-        launch = pickle.loads(data)
-        launcher_ctl, launch.requester, log, *extra = fds
-        # The server's log, where the launcher wrote: no longer the kernel's pipe, whose
-        # end the relay must see close.
-        for target in (1, 2):
-            os.dup2(log, target)
-        os.close(log)
-        launch.box.pid, launch.box.ctl = init, socket.socket(fileno=launcher_ctl)
-        if launch.output:
-            launch.output.fd = extra.pop(0)
-        if launch.server is not None:
-            launch.server = extra.pop(0)
-        if launch.notice_fd is not None:
-            launch.notice_fd = extra.pop(0)
-        return launch
-
     def __getstate__(self):
-        """What hand_off sends: the live handles go as fds (_handed_fds); the config has
+        """What handoff.hand_off sends: the live handles go as fds; the config has
         done its work (the plan holds what is left of it)."""
         state = dict(vars(self))
         state.update(config=None, spawn=None, prestarted=None, listeners=[], proxy=None,
                      handing_off=False)
         return state
-
-    def _server_pidfd(self):
-        try:
-            parent = int(os.environ.get("JPY_PARENT_PID", "0"))
-            return os.pidfd_open(parent) if parent > 1 else None
-        except ProcessLookupError:
-            if not self.connection_file:
-                return None     # a command's shell may have inherited a server's long gone
-            # Gone before we looked (it died while asking): nobody will talk to this
-            # kernel, as ipykernel's own parent poller would conclude.
-            raise SetupError("server", f"the Jupyter server (JPY_PARENT_PID {parent}) has "
-                             "exited", hint="nothing to start a kernel for") from None
-        except (ValueError, OSError):
-            return None
 
     def _deliver_pending(self):
         """The kernel runs: what Jupyter sent before, but an interrupt, which had nothing
@@ -517,6 +406,23 @@ class Launch:
         self._unlink_ipc_paths()
         if self.socket_dir:
             socketdir.remove(self.socket_dir)
+
+
+def server_pidfd(for_kernel):
+    """A pidfd of the Jupyter server that started us (JPY_PARENT_PID), None if it says
+    none. Gone already: a kernel has nobody to start for (ipykernel's own parent poller
+    would conclude so); a command (`ns-kernel run`) whose shell inherited the variable from
+    a server long gone runs all the same."""
+    try:
+        parent = int(os.environ.get("JPY_PARENT_PID", "0"))
+        return os.pidfd_open(parent) if parent > 1 else None
+    except ProcessLookupError:
+        if not for_kernel:
+            return None
+        raise SetupError("server", f"the Jupyter server (JPY_PARENT_PID {parent}) has "
+                         "exited", hint="nothing to start a kernel for") from None
+    except (ValueError, OSError):
+        return None
 
 
 def describe_exit(status, who, usage=None):

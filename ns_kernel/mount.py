@@ -29,10 +29,12 @@ FILESYSTEMS = {
 }
 
 
-def _mount(source, target, fstype, flags, data=None, what=None):
+def _mount(source, target, fstype, flags, data=None, what=None, shown=None):
+    """shown: the path to name in an error, if target is not it (a /proc/self/fd link)."""
     try:
         mount(source, target, fstype, flags, data)
     except OSError as exc:
+        target = shown or target
         desc = what or f"mount({fstype or source}, {target}, {flag_names(MountFlags(flags))})"
         hint = ""
         if fstype == "proc":
@@ -41,9 +43,9 @@ def _mount(source, target, fstype, flags, data=None, what=None):
         raise SetupError("mount", desc, target, exc.errno, hint) from None
 
 
-def _setattr(path, attrs, recursive=True):
+def _setattr(path, attrs, recursive=True, fd=None):
     try:
-        mount_setattr(path, attrs, recursive)
+        mount_setattr(path, attrs, recursive, fd)
     except OSError as exc:
         raise SetupError("mount", f"mount_setattr({path}, {flag_names(attrs)})", path,
                          exc.errno) from None
@@ -56,14 +58,50 @@ def makedirs(path):
         raise SetupError("mount", "mkdir", path, exc.errno) from None
 
 
-def _touch(path):
-    makedirs(os.path.dirname(path))
-    if os.path.lexists(path):
-        return      # a file of a bind already: not ours to open for writing
+def mount_point(dest, is_dir, create=True):
+    """An O_PATH fd of dest under NEWROOT, a dir (is_dir) or a file, made where missing
+    (unless not create: then None if missing), never through a link: the binds of
+    folders a kernel may write (its persistent home, the notebook folder) hold what it left
+    there, and a link in the way (to /oldroot/...) would make the mount point, and put
+    the mount, on the host."""
+    names = [name for name in dest.split("/") if name]
+    fd = os.open(NEWROOT, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-    except OSError as exc:
-        raise SetupError("mount", "create mount point", path, exc.errno) from None
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            try:
+                if create and (is_dir or not last):
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                elif create:
+                    try:
+                        # Not opened for writing if it exists: a file of a bind already.
+                        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY
+                                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd))
+                    except FileExistsError:
+                        pass
+                found = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+                                | (os.O_DIRECTORY if is_dir or not last else 0), dir_fd=fd)
+            except OSError as exc:
+                if not create:      # missing, a link, a dir it may not enter: not there
+                    os.close(fd)
+                    return None
+                # ENOTDIR/ELOOP: a link (or a file) where a dir of the path must be.
+                raise SetupError("mount", "mount point", "/" + "/".join(names[:i + 1]),
+                                 exc.errno, "a link or file is in the way, perhaps left by a "
+                                 "kernel in its home or folder; remove it") from None
+            os.close(fd)
+            fd = found
+            if last and stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise SetupError("mount", "mount point", dest, hint=(
+                    "a link is in the way, perhaps left by a kernel in its home or folder; "
+                    "remove it"))
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_sources(mounts, cwd, trusted=()):
@@ -169,36 +207,44 @@ def enter_cwd(cwd):
 def apply_mount(m, tree):
     dest = NEWROOT + m.dest
     if m.op is Op.SYMLINK:
-        makedirs(os.path.dirname(dest))
+        parent = mount_point(os.path.dirname(m.dest), True)
         try:
-            os.symlink(m.data, dest)
+            os.symlink(m.data, os.path.basename(dest), dir_fd=parent)
         except OSError as exc:
             raise SetupError("mount", "symlink", dest, exc.errno) from None
-        return
-    if m.op in (Op.BIND, Op.DEVICE):
-        fd, is_dir = tree
-        if is_dir:
-            makedirs(dest)
-        else:
-            _touch(dest)
-        try:
-            move_mount(fd, dest)
-        except OSError as exc:
-            raise SetupError("mount", f"bind {m.source} on {m.dest}", m.dest, exc.errno) from None
         finally:
-            os.close(fd)
-        if m.op is Op.BIND:
-            _setattr(dest, m.attrs)
+            os.close(parent)
         return
     if m.op is Op.SEAL:
         _setattr(dest, RO_TOP, recursive=False)
         return
-    if m.op is Op.HIDE and not os.path.isdir(dest):
-        # Absent on the host, or behind a dir the sandbox's uid cannot enter (root's 0700
-        # home): the kernel cannot reach it either.
+    if m.op in (Op.BIND, Op.DEVICE):
+        tree_fd, is_dir = tree
+        try:
+            at = mount_point(m.dest, is_dir)
+            try:
+                move_mount(tree_fd, dest, at)
+            except OSError as exc:
+                raise SetupError("mount", f"bind {m.source} on {m.dest}", m.dest,
+                                 exc.errno) from None
+            finally:
+                os.close(at)
+            if m.op is Op.BIND:
+                _setattr(dest, m.attrs, fd=tree_fd)
+        finally:
+            os.close(tree_fd)
         return
-    makedirs(dest)
+    # Absent on the host, or behind a dir the sandbox's uid cannot enter (root's 0700
+    # home), or a link: nothing to hide there, the kernel cannot reach it either.
+    at = mount_point(m.dest, True, create=m.op is not Op.HIDE)
+    if at is None:
+        return
     fstype, flags = FILESYSTEMS[m.op]
     if MountAttr.MOUNT_ATTR_RDONLY in m.attrs:
         flags |= MountFlags.MS_RDONLY
-    _mount(fstype, dest, fstype, flags, m.data or None, what=f"mount {fstype} on {m.dest}")
+    try:
+        # On the dir found, by its fd (the host's /proc, still at /oldroot), not its name.
+        _mount(fstype, f"{OLDROOT}/proc/self/fd/{at}", fstype, flags, m.data or None,
+               what=f"mount {fstype} on {m.dest}", shown=m.dest)
+    finally:
+        os.close(at)

@@ -22,7 +22,7 @@ def remember(connection_file, line, fd=None):
     behind. (A restart with new random ports, in a kernel's first seconds, rewrites the
     file: that restart shows no reason, the server log still has it.) fd: the file, open
     for writing, rewritten in place (a warm kernel's monitor, which may not reach its
-    dir: launcher.Launch._hand_off); nobody reads it before the kernel's end is told."""
+    dir: handoff.hand_off); nobody reads it before the kernel's end is told."""
     try:
         if fd is None:
             with open(connection_file) as f:

@@ -31,7 +31,7 @@ MSG_UNSHARED = b"U"
 MSG_MAPPED = b"M"
 MSG_STATUS = b"S"
 MSG_PROXY = b"P"       # with init's proxy listener (network 'proxy')
-MSG_HANDOFF = b"H"     # the launcher leaves, the monitor takes over (Launch.hand_off)
+MSG_HANDOFF = b"H"     # the launcher leaves, the monitor takes over (handoff.hand_off)
 MAX_HANDED_FDS = 8
 
 
@@ -132,7 +132,7 @@ class Sandbox:
         return data
 
     def __getstate__(self):
-        """A handle the launcher hands to the monitor (Launch.hand_off): what it knows, not
+        """A handle the launcher hands to the monitor (handoff.hand_off): what it knows, not
         what it holds (the fds go along by themselves, or are closed by then)."""
         state = dict(vars(self))
         state.update(ctl=None, errors=None, attach=None, handles=(), stdio=(),

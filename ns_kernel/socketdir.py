@@ -9,6 +9,7 @@ user may have made /tmp/ns-kernel-UID first.
 import os
 import stat
 
+from . import connection
 from .errors import SetupError
 from .user import owner_hint
 
@@ -148,6 +149,28 @@ def give(path, owner, step):
 
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def link_ipc_paths(info, socket_dir):
+    """Point the paths an ipc client connects to (<ip>-<port>, for each channel of the
+    connection info) at the kernel's sockets in socket_dir; return the links made. The
+    provisioner's client needs none: its paths are the kernel's sockets."""
+    links = []
+    for name in connection.CHANNELS:
+        path = f"{info['ip']}-{info[name]}"
+        target = connection.socket_path(socket_dir, info[name])
+        if path == target:
+            continue
+        try:
+            if os.path.lexists(path) and not os.path.isfile(path):
+                os.unlink(path)   # a stale socket of an earlier kernel
+            os.symlink(target, path)
+        except OSError as exc:
+            unlink_ipc_paths(links, socket_dir)
+            raise SetupError("connection", "link ipc socket", path, exc.errno,
+                             "the connection file's ip must name a writable directory") from None
+        links.append(path)
+    return links
 
 
 def unlink_ipc_paths(links, socket_dir):

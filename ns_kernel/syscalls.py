@@ -61,6 +61,7 @@ AT_EMPTY_PATH = 0x1000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
@@ -155,10 +156,13 @@ def open_tree_clone(handle, path):
                   "open_tree", path)
 
 
-def move_mount(fd, target):
+def move_mount(fd, target, to_fd):
+    """Attach the detached mount `fd` on the dir or file `to_fd` (an O_PATH fd, for the path
+    `target`): no name is looked up."""
     _check(_libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(fd), b"",
-                         ctypes.c_int(AT_FDCWD), target.encode(),
-                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount", target)
+                         ctypes.c_int(to_fd), b"",
+                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)),
+           "move_mount", target)
 
 
 class _MountAttrStruct(ctypes.Structure):
@@ -166,11 +170,15 @@ class _MountAttrStruct(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def mount_setattr(path, attr_set, recursive=True):
+def mount_setattr(path, attr_set, recursive=True, fd=None):
+    """On the mount at path, or (fd: an fd of its root; path then only names it) at fd."""
     attr = _MountAttrStruct(int(attr_set), 0, 0, 0)
-    _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
-                         ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr", path)
+    flags = (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if fd is not None else 0)
+    _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR),
+                         ctypes.c_int(AT_FDCWD if fd is None else fd),
+                         b"" if fd is not None else path.encode(), ctypes.c_uint(flags),
+                         ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+           "mount_setattr", path)
 
 
 def sethostname(name):

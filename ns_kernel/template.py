@@ -356,13 +356,13 @@ def _finish(conn, status):
 
 
 def _take_over(ctl, init, origin, header, fds):
-    """In the monitor, when its launcher hands it the running kernel (Launch.hand_off):
+    """In the monitor, when its launcher hands it the running kernel (handoff.hand_off):
     leave the kernel's cgroup (this process's work is not the kernel's to pay for, and
     the cgroup is removed at the end), then live the rest of the launcher's life."""
-    from . import cli, limits
-    from .launcher import Abandoned, Launch
+    from . import cli, handoff, limits
+    from .launcher import Abandoned
     try:
-        launch = Launch.taken_over(ctl, init, header, fds)
+        launch = handoff.taken_over(ctl, init, header, fds)
     except Exception as exc:  # noqa: BLE001 - said; the caller removes the sandbox
         print(f"ns-kernel: warm start: take the kernel over from its launcher: {exc}",
               file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ process has imported both already and forks, per kernel:
              template forked beside it instead of forking one: it holds the client's
              environment (tokens), a kernel must not. Once the kernel runs, unless it
              bridges TCP, it hands the rest of its work to the monitor and exits
-             (launcher.Launch.hand_off)
+             (handoff.hand_off)
   monitor    another fork of the template, made with the launcher (while that reads the
              config) and waiting for its plan, with the same sandbox.py steps as ever (user
              ns, then init: mounts, hostname, uid, caps), except the kernel's last step:
@@ -143,7 +143,7 @@ class Launcher:
     needs no client interpreter at all. Both talk to it over the request's socket, never
     to a pid: its status comes that way (it is the template's child, not ours), and so do
     signals, since once the kernel runs the launcher may hand it to the sandbox's monitor
-    and leave (launcher.Launch.hand_off), and the socket, with what was said on it, goes
+    and leave (handoff.hand_off), and the socket, with what was said on it, goes
     along. `pid` stays the launcher's."""
     stdin = stdout = stderr = None      # Popen's pipes: LocalProvisioner.wait closes them
 
@@ -252,7 +252,7 @@ def _connect(path):
 
 def remove_left(left):
     """In the requester of a warm start whose monitor took the kernel over and died
-    without a word (SIGKILLed): what the launch made, as Launch._hand_off told (LEFT)."""
+    without a word (SIGKILLed): what the launch made, as handoff.hand_off told (LEFT)."""
     import threading
     from . import cgroup, socketdir
     socketdir.unlink_ipc_paths(left["links"], left["socket_dir"])
