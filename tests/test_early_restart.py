@@ -12,6 +12,8 @@ restarts per test, on an idle machine (a third failed before) and with a core ke
 (the SIGINT lands later in the start; one in thirty). A plain kernel's behaviour under the
 same restarts is in docs/performance.md."""
 import os
+import selectors
+import socket
 import subprocess
 import sys
 import time
@@ -19,8 +21,9 @@ import time
 import pytest
 from jupyter_client.manager import KernelManager
 
-from conftest import (KERNEL_NAME, Kernel, kernel_cgroups, start_kernel, start_paths,
-                      stop_kernel, wait_until)
+from conftest import (KERNEL_NAME, LOOPBACK, Kernel, kernel_cgroups, start_kernel,
+                      start_paths, stop_kernel, wait_until)
+from ns_kernel import bridge, connection
 
 PATHS = start_paths("early")
 # After start_kernel returns: the client is starting its interpreter.
@@ -102,3 +105,71 @@ def test_a_shutdown_in_a_kernels_first_moments_leaves_nothing(workdir, template,
                       and not [i for i in ids if kernel_cgroups(i)], timeout=20), \
         f"left: processes {set(in_dir(workdir)) - before}, " \
         f"cgroups {[kernel_cgroups(i) for i in ids]}"
+
+
+def free_ports(count):
+    held = [socket.socket() for _ in range(count)]
+    for sock in held:
+        sock.bind((LOOPBACK, 0))
+    ports = [sock.getsockname()[1] for sock in held]
+    for sock in held:
+        sock.close()
+    return ports
+
+
+@pytest.mark.privileged
+def test_the_bridge_relays_nothing_to_the_control_port_until_a_stale_message_expired(tmp_path):
+    # The mechanism alone, without a race to win: a client of the control port (here a
+    # socket closed at once, as jupyter_client's is, and a live one) reaches the kernel's
+    # socket only once the hold ends; the shell's client at once. The test process plays
+    # the kernel (its sockets, in its own PID namespace: the "monitor" is itself).
+    info = {"ip": LOOPBACK, "transport": "tcp",
+            **dict(zip(connection.CHANNELS, free_ports(len(connection.CHANNELS))))}
+    kernel = {}
+    for name in ("shell_port", "control_port"):
+        kernel[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        kernel[name].bind(connection.socket_path(str(tmp_path), info[name]))
+        kernel[name].listen(4)
+        kernel[name].setblocking(False)
+    sel = selectors.DefaultSelector()
+    hold = 0.5
+    until = time.monotonic() + hold
+    relay = bridge.Bridge(sel, bridge.listen(info), str(tmp_path), os.getpid(),
+                          held={info["control_port"]: until})
+    clients = []
+    try:
+        for name, data, stay in (("control_port", b"stale", False),
+                                 ("control_port", b"live", True), ("shell_port", b"x", True)):
+            client = socket.create_connection((LOOPBACK, info[name]))
+            client.sendall(data)
+            if stay:
+                clients.append(client)
+            else:
+                client.close()
+
+        def run_until(deadline):
+            while time.monotonic() < deadline:
+                for key, events in sel.select(min(relay.timeout() or 0.01, 0.01)):
+                    key.data.handle(key.fileobj, events)
+                if relay.waiting:
+                    relay.retry()
+
+        run_until(time.monotonic() + hold / 2)
+        assert kernel["shell_port"].accept()[0].recv(16) == b"x"
+        with pytest.raises(BlockingIOError):
+            kernel["control_port"].accept()     # nobody, before the hold ends
+        run_until(until + 0.1)
+        got = []
+        while True:
+            try:
+                conn = kernel["control_port"].accept()[0]
+            except BlockingIOError:
+                break
+            conn.settimeout(1)
+            got.append(conn.recv(16))
+        assert b"live" in got
+    finally:
+        for sock in (*clients, *kernel.values()):
+            sock.close()
+        relay.close()
+        sel.close()
