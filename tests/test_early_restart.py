@@ -81,7 +81,7 @@ def test_a_restart_in_a_kernels_first_moments_ends_with_a_kernel_that_answers(
             out = k.execute("print('hello')")[0]
             if out != "hello\n":    # a death notice, of a signal nobody sent
                 failed.append((delay, out))
-        except RuntimeError as exc:
+        except (RuntimeError, TimeoutError) as exc:     # dead before, or after, kernel_info
             failed.append((delay, f"{exc} (the launcher's exit status: "
                                   f"{km.provisioner.process.poll()})"))
         finally:
