@@ -39,7 +39,7 @@ CHUNK = 1 << 20
 # killed by the restart's SIGINT while Python started: issue 28) left it to the new one,
 # which obeyed and exited 0: "Kernel died before replying to kernel_info". The launch begins
 # after that close, so past this delay the closed socket's ZMQ has dropped what it held and
-# its connection; a live client's waits, and is relayed. 50 ms for the two clocks' readings.
+# its connection; a live client's waits, and is relayed. 50 ms more for a late ZMQ timer.
 STALE_CONTROL = 0.15
 
 
