@@ -10,6 +10,9 @@ user's connection is closed as soon as it is accepted.
 A client connects as soon as the ports are bound, long before the kernel binds its
 sockets: the relay waits for them to appear in the socket dir (inotify), not by polling,
 which cost 32 launchers starting at once ~200 wake-ups a second each.
+
+The control port's clients wait longer (STALE_CONTROL): one of them may be a socket that
+Jupyter closed, whose last message was meant for the kernel this one replaces.
 """
 import errno
 import os
@@ -18,6 +21,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 
 from . import peer
 from .connection import CHANNELS, socket_path
@@ -25,6 +29,18 @@ from .errors import SetupError
 from .syscalls import IN_CREATE, IN_MOVED_TO, inotify_watch
 
 CHUNK = 1 << 20
+
+# How long after its launch began a kernel hears nothing on its control port. jupyter_client's
+# KernelManager sends shutdown_request on its control socket and, once the kernel's process
+# has gone, closes that socket with a linger of 100 ms (KernelManager._connect_control_socket):
+# for 100 ms more its unsent messages look for a peer on that port. A restart starts the new
+# kernel on the same ports at once, and our listener takes connections before the kernel
+# is up, so a kernel that was gone before it read its shutdown_request (its warm client
+# killed by the restart's SIGINT while Python started: issue 28) left it to the new one,
+# which obeyed and exited 0: "Kernel died before replying to kernel_info". The launch begins
+# after that close, so past this delay the closed socket's ZMQ has dropped what it held and
+# its connection; a live client's waits, and is relayed. 50 ms more for a late ZMQ timer.
+STALE_CONTROL = 0.15
 
 
 def listen(info):
@@ -58,14 +74,17 @@ def listen(info):
 class Relay:
     """One client connection and its kernel-side twin."""
 
-    def __init__(self, bridge, tcp, path):
-        self.bridge, self.tcp, self.path = bridge, tcp, path
+    def __init__(self, bridge, tcp, port, path):
+        self.bridge, self.tcp, self.port, self.path = bridge, tcp, port, path
         self.unix = None
         self.refused = False   # the kernel's socket exists but does not listen yet
         self.pending = {}   # socket -> bytes still to send to it
 
     def connect(self):
-        """Try the kernel's socket; False while the kernel has not bound it yet."""
+        """Try the kernel's socket; False while the kernel has not bound it yet, or while
+        its port is held (Bridge.held)."""
+        if self.bridge.held_for(self.port) > 0:
+            return False
         try:
             unix = kernel_socket(self.path, self.bridge.monitor)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -156,9 +175,13 @@ def kernel_socket(path, monitor):
 
 
 class Bridge:
-    def __init__(self, sel, listeners, socket_dir, monitor, owners=None, who="kernel"):
-        """owners: the uids whose local clients may connect (None: every uid's)."""
+    def __init__(self, sel, listeners, socket_dir, monitor, owners=None, who="kernel",
+                 held=None):
+        """owners: the uids whose local clients may connect (None: every uid's). held:
+        port -> the time.monotonic() before which its clients are not relayed (they wait,
+        accepted, as for a kernel not up yet): STALE_CONTROL."""
         self.sel = sel
+        self.held = dict(held or {})
         self.listeners = listeners
         self.socket_dir = socket_dir
         self.monitor = monitor     # its children are the sandbox's PID namespace
@@ -177,10 +200,17 @@ class Bridge:
 
     def timeout(self):
         """How long the launcher may sleep: for ever (a new socket wakes it) unless some
-        client waits for a socket bound but not listening yet, or there is no inotify."""
+        client waits for a socket bound but not listening yet, or there is no inotify, or
+        for its port's hold to end."""
         if self.waiting and (self.created is None or any(r.refused for r in self.waiting)):
             return 0.005
-        return None
+        holds = [h for h in (self.held_for(r.port) for r in self.waiting) if h > 0]
+        return min(holds) if holds else None
+
+    def held_for(self, port):
+        """Seconds its clients still wait on port's hold, or <= 0."""
+        until = self.held.get(port)
+        return until - time.monotonic() if until is not None else 0.0
 
     def handle(self, listener, _events):
         port = dict(self.listeners)[listener]
@@ -196,7 +226,7 @@ class Bridge:
                 continue
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tcp.setblocking(False)
-            relay = Relay(self, tcp, socket_path(self.socket_dir, port))
+            relay = Relay(self, tcp, port, socket_path(self.socket_dir, port))
             self.relays.add(relay)
             if not relay.connect():
                 self.waiting.add(relay)

@@ -21,6 +21,7 @@ import re
 import selectors
 import signal
 import sys
+import time
 
 from . import (bridge, connection, handoff, leftovers, limits, mount, notice, offline, output,
                seccomp, socketdir, state, usage)
@@ -116,6 +117,10 @@ class Launch:
         self.spare_monitor = spare_monitor
         self.handing_off = False   # the monitor takes over once the kernel runs (hand_off)
         self.notice_fd = None      # the connection file, open, in the monitor (taken_over)
+        # After Jupyter started this launch (its client's fork, for a warm one): a restart's
+        # stale control messages expire counting from before it (bridge.STALE_CONTROL).
+        self.began = time.monotonic()
+        self.control_port = None   # the bridge's, held until began + STALE_CONTROL
 
     def run(self):
         """Run the kernel to its end; return its wait status (raw, as os.waitpid gives)."""
@@ -154,6 +159,7 @@ class Launch:
                     "no seccomp filter (Sandbox.seccomp = off)"))
             if info and info["transport"] == "tcp":
                 self.listeners = bridge.listen(info)
+                self.control_port = info["control_port"]
             # The template's spare monitor can do all that is left but a bridge's relay and
             # a proxy's threads: a process that has unshared a PID namespace for its
             # children cannot start a thread (clone(2): EINVAL).
@@ -279,7 +285,8 @@ class Launch:
         if self.listeners:
             owners = None if self.config.tcp_clients == "any" else {os.getuid()}
             relay = bridge.Bridge(sel, self.listeners, self.socket_dir, box.pid, owners,
-                                  self._who())
+                                  self._who(), held={
+                                      self.control_port: self.began + bridge.STALE_CONTROL})
         if self.output:
             sel.register(self.output.fd, selectors.EVENT_READ, "output")
         try:

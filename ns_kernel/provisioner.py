@@ -167,6 +167,18 @@ class IsolatedProvisioner(LocalProvisioner):
             why = exc.line().removeprefix("ns-kernel: ") if isinstance(exc, SetupError) else exc
             raise ProvisionerConfigError(f"launcher options {options + extra}: {why}") from None
 
+    async def shutdown_requested(self, restart=False):
+        await super().shutdown_requested(restart)
+        # The KernelManager closes this control socket once the kernel has gone, with a
+        # linger of 100 ms, and a restart's kernel binds the same paths (the socket dir is
+        # kept): a shutdown_request the old kernel never read (it died first) would be the
+        # new one's, which would obey it (bridge.STALE_CONTROL, issue 28). By then nobody
+        # is there for it: drop it at the close. The kernel it was for, while it lives, still
+        # gets it: linger counts only from the close.
+        control = getattr(self.parent, "_control_socket", None)
+        if control is not None:
+            control.linger = 0
+
     async def cleanup(self, restart=False):
         await super().cleanup(restart)
         if not self.kernel_socket_dir:
