@@ -225,8 +225,8 @@ def _git_dirs(dir_fd, path):
         if not text or not text[0].startswith(prefix):
             break
         path = os.path.realpath(os.path.join(path, text[0][len(prefix):]))
-        if not os.path.isdir(path):
-            break
+        if not os.path.isfile(os.path.join(path, "HEAD")):
+            break       # not a git dir, as git itself would conclude
         dirs.append(path)
         # The common dir is named relative to the git dir, in its `commondir` file.
         dir_fd, name, prefix = None, os.path.join(path, "commondir"), ""
@@ -417,6 +417,7 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
     kernel_home = home_mounts(sandbox, host, cwd, uid, gid, tmp_opt, state, tree)
     if cwd != home:
         tree.writable.insert(0, cwd)
+    check_state_dirs(tree)
     below_writable = interpreter_mounts(host, cwd, packages, tree)
     folder_mounts(cwd, home, ro_binds, rw_binds, tree)
     for path in below_writable:     # e.g. the notebook folder's own .venv
@@ -536,6 +537,18 @@ def home_mounts(sandbox, host, cwd, uid, gid, tmp_opt, state, tree):
     return kernel_home
 
 
+def check_state_dirs(tree):
+    """The kernel's home and packages on the host may not lie where a kernel may write
+    (Sandbox.state_dir or $XDG_DATA_HOME in a notebook folder): what a kernel leaves in its
+    home, links and FIFOs included, would be in a folder the host reads."""
+    for path in tree.state_dirs:
+        inside = next((w for w in tree.writable if under(path, w)), None)
+        if inside:
+            raise SetupError("plan", f"state dir {path}", hint=(
+                f"it lies in {inside}, which the kernel may write, and the host reads it; set "
+                "Sandbox.state_dir (or $XDG_DATA_HOME) to a folder outside it"))
+
+
 def interpreter_mounts(host, cwd, packages, tree):
     """The interpreter's paths, read-only, where nothing shows them yet. One the kernel
     may write, or could create, is refused: the next launcher would import from it on the
@@ -587,7 +600,9 @@ def host_read_mounts(host, tree):
     covered: the whole of it), Jupyter's and IPython's settings (one that does not exist
     yet is refused: the kernel would create it)."""
     for git in host.repos:
-        if tree.covering(git) in tree.writable:
+        # Not one that holds a writable folder (a kernel's `.git` file may name `.`): that
+        # would make the folder read-only for every later kernel.
+        if tree.covering(git) in tree.writable and not any(under(w, git) for w in tree.writable):
             tree.mounts.append(Mount(Op.BIND, git, source=git, attrs=RO))
             tree.read_only.append(git)
     for path, exists in host.config_paths:
@@ -702,8 +717,10 @@ def pin_ancestors(mounts, writable):
     roots = {m.dest: m for m in mounts if m.op is Op.BIND and m.dest in writable}
     pins = {}
     for m in mounts:
+        # A writable bind below another too (the notebook folder in a --rw-bind, or in an
+        # entry of a shared home): what the host reads below it is pinned from the top.
         root = max((r for r in roots if m.dest != r and under(m.dest, r)), key=len, default=None)
-        if root is None or m.dest in writable:
+        if root is None:
             continue
         parent = os.path.dirname(m.dest)
         while parent != root:

@@ -15,8 +15,10 @@ from .syscalls import LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET, LandlockFs, drop_all_
 # What a kernel may make only where nothing on the host reads it (plan.links_in): the
 # Jupyter server, git and editors follow a link in the notebook folder out of it (onto a
 # key, into a dot dir the next host program runs from), and a FIFO there hangs whoever
-# opens it. Landlock's "make" rights also cover renaming and linking one into a dir.
-LINKS = LandlockFs.LANDLOCK_ACCESS_FS_MAKE_SYM | LandlockFs.LANDLOCK_ACCESS_FS_MAKE_FIFO
+# opens it; device nodes (the whiteouts rename(2) can make) are no notebook's either.
+# Landlock's "make" rights also cover renaming and linking one into a dir.
+LINKS = (LandlockFs.LANDLOCK_ACCESS_FS_MAKE_SYM | LandlockFs.LANDLOCK_ACCESS_FS_MAKE_FIFO
+         | LandlockFs.LANDLOCK_ACCESS_FS_MAKE_CHAR | LandlockFs.LANDLOCK_ACCESS_FS_MAKE_BLOCK)
 # Moving a file to another dir: any Landlock ruleset denies it unless a rule grants it
 # (ABI 2), even where it is not handled; granted everywhere, a move is then held to the
 # "make" rights of where it goes (a link moved out of /tmp into the folder: denied).

@@ -247,7 +247,9 @@ LANDLOCK_RULE_PATH_BENEATH = 1
 
 class LandlockFs(enum.IntFlag):
     """The filesystem rights Landlock can take away (landlock.h), those ns_kernel uses."""
+    LANDLOCK_ACCESS_FS_MAKE_CHAR = 1 << 6
     LANDLOCK_ACCESS_FS_MAKE_FIFO = 1 << 10
+    LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
     LANDLOCK_ACCESS_FS_MAKE_SYM = 1 << 12
     LANDLOCK_ACCESS_FS_REFER = 1 << 13      # ABI 2
 

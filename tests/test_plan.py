@@ -262,10 +262,16 @@ def test_the_admins_binds_are_mounted_from_their_real_paths():
     assert mounts["/scratch"].attrs == RW
     # Inside the notebook folder a read-only bind stays read-only; a folder inside a
     # writable bind stays shown: each after the one it lies in.
-    p = plan(Sandbox(ro_binds=["/home/ada/notebooks/data"], rw_binds=["/home/ada"]))
+    p = plan(Sandbox(ro_binds=["/srv/course/nb/data"], rw_binds=["/srv"]), cwd="/srv/course/nb")
     dests = [m.dest for m in p.mounts]
-    assert dests.index("/home/ada") < dests.index("/home/ada/notebooks") \
-        < dests.index("/home/ada/notebooks/data")
+    assert dests.index("/srv") < dests.index("/srv/course/nb") \
+        < dests.index("/srv/course/nb/data")
+    # The dir between the two writable binds is pinned too: the folder cannot be moved.
+    assert dests.index("/srv") < dests.index("/srv/course") < dests.index("/srv/course/nb")
+    # The kernel's home on the host may not lie where it may write.
+    with pytest.raises(SetupError, match="state dir /srv/state/isolated-python/home .it lies "
+                                         "in /srv, which the kernel may write"):
+        plan(Sandbox(rw_binds=["/srv"], state_dir="/srv/state"))
     with pytest.raises(SetupError, match=r"bind /data/ref \(it is / or a link to it"):
         plan(Sandbox(ro_binds=["/data/ref"]), binds=(("/data/ref", "/"),))
 

@@ -122,7 +122,12 @@ def attack(path, cwd, code, env=None, options=()):
                               text=True, timeout=60, env={**os.environ, **(env or {})})
         assert done.returncode == 0, done.stderr
         return results(done.stdout), done.stdout
-    k = start_kernel(str(cwd), kernel_name=PATHS[path], env=env)
+    with tempfile.TemporaryFile("w+") as log:
+        try:
+            k = start_kernel(str(cwd), kernel_name=PATHS[path], env=env, stderr=log)
+        except RuntimeError as exc:     # with what the launcher said, for the test to read
+            log.seek(0)
+            raise RuntimeError(f"{exc}: {log.read()}") from None
     try:
         out, error, _ = k.execute(code)
     finally:
@@ -778,3 +783,171 @@ open("/tmp/work/t", "w").close()
 attempt("tmp", lambda: os.replace("/tmp/work/t", "/tmp/work/out/t"))
 """)
     assert seen == {"folder": "ALLOWED", "tmp": "ALLOWED"}, out
+
+
+# -- second look: nested writable folders, .git file contents, the persistent home ---------
+# A second red team on the mechanisms the first one brought: pin_ancestors, the repository
+# search's reading of .git files, links_in, and what init itself does with the paths of a
+# home the kernel wrote in an earlier session.
+
+def second_attack(path, cwd, code, options=(), env=None):
+    """attack(), with launcher options on every start path (a kernelspec of the test's
+    own for kernels, as test_a_kernel_makes_no_links_where_the_host_reads has)."""
+    if path == "run" or not options:
+        return attack(path, cwd, code, env=env, options=options)
+    name = write_spec(f"trust-second-{path}", [*options, *SPEC_OPTIONS[path]],
+                      provisioner=path == "provisioner")
+    k = start_kernel(str(cwd), kernel_name=name, env=env)
+    try:
+        out, error, _ = k.execute(ATTEMPT + code)
+    finally:
+        stop_kernel(k)
+    assert error is None, out
+    return results(out), out
+
+
+@pytest.mark.parametrize("path", [*PATHS, "run"])
+def test_second_look_a_folder_deep_in_a_rw_bind_keeps_what_the_host_imports(tmp_path, path):
+    # Attack: the notebook folder lies inside a --rw-bind (a shared data dir, a course's
+    # folder): /data/u/nb. pin_ancestors pins the dirs between a writable bind and a mount
+    # below it, but skips a mount that is itself writable (the folder), so /data/u, which
+    # merely holds the folder's mount point, is the kernel's to rename. It renames it and
+    # makes a fresh u/nb/src/lib (PYTHONPATH, read-only inside) with a sitecustomize.py: the
+    # next launcher (any start path, from that folder) runs it on the host, with the
+    # server's rights (root's, for a root-run hub: Python does not check ownership).
+    data = shared_folder(tmp_path, "u/nb/src/lib")      # the --rw-bind
+    folder, lib, ran = data / "u" / "nb", data / "u" / "nb" / "src" / "lib", tmp_path / "ran"
+    seen, out = second_attack(path, folder, f"""import os
+attempt("rename-above", lambda: os.rename({str(data / 'u')!r}, {str(data / 'u.old')!r}))
+def plant():
+    os.makedirs({str(lib)!r})
+    with open({str(lib / 'sitecustomize.py')!r}, "w") as f:
+        f.write("open({str(ran)!r}, 'w').close()\\n")
+attempt("plant", plant)
+""", options=("--rw-bind", str(data)), env={"PYTHONPATH": str(lib)})
+    # The next start: its interpreter, on the host, imports from PYTHONPATH first.
+    subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--rw-bind", str(data),
+                    "--", "/bin/true"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(lib)},
+                   capture_output=True, timeout=60)
+    assert not ran.exists(), "the next launcher ran the kernel's sitecustomize.py on the host"
+    assert seen["rename-above"] != "ALLOWED", out
+    assert not (data / "u.old").exists()
+
+
+@pytest.mark.parametrize("path", ["argv", "provisioner", "run"])
+def test_second_look_a_folder_deep_in_a_shared_home_keeps_its_git(fake_home, path):
+    # Attack: --home shared binds each of the home's entries read-write; a notebook in
+    # ~/work/course/nb lies two dirs below one. The folder's .git is read-only and a mount
+    # point, but ~/work/course is neither (pin_ancestors skips the folder, itself
+    # writable): the kernel renames it and puts a fresh course/nb/.git with core.fsmonitor
+    # where the user's was; `git status` there on the host (the user's own kernel: same
+    # owner, git's safe.directory check passes) runs it.
+    home, ran = fake_home, fake_home.parent / "ran"
+    folder = home / "work" / "course" / "nb"
+    folder.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    open_up(home / "work")
+    before = os.stat(folder / ".git").st_ino
+    course = home / "work" / "course"
+    seen, out = second_attack(path, folder, f"""import os, shutil
+attempt("rename-above", lambda: os.rename({str(course)!r}, {str(course) + '.old'!r}))
+def plant():
+    shutil.copytree({str(course) + '.old/nb/.git'!r}, {str(folder / '.git')!r})
+    with open({str(folder / '.git' / 'config')!r}, "a") as f:
+        f.write("{FSMONITOR.format(ran=ran)}")
+attempt("plant", plant)
+""", options=("--home", "shared") if path == "run" else ("--home=shared",),
+        env={"HOME": str(home)})
+    git("status", cwd=folder)
+    assert not ran.exists(), "git status on the host ran the kernel's core.fsmonitor"
+    assert os.stat(folder / ".git").st_ino == before, "the folder's .git was replaced"
+    assert seen["rename-above"] != "ALLOWED", out
+
+
+@pytest.mark.parametrize("path", ["argv", "run"])
+def test_second_look_a_dot_git_file_cannot_make_the_folder_read_only(tmp_path, path):
+    # Attack (denial of service): the repository search follows `gitdir:` in every .git
+    # file it finds and binds the dir it names read-only where it lies in a writable
+    # folder. A kernel writes `.git` = "gitdir: ." (or names any dir of a shared folder, or
+    # a --rw-bind's root): from the next start on, every kernel there, anyone's, finds its
+    # notebook folder read-only (notebooks cannot save their outputs, `Read-only file
+    # system`), until someone spots the one-line file.
+    folder = shared_folder(tmp_path, "results")
+    seen, out = attack(path, folder, """
+attempt("gitfile", lambda: open(".git", "w").write("gitdir: .\\n"))
+attempt("gitfile-sub", lambda: open("results/.git", "w").write("gitdir: .\\n"))
+""")
+    assert seen == {"gitfile": "ALLOWED", "gitfile-sub": "ALLOWED"}, out    # a file, as any
+    seen, out = attack(path, folder, """
+attempt("save", lambda: open("notes.txt", "w").write("x"))
+attempt("save-sub", lambda: open("results/run.csv", "w").write("x"))
+""")
+    assert seen == {"save": "ALLOWED", "save-sub": "ALLOWED"}, out
+
+
+@pytest.mark.parametrize("path", ["cold", "run"])
+def test_second_look_the_persistent_home_cannot_steer_the_next_start(fake_home, tmp_path, path):
+    # Attack: with the default --home persistent, the kernel's $HOME is its state dir, where
+    # it may make links (plan.links_in). A sys.path entry below the real home (pip install
+    # --user, ~/.pyenv, a venv in ~: usual) is mounted on top of that home at each start,
+    # by init, which makes the mount point by name (os.makedirs in mount.apply_mount)
+    # while the host's whole tree is still at /oldroot. The kernel renames ~/lib (it
+    # merely holds the mount point ~/lib/a) and makes ~/lib a link to /oldroot/<anywhere>:
+    # the next start's init creates dirs there, on the host, with the user's rights, where
+    # the kernel cannot see (the hidden home's dot dirs: ~/.ssh/authorized_keys as a dir
+    # locks the user out of ssh). Now a mount point is never made through a link: the next
+    # start refuses, in one line naming the link (kernels of one kernelspec share their
+    # persistent home: one can stop the next, as README says).
+    home = fake_home
+    lib = home / "lib" / "a"
+    lib.mkdir(parents=True)
+    # Where the sandbox's uid may write (nobody, as root: a dir it can reach from /).
+    # (Not under /tmp: init mounts its scaffold there, which hides the host's /tmp.)
+    escape = tempfile.mkdtemp(prefix="rt22-", dir="/var/tmp")
+    os.chmod(escape, 0o777)
+    try:
+        _steer(path, home, lib, escape, shared_folder(tmp_path))
+    finally:
+        shutil.rmtree(escape, ignore_errors=True)
+        shutil.rmtree(f"{escape}-data", ignore_errors=True)
+
+
+def _steer(path, home, lib, escape, folder):
+    # A persistent home of the test's own (kernels of one kernelspec share theirs).
+    env = {"HOME": str(home), "PYTHONPATH": str(lib), "XDG_DATA_HOME": f"{escape}-data"}
+    code = f"""import os
+h = os.environ["HOME"]
+attempt("move-aside", lambda: os.rename(h + "/lib", h + "/lib.old"))
+attempt("link", lambda: os.symlink("/oldroot{escape}", h + "/lib"))
+"""
+    # The folder lies beside the home (below it, $HOME takes no links).
+    seen, out = attack(path, folder, code, env=env)
+    assert seen == {"move-aside": "ALLOWED", "link": "ALLOWED"}, out     # its own home
+    try:
+        _, out2 = attack(path, folder, """import os
+print("LIB", os.path.realpath(os.environ["HOME"] + "/lib"))
+""", env=env)
+        started = True
+    except (AssertionError, RuntimeError) as exc:     # the start failed
+        out2, started = str(exc), False
+    assert os.listdir(escape) == [], ("init made dirs on the host, outside the sandbox",
+                                      out, out2)
+    assert started or "a link or file is in the way" in out2, out2
+
+
+@pytest.mark.parametrize("path", ["run"])
+def test_second_look_a_state_dir_in_the_folder_takes_no_links(tmp_path, path):
+    # Attack: Sandbox.state_dir (or $XDG_DATA_HOME) inside a folder the kernel may write
+    # (a course's shared folder holding the hub's state): links_in grants links beneath
+    # the kernel's persistent $HOME, whose source, <state_dir>/<name>/home, lies in the
+    # notebook folder. A link made through $HOME appears in the folder on the host, where
+    # the Jupyter server follows it (onto a key, into a dot dir).
+    # Refused: the kernel's home on the host may not lie where it may write.
+    folder = shared_folder(tmp_path)
+    done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run",
+                           f"--Sandbox.state_dir={folder}/state", "--", "/bin/true"],
+                          cwd=folder, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"ns-kernel: state dir {folder}/state/" in done.stderr, done.stderr
+    assert "which the kernel may write" in done.stderr
+    assert os.listdir(folder) == []
