@@ -20,12 +20,14 @@ def base():
     path = tempfile.mkdtemp(prefix="nsk-bad-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(f"{path}-state", ignore_errors=True)
 
 
 def launch(base, *args, connection=None, env=None, cwd=None, preexec_fn=None, timeout=60):
     """Run the launcher as kernel.json does; return (exit code, stderr lines)."""
     argv = [sys.executable, "-P", "-m", "ns_kernel", f"--socket-dir={base}/sockets",
-            f"--Sandbox.state_dir={base}/state", *args]
+            # Beside the folder, not in it: a state dir the kernel may write is refused.
+            f"--Sandbox.state_dir={base}-state", *args]
     if connection is not None:
         argv += ["-f", connection]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
