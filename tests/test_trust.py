@@ -543,23 +543,7 @@ def test_a_config_file_the_kernel_could_write_is_never_read(tmp_path, path):
     os.chmod(folder, 0o777)
     ran = tmp_path / "ran"
     (folder / "ns_kernel_config.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": "."}
-    if path == "run":
-        proc = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", "--", "/bin/true"],
-                              cwd=folder, env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode != 0
-        said = proc.stderr
-    else:
-        from jupyter_client.manager import KernelManager
-        log = tmp_path / "server.log"
-        km = KernelManager(kernel_name=PATHS[path])
-        with open(log, "w") as stderr:
-            km.start_kernel(cwd=str(folder), env=env, stderr=stderr)
-            try:
-                assert wait_until(lambda: not km.is_alive(), timeout=30)
-            finally:
-                km.shutdown_kernel(now=True)
-        said = log.read_text()
+    said = failed_start(path, folder, {"JUPYTER_CONFIG_PATH": "."})
     assert f"working directory {folder}" in said and "lies in" in said, said
     assert not ran.exists()
 
