@@ -223,13 +223,14 @@ class Launch:
 
     def _who(self):
         """The kernel as a person knows it: Jupyter's kernel id, else (nbconvert, nbclient,
-        nbgrader: a temporary connection file) the notebook's folder."""
+        nbgrader: a temporary connection file) that file's name and the notebook's folder."""
         if not self.connection_file:
             return "command"
         if self.kernel_id:
             return f"kernel {self.kernel_id[:8]}"
         home, folder = os.path.expanduser("~"), self.folder
-        return f"kernel in {'~' + folder[len(home):] if under(folder, home) else folder}"
+        name = os.path.basename(self.connection_file).removesuffix(".json")
+        return f"kernel {name} in {'~' + folder[len(home):] if under(folder, home) else folder}"
 
     def report(self, status):
         """Say in the server log why the kernel ended, if it needs saying (explain)."""

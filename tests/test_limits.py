@@ -332,7 +332,8 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     with open(log_path, "w") as log:
         connection_file, out = asyncio.run(scenario(log))
     # By its id where the connection file's name has one, else by the notebook's folder.
-    name = Launch(None, connection_file).kernel_id[:8] or f"in {workdir}"
+    name = Launch(None, connection_file).kernel_id[:8] or \
+        f"{os.path.basename(connection_file)[:-5]} in {workdir}"
     lines = log_path.read_text().splitlines()
     assert any(line.startswith(f"ns-kernel: kernel {name} {reason}") for line in lines), lines
     assert f"ns-kernel: kernel {name} limits: memory 512M{PER_PROCESS}, pids 64 (by {LIMITS_BACKEND})" in lines

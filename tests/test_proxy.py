@@ -324,9 +324,11 @@ def servers():
 def logged(kernel, log):
     """The launcher's proxy lines for this kernel."""
     from ns_kernel.launcher import kernel_id_from
+    # By its id, else (a temporary connection file) by that file's name, then its folder.
     named = kernel.km.connection_file
-    who = f"ns-kernel: kernel {kernel_id_from(named)[:8] or os.path.basename(named)} proxy: "
-    return [line[len(who):] for line in log.read_text().splitlines() if line.startswith(who)]
+    who = f"ns-kernel: kernel {kernel_id_from(named)[:8] or os.path.basename(named)[:-5]} "
+    return [line.split(" proxy: ", 1)[1] for line in log.read_text().splitlines()
+            if line.startswith(who) and " proxy: " in line]
 
 
 FETCH = r'''
