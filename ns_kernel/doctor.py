@@ -212,7 +212,7 @@ def _try_in_child(seen):
     attempt("umount2", umount2, nowhere)
     attempt("pivot_root", pivot_root, nowhere, nowhere)
     attempt("open_tree", open_tree_clone, -1, nowhere)
-    attempt("move_mount", move_mount, -1, nowhere)
+    attempt("move_mount", move_mount, -1, nowhere, -1)
     attempt("mount_setattr", mount_setattr, nowhere, MountAttr.MOUNT_ATTR_RDONLY)
     attempt("sethostname", sethostname, os.uname().nodename)
     with open("/proc/self/ns/uts") as uts:

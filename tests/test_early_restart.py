@@ -157,7 +157,8 @@ def test_the_bridge_relays_nothing_to_the_control_port_until_a_stale_message_exp
                     relay.retry()
 
         run_until(time.monotonic() + hold / 2)
-        assert kernel["shell_port"].accept()[0].recv(16) == b"x"
+        clients.append(kernel["shell_port"].accept()[0])
+        assert clients[-1].recv(16) == b"x"
         with pytest.raises(BlockingIOError):
             kernel["control_port"].accept()     # nobody, before the hold ends
         run_until(until + 0.1)
@@ -167,6 +168,7 @@ def test_the_bridge_relays_nothing_to_the_control_port_until_a_stale_message_exp
                 conn = kernel["control_port"].accept()[0]
             except BlockingIOError:
                 break
+            clients.append(conn)
             conn.settimeout(1)
             got.append(conn.recv(16))
         assert b"live" in got
