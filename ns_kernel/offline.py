@@ -1,6 +1,8 @@
 """A kernel without a network (--network loopback or none), in the notebook: where pip or
-conda would go to a remote index, one line first says why that fails and what to do,
-since pip's own words (retries, then "No matching distribution") do not.
+conda went to a remote index and failed, one line after its own says why and what to do,
+since pip's words ("No matching distribution") do not. Where it did not need one
+("Requirement already satisfied"), nothing. pip does not retry there (PIP_RETRIES=0, set
+by the plan): there is no network to come back.
 
 Loaded into every such kernel as an IPython extension (the launcher adds EXTENSION_ARGV).
 """
@@ -19,13 +21,20 @@ TOOLS = ("pip", "conda", "mamba", "micromamba")
 
 
 def load_ipython_extension(ip):
-    def warn(info):
-        for tool, line in magic_lines(info.raw_cell):
+    def forget(info):
+        ip.user_ns.pop("_exit_code", None)
+
+    def warn(result):
+        # The cell's last %pip/%conda exit status (IPython's system() keeps it).
+        if not ip.user_ns.get("_exit_code"):
+            return
+        for tool, line in magic_lines(result.info.raw_cell):
             if needs_index(line):
                 print(LINE.format(tool=tool), file=sys.stderr, flush=True)
                 return
-    # Before the cell runs, so the line comes first; the magics themselves stay IPython's.
-    ip.events.register("pre_run_cell", warn)
+    # After the cell, in its output; the magics themselves stay IPython's.
+    ip.events.register("pre_run_cell", forget)
+    ip.events.register("post_run_cell", warn)
 
 
 def magic_lines(cell):

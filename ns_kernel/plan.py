@@ -430,6 +430,9 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
     mounts = pin_ancestors([*tree.mounts, *tree.seals], tree.writable)
 
     env, egress = kernel_env(dict(host.environ), sandbox, kernel_home), None
+    if MODES[sandbox.network].offline_hint:
+        # No network to come back: pip's retries (about 9 s) would only delay its error.
+        env.setdefault("PIP_RETRIES", "0")
     if MODES[sandbox.network].proxy:
         from .proxy import Policy
         egress = Policy.parse(sandbox.proxy_allow, sandbox.proxy_deny)

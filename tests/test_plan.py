@@ -323,8 +323,12 @@ def test_environment_is_an_allowlist():
                ("PYTHONHASHSEED", "0"), ("OMP_NUM_THREADS", "2"), ("CUSTOM", "x"))
     env = dict(plan(environ=environ).env)
     assert sorted(env) == ["HOME", "JPY_PARENT_PID", "LANG", "OMP_NUM_THREADS", "PATH",
-                           "PIP_EXTRA_INDEX_URL", "PYDEVD_DISABLE_FILE_VALIDATION",
-                           "PYTHONHASHSEED"]
+                           "PIP_EXTRA_INDEX_URL", "PIP_RETRIES",
+                           "PYDEVD_DISABLE_FILE_VALIDATION", "PYTHONHASHSEED"]
+    # No network to come back (loopback, the default): pip does not retry; one's own stays.
+    assert env["PIP_RETRIES"] == "0"
+    assert dict(plan(environ=(("PIP_RETRIES", "3"),)).env)["PIP_RETRIES"] == "3"
+    assert "PIP_RETRIES" not in dict(plan(Sandbox(network="proxy")).env)
     env = dict(plan(Sandbox(env_keep=["CUSTOM", "PIP_INDEX_URL"]), environ=environ).env)
     assert env["CUSTOM"] == "x" and env["PIP_INDEX_URL"] == "https://user:pw@mirror/simple"
 
