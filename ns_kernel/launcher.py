@@ -248,7 +248,8 @@ class Launch:
         # process limit it once reached is not why it ended), unless the OOM killer came first.
         stopped = -os.waitstatus_to_exitcode(status) in self.forwarded and not usage.oom_kills
         died = None if stopped else describe_exit(status, self._who(), usage)
-        lost = leftovers.describe(*self.box.leftovers, self._who()) if self.box else None
+        lost = leftovers.describe(*self.box.leftovers, self._who(), home_kept=not any(
+            dot for _, dot in self.box.plan.discarded)) if self.box else None
         told = "\n".join(filter(None, [died, lost]))
         if told and self.connection_file:
             notice.remember(self.connection_file, told, self.notice_fd)

@@ -47,10 +47,13 @@ def _printable(name):
     return name if len(name) <= 60 else name[:57] + "..."
 
 
-def describe(found, more, who):
-    """The line for the server log; None if nothing was lost."""
+def describe(found, more, who, home_kept=True):
+    """The line for the server log; None if nothing was lost. home_kept: $HOME outlives
+    the kernel (--home persistent), and is a place to keep files; else (--home private,
+    a grader's choice) only the folder is."""
     if not found:
         return None
     extra = f" and {more}{'+' if more >= COUNTED else ''} more" if more else ""
-    return (f"ns-kernel: {who} left {', '.join(found)}{extra}, gone with its sandbox: keep "
-            "files in the notebook's folder or in $HOME (--home persistent)")
+    keep = ("in the notebook's folder or in $HOME" if home_kept else
+            "in the notebook's folder ($HOME goes with the kernel too: --home private)")
+    return f"ns-kernel: {who} left {', '.join(found)}{extra}, gone with its sandbox: keep files {keep}"

@@ -258,7 +258,10 @@ def test_what_vanishes_is_reported_after_a_restart_and_in_the_log(workdir, state
         # five named, the rest counted; dot entries of the home (tools' caches) left out
         assert re.search(r"left /tmp/model\.pkl, /var/tmp/part\d, /var/tmp/part\d, "
                          r"/var/tmp/part\d, /var/tmp/part\d and 6 more, gone", notice), notice
-        assert notice.endswith("(--home persistent); this is a new kernel")
+        # The advice fits the kernel: its home goes with it too (--home private).
+        assert notice.endswith("gone with its sandbox: keep files in the notebook's folder "
+                               "($HOME goes with the kernel too: --home private); this is a "
+                               "new kernel"), notice
         assert out.splitlines()[1] == "first cell"
         # Told once: a clean restart of a kernel that left nothing says nothing.
         k.km.restart_kernel(now=False)

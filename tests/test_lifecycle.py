@@ -80,8 +80,7 @@ def test_restart_gives_fresh_sandbox(own_kernel):
     out, error, _ = k.execute("print('secret' in globals())")
     assert error is None
     assert out.endswith(" left /tmp/marker, gone with its sandbox: keep files in the "
-                        "notebook's folder or in $HOME (--home persistent); this is a new "
-                        "kernel\nFalse\n"), out
+                        "notebook's folder or in $HOME; this is a new kernel\nFalse\n"), out
     assert k.value("__import__('os').path.exists('/tmp/marker')") is False
     assert k.value("__import__('os').getpid()") == 2
     assert wait_until(lambda: not alive(old)), f"old sandbox survived: {alive(old)}"
