@@ -7,7 +7,7 @@ says why it died (death_reason); notice.py tells the restarted kernel.
 """
 import os
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import cgroup, limittable
 from .errors import SetupError
@@ -127,7 +127,6 @@ def decide(limits, cgroup_parent=""):
     """`limits` (plan.Limits, as configured) with the backend that will enforce them, and
     the names of those it cannot (best_effort lets them go; else a SetupError): known before
     the plan is built, nothing made for the kernel yet (enforce makes its cgroup)."""
-    from dataclasses import replace
     need = wanted(limits)
     if not need:
         return replace(limits, backend="none")

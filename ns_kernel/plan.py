@@ -385,6 +385,10 @@ class _Tree:
     seals: list = field(default_factory=list)       # read-only last, with all below mounted
     state_dirs: list = field(default_factory=list)  # host dirs that outlive the kernel
 
+    def writable_above(self, path):
+        """A writable folder that holds path (or is it), None if none."""
+        return next((w for w in self.writable if under(path, w)), None)
+
     def covering(self, path):
         """The writable or read-only folder nearest above path, None if none."""
         return max((p for p in (*self.writable, *self.read_only) if under(path, p)), key=len,
@@ -545,7 +549,7 @@ def check_state_dirs(tree):
     (Sandbox.state_dir or $XDG_DATA_HOME in a notebook folder): what a kernel leaves in its
     home, links and FIFOs included, would be in a folder the host reads."""
     for path in tree.state_dirs:
-        inside = next((w for w in tree.writable if under(path, w)), None)
+        inside = tree.writable_above(path)
         if inside:
             raise SetupError("plan", f"state dir {path}", hint=(
                 f"it lies in {inside}, which the kernel may write, and the host reads it; set "
@@ -558,7 +562,7 @@ def interpreter_mounts(host, cwd, packages, tree):
     host. Returns those below a writable folder, mounted read-only once that folder is."""
     home = host.home
     for path in host.unbuilt_paths:
-        inside = next((w for w in tree.writable if under(path, w)), None)
+        inside = tree.writable_above(path)
         if inside:
             raise SetupError("plan", f"sys.path entry {path} does not exist", hint=(
                 f"it lies in {inside}, which the kernel may write: the kernel could create "
@@ -576,7 +580,7 @@ def interpreter_mounts(host, cwd, packages, tree):
             raise SetupError("plan", f"sys.path entry {path}", hint=(
                 f"it holds the home {home}, which the kernel must not see whole; take it "
                 "(or an empty entry, which means the current folder) out of PYTHONPATH"))
-        if any(under(path, w) for w in tree.writable):
+        if tree.writable_above(path):
             below_writable.append(path)     # read-only on top of it, below
         elif path == host.venv or not any(under(path, v) for v in tree.visible):
             # After the tmpfs mounts: a venv under /tmp or a private $HOME stays visible.
