@@ -74,6 +74,8 @@ class IsolatedProvisioner(LocalProvisioner):
         The kernel's own socket dir on the host: chosen at the first launch under
         Sandbox.socket_dir (or the default base), kept across restarts.""")
 
+    _config = None      # the launcher's settings (Sandbox), read at the first launch
+
     def __init__(self, **kwargs):
         # The factory passes the config stanza as keyword arguments: take the Sandbox
         # settings out, and refuse what is neither ours nor jupyter_client's.
@@ -101,7 +103,10 @@ class IsolatedProvisioner(LocalProvisioner):
         extra = settings_argv(self.settings)
         # The launcher's view of its settings (argv, stanza, JSON config files): the same
         # socket base, and bad options fail here, in the server's words, before any launch.
-        config = self._launcher_config(start.options, extra)
+        # Once: a restart has the same kernelspec.
+        if self._config is None:
+            self._config = self._launcher_config(start.options, extra)
+        config = self._config
         check_server_imports(kwargs.get("cwd") or os.getcwd(), config.rw_binds)
         if not self.kernel_socket_dir:
             self.kernel_socket_dir = socketdir.choose(config.socket_dir, warn=self.log.warning)
