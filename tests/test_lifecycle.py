@@ -136,7 +136,7 @@ def test_init_reaps_orphans(own_kernel):
               "    for p in filter(str.isdigit, os.listdir('/proc')):\n        try:\n"
               "            with open(f'/proc/{p}/stat') as f:\n"
               "                found.append(f.read().rsplit(')', 1)[1].split()[0])\n"
-              "        except FileNotFoundError:\n            pass     # gone meanwhile\n"
+              "        except (FileNotFoundError, ProcessLookupError):\n            pass     # gone meanwhile\n"
               "    return found")
     # The sleep runs on a moment, then exits: an init that does not reap leaves a zombie.
     assert wait_until(lambda: len(k.value("states()")) == 2), k.value("states()")
@@ -227,10 +227,10 @@ def test_a_kernel_jupyter_interrupted_at_its_start_was_not_killed_by_sigkill(wor
     # it was started: jupyter_client's shutdown always interrupts first, SIGINT to the
     # launcher (the provisioner's warm.Launcher sends it over the request's socket;
     # on the argv path the warm client forwards it). A launcher whose sandbox does not stand
-    # yet keeps the signal (Launch.pending_signals) and sends it to the monitor as soon as
+    # yet keeps the signal (Supervisor.pending) and sends it to the monitor as soon as
     # Sandbox.start returns, before the monitor has forked init and installed its forwarder
     # (forked.run made SIGINT SIG_DFL): the monitor dies of SIGINT. A cold launcher reaps
-    # its own monitor, sees SIGINT, a signal Jupyter sent (Launch.forwarded): no notice. A
+    # its own monitor, sees SIGINT, a signal Jupyter sent (Life.forwarded): no notice. A
     # warm launcher's monitor is the template's child: Sandbox.wait's _wait_foreign makes
     # up a SIGKILL, which Jupyter did not forward, so explain() keeps "killed by SIGKILL"
     # in the connection file and the restarted kernel's first cell says the kernel the
@@ -247,7 +247,7 @@ def test_a_kernel_jupyter_interrupted_at_its_start_is_not_said_to_have_died(work
     # the SIGINT to the kernel, which runs ipykernel's start (IPKernelApp.initialize, in
     # the preloaded or prestarted interpreter) before ipykernel has set its own SIGINT
     # disposition: KeyboardInterrupt, the kernel exits 1, and the launcher keeps
-    # "exited with status 1" although the signal was Jupyter's (Launch.forwarded has it).
+    # "exited with status 1" although the signal was Jupyter's (Life.forwarded has it).
     # The restarted kernel's first cell says the kernel died on the user. The warm paths
     # and the cold prestarted one; --no-prestart (init execs the kernel later) not seen.
     told = restarts_in_first_moments(workdir, PATHS[path],
@@ -322,7 +322,7 @@ def test_a_command_run_from_a_shell_a_dead_server_left_runs(workdir):
     # Plain bad luck: `ns-kernel run` from a shell whose environment a Jupyter server gave
     # it long ago: a tmux or nohup started from a notebook's `!` (a plain kernel's
     # subprocesses inherit JPY_PARENT_PID, jupyter_client's launch_kernel sets it), or a
-    # terminal of a server that was itself started from a kernel. Launch.run opens that
+    # terminal of a server that was itself started from a kernel. launcher.run opens that
     # pid's pidfd first, and a kernel refuses to start once it is gone ("the Jupyter
     # server has exited"); a command, which no Jupyter server started and whose life was
     # never tied to one, runs.
