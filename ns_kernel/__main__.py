@@ -2,7 +2,7 @@
 # restart and shutdown, issue 28) may come while this process starts, before anything of
 # ours runs; then it has nothing to interrupt, and Python's KeyboardInterrupt would kill
 # the kernel's start instead. Until the warm client forwards signals (warm.client_main)
-# or the launcher keeps them (Launch.run; a pending SIGINT is dropped), one is ignored.
+# or the launcher keeps them (supervise.Supervisor; a pending SIGINT is dropped), one is ignored.
 # A handler, not SIG_IGN, which a process exec'd from here would keep (a template, a
 # prestarted kernel). What reaches us sooner (in Python's own start) still kills us: a
 # restart then starts the new kernel anyway (bridge.STALE_CONTROL).
@@ -22,12 +22,12 @@ if not start:
 if start:
     # Before cli and its traitlets: a warm client must not pay for them (warm.py), and
     # the kernel's own interpreter starts now, while the launcher works (prestart.py).
-    if start.warm:
+    if start.how == argv.WARM_START:
         from .warm import client_main
         status = client_main(start)
         if status is not None:      # None: no template took it; the kernel starts cold
             sys.exit(status)
-    if start.prestart:
+    if start.how != argv.EXEC:
         from . import prestart
         prestarted = prestart.spawn()
 

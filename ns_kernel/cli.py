@@ -1,9 +1,5 @@
-"""`ns-kernel` and `python -m ns_kernel`: traitlets applications over the sandbox config.
-
-  python -P -m ns_kernel [--cold] [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json)
-  ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [--cold] [options]
-  ns-kernel run [options] -- CMD [ARGS...]
-  ns-kernel doctor [options]
+"""`ns-kernel` and `python -m ns_kernel`: traitlets applications over the sandbox config
+(a kernel start's options are read by config.KernelApp, which shows them as usage).
 """
 import os
 import sys
@@ -12,52 +8,9 @@ import textwrap
 from traitlets import Bool, Unicode
 
 from . import argv as command_line, kernelspec
-from .config import SANDBOX_ALIASES, SANDBOX_FLAGS, Sandbox, SandboxApp
-from .errors import SetupError
+from .config import KERNEL_FLAGS, SANDBOX_ALIASES, SANDBOX_FLAGS, KernelApp, Sandbox, SandboxApp
+from .errors import SetupError, one_line
 from .net import MODES
-
-# The launcher's own flags besides the Sandbox's: `ns-kernel install` passes them on too.
-KERNEL_FLAGS = {command_line.NO_PRESTART_FLAG[0]: command_line.NO_PRESTART_FLAG[1:]}
-
-
-class KernelApp(SandboxApp):
-    name = "ns-kernel-kernel"
-    description = "Run ipykernel in a fresh sandbox for the client that wrote CONNECTION_FILE."
-    examples = textwrap.dedent(__doc__.split("\n\n", 1)[1]).strip()
-    kernel_socket_dir = Unicode("", config=True, help="""
-        Make exactly this directory (it must not exist) the kernel's socket dir, instead of a
-        fresh one under Sandbox.socket_dir. The kernel provisioner names it and gives the
-        client an ipc connection with ip <dir>/k, so the client's paths <dir>/k-<port> are
-        the kernel's own sockets: no link, no bridge.""")
-    prestart = Bool(True, config=True, help="""
-        Start the kernel's interpreter at once, while the sandbox is built, and let it join
-        the finished sandbox (prestart.py): a cold start then costs about what a plain
-        kernel's does. False: init execs the kernel once the sandbox is built.""")
-    aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
-    flags = {**SANDBOX_FLAGS, **KERNEL_FLAGS}
-
-    def start_kernel(self, start, spawn=None, finish=None, prestarted=None, requester=None,
-                     spare_monitor=None):
-        """start: the command line (argv.KernelStart). spawn: who starts the monitor;
-        finish(status): how to leave (default: exit like the kernel); requester: the warm
-        request's socket, spare_monitor: the pid spawn makes the monitor (Launch). A warm
-        template's launcher child passes these (warm.py). prestarted: the kernel's
-        interpreter, spawned by __main__ (prestart.py)."""
-        import functools
-        from .launcher import Launch
-        from .pid import exit_like
-        config = self.load_sandbox_config(start.options)
-        if prestarted and not self.prestart:    # said so in a config file
-            prestarted.close()
-            prestarted = None
-        if spawn and not self.prestart:         # a warm start's monitor then execs too
-            spawn = functools.partial(spawn, fresh=True)
-        launch = Launch(config, start.connection_file, start.extra,
-                        start.socket_dir or self.kernel_socket_dir or None, spawn, prestarted,
-                        requester, spare_monitor)
-        status = launch.run()
-        launch.report(status)
-        (finish or exit_like)(status)
 
 
 class InstallApp(SandboxApp):
@@ -121,23 +74,22 @@ class RunApp(SandboxApp):
     description = "Run CMD in the same sandbox a kernel gets (to see what a kernel sees)."
 
     def start_run(self, argv):
-        from .launcher import Launch
+        from . import launcher
         from .pid import exit_like
         if "--" not in argv:
             raise SetupError("usage", "no command", hint="use `ns-kernel run [options] -- CMD`")
         cut = argv.index("--")
         config = self.load_sandbox_config(argv[:cut])
-        launch = Launch(config, argv=argv[cut + 1:])
-        status = launch.run()
+        status, sup = launcher.run(config, command_line.command_start(argv[cut + 1:]))
         # A command's own exit code speaks for itself; a kill (OOM, signal) needs words.
         if os.WIFSIGNALED(status):
-            print(launch.explain(status), file=sys.stderr, flush=True)
+            print(sup.explain(status), file=sys.stderr, flush=True)
         exit_like(status)
 
 
 def main(argv=None, prestarted=None):
     """Entry point of `ns-kernel` and `python -m ns_kernel` (prestarted: see
-    KernelApp.start_kernel)."""
+    start_kernel)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         # A usage error, as with any command: the short form on stderr, exit 2.
@@ -147,26 +99,31 @@ def main(argv=None, prestarted=None):
     start = command_line.kernel_start(argv)
     if start:
         return start_kernel(start, prestarted=prestarted)
-    return _one_line(_command, argv)
+    return one_line(_command, argv)
 
 
-def start_kernel(start, spawn=None, finish=None, prestarted=None, requester=None,
-                 spare_monitor=None):
-    """Run the kernel start `start` (argv.KernelStart): what __main__ does, and a warm
-    template's launcher (see KernelApp.start_kernel)."""
-    return _one_line(KernelApp().start_kernel, start, spawn, finish, prestarted, requester,
-                     spare_monitor)
+def start_kernel(start, prestarted=None, warm=None, finish=None):
+    """Run the kernel start `start` (argv.KernelStart) to its end: what __main__ does, and
+    a warm template's launcher. prestarted: the kernel's interpreter, spawned by __main__
+    (prestart.py); warm: a warm template's launcher's (launcher.Warm); finish(status):
+    how to leave (default: exit like the kernel). A failure: one line, exit code 1."""
+    return one_line(_start_kernel, start, prestarted, warm, finish)
 
 
-def resume_kernel(launch, finish):
-    """In a warm kernel's monitor, once its launcher has handed it over (handoff.hand_off):
-    the rest of start_kernel; finish(status) as there."""
-    def resume():
-        status = launch.resume()
-        launch.report(status)
-        finish(status)
-    code = _one_line(resume)
-    finish((code or 0) << 8)
+def _start_kernel(start, prestarted, warm, finish):
+    from . import launcher
+    from .pid import exit_like
+    app = KernelApp()
+    config = app.load_sandbox_config(start.options)
+    if prestarted and not app.prestart:     # said so in a config file
+        prestarted.close()
+        prestarted = None
+    if warm and not app.prestart:           # a warm start's monitor then execs too
+        import functools
+        warm.spawn = functools.partial(warm.spawn, fresh=True)
+    status, sup = launcher.run(config, start, prestarted, warm)
+    sup.report(status)
+    (finish or exit_like)(status)
 
 
 def _command(argv):
@@ -181,15 +138,3 @@ def _command(argv):
         KernelApp().parse_command_line(argv)   # prints help, exits 0
     raise SetupError("usage", "no connection file", hint=(
         "run as `python -P -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
-
-
-def _one_line(func, *args):
-    """func(*args); a failure as one line on stderr and exit code 1 (2: not ours)."""
-    try:
-        return func(*args)
-    except SetupError as exc:
-        print(exc.line(), file=sys.stderr, flush=True)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - traitlets' TraitError and friends: one line
-        print(f"ns-kernel: {exc}", file=sys.stderr, flush=True)
-        return 2

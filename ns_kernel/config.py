@@ -12,6 +12,7 @@ from traitlets import Bool, CaselessStrEnum, Int, List, TraitError, Unicode, val
 from traitlets.config import Application, Configurable
 from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
 
+from .argv import NO_PRESTART_FLAG
 from .errors import SetupError
 from .limittable import LIMITS
 from .net import DEFAULT_MODE, MODES
@@ -231,6 +232,8 @@ SANDBOX_ALIASES = {
     "cgroup-parent": "Sandbox.cgroup_parent",
     "seccomp": "Sandbox.seccomp",
 }
+# The launcher's own flags besides the Sandbox's: `ns-kernel install` passes them on too.
+KERNEL_FLAGS = {NO_PRESTART_FLAG[0]: NO_PRESTART_FLAG[1:]}
 SANDBOX_FLAGS = {
     "best-effort": ({"Sandbox": {"best_effort": True}},
                     "Skip (with a warning) limits the backend cannot enforce."),
@@ -296,3 +299,27 @@ class SandboxApp(Application):
         if argv:    # the default kernelspec has no options: argparse costs ~6 ms a start
             self.parse_command_line(argv)
         return Sandbox(parent=self)
+
+
+class KernelApp(SandboxApp):
+    """A kernel start's options: the Sandbox's and the launcher's own two. What the
+    launcher (cli.start_kernel) and the provisioner, inside the Jupyter server, read
+    kernel.json's argv with."""
+    name = "ns-kernel-kernel"
+    description = "Run ipykernel in a fresh sandbox for the client that wrote CONNECTION_FILE."
+    examples = """\
+python -P -m ns_kernel [--cold] [options] -f CONNECTION_FILE [ipykernel args...]   (kernel.json)
+ns-kernel install [--user|--sys-prefix|--prefix P] [--name N] [--display-name D] [--cold] [options]
+ns-kernel run [options] -- CMD [ARGS...]
+ns-kernel doctor [options]"""
+    kernel_socket_dir = Unicode("", config=True, help="""
+        Make exactly this directory (it must not exist) the kernel's socket dir, instead of a
+        fresh one under Sandbox.socket_dir. The kernel provisioner names it and gives the
+        client an ipc connection with ip <dir>/k, so the client's paths <dir>/k-<port> are
+        the kernel's own sockets: no link, no bridge.""")
+    prestart = Bool(True, config=True, help="""
+        Start the kernel's interpreter at once, while the sandbox is built, and let it join
+        the finished sandbox (prestart.py): a cold start then costs about what a plain
+        kernel's does. False: init execs the kernel once the sandbox is built.""")
+    aliases = {**SANDBOX_ALIASES, "kernel-socket-dir": "KernelApp.kernel_socket_dir"}
+    flags = {**SANDBOX_FLAGS, **KERNEL_FLAGS}

@@ -270,15 +270,6 @@ def check_container(config):
     return errors
 
 
-# Each way a kernel starts (conftest.start_paths has them too): kernelspec options, and
-# whether the spec names the provisioner.
-START_PATHS = {
-    "provisioner": ([], True),                 # JupyterLab's: ipc sockets, warm (the default)
-    "argv": ([], False),                       # clients without provisioners: TCP bridge
-    "cold": ([command_line.COLD], True),       # `ns-kernel install --cold`: prestarted
-}
-
-
 def trial_kernels(argv, config):
     """Start a real kernel each way one starts, through jupyter_client as a Jupyter server
     does, with the doctor's options, and run PROBE in it; the first error line, or None."""
@@ -299,17 +290,18 @@ def trial_kernels(argv, config):
         had_template = True
     first = None
     try:
-        for how, (options, provisioner) in START_PATHS.items():
-            if how == "cold" and not command_line.kernel_start([*argv, "-f", "-"]).warm:
-                continue        # the options say cold already
-            spec = kernelspec.kernel_dict([*argv, *options], provisioner=provisioner)
+        asked = command_line.kernel_start([*argv, "-f", "-"]).how
+        for path in command_line.START_PATHS:
+            if asked != command_line.WARM_START and path.how != asked:
+                continue        # the options say how already: that way alone
+            how = path.name
+            spec = kernelspec.kernel_dict([*argv, *path.options], provisioner=path.provisioner)
             kernelspec.write_kernel_spec(os.path.join(data, "kernels", how), spec)
             seen, error = trial_kernel(specs, how, cwd)
             error = error or judge(seen, config)
             if seen:
                 show("FAIL" if error else "ok", f"kernel ({how})", describe(seen))
-                if (seen["started"] == "exec" and "--no-prestart" not in argv
-                        and how == "cold"):
+                if seen["started"] == "exec" and path.how == command_line.PRESTARTED:
                     show("info", "prestart", prestart_note())
             else:
                 show("FAIL", f"kernel ({how})", error)

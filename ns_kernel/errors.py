@@ -58,3 +58,16 @@ def moved(source):
     return SetupError("mount", f"{source} moved or became a link while the kernel started",
                       hint=("a folder the kernel would see was changed meanwhile, perhaps by "
                             "another kernel that may write its parent; start it again"))
+
+
+def one_line(func, *args):
+    """func(*args); a failure as one line on stderr and exit code 1 (2: not ours)."""
+    import sys
+    try:
+        return func(*args)
+    except SetupError as exc:
+        print(exc.line(), file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - traitlets' TraitError and friends: one line
+        print(f"ns-kernel: {exc}", file=sys.stderr, flush=True)
+        return 2

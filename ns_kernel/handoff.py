@@ -2,22 +2,27 @@
 sandbox's monitor cannot (no TCP bridge, no proxy), hands the rest of the kernel's life
 to that monitor and exits: one host process per kernel instead of two.
 
-  hand_off(launch)       in the launcher: tell the requester what the launch made (LEFT),
-                         send the Launch and the fds it holds over the control socket, exit
-  taken_over(...)        in the monitor: that Launch, now this process's, to live on
+  hand_off(sup)          in the launcher: tell the requester what the launch made (LEFT),
+                         send the kernel's Life as data (JSON) and the fds its supervision
+                         holds over the control socket, exit
+  taken_over(...)        in the monitor: a Supervisor of that Life, this process's now
+
+Data, not a pickled object: the monitor, a fork of the same template, takes no code from
+the launcher, which held the client's environment and read its config.
 """
 import json
 import os
-import pickle
 import socket
 import sys
 
+from . import output
 from .errors import SetupError
-from .sandbox import MSG_HANDOFF
+from .sandbox import MSG_HANDOFF, Sandbox
+from .supervise import Life, Supervisor
 from .warm import LEFT
 
 
-def hand_off(launch):
+def hand_off(sup):
     """What is left of the launcher's work (relay the kernel's output, watch the server
     and the requester, say why the kernel died, clean up), handed to the monitor (a warm
     template's spare, a fork of the same image); then leave. The kernel keeps one host
@@ -26,50 +31,44 @@ def hand_off(launch):
     in its socket. Returns only if the monitor has gone: the launcher lives on."""
     # The monitor may be SIGKILLed (by the user, whose uid it has; by the OOM killer)
     # before it can remove what this launch made; then only the requester, which sees
-    # its socket close without a status, is left to (warm.remove_left).
+    # its socket close without a status, is left to (warm.Launcher).
     try:
-        os.write(launch.requester, LEFT + json.dumps({
-            "socket_dir": launch.socket_dir, "links": launch.links,
-            "cgroups": launch.limits.cgroup.dirs if launch.limits.cgroup else {}}).encode())
+        os.write(sup.requester, LEFT + sup.life.made.dumps())
     except OSError:
         pass    # it has gone: the monitor sees that, and removes all (Abandoned)
     # The monitor is root in a user namespace of its own when we are root: no capability
     # on the host, where the connection file may be in a dir root does not own.
     try:
-        launch.notice_fd = os.open(launch.connection_file,
-                                   os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        sup.notice_fd = os.open(sup.life.connection_file,
+                                os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         pass        # gone, or not a file: the death notice, then, goes nowhere
-    state = pickle.dumps(launch)
+    handed = sup.handed()
+    handed.update(server=sup.server is not None, notice=sup.notice_fd is not None)
+    state = json.dumps(handed).encode()
+    fds = [sup.box.ctl.fileno(), sup.requester, sys.stderr.fileno(), sup.output.fd,
+           *(fd for fd in (sup.server, sup.notice_fd) if fd is not None)]
     try:
-        socket.send_fds(launch.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")],
-                        _handed_fds(launch))
-        launch.box.ctl.sendall(state)
+        socket.send_fds(sup.box.ctl, [MSG_HANDOFF + len(state).to_bytes(8, "big")], fds)
+        sup.box.ctl.sendall(state)
     except OSError:
         # The monitor has gone (the kernel died as it started, while this process was
         # slow to get here): it ends the kernel's life as if there were no monitor to
         # hand it to; init's last words wait on the control socket.
-        launch.handing_off = False
-        if launch.notice_fd is not None:
-            os.close(launch.notice_fd)
-            launch.notice_fd = None
+        sup.hand_off = None
+        if sup.notice_fd is not None:
+            os.close(sup.notice_fd)
+            sup.notice_fd = None
         return
     sys.stderr.flush()
     os._exit(0)
 
 
-def _handed_fds(launch):
-    """What the monitor needs of the launcher's, in the order taken_over takes them."""
-    extra = [launch.output and launch.output.fd, launch.server, launch.notice_fd]
-    return [launch.box.ctl.fileno(), launch.requester, sys.stderr.fileno(),
-            *(fd for fd in extra if fd is not None)]
-
-
 def taken_over(ctl, init, header, fds):
-    """In the monitor: the Launch its launcher handed over (header: the size of its state,
-    which follows on ctl; fds: _handed_fds's), now this process's, with init (our child)
-    as the sandbox's process to watch. ctl: our end of the control socket, closed here:
-    init's copy of it is what tells, by closing, that init has gone."""
+    """In the monitor: a Supervisor of the Life its launcher handed over (header: the size
+    of its state, which follows on ctl; fds: hand_off's), with init (our child) as the
+    sandbox's process to watch. ctl: our end of the control socket, closed here: init's
+    copy of it is what tells, by closing, that init has gone."""
     size = int.from_bytes(header, "big")
     data = bytearray()
     while len(data) < size:
@@ -78,18 +77,20 @@ def taken_over(ctl, init, header, fds):
             raise SetupError("warm", "the launcher's hand-off was cut short")
         data += chunk
     ctl.close()
-    launch = pickle.loads(data)
-    launcher_ctl, launch.requester, log, *extra = fds
+    handed = json.loads(data)
+    launcher_ctl, requester, log, output_fd, *extra = fds
     # The server's log, where the launcher wrote: no longer the kernel's pipe, whose
     # end the relay must see close.
     for target in (1, 2):
         os.dup2(log, target)
     os.close(log)
-    launch.box.pid, launch.box.ctl = init, socket.socket(fileno=launcher_ctl)
-    if launch.output:
-        launch.output.fd = extra.pop(0)
-    if launch.server is not None:
-        launch.server = extra.pop(0)
-    if launch.notice_fd is not None:
-        launch.notice_fd = extra.pop(0)
-    return launch
+    sup = Supervisor(Life.from_dict(handed["life"]), requester=requester)
+    sup.box = Sandbox.adopted(init, socket.socket(fileno=launcher_ctl))
+    sup.output = output.Relay(output_fd, sup.life.who)
+    sup.output.pending = handed["pending_output"].encode("latin-1")
+    if handed["server"]:
+        sup.server = extra.pop(0)
+    if handed["notice"]:
+        sup.notice_fd = extra.pop(0)
+    sup.running = True
+    return sup

@@ -53,13 +53,14 @@ class Enforcement:
         self.moving.start()
 
     def attach(self, pid):
-        self._moved_early()
+        self.settle()
         if self.failed:
             raise self.failed
         if self.cgroup and pid not in self.moved:
             self.cgroup.attach(pid)
 
-    def _moved_early(self):
+    def settle(self):
+        """Wait for attach_soon's moves to end (the cgroup is removed after: made.py)."""
         if self.moving:
             self.moving.join()
             self.moving = None
@@ -77,12 +78,6 @@ class Enforcement:
             lines.append(f"ns-kernel: warning: {who}: {', '.join(self.skipped)} not enforced: "
                          f"{self.backend} cannot (best_effort)")
         return lines
-
-    def remove(self):
-        self._moved_early()     # a failure before attach(): let the move end first
-        if self.cgroup:
-            self.cgroup.remove()
-            self.cgroup = None
 
 
 def wanted(limits):
@@ -187,7 +182,7 @@ def cgroup_origin(limits, before=None):
 def leave_cgroup(origin, remove=True):
     """The monitor, orphaned by a SIGKILLed launcher: go back to `origin` and remove the
     kernel's cgroup, which the launcher would have removed. remove=False: the monitor that
-    a warm launcher handed its kernel to, which removes it at the end (Launch.cleanup)."""
+    a warm launcher handed its kernel to, which removes it at the end (made.remove)."""
     if origin:
         cgroup.leave(origin, remove)
 

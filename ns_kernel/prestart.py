@@ -102,7 +102,7 @@ def hand_off(sock, plan, err_w):
     try:
         # Too big a plan (EMSGSIZE), an interpreter killed while importing (EPIPE,
         # ECONNRESET): it has joined nothing; the exec'd kernel will say what it says.
-        # With init's stdio (Launch's /dev/null and pipe), not what the interpreter was
+        # With init's stdio (the launcher's /dev/null and pipe), not what the interpreter was
         # spawned with (the server's): the kernel inherits the helper's.
         socket.send_fds(sock, [pickle.dumps(plan)], [me, err_w, 0, 1, 2])
         reply = sock.recv(64)

@@ -20,7 +20,7 @@ runs, through the request's socket (warm.Launcher, Popen's poll, wait and send_s
 otherwise it Popens the command, as LocalProvisioner does, and the client started that way
 makes the template (a user's first kernel).
 
-It reads the launcher's options with the launcher's own parser (cli.KernelApp), but the
+It reads the launcher's options with the launcher's own parser (config.KernelApp), but the
 config files as data only: ns_kernel_config.json, never ns_kernel_config.py, which would
 run in the Jupyter server (the launcher, a process of its own, runs both).
 """
@@ -33,7 +33,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Dict, TraitError, Unicode
 
 from . import kernelspec, socketdir, warm
-from .cli import KernelApp
+from .config import KernelApp
 from .config import Sandbox
 from .errors import SetupError
 from .plan import under

@@ -41,7 +41,7 @@ class Sandbox:
     def __init__(self, plan, attach=None, prestarted=None, handles=(), stdio=(0, 1, 2)):
         self.plan = plan
         self.handles = handles     # of the bind sources, in order (mount.open_sources)
-        self.stdio = stdio         # the sandbox's fds 0, 1, 2 (Launch: /dev/null and a pipe)
+        self.stdio = stdio         # the sandbox's fds 0, 1, 2 (the launcher's /dev/null and pipe)
         self.attach = attach       # puts the monitor in the kernel's cgroup (limits.py)
         self.prestarted = prestarted   # the kernel's interpreter, if spawned (prestart.py)
         self.pid = None            # the monitor's pid
@@ -53,6 +53,14 @@ class Sandbox:
         self.proxy_listener = None # the socket init listens on for the proxy, once sent
         self._error_data = b""
         self._status_data = b""
+
+    @classmethod
+    def adopted(cls, pid_, ctl):
+        """The handle of a monitor that took its sandbox over (handoff.taken_over): init,
+        its child, is the process to watch; ctl, the launcher's end of the control socket."""
+        box = cls(None)
+        box.pid, box.ctl = pid_, ctl
+        return box
 
     def start(self, spawn=None):
         """Start the monitor, map its ids, and return; the rest happens in the children.
@@ -130,14 +138,6 @@ class Sandbox:
             self.kernel_status = report["status"]
             self.leftovers = report["left"], report["more"]
         return data
-
-    def __getstate__(self):
-        """A handle the launcher hands to the monitor (handoff.hand_off): what it knows, not
-        what it holds (the fds go along by themselves, or are closed by then)."""
-        state = dict(vars(self))
-        state.update(ctl=None, errors=None, attach=None, handles=(), stdio=(),
-                     prestarted=None)
-        return state
 
     def signal(self, signum):
         try:

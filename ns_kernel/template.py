@@ -327,6 +327,7 @@ def _launcher_child(conn, request, fds, monitor, spare):
     """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
     import functools
     from . import cli
+    from .launcher import Warm
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])
@@ -336,11 +337,11 @@ def _launcher_child(conn, request, fds, monitor, spare):
     spawn = functools.partial(_spawn_monitor, monitor)
     # The connection's other end is what Jupyter kills (the client: a restart, a shutdown
     # now) or closes (the provisioner's warm.Launcher.kill): the launcher watches it and,
-    # once closed, removes what it made and leaves (launcher.Abandoned, which _serve's
+    # once closed, removes what it made and leaves (supervise.Abandoned, which _serve's
     # exit ends silently), whenever that happens, even while the sandbox is being built.
     # Once the kernel runs, the monitor may take all that over (_take_over).
-    code = cli.start_kernel(request["start"], spawn=spawn, finish=finish,
-                            requester=conn.fileno(), spare_monitor=spare)
+    code = cli.start_kernel(request["start"], warm=Warm(spawn, conn.fileno(), spare),
+                            finish=finish)
     finish((code or 0) << 8)
 
 
@@ -359,18 +360,21 @@ def _take_over(ctl, init, origin, header, fds):
     """In the monitor, when its launcher hands it the running kernel (handoff.hand_off):
     leave the kernel's cgroup (this process's work is not the kernel's to pay for, and
     the cgroup is removed at the end), then live the rest of the launcher's life."""
-    from . import cli, handoff, limits
-    from .launcher import Abandoned
+    import functools
+    from . import handoff, limits
+    from .errors import one_line
+    from .supervise import Abandoned, live_on
     try:
-        launch = handoff.taken_over(ctl, init, header, fds)
+        sup = handoff.taken_over(ctl, init, header, fds)
     except Exception as exc:  # noqa: BLE001 - said; the caller removes the sandbox
         print(f"ns-kernel: warm start: take the kernel over from its launcher: {exc}",
               file=sys.stderr, flush=True)
         return
     limits.leave_cgroup(origin, remove=False)
+    finish = functools.partial(_finish, socket.socket(fileno=sup.requester))
     try:
-        cli.resume_kernel(launch, lambda status: _finish(socket.socket(
-            fileno=launch.requester), status))
+        code = one_line(live_on, sup, finish)
+        finish((code or 0) << 8)
     except Abandoned:
         pass        # silently, as the launcher it took over from would have
     os._exit(0)

@@ -10,7 +10,7 @@ process has imported both already and forks, per kernel:
              server, sends the same request itself when a template listens (launch,
              Launcher): no client process at all on JupyterLab's path
   launcher   a fork of the template that becomes `python -m ns_kernel -f FILE` for that
-             client (cli.start_kernel, the same Launch as a cold start: config, plan,
+             client (cli.start_kernel, the same launcher.run as a cold start: config, plan,
              socket dir, bridge, limits) except that it hands the plan to a monitor the
              template forked beside it instead of forking one: it holds the client's
              environment (tokens), a kernel must not. Once the kernel runs, unless it
@@ -195,8 +195,8 @@ class Launcher:
             import signal
             self.returncode = -signal.SIGKILL if self._killed else 1
             if self.left:
-                import json
-                remove_left(json.loads(self.left))
+                from . import made
+                made.remove(made.Made.loads(self.left), cgroup_beside=True)
         self.sock.close()
 
     def send_signal(self, signum):
@@ -206,7 +206,7 @@ class Launcher:
                 if signum == signal.SIGKILL:
                     # A SIGKILLed launcher could not remove what it made (a cgroup, in
                     # its first moments); closing our end has whoever holds the other
-                    # kill its sandbox at once, clean up and exit (launcher.Abandoned);
+                    # kill its sandbox at once, clean up and exit (supervise.Abandoned);
                     # the socket's EOF says it has.
                     self._killed = True
                     self.sock.shutdown(_socket.SHUT_WR)
@@ -248,20 +248,6 @@ def _connect(path):
         sock.close()
         raise SetupError("warm", "connect", path, hint=f"{why}: not our template")
     return sock
-
-
-def remove_left(left):
-    """In the requester of a warm start whose monitor took the kernel over and died
-    without a word (SIGKILLed): what the launch made, as handoff.hand_off told (LEFT)."""
-    import threading
-    from . import cgroup, socketdir
-    socketdir.unlink_ipc_paths(left["links"], left["socket_dir"])
-    socketdir.remove(left["socket_dir"])
-    if left["cgroups"]:
-        # Beside the caller (a Jupyter server's event loop polls): a cgroup whose kernel
-        # held GBs takes seconds to empty. Not a daemon: a client that exits waits for it.
-        threading.Thread(target=cgroup.Cgroup(0, left["cgroups"]).remove,
-                         name="ns-kernel-remove-cgroup").start()
 
 
 def untrusted(sock):

@@ -22,6 +22,7 @@ import pytest
 from jupyter_client.manager import KernelManager
 
 from ns_kernel import cgroup, kernelspec, limits, socketdir, warm
+from ns_kernel.argv import START_PATHS
 
 KERNEL_NAME = "isolated-python"
 
@@ -131,16 +132,18 @@ write_spec(KERNEL_NAME)      # what `ns-kernel install` writes: warm by default
 COLD_NAME = write_spec("isolated-python-cold", ["--cold"])
 
 
+# Every way a kernel starts, by name: what tests parametrize over to cover them all.
+ALL_PATHS = [path.name for path in START_PATHS]
+
+
 def start_paths(prefix, options=()):
-    """A kernelspec for each way a kernel starts, with options: from the warm template (the
-    default) on the argv path with its TCP bridge and on the provisioner's direct ipc; cold
-    with a prestarted interpreter (--cold); init exec'ing the kernel (--no-prestart)."""
-    return {
-        "argv": write_spec(f"{prefix}-argv", options),
-        "provisioner": write_spec(f"{prefix}-provisioner", options, provisioner=True),
-        "cold": write_spec(f"{prefix}-cold", [*options, "--cold"]),
-        "no-prestart": write_spec(f"{prefix}-exec", [*options, "--no-prestart"]),
-    }
+    """A kernelspec for each way a kernel starts (argv.START_PATHS), with options: from the
+    warm template (the default) on the argv path with its TCP bridge and on the
+    provisioner's direct ipc; cold with a prestarted interpreter (--cold); init exec'ing
+    the kernel (--no-prestart)."""
+    return {path.name: write_spec(f"{prefix}-{path.name}", [*options, *path.options],
+                                  provisioner=path.provisioner)
+            for path in START_PATHS}
 
 
 def stop_templates(python=sys.executable, under=None, environ=os.environ):

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from ns_kernel import container
+from ns_kernel.argv import EXEC, PRESTARTED, START_PATHS
 
 pytestmark = pytest.mark.container
 
@@ -64,11 +65,11 @@ def test_recommended_settings_run_kernels(who):
     done = podman(*RECOMMENDED, *WHO[who], command="ns-kernel doctor")
     assert done.returncode == 0, done.stdout + done.stderr
     uid = 1000 if who.startswith("user") else 65534
-    # root in a container lacks CAP_SYS_PTRACE: its prestart falls back to exec (tested).
-    started = "prestarted" if who.startswith("user") else "exec"
-    for how, way in (("provisioner", "warm"), ("argv", "warm"), ("cold", started)):
-        assert (f"  ok    kernel ({how}): {way}, pid 2 of 2 processes, /proc proc, /tmp tmpfs "
-                "(writable)") in done.stdout
+    for path in START_PATHS:
+        # root in a container lacks CAP_SYS_PTRACE: its prestart falls back to exec (tested).
+        way = EXEC if path.how == PRESTARTED and not who.startswith("user") else path.how
+        assert (f"  ok    kernel ({path.name}): {way}, pid 2 of 2 processes, /proc proc, "
+                "/tmp tmpfs (writable)") in done.stdout
     # Its own cgroup namespace: not the container's path.
     assert f"uid {uid}, network lo, cgroup /, seccomp mode 2" in done.stdout
     assert ("prestart: kernels are exec'd instead (root without CAP_SYS_PTRACE"

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import LIMITS_BACKEND, PER_PROCESS
 from ns_kernel import limits
+from ns_kernel.argv import START_PATHS
 
 # Run as a user namespace's root (--map-root-user), the launcher's default socket base would
 # be /tmp/ns-kernel-0: host root's name, made by this user. Every doctor and launcher here
@@ -32,9 +33,9 @@ def test_doctor_passes_here():
     assert f"  ok    limits backend: {LIMITS_BACKEND}, for the limits configured: memory 512M{PER_PROCESS}, pids 64" \
         in out
     # A real kernel each way one starts, each as a kernel started that way is.
-    for how, started in (("provisioner", "warm"), ("argv", "warm"), ("cold", "prestarted")):
-        assert (f"  ok    kernel ({how}): {started}, pid 2 of 2 processes, /proc proc, /tmp "
-                "tmpfs (writable)") in out
+    for path in START_PATHS:
+        assert (f"  ok    kernel ({path.name}): {path.how}, pid 2 of 2 processes, /proc proc, "
+                "/tmp tmpfs (writable)") in out
     assert "network lo, cgroup /, seccomp mode 2, a link in its folder: Permission denied" in out
     assert "  ok    links: Landlock ABI " in out
     assert "  ok    sandbox syscalls: unshare, mount, umount2, pivot_root, open_tree, " in out

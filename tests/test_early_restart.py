@@ -21,7 +21,7 @@ import time
 import pytest
 from jupyter_client.manager import KernelManager
 
-from conftest import (KERNEL_NAME, LOOPBACK, Kernel, kernel_cgroups, start_kernel,
+from conftest import (ALL_PATHS, KERNEL_NAME, LOOPBACK, Kernel, kernel_cgroups, start_kernel,
                       start_paths, stop_kernel, wait_until)
 from ns_kernel import bridge, connection
 
@@ -67,7 +67,7 @@ def in_dir(path):
     return found
 
 
-@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_a_restart_in_a_kernels_first_moments_ends_with_a_kernel_that_answers(
         workdir, template, load, path):
     failed = []
@@ -91,7 +91,7 @@ def test_a_restart_in_a_kernels_first_moments_ends_with_a_kernel_that_answers(
     assert not failed, f"{len(failed)} of {len(DELAYS)} restarts: {failed}"
 
 
-@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_a_shutdown_in_a_kernels_first_moments_leaves_nothing(workdir, template, load, path):
     before = set(in_dir(workdir))     # the first kernel's
     ids = []

@@ -17,7 +17,7 @@ from traitlets.config import Config
 
 from conftest import LIMITS_BACKEND, PER_PROCESS, kernel_cgroup_dir, start_kernel, stop_kernel
 from ns_kernel import cgroup, limits, notice
-from ns_kernel.launcher import Launch
+from ns_kernel.launcher import kernel_id_from
 
 LIMITED = "isolated-python-512m"
 OPTIONS = ["--memory", "512M", "--pids", "64"]
@@ -332,7 +332,7 @@ def test_death_reason_reaches_log_and_restarted_kernel(specs, workdir, tmp_path)
     with open(log_path, "w") as log:
         connection_file, out = asyncio.run(scenario(log))
     # By its id where the connection file's name has one, else by the notebook's folder.
-    name = Launch(None, connection_file).kernel_id[:8] or \
+    name = kernel_id_from(connection_file)[:8] or \
         f"{os.path.basename(connection_file)[:-5]} in {workdir}"
     lines = log_path.read_text().splitlines()
     assert any(line.startswith(f"ns-kernel: kernel {name} {reason}") for line in lines), lines
@@ -400,7 +400,7 @@ print(refused)
 def test_death_reasons_read_from_the_counters():
     """Pure: the words for each way a kernel ends, from the wait status and the cgroup."""
     from ns_kernel.cgroup import Usage
-    from ns_kernel.launcher import describe_exit
+    from ns_kernel.supervise import describe_exit
     oom = Usage(oom_kills=1, memory_limit=512 * MiB, memory_peak=511 * MiB)
     assert describe_exit(9, "kernel ab12cd34", oom) == \
         "ns-kernel: kernel ab12cd34 killed: out of memory (limit 512 MiB, peak 511 MiB)"

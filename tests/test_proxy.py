@@ -18,7 +18,7 @@ import threading
 
 import pytest
 
-from conftest import make_wheel, start_kernel, start_paths, stop_kernel, write_spec
+from conftest import ALL_PATHS, make_wheel, start_kernel, start_paths, stop_kernel, write_spec
 from ns_kernel import proxy
 from ns_kernel.proxy import BadRequest, Policy, always_denied, decide, parse_head
 
@@ -345,7 +345,7 @@ def fetch(url, cafile=None):
 '''
 
 
-@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_kernel_reaches_what_is_listed(servers, workdir, tmp_path, path):
     ports = servers["ports"]
     cert = os.path.join(workdir, "ca.pem")
@@ -626,7 +626,7 @@ def speaks_first():
         server.stdout.close()
 
 
-@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_no_tunnel_to_a_port_not_named(speaks_first, workdir, tmp_path, path):
     """Attack (issue 22, item 5): the proxy relayed CONNECT to any port, and a plain-HTTP
     request's bytes after its head as well: a raw TCP tunnel (ssh's banner came back).
@@ -660,7 +660,7 @@ def test_no_tunnel_to_a_port_not_named(speaks_first, workdir, tmp_path, path):
 
 @pytest.mark.skipif(os.getuid() != 0, reason="makes a network namespace and a veth pair on "
                     "the host (root); the ordinary user's runs test the same on loopback")
-@pytest.mark.parametrize("path", ["argv", "provisioner", "cold", "no-prestart"])
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_no_tunnel_to_ssh_without_any_allow(public_server, workdir, tmp_path, path):
     """Attack: `--network proxy` with no --allow, CONNECT to a public address's port 22,
     for sshd's banner: refused, in the words of the others; plain HTTP to that address

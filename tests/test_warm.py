@@ -621,11 +621,11 @@ def test_a_server_killed_with_a_warm_kernel_leaves_nothing(workdir, moment):
     # not yet handed to the monitor), nobody removes what it made: the kernel's socket dir
     # (with connection.json, the kernel's HMAC key, owned by the sandbox's uid) and its
     # cgroup stay behind, once per such death. Once the kernel runs, two threads of the
-    # launcher see the server go at once: _supervise (JPY_PARENT_PID) SIGKILLs the monitor,
+    # launcher see the server go at once: the supervision loop (JPY_PARENT_PID) SIGKILLs the monitor,
     # whose own cleanup (sandbox._supervise) then never runs, and _die_with's thread exits
-    # the launcher before Launch.cleanup does: the same two things would stay. (A cold
-    # launcher's requester outlives the server: only _supervise sees it go, and
-    # Launch.cleanup removes both.)
+    # the launcher before Supervisor.cleanup does: the same two things would stay. (A cold
+    # launcher's requester outlives the server: only the supervision loop sees it go, and
+    # Supervisor.cleanup removes both.)
     first = start_kernel(workdir, kernel_name=KERNEL_NAME)     # the template runs
     leaks = []
     try:
@@ -896,7 +896,7 @@ def test_a_template_child_never_signals_whoever_adopted_it(user_base, stale_dir,
 # pipe) and leaves no lock; it keeps none of its first client's other fds; a socket base
 # too long for a Unix socket starts the kernel cold.
 
-PATHS = start_paths("rt14d")
+PATHS = start_paths("template-word")
 
 
 def read(log):
@@ -1020,7 +1020,7 @@ def test_a_socket_base_too_long_for_the_template_starts_the_kernel_cold(workdir,
     os.mkdir(long_dir)
     sockets = tempfile.mkdtemp(prefix="nsk-sd-")
     monkeypatch.setenv("XDG_RUNTIME_DIR", long_dir)
-    name = write_spec(f"rt14d-short-socket-dir-{path}", [f"--socket-dir={sockets}"],
+    name = write_spec(f"template-word-short-socket-dir-{path}", [f"--socket-dir={sockets}"],
                       provisioner=path == "provisioner")
     log = tempfile.TemporaryFile("w+")
     try:
