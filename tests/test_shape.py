@@ -1,6 +1,7 @@
 """The package's shape (issue 23, "One way through"): no module imports another that imports
-it back, function-level imports included, and none uses another's private names. Read from
-the source with ast: nothing is imported.
+it back, function-level imports included, none uses another's private names, and no class
+or function grows past what a reader holds in mind. Read from the source with ast: nothing
+is imported.
 
   python tests/test_shape.py     prints the import graph
 """
@@ -96,10 +97,37 @@ def test_no_module_uses_anothers_private_names():
     assert used == {}
 
 
+# Lines, docstrings and comments included (they are read too).
+MAX_CLASS, MAX_FUNCTION = 210, 100
+
+
+def too_long(tree):
+    """[(name, kind, lines)] of the classes and functions in tree over the limits."""
+    found = []
+    for node in ast.walk(tree):
+        size = (node.end_lineno - node.lineno + 1) if hasattr(node, "end_lineno") else 0
+        if isinstance(node, ast.ClassDef) and size > MAX_CLASS:
+            found.append((node.name, "class", size))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > MAX_FUNCTION:
+            found.append((node.name, "function", size))
+    return found
+
+
+def test_no_class_or_function_is_too_long():
+    found = {}
+    for name in modules():
+        with open(os.path.join(PACKAGE, name + ".py")) as f:
+            found.update({f"{name}.{what}": (kind, size)
+                          for what, kind, size in too_long(ast.parse(f.read()))})
+    assert found == {}
+
+
 def test_the_check_sees_a_cycle_and_a_private_name():
     assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
     deps, private = imports("template", modules())
     assert "sandbox" in deps and "warm" in deps and private == []
+    long = ast.parse("def f():\n" + "    pass\n" * MAX_FUNCTION)
+    assert too_long(long) == [("f", "function", MAX_FUNCTION + 1)]
 
 
 if __name__ == "__main__":
