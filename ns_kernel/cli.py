@@ -83,7 +83,7 @@ class RunApp(SandboxApp):
         status, sup = launcher.run(config, command_line.command_start(argv[cut + 1:]))
         # A command's own exit code speaks for itself; a kill (OOM, signal) needs words.
         if os.WIFSIGNALED(status):
-            print(sup.explain(status), file=sys.stderr, flush=True)
+            sup.report(status)
         exit_like(status)
 
 

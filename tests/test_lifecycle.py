@@ -332,3 +332,25 @@ def test_a_command_run_from_a_shell_a_dead_server_left_runs(workdir):
                           capture_output=True, text=True, cwd=workdir, timeout=60,
                           env=dict(os.environ, JPY_PARENT_PID=str(gone.pid)))
     assert done.returncode == 0, done.stderr
+
+
+def test_a_command_stopped_by_its_own_signal_says_no_word(workdir):
+    # `ns-kernel run -- CMD` from a terminal, stopped as one stops a command (Ctrl-C, a
+    # kill): the launcher forwards the signal, the command dies of it. That is no death to
+    # explain (explain() says nothing: Jupyter's own stops are quiet too), and stderr got
+    # the word "None" instead.
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "ns_kernel", "run", "--",
+                             sys.executable, "-c", "print('up', flush=True); "
+                             "__import__('time').sleep(600)"],
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "up\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "None" not in err.splitlines(), err
