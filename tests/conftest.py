@@ -141,9 +141,15 @@ def start_paths(prefix, options=()):
     warm template (the default) on the argv path with its TCP bridge and on the
     provisioner's direct ipc; cold with a prestarted interpreter (--cold); init exec'ing
     the kernel (--no-prestart)."""
-    return {path.name: write_spec(f"{prefix}-{path.name}", [*options, *path.options],
-                                  provisioner=path.provisioner)
+    return {path.name: start_path_spec(f"{prefix}-{path.name}", path.name, options)
             for path in START_PATHS}
+
+
+def start_path_spec(name, path, options=()):
+    """The kernelspec `name` that starts a kernel the way named `path` (ALL_PATHS), with
+    options: for a test's own spec on one path."""
+    way = next(way for way in START_PATHS if way.name == path)
+    return write_spec(name, [*options, *way.options], provisioner=way.provisioner)
 
 
 def stop_templates(python=sys.executable, under=None, environ=os.environ):

@@ -9,9 +9,9 @@ import time
 import pytest
 from jupyter_client.manager import KernelManager
 
-from conftest import KERNEL_NAME, Kernel, alive, descendants, interrupt_busy_loop, \
-    kernel_host_pid, process_state, sandbox_tree, socket_inodes, start_kernel, start_paths, \
-    stop_kernel, wait_for_output, wait_until, write_spec
+from conftest import ALL_PATHS, KERNEL_NAME, Kernel, alive, descendants, interrupt_busy_loop, \
+    kernel_host_pid, process_state, sandbox_tree, socket_inodes, start_kernel, \
+    start_path_spec, start_paths, stop_kernel, wait_for_output, wait_until, write_spec
 from ns_kernel import connection
 
 def wchan(pid):
@@ -22,15 +22,10 @@ def wchan(pid):
 
 # Every way a kernel starts: warm (the default) on the argv path and the provisioner's,
 # a cold prestarted one, and init exec'ing the kernel.
-START = {"argv": ([], False), "provisioner": ([], True), "cold": (["--cold"], False),
-         "no-prestart": (["--no-prestart"], False)}
-
-
-@pytest.fixture(params=list(START))
+@pytest.fixture(params=ALL_PATHS)
 def own_kernel(request, workdir, socket_base):
-    options, provisioner = START[request.param]
-    name = write_spec(f"isolated-{os.path.basename(socket_base)}",
-                      [f"--socket-dir={socket_base}", *options], provisioner=provisioner)
+    name = start_path_spec(f"isolated-{os.path.basename(socket_base)}", request.param,
+                           [f"--socket-dir={socket_base}"])
     k = start_kernel(workdir, kernel_name=name)
     yield k
     stop_kernel(k)

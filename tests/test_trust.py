@@ -12,11 +12,9 @@ import threading
 
 import pytest
 
-from conftest import ATTEMPT, start_kernel, start_paths, stop_kernel, wait_until, write_spec
+from conftest import ATTEMPT, start_kernel, start_path_spec, start_paths, stop_kernel, wait_until
 
 PATHS = start_paths("trust")
-# What each start path's kernelspec adds (conftest.start_paths), for specs of a test's own.
-SPEC_OPTIONS = {"argv": [], "provisioner": [], "cold": ["--cold"], "no-prestart": ["--no-prestart"]}
 SHARED_HOME = start_paths("trust-shared", ["--home=shared"])
 
 ATTACKS = "import os\n" + ATTEMPT + """home = {home!r}
@@ -347,8 +345,7 @@ def test_a_kernel_makes_no_links_where_the_host_reads(tmp_path, path):
         seen, out = attack(path, folder, LINKS.format(target=str(tmp_path), rw=str(rw)),
                            options=options)
     else:
-        name = write_spec(f"trust-links-{path}", [*options, *SPEC_OPTIONS[path]],
-                          provisioner=path == "provisioner")
+        name = start_path_spec(f"trust-links-{path}", path, options)
         k = start_kernel(str(folder), kernel_name=name)
         try:
             out, error, _ = k.execute(ATTEMPT + LINKS.format(target=str(tmp_path), rw=str(rw)))
@@ -779,8 +776,7 @@ def second_attack(path, cwd, code, options=(), env=None):
     own for kernels, as test_a_kernel_makes_no_links_where_the_host_reads has)."""
     if path == "run" or not options:
         return attack(path, cwd, code, env=env, options=options)
-    name = write_spec(f"trust-second-{path}", [*options, *SPEC_OPTIONS[path]],
-                      provisioner=path == "provisioner")
+    name = start_path_spec(f"trust-second-{path}", path, options)
     k = start_kernel(str(cwd), kernel_name=name, env=env)
     try:
         out, error, _ = k.execute(ATTEMPT + code)
