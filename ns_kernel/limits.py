@@ -65,9 +65,6 @@ class Enforcement:
             self.moving.join()
             self.moving = None
 
-    def usage(self):
-        return self.cgroup.usage() if self.cgroup else cgroup.Usage()
-
     def log_lines(self, limits, who):
         """For the server log: the backend in force, and what best_effort let go."""
         if self.backend == "none":
