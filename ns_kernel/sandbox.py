@@ -45,6 +45,7 @@ class Sandbox:
         self.attach = attach       # puts the monitor in the kernel's cgroup (limits.py)
         self.prestarted = prestarted   # the kernel's interpreter, if spawned (prestart.py)
         self.pid = None            # the monitor's pid
+        self.pidfd = None          # and a pidfd of it, opened while it surely lives
         self.ctl = None            # launcher's end of the control socket
         self.errors = None         # read end of the error pipe
         self.kernel_status = None  # raw wait status of the kernel, once reported
@@ -59,7 +60,7 @@ class Sandbox:
         """The handle of a monitor that took its sandbox over (handoff.taken_over): init,
         its child, is the process to watch; ctl, the launcher's end of the control socket."""
         box = cls(None)
-        box.pid, box.ctl = pid_, ctl
+        box.pid, box.pidfd, box.ctl = pid_, os.pidfd_open(pid_), ctl
         return box
 
     def start(self, spawn=None):
@@ -99,6 +100,10 @@ class Sandbox:
         try:
             if ctl.recv(1) != MSG_UNSHARED:
                 raise self.failure() or SetupError("user", "sandbox monitor exited early")
+            # It waits for MSG_MAPPED, alive: from here on it is known by this handle, not
+            # by its pid (a warm one is the template's child, reaped by nobody we know:
+            # its pid may go to another process).
+            self.pidfd = os.pidfd_open(child)
             # The monitor waits for its id maps and has forked nothing yet: whatever the
             # sandbox forks from now on is born in the cgroup.
             if self.attach:
@@ -140,8 +145,10 @@ class Sandbox:
         return data
 
     def signal(self, signum):
+        if self.pidfd is None:
+            return
         try:
-            os.kill(self.pid, signum)
+            signal.pidfd_send_signal(self.pidfd, signum)
         except ProcessLookupError:
             pass
 
@@ -158,22 +165,13 @@ class Sandbox:
         except ChildProcessError:
             # A warm template's monitor is its child, not ours: wait for it to go; what
             # the kernel's status was, init has sent on the control socket.
-            status = _wait_foreign(self.pid)
-        self.pid, self.status = None, status
+            if self.pidfd is not None:
+                select.select([self.pidfd], [], [])
+            status = signal.SIGKILL
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.pid, self.pidfd, self.status = None, None, status
         return status
-
-
-def _wait_foreign(pid_):
-    """Wait for a process that is not our child; its status as if it had been killed."""
-    try:
-        pidfd = os.pidfd_open(pid_)
-    except ProcessLookupError:
-        return signal.SIGKILL
-    try:
-        select.select([pidfd], [], [])
-    finally:
-        os.close(pidfd)
-    return signal.SIGKILL
 
 
 def monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), origin=None,

@@ -48,9 +48,9 @@ class Supervisor:
     """One kernel's supervision. Made before the sandbox starts (Jupyter's signals are
     kept until the kernel runs), given the sandbox (box) once it does, then run()."""
 
-    def __init__(self, life, server=None, requester=None):
+    def __init__(self, life, requester=None):
         self.life = life
-        self.server = server        # a pidfd of the Jupyter server (server_pidfd)
+        self.server = None          # a pidfd of the Jupyter server (server_pidfd)
         self.requester = requester  # a warm start's request socket (an fd; its owner closes it)
         self.box = None             # the sandbox (sandbox.Sandbox), once started
         self.limits = None          # the launcher's limits.Enforcement (not after a hand-off)
@@ -93,8 +93,7 @@ class Supervisor:
     def _loop(self):
         box = self.box
         sel = selectors.DefaultSelector()
-        monitor = os.pidfd_open(box.pid)
-        ours = ((monitor, self._box_ended), (box.ctl, self._said_by_init),
+        ours = ((box.pidfd, self._box_ended), (box.ctl, self._said_by_init),
                 (box.errors, self._setup_said), (self.server, self._server_ended),
                 (self.requester, self._requested),
                 (self.output and self.output.fd, self._output_ready))
@@ -119,7 +118,6 @@ class Supervisor:
             if relay:
                 relay.close()
             sel.close()
-            os.close(monitor)
 
     def _box_ended(self, sel):
         return False
@@ -250,8 +248,12 @@ class Supervisor:
 
     def handed(self):
         """What the hand-off sends the monitor, as data (handoff.py)."""
+        budget = self.output.budget
         return {"life": asdict(self.life),
-                "pending_output": self.output.pending.decode("latin-1") if self.output else None}
+                # The relay's state: a partial line, and what is left of its budget (a
+                # monotonic time is the same clock in every process of the host).
+                "output": [self.output.pending.decode("latin-1"), budget.left, budget.at,
+                           budget.over]}
 
 
 def live_on(sup, finish):
