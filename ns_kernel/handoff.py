@@ -87,7 +87,9 @@ def taken_over(ctl, init, header, fds):
     sup = Supervisor(Life.from_dict(handed["life"]), requester=requester)
     sup.box = Sandbox.adopted(init, socket.socket(fileno=launcher_ctl))
     sup.output = output.Relay(output_fd, sup.life.who)
-    sup.output.pending = handed["pending_output"].encode("latin-1")
+    pending, budget = handed["output"][0], sup.output.budget
+    sup.output.pending = pending.encode("latin-1")
+    budget.left, budget.at, budget.over = handed["output"][1:]
     if handed["server"]:
         sup.server = extra.pop(0)
     if handed["notice"]:
