@@ -290,10 +290,7 @@ def trial_kernels(argv, config):
         had_template = True
     first = None
     try:
-        asked = command_line.kernel_start([*argv, "-f", "-"]).how
         for path in command_line.START_PATHS:
-            if asked != command_line.WARM_START and path.how != asked:
-                continue        # the options say how already: that way alone
             how = path.name
             spec = kernelspec.kernel_dict([*argv, *path.options], provisioner=path.provisioner)
             kernelspec.write_kernel_spec(os.path.join(data, "kernels", how), spec)

@@ -5,6 +5,7 @@ bubblewrap's die_with_error() does; a hint says how to fix the known causes.
 It crosses the fork boundary as a small JSON record on the error pipe.
 """
 import os
+import sys
 
 
 class SetupError(Exception):
@@ -62,7 +63,6 @@ def moved(source):
 
 def one_line(func, *args):
     """func(*args); a failure as one line on stderr and exit code 1 (2: not ours)."""
-    import sys
     try:
         return func(*args)
     except SetupError as exc:
