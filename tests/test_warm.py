@@ -989,7 +989,10 @@ def test_the_first_clients_other_fds_do_not_outlive_it(user_base, workdir, tmp_p
     kc.load_connection_file(conn)
     kc.start_channels()
     try:
-        kc.wait_for_ready(timeout=60)
+        # Not wait_for_ready: without a manager it takes a heartbeat that has not beaten
+        # within its first second for a dead kernel, and this start makes the template.
+        kc.kernel_info()
+        assert kc.get_shell_msg(timeout=60)["msg_type"] == "kernel_info_reply"
         assert warm.template_pid() is not None, read(log)   # a warm start, not a cold one
     finally:
         kc.shutdown()
