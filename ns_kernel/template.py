@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 
-from . import preload
+from . import preload, titles
 from .warm import FAILED, LISTENING, LOCKED, STATUS, lock_path, untrusted
 
 IDLE_EXIT = 600.0
@@ -29,6 +29,7 @@ def template_main():
         os._exit(0)
     os.setsid()
     os.chdir("/")
+    titles.template()
     import gc
     failed = preload.import_kernel_modules(("ns_kernel.cli", "ns_kernel.launcher"))
     if not failed and preload.threads() != 1:
@@ -174,6 +175,7 @@ def _fork_pair(listener, lock, made_from, template_fd):
 
     def server():
         _leave_template(lock, waits, taken_r)
+        titles.spare("launcher")
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != template:        # it left before that took effect
             return
@@ -328,6 +330,7 @@ def _launcher_child(conn, request, fds, monitor, spare):
     import functools
     from . import cli
     from .launcher import Warm
+    titles.launcher(request["start"].connection_file)
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])
@@ -400,6 +403,7 @@ def _spare_monitor(sock, made_from, origin, template_fd):
     import functools
     import pickle
     from . import forked, sandbox
+    titles.spare("monitor")
     try:
         if sock.recv(1) != TAKEN:      # made before the request: check what is there now
             os._exit(0)
