@@ -11,6 +11,9 @@ from . import preload, titles
 from .warm import FAILED, LISTENING, LOCKED, STATUS, lock_path, untrusted
 
 IDLE_EXIT = 600.0
+# How often an idle template looks whether what it imported has changed (2-10 ms each): a
+# newer ns_kernel is a new template (warm.socket_path), and nobody asks this one again.
+STALE_CHECK = 15.0
 NEXT_PAIR_DELAY = 0.1
 MAX_REQUEST = 1 << 20
 MAX_HANDLES = 250     # bind sources a plan may have (SCM_RIGHTS takes at most 253 fds)
@@ -78,12 +81,53 @@ def template_main():
         # forking beside its launcher and its monitor's checks slowed all three).
         while True:
             taken = _fork_pair(listener, lock, made_from, me)
-            if not select.select([taken], [], [], IDLE_EXIT)[0]:
+            if not _taken_in_time(taken, made_from):
                 break
             os.close(taken)     # a byte (a request taken) or EOF (the pair is gone)
             select.select([listener], [], [], NEXT_PAIR_DELAY)
     finally:
         leave()
+
+
+def _taken_in_time(taken, made_from):
+    """Whether the pair takes a request (taken turns readable) before IDLE_EXIT seconds
+    pass, and while what the template was made from is still what is installed."""
+    import select
+    idle = 0.0
+    while idle < IDLE_EXIT:
+        wait = min(STALE_CHECK, IDLE_EXIT - idle)
+        if select.select([taken], [], [], wait)[0]:
+            return True
+        idle += wait
+        if _stale(made_from):
+            return False
+    return False
+
+
+def tell_at_exit(path):
+    """In a Jupyter server whose kernels come from the template at path (the
+    provisioner's): as the server exits (JupyterLab stopped), one line on what stays."""
+    import atexit
+    if path not in _TOLD:
+        _TOLD.add(path)
+        atexit.register(_lingers, path)
+
+
+_TOLD = set()
+
+
+def _lingers(path):
+    from .errors import SetupError
+    from .warm import template_pid
+    try:
+        pid = template_pid(path)
+    except (OSError, SetupError):
+        return      # not ours to speak of
+    if pid:
+        print(f"ns-kernel: the warm template of {sys.executable} (pid {pid} and the two spares "
+              f"it keeps) stays for the next kernel, until {IDLE_EXIT / 60:g} minutes pass "
+              f"without one or ns_kernel changes; `{sys.executable} -m ns_kernel.warm stop` "
+              "ends it now", file=sys.stderr, flush=True)
 
 
 def _listen(path):

@@ -137,6 +137,11 @@ class Lab(Server):
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.socket_base, ignore_errors=True)
         assert leftovers == [], f"socket dirs left behind: {leftovers}"
+        # What stays once JupyterLab has stopped is said, last, with how to end it now.
+        with open(self.log) as f:
+            last = f.read().rstrip().splitlines()[-1]
+        assert last.startswith(f"ns-kernel: the warm template of {sys.executable} (pid "), last
+        assert last.endswith(f"`{sys.executable} -m ns_kernel.warm stop` ends it now"), last
 
     def log_tail(self):
         with open(self.log) as f:

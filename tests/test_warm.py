@@ -554,6 +554,31 @@ def test_a_pip_install_retires_the_template(workdir, venv, tmp_path):
         stop_kernel(k)
 
 
+def test_an_idle_template_leaves_once_what_it_imported_changes(workdir, venv, tmp_path):
+    """A newer ns_kernel (here: another package it imported) installed while no kernel
+    starts: the template leaves by itself, without waiting for a request (a newer
+    ns_kernel's kernels go to a template of their own, and two would linger)."""
+    from conftest import make_wheel
+    from ns_kernel.template import STALE_CHECK
+    python, _, template = venv
+
+    def install(version):
+        wheel = make_wheel(str(tmp_path), "nskidle", version, f"VERSION = {version!r}",
+                           {"nskidle.pth": "import nskidle\n"})
+        subprocess.run([sys.executable, "-m", "pip", "-q", "--python", python, "install",
+                        "--no-index", "--no-deps", "-U", wheel], check=True)
+    install("1.0")
+    k = start_kernel(workdir, kernel_name=write_spec("warm-venv-idle", python=python))
+    try:
+        assert started_warm(k)
+        # Its template: the monitor's parent (asking the template would be a request).
+        old = parent_pid(parent_pid(parent_pid(kernel_host_pid(k))))
+    finally:
+        stop_kernel(k)
+    install("2.0")
+    assert wait_until(lambda: gone(old), timeout=STALE_CHECK + 10)
+
+
 def test_a_replaced_shared_library_retires_the_template(workdir, venv, tmp_path):
     """A shared library the template mapped (not a module: what a libc or libssl upgrade
     replaces) is replaced on disk: the next kernel execs fresh and says why, and the old
