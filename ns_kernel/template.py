@@ -373,8 +373,9 @@ def _launcher_child(conn, request, fds, monitor, spare):
     """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
     import functools
     from . import cli
-    from .launcher import Warm
-    titles.launcher(request["start"].connection_file)
+    from .launcher import Warm, kernel_id_from
+    connection_file = request["start"].connection_file
+    titles.launcher(connection_file, kernel_id_from(connection_file))
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])

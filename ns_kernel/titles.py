@@ -39,12 +39,11 @@ def spare(role):
     set_process_title(f"{TEMPLATE} spare {role}")
 
 
-def launcher(connection_file):
-    """A warm launcher: by Jupyter's kernel id, else (a temporary connection file:
-    nbconvert, nbclient) that file's name, as the log names it (launcher.Launch._who)."""
-    from .launcher import kernel_id_from
-    name = (kernel_id_from(connection_file)[:8]
-            or os.path.basename(connection_file).removesuffix(".json"))
+def launcher(connection_file, kernel_id):
+    """A warm launcher: by Jupyter's kernel id (launcher.kernel_id_from), else (a
+    temporary connection file: nbconvert, nbclient) that file's name, as the log names it
+    (launcher.Launch._who)."""
+    name = kernel_id[:8] or os.path.basename(connection_file).removesuffix(".json")
     set_process_title(f"{LAUNCHER} {name}")
 
 
