@@ -30,9 +30,10 @@ ensure_venv() {
     chmod -R a+rX "$(dirname "$VENV")"
   fi
   # Only what changed: a reinstall costs ~12 s, and a changed file (its inode, its time)
-  # retires the warm template, whose next kernel then starts cold. Changed: the package's
-  # files differ from those installed, or pyproject.toml (its dependencies) from the one
-  # the stamp in the venv names, or an extra asked for now did not go in since.
+  # retires the warm template, whose next kernel then starts cold. The package alone when
+  # its files differ from those installed; its dependencies too when pyproject.toml
+  # differs from the one the stamp in the venv names, or an extra asked for now did not go
+  # in since.
   local stamp="$VENV/ns-kernel-install.stamp" project had="" extra missing=
   project=$(sha256sum < "$repo/pyproject.toml" | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(head -n 1 "$stamp")" = "$project" ]; then
@@ -40,11 +41,12 @@ ensure_venv() {
     for extra in ${1//,/ }; do
       grep -qx "$extra" <<<"$had" || missing=1
     done
-    if [ -z "$missing" ] && "$VENV/bin/python" -P -c 'import importlib.util as u
-print(u.find_spec("ns_kernel").submodule_search_locations[0])' \
-        2>/dev/null | { read -r installed && diff -rq -x __pycache__ "$repo/ns_kernel" \
-        "$installed" >/dev/null; }; then
-      return 0
+    if [ -z "$missing" ]; then
+      "$VENV/bin/python" -P -c 'import importlib.util as u
+print(u.find_spec("ns_kernel").submodule_search_locations[0])' 2>/dev/null |
+        { read -r installed && diff -rq -x __pycache__ "$repo/ns_kernel" "$installed" >/dev/null; } ||
+        quietly "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$repo"
+      return
     fi
   fi
   quietly "$VENV/bin/pip" install -q --disable-pip-version-check "$repo${1:+[$1]}"
