@@ -21,7 +21,8 @@ NETWORK = ("--network", "proxy", "--allow", "pypi")
 LINE = ("ns-kernel: this kernel has no network, so {tool} cannot reach a remote index; "
         "install from a wheel or an index in the notebook's folder (`%pip install "
         "./pkg.whl`, `--no-index --find-links ./wheels`), or give its kernelspec one, the "
-        "package index and nothing else, in a terminal: `{command}`, then restart the kernel")
+        "package index and nothing else, in a terminal: `{command}`, then start a new kernel "
+        "of it (Kernel > Change Kernel; a restart keeps this one's settings)")
 
 
 class OfflineHint(Configurable):
