@@ -78,7 +78,7 @@ def install_command(name, changes=()):
     none where install writes (a JUPYTER_PATH dir that is no PREFIX/share/jupyter)."""
     import shlex
     from jupyter_core.paths import jupyter_data_dir, jupyter_path
-    from .argv import COLD
+    from .argv import COLD, PRESTARTED
     from .config import SANDBOX_ALIASES
     found = next((d for d in jupyter_path("kernels")
                   if os.path.isfile(os.path.join(d, name, "kernel.json"))), None)
@@ -106,7 +106,7 @@ def install_command(name, changes=()):
         return SANDBOX_ALIASES.get(word, word)
     replaced = {trait(option) for option in changes if option.startswith("--")}
     kept, skip = [], False
-    for option in start.options + ([COLD] if start.prestart and not start.warm else []):
+    for option in start.options + ([COLD] if start.how == PRESTARTED else []):
         if skip:
             skip = False
         elif option.startswith("--") and trait(option) in replaced:
