@@ -27,16 +27,15 @@ from .syscalls import CloneFlags, landlock_abi, unshare
 from .user import HINT_SYSCTLS, read_sysctl, userns_hint
 
 # Runs in each trial kernel: what a kernel sees, and how it was started (prestart.py,
-# warm.py: their interpreters keep the command line they were spawned with).
+# warm.py: their interpreters imported their own module before they became the kernel).
 PROBE = r"""
-import json, os, socket
+import json, os, socket, sys
 mounts = {}
 for line in open("/proc/self/mounts"):
     fields = line.split()
     mounts[fields[1]] = fields[2]
 with open("/tmp/.ns-kernel-doctor", "w") as f:
     f.write("tmp is writable")
-cmdline = open("/proc/self/cmdline", "rb").read()
 try:
     os.symlink("/", "link")
     os.unlink("link")
@@ -45,8 +44,8 @@ except OSError as exc:
     links = exc.strerror
 print(json.dumps({
     "links": links,
-    "started": ("prestarted" if b"ns_kernel.prestart" in cmdline else
-                "warm" if b"ns_kernel.template" in cmdline else "exec"),
+    "started": ("warm" if "ns_kernel.template" in sys.modules else
+                "prestarted" if "ns_kernel.prestart" in sys.modules else "exec"),
     "pid": os.getpid(), "uid": os.getuid(), "hostname": socket.gethostname(),
     "processes": sum(p.isdigit() for p in os.listdir("/proc")),
     "proc": mounts.get("/proc"), "tmp": mounts.get("/tmp"),

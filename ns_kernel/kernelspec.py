@@ -69,6 +69,59 @@ def write_kernel_spec(path, spec):
     return path
 
 
+def install_command(name, changes=()):
+    """The `ns-kernel install` command, one line for a shell, that writes the kernelspec
+    `name` again where Jupyter finds it now (JupyterLab's terminal: the full path of this
+    interpreter's ns-kernel, the scope of the dir it is in), with its display name and
+    options, but those `changes` says otherwise (e.g. `--network proxy`: every other
+    `--network` option goes); None if Jupyter finds no spec of ns-kernel's of that name, or
+    none where install writes (a JUPYTER_PATH dir that is no PREFIX/share/jupyter)."""
+    import shlex
+    from jupyter_core.paths import jupyter_data_dir, jupyter_path
+    from .argv import COLD, PRESTARTED
+    from .config import SANDBOX_ALIASES
+    found = next((d for d in jupyter_path("kernels")
+                  if os.path.isfile(os.path.join(d, name, "kernel.json"))), None)
+    try:
+        with open(os.path.join(found, name, "kernel.json")) as f:
+            spec = json.load(f)
+        start = launcher_start(spec["argv"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    if start is None:
+        return None
+    here = os.path.realpath(found)
+    share = os.path.join("share", "jupyter", "kernels")
+    if here == os.path.realpath(os.path.join(sys.prefix, share)):
+        scope = ["--sys-prefix"]
+    elif here == os.path.realpath(os.path.join(jupyter_data_dir(), "kernels")):
+        scope = ["--user"]
+    elif here.endswith(os.sep + share):
+        scope = ["--prefix", here[:-len(share) - 1] or "/"]
+    else:
+        return None
+
+    def trait(option):
+        word = option.partition("=")[0].removeprefix("--")
+        return SANDBOX_ALIASES.get(word, word)
+    replaced = {trait(option) for option in changes if option.startswith("--")}
+    kept, skip = [], False
+    for option in start.options + ([COLD] if start.how == PRESTARTED else []):
+        if skip:
+            skip = False
+        elif option.startswith("--") and trait(option) in replaced:
+            skip = "=" not in option      # its value follows
+        else:
+            kept.append(option)
+    script = os.path.join(os.path.dirname(sys.executable), "ns-kernel")
+    program = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "ns_kernel"]
+    display = spec.get("display_name", DISPLAY_NAME)
+    return shlex.join([*program, "install", *scope,
+                       *(["--name", name] if name != NAME else []),
+                       *(["--display-name", display] if display != DISPLAY_NAME else []),
+                       *kept, *changes])
+
+
 def install(name=NAME, spec=None, user=False, prefix=None):
     """Install into Jupyter's kernel dirs; returns the directory written."""
     from jupyter_client.kernelspec import KernelSpecManager

@@ -47,7 +47,7 @@ def kernel_extensions(info, config, previous, limits_in_force):
     why the previous one died, the offline hint, CurveZMQ's keys, the usage panel's limits."""
     extra = [notice.EXTENSION_ARGV] if previous else []
     if NETWORK_MODES[config.network].offline_hint:
-        extra.append(offline.EXTENSION_ARGV)
+        extra += offline.argv(config)
     if connection.CURVE_KEYS[0] in info:
         extra.append(connection.CURVE_CONFIG_ARGV)
     return [*extra, *usage.argv(limits_in_force, limits_in_force.skipped)]

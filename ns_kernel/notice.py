@@ -3,7 +3,8 @@
 The launcher keeps the server log's line (limits.death_reason) in the kernel's
 connection file; the next launcher of the same kernel takes it out and leaves it in the
 new sandbox's socket dir, where this module, loaded as an IPython extension, prints it
-with the first cell's output.
+with the first cell's output. The same file keeps what the launcher said in the log once
+the sandbox stood (unsaid): a restart does not say it again, unless it changed.
 """
 import json
 import os
@@ -13,6 +14,7 @@ from . import connection
 NOTICE_INSIDE = "/run/ns-kernel/previous-exit"
 EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.notice"
 NOTICE_KEY = "ns_kernel_previous_exit"
+SAID_KEY = "ns_kernel_said"
 
 
 def remember(connection_file, line, fd=None):
@@ -40,6 +42,24 @@ def remember(connection_file, line, fd=None):
             os.ftruncate(fd, len(data))
     except (OSError, ValueError):
         pass   # the reason is in the server log; the notebook just won't show it
+
+
+def unsaid(connection_file, lines):
+    """Of the launcher's lines once the sandbox stands (its limits, its seccomp filter),
+    those the kernel's previous start (a restart: the same connection file) did not say
+    already, all of them if any changed; kept in the connection file, as the reason of a
+    death is, so that the server log says each fact of a kernel once."""
+    if not (connection_file and lines):
+        return lines
+    try:
+        with open(connection_file) as f:
+            info = json.load(f)
+        if info.get(SAID_KEY) == lines:
+            return []
+        _replace_json(connection_file, {**info, SAID_KEY: lines})
+    except (OSError, ValueError):
+        pass    # said again, at worst
+    return lines
 
 
 def recall(connection_file, info):

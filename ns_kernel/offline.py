@@ -4,16 +4,38 @@ since pip's words ("No matching distribution") do not. Where it did not need one
 ("Requirement already satisfied"), nothing. pip does not retry there (PIP_RETRIES=0, set
 by the plan): there is no network to come back.
 
-Loaded into every such kernel as an IPython extension (the launcher adds EXTENSION_ARGV).
+The command it names works as printed in a terminal (JupyterLab's): the launcher, which
+finds the kernel's kernelspec, passes it (argv()): the full path of ns-kernel, the scope
+the spec is installed in, its name, display name and other options, and the network.
+
+Loaded into every such kernel as an IPython extension (the launcher adds argv()).
 """
 import shlex
 import sys
 
+from traitlets import Unicode
+from traitlets.config import Configurable
+
 EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.offline"
+NETWORK = ("--network", "proxy", "--allow", "pypi")
 LINE = ("ns-kernel: this kernel has no network, so {tool} cannot reach a remote index; "
         "install from a wheel or an index in the notebook's folder (`%pip install "
-        "./pkg.whl`, `--no-index --find-links ./wheels`), or ask for a kernelspec with a "
-        "network (ns-kernel install --network proxy --allow pypi)")
+        "./pkg.whl`, `--no-index --find-links ./wheels`), or give its kernelspec one, the "
+        "package index and nothing else, in a terminal: `{command}`, then start a new kernel "
+        "of it (Kernel > Change Kernel; a restart keeps this one's settings)")
+
+
+class OfflineHint(Configurable):
+    command = Unicode("ns-kernel install " + shlex.join(NETWORK), config=True, help="""
+        What gives this kernel's kernelspec a network (kernelspec.install_command), as the
+        launcher found it; the default where it found none of ns-kernel's.""")
+
+
+def argv(config):
+    """The kernel's options for this extension (config: the launcher's Sandbox)."""
+    from .kernelspec import install_command
+    command = install_command(config.kernel_name, NETWORK)
+    return [EXTENSION_ARGV, *([f"--OfflineHint.command={command}"] if command else [])]
 INDEX_COMMANDS = {"install", "download", "wheel", "index", "search", "create", "update",
                   "upgrade"}
 LOCAL_ONLY = {"--no-index", "--offline", "--use-local"}
@@ -21,6 +43,8 @@ TOOLS = ("pip", "conda", "mamba", "micromamba")
 
 
 def load_ipython_extension(ip):
+    command = OfflineHint(config=ip.config).command
+
     def forget(info):
         ip.user_ns.pop("_exit_code", None)
 
@@ -30,7 +54,7 @@ def load_ipython_extension(ip):
             return
         for tool, line in magic_lines(result.info.raw_cell):
             if needs_index(line):
-                print(LINE.format(tool=tool), file=sys.stderr, flush=True)
+                print(LINE.format(tool=tool, command=command), file=sys.stderr, flush=True)
                 return
     # After the cell, in its output; the magics themselves stay IPython's.
     ip.events.register("pre_run_cell", forget)

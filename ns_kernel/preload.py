@@ -32,6 +32,7 @@ KERNEL_MODULES = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshe
 # abc, posixpath, stat): ipykernel sets it too when frozen modules are kept.
 IMPORT_ENV = {"JPY_PARENT_PID": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 PRELOADED = False    # set once KERNEL_MODULES are imported
+TITLE_ROOM = 1024    # bytes of command line kept for the kernel's argv (boot_argv)
 IMPORTS_SET_ENV = {}  # what those imports put in os.environ (debugpy does): a fresh start would too
 
 
@@ -48,9 +49,12 @@ def boot_argv(call):
     (site's own imports come before any of them). The launcher refuses a plan whose
     sys.path has the folder itself (plan.py), so a kernel never runs from such a start."""
     module, func = call.split(":")
+    # The trailing spaces are room: a kernel this interpreter becomes shows its own argv
+    # in this one's place (titles.kernel), cut to what the exec'd command line holds.
     return [sys.executable, "-c",
             "import os, sys; here = os.path.realpath('.'); sys.path[:] = [p for p in sys.path "
-            f"if p and os.path.realpath(p) != here]; from {module} import {func}; {func}()"]
+            f"if p and os.path.realpath(p) != here]; from {module} import {func}; {func}()"
+            + " " * TITLE_ROOM]
 
 
 def spawn(call, args=(), keep=None, stdio=None):
@@ -104,7 +108,7 @@ def run_preloaded(plan, ctl, err_w):
     """The kernel's last step (in place of forked.exec_kernel): run `python -m MODULE`
     in this already-initialized interpreter, with the plan's environment and argv."""
     import signal
-    from . import forked
+    from . import forked, titles
     argv = list(plan.argv)
     env = dict(plan.env)
     if (argv[:2] != [sys.executable, "-m"] or len(argv) < 3
@@ -138,6 +142,7 @@ def run_preloaded(plan, ctl, err_w):
     # Where PYTHONPATH would have put them, after the script's (here: the cwd's) entry.
     sys.path[0:0] = [os.getcwd(), *plan.package_paths]
     _forget_host_facts()
+    titles.kernel(argv)
     os.close(err_w)      # the sandbox is complete: the launcher sees EOF, as after execve
     _run_module_as_main(argv[2], argv[3:])
 

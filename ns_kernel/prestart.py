@@ -25,9 +25,9 @@ or joining init's namespaces is refused (setns, e.g. in a container), init forks
 execs the kernel as ever; so does the kernel itself where it could not be
 faithful (preload.run_preloaded). Honest differences from an exec'd kernel (os.environ,
 sys.path, flags, ids, capabilities and signal dispositions are the same: tested):
-/proc/self/cmdline and /proc/self/environ show the interpreter's `python -c` line and its
-startup variables; the memory its imports took is charged to the cgroup the launcher ran
-in (cgroups do not move charges), not to the kernel's.
+/proc/self/environ shows the interpreter's startup variables (its command line is the
+kernel's argv: titles.kernel); the memory its imports took is charged to the cgroup the
+launcher ran in (cgroups do not move charges), not to the kernel's.
 """
 import os
 import sys

@@ -32,7 +32,7 @@ import time
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Dict, TraitError, Unicode
 
-from . import kernelspec, socketdir, warm
+from . import kernelspec, socketdir, template, warm
 from .config import KernelApp
 from .config import Sandbox
 from .errors import SetupError
@@ -143,6 +143,7 @@ class IsolatedProvisioner(LocalProvisioner):
             return None
         # What jupyter_client's launch_kernel gives the process it starts.
         env = dict(kwargs.get("env") or os.environ, JPY_PARENT_PID=str(os.getpid()))
+        template.tell_at_exit(warm.socket_path(env))     # it outlives the server
         try:
             sock = warm.connect(warm.socket_path(env))
         except SetupError:

@@ -18,7 +18,7 @@ import selectors
 import signal
 import socket
 
-from . import forked, leftovers, limits, mount, net, pid, prestart, seal, socketdir, user
+from . import forked, leftovers, limits, mount, net, pid, prestart, seal, socketdir, titles, user
 from .errors import SetupError
 from .mount import RO_TOP
 from .plan import SOCKET_DIR_INSIDE
@@ -183,6 +183,7 @@ def monitor(plan, ctl, err_w, kernel_step=None, prestarted=None, handles=(), ori
     have moved us (a warm template's spare monitor, moved early: cgroup.hierarchies());
     take_over(ctl, init, origin, header, fds): how to take the launcher's place when it
     hands the kernel over (a warm template's spare; never returns)."""
+    titles.monitor(plan)
     # Out of the launcher's process group: Jupyter's killpg(SIGINT) reaches the launcher
     # alone, which forwards it exactly once; and no controlling terminal (TIOCSTI).
     os.setsid()

@@ -140,7 +140,7 @@ class Supervisor:
             box.kill()
             raise failure
         # Said once the sandbox stands: a start that fails says only why, in one line.
-        for line in self.started_lines:
+        for line in notice.unsaid(self.life.connection_file, self.started_lines):
             print(line, file=sys.stderr, flush=True)
         self._deliver_pending()
         if self.hand_off:

@@ -225,19 +225,19 @@ def set_dumpable(dumpable=True):
     prctl(PR_SET_DUMPABLE, int(dumpable))
 
 
-def set_process_title(title):
+def set_process_title(title, name=None):
     """What /proc/PID/cmdline (and ps) show from now on: `title`, written over the argv
     the process was exec'd with, which is the memory the kernel reads it from (the way
-    setproctitle(3) does it; PR_SET_MM would need CAP_SYS_RESOURCE on the host). A last
-    byte other than NUL tells the kernel to stop at the title's NUL. The short name
-    (/proc/PID/comm, 15 bytes) follows."""
+    setproctitle(3) does it; PR_SET_MM would need CAP_SYS_RESOURCE on the host), cut to
+    fit there. A last byte other than NUL tells the kernel to stop at the title's NUL. The
+    short name (/proc/PID/comm, 15 bytes) follows, unless `name` says another."""
     with open("/proc/self/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     start, end = int(fields[45]), int(fields[46])     # arg_start, arg_end: proc(5) 48, 49
     raw = title.encode()[:end - start - 2] + b"\0"
     ctypes.memmove(start, raw + b" " * (end - start - len(raw)), end - start)
-    name = ctypes.create_string_buffer(title.encode()[:15])
-    prctl(PR_SET_NAME, ctypes.addressof(name))
+    short = ctypes.create_string_buffer((name or title).encode()[:15])
+    prctl(PR_SET_NAME, ctypes.addressof(short))
 
 
 LANDLOCK_CREATE_RULESET_VERSION = 1

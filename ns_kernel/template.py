@@ -7,10 +7,13 @@ import signal
 import socket
 import sys
 
-from . import preload
+from . import preload, titles
 from .warm import FAILED, LISTENING, LOCKED, STATUS, lock_path, untrusted
 
 IDLE_EXIT = 600.0
+# How often an idle template looks whether what it imported has changed (2-10 ms each): a
+# newer ns_kernel is a new template (warm.socket_path), and nobody asks this one again.
+STALE_CHECK = 15.0
 NEXT_PAIR_DELAY = 0.1
 MAX_REQUEST = 1 << 20
 MAX_HANDLES = 250     # bind sources a plan may have (SCM_RIGHTS takes at most 253 fds)
@@ -29,6 +32,7 @@ def template_main():
         os._exit(0)
     os.setsid()
     os.chdir("/")
+    titles.template()
     import gc
     failed = preload.import_kernel_modules(("ns_kernel.cli", "ns_kernel.launcher"))
     if not failed and preload.threads() != 1:
@@ -77,12 +81,53 @@ def template_main():
         # forking beside its launcher and its monitor's checks slowed all three).
         while True:
             taken = _fork_pair(listener, lock, made_from, me)
-            if not select.select([taken], [], [], IDLE_EXIT)[0]:
+            if not _taken_in_time(taken, made_from):
                 break
             os.close(taken)     # a byte (a request taken) or EOF (the pair is gone)
             select.select([listener], [], [], NEXT_PAIR_DELAY)
     finally:
         leave()
+
+
+def _taken_in_time(taken, made_from):
+    """Whether the pair takes a request (taken turns readable) before IDLE_EXIT seconds
+    pass, and while what the template was made from is still what is installed."""
+    import select
+    idle = 0.0
+    while idle < IDLE_EXIT:
+        wait = min(STALE_CHECK, IDLE_EXIT - idle)
+        if select.select([taken], [], [], wait)[0]:
+            return True
+        idle += wait
+        if _stale(made_from):
+            return False
+    return False
+
+
+def tell_at_exit(path):
+    """In a Jupyter server whose kernels come from the template at path (the
+    provisioner's): as the server exits (JupyterLab stopped), one line on what stays."""
+    import atexit
+    if path not in _TOLD:
+        _TOLD.add(path)
+        atexit.register(_lingers, path)
+
+
+_TOLD = set()
+
+
+def _lingers(path):
+    from .errors import SetupError
+    from .warm import template_pid
+    try:
+        pid = template_pid(path)
+    except (OSError, SetupError):
+        return      # not ours to speak of
+    if pid:
+        print(f"ns-kernel: the warm template of {sys.executable} (pid {pid} and the two spares "
+              f"it keeps) stays for the next kernel, until {IDLE_EXIT / 60:g} minutes pass "
+              f"without one or ns_kernel changes; `{sys.executable} -m ns_kernel.warm stop` "
+              "ends it now", file=sys.stderr, flush=True)
 
 
 def _listen(path):
@@ -174,6 +219,7 @@ def _fork_pair(listener, lock, made_from, template_fd):
 
     def server():
         _leave_template(lock, waits, taken_r)
+        titles.spare("launcher")
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != template:        # it left before that took effect
             return
@@ -327,7 +373,9 @@ def _launcher_child(conn, request, fds, monitor, spare):
     """Become `python -m ns_kernel ARGV` for the client, from its environment and cwd."""
     import functools
     from . import cli
-    from .launcher import Warm
+    from .launcher import Warm, kernel_id_from
+    connection_file = request["start"].connection_file
+    titles.launcher(connection_file, kernel_id_from(connection_file))
     _take_stdio(fds)
     os.environ.clear()
     os.environ.update(request["env"])
@@ -400,6 +448,7 @@ def _spare_monitor(sock, made_from, origin, template_fd):
     import functools
     import pickle
     from . import forked, sandbox
+    titles.spare("monitor")
     try:
         if sock.recv(1) != TAKEN:      # made before the request: check what is there now
             os._exit(0)

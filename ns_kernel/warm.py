@@ -27,7 +27,7 @@ user code and never reads a request: its children do), and the template's memory
 held a secret: it is exec'd with only the variables that shape Python's startup
 (preload.py), and it is keyed by them, by the interpreter and by the installed ns_kernel.
 Honest differences from a cold start: kernels from one template share its address-space
-layout (ASLR) and str hash seed; /proc/PID/cmdline shows the template's command line.
+layout (ASLR) and str hash seed.
 
 The template listens on <socket base>/warm-<key>.sock (the 0700 per-user dir of
 socketdir.py), is started by the first warm client (that start costs a cold one), and

@@ -21,10 +21,18 @@ import zipfile
 import pytest
 from jupyter_client.manager import KernelManager
 
-from ns_kernel import cgroup, kernelspec, limits, socketdir, warm
+from ns_kernel import cgroup, kernelspec, limits, socketdir, titles, warm
 from ns_kernel.argv import START_PATHS
 
 KERNEL_NAME = "isolated-python"
+# How a kernel started, as it can tell: a prestarted interpreter (prestart.py) and a warm
+# template (warm.py) imported their own module before they became the kernel, an exec'd
+# kernel neither. Its command line says the same whichever it was (titles.py).
+STARTED = ("'warm' if 'ns_kernel.template' in __import__('sys').modules else "
+           "'prestarted' if 'ns_kernel.prestart' in __import__('sys').modules else 'exec'")
+# The kernel's command line, as words: an exec'd kernel's argv, or the title of one that was
+# not, which is the same argv (titles.kernel).
+COMMAND_LINE = "open('/proc/self/cmdline', 'rb').read().replace(b'\\0', b' ').split()"
 
 TIERS = ("pure", "privileged", "kernel")
 MODULE_TIERS = {"test_plan": "pure", "test_config": "privileged", "test_doctor": "privileged",
@@ -163,7 +171,7 @@ def stop_templates(python=sys.executable, under=None, environ=os.environ):
         pid = warm.template_pid(path)
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                exe = f.read().split(b"\0")[0].decode()
+                exe = titles.template_python(f.read()) or ""
             ours = exe.startswith(under + "/") if under else exe == python
         except OSError:
             continue
@@ -406,9 +414,9 @@ def _owner(pid):
 
 
 def stray_prestarted():
-    """Prestarted interpreters (prestart.py; or kernels grown from one, which keep its
-    command line) whose parent is not a launcher (or init, titled ns-kernel-init): every one is a
-    leak, reparented after its launcher died."""
+    """Prestarted interpreters (prestart.py; or a kernel grown from one, in the moment
+    before it shows its own argv: titles.kernel) whose parent is not a launcher (or init,
+    titled ns-kernel-init): every one is a leak, reparented after its launcher died."""
     def cmdline(pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -137,6 +137,11 @@ class Lab(Server):
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.socket_base, ignore_errors=True)
         assert leftovers == [], f"socket dirs left behind: {leftovers}"
+        # What stays once JupyterLab has stopped is said, last, with how to end it now.
+        with open(self.log) as f:
+            last = f.read().rstrip().splitlines()[-1]
+        assert last.startswith(f"ns-kernel: the warm template of {sys.executable} (pid "), last
+        assert last.endswith(f"`{sys.executable} -m ns_kernel.warm stop` ends it now"), last
 
     def log_tail(self):
         with open(self.log) as f:
@@ -349,7 +354,8 @@ def test_two_kernels_get_different_sandboxes(lab):
 
 def test_in_the_browser(lab, tmp_path):
     """Create a notebook, pick Isolated Python, run a cell, interrupt from the toolbar,
-    restart from the menu, turn the debugger on. NS_KERNEL_SCREENSHOT=docs/screenshot.png refreshes the README's
+    restart from the menu, move a widget's slider, open the kernel usage panel, turn the
+    debugger on. NS_KERNEL_SCREENSHOT=docs/screenshot.png refreshes the README's
     picture."""
     if not os.path.exists(CHROMIUM):
         # What the machine does not provide, and how to provide it (scripts/test does it
@@ -404,6 +410,23 @@ def test_in_the_browser(lab, tmp_path):
                       "__import__('socket').gethostname())")
             expect(out).to_contain_text("False 2 isolated-")
             page.screenshot(path=shot)
+
+            # Widgets (ipywidgets, of the `lab` extra scripts/lab installs): a slider moved in
+            # the browser moves in the kernel, as with a plain Python kernel.
+            out = run("import ipywidgets\nslider = ipywidgets.IntSlider(value=3, max=10)\nslider")
+            handle = out.locator(".widget-slider .noUi-handle")
+            expect(handle).to_be_visible()
+            handle.focus()
+            page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")
+            expect(out.locator(".widget-readout")).to_contain_text("5")
+            expect(run("print('slider at', slider.value)")).to_contain_text("slider at 5")
+
+            # jupyter-resource-usage's kernel usage panel (the right sidebar's tachometer)
+            # shows this kernel: its sandbox's hostname.
+            page.locator(".jp-SideBar [data-id='kernelusage-panel-id']").click()
+            panel = page.locator(".jp-KernelUsage-view")
+            expect(panel).to_contain_text("Kernel Host: isolated-", timeout=60000)
 
             # JupyterLab's debugger, as for a plain Python kernel: the toggle is enabled,
             # and once on, its variables panel shows the kernel's.

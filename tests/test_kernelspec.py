@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import start_kernel, stop_kernel, stop_templates
+from conftest import STARTED, start_kernel, stop_kernel, stop_templates
+from ns_kernel import kernelspec
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 BIN = os.path.dirname(sys.executable)
@@ -91,7 +92,7 @@ def test_jupyter_kernelspec_install_of_the_shipped_spec(tmp_path, workdir):
         try:
             assert k.value("__import__('os').getpid()") == 2
             # Warm by default, as every spec `ns-kernel install` writes.
-            assert b"ns_kernel.template" in k.value("open('/proc/self/cmdline', 'rb').read()")
+            assert k.value(STARTED) == "warm"
         finally:
             stop_kernel(k)
             stop_templates()
@@ -101,12 +102,11 @@ def test_jupyter_kernelspec_install_of_the_shipped_spec(tmp_path, workdir):
 
 # Each way `ns-kernel install` can write a spec, and what shows inside that it took.
 VARIANTS = {
-    "warm": ([], "b'ns_kernel.template' in open('/proc/self/cmdline', 'rb').read()", True),
+    "warm": ([], STARTED, "warm"),
     # What kernelspecs of older versions say: the default.
-    "--warm": (["--warm"], "b'ns_kernel.template' in open('/proc/self/cmdline', 'rb').read()", True),
-    "cold": (["--cold"], "b'ns_kernel.prestart' in open('/proc/self/cmdline', 'rb').read()", True),
-    "no-prestart": (["--no-prestart"], "open('/proc/self/cmdline', 'rb').read().split(b'\\0')[1:3]",
-                    [b"-m", b"ipykernel_launcher"]),
+    "--warm": (["--warm"], STARTED, "warm"),
+    "cold": (["--cold"], STARTED, "prestarted"),
+    "no-prestart": (["--no-prestart"], STARTED, "exec"),
     "limits": (["--memory", "512M", "--pids", "64"], None, None),
     "home": (["--home=private"], "[m.split()[2] for m in open('/proc/self/mounts') "
              "if m.split()[1] == __import__('os').path.expanduser('~')]", ["tmpfs"]),
@@ -143,3 +143,78 @@ def test_every_install_variant_starts_through_the_provisioner(tmp_path, workdir,
     finally:
         stop_kernel(k)
         warm.stop()
+
+
+# -- the no-network hint's command, as a person runs it ---------------------------------
+
+NO_INDEX = "%pip install --index-url https://pypi.invalid/simple nosuchpackage-ns-kernel"
+
+
+def scoped(scope, tmp_path, monkeypatch):
+    """Where Jupyter finds a spec installed with `scope`, set up in tmp_path, and the
+    install options that say it."""
+    if scope == "--user":
+        monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+        return ["--user"]
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    return [f"--prefix={tmp_path}"]
+
+
+@pytest.mark.parametrize("scope", ["--user", "--prefix"])
+def test_the_no_network_hint_s_command_works_as_printed(tmp_path, workdir, monkeypatch, scope):
+    # A kernelspec of options of its own (a name, a display name, a memory limit, the
+    # loopback said outright); in its notebook a %pip that needs an index; the command the
+    # hint names, run as printed, as in JupyterLab's terminal: the same spec, in the same
+    # place, with those options, and a network.
+    import shlex
+    name = f"hint{scope.replace('-', '_')}"
+    options = scoped(scope, tmp_path, monkeypatch)
+    subprocess.run([os.path.join(BIN, "ns-kernel"), "install", *options, f"--name={name}",
+                    "--display-name=Course (small)", "--memory=512M", "--network=loopback"],
+                   check=True, capture_output=True)
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        out = k.execute(NO_INDEX, timeout=120)[0]
+    finally:
+        stop_kernel(k)
+    command = out.split("in a terminal: `", 1)[1].split("`", 1)[0]
+    assert command.startswith(f"{BIN}/ns-kernel install {scope} "), command
+    before = {path for path in tmp_path.rglob("kernel.json")}
+    proc = subprocess.run(shlex.split(command), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert {path for path in tmp_path.rglob("kernel.json")} == before    # rewritten there
+    spec = json.loads(before.pop().read_text())
+    assert spec["display_name"] == "Course (small)"
+    options = spec["argv"][4:-2]
+    assert "--memory=512M" in options and "--network=loopback" not in options, options
+    assert options[-4:] == ["--network", "proxy", "--allow", "pypi"], options
+    k = start_kernel(workdir, kernel_name=name)
+    try:
+        assert k.value("'HTTP_PROXY' in __import__('os').environ")     # its proxy
+        assert k.value("__import__('socket').gethostname()").startswith("isolated-")
+    finally:
+        stop_kernel(k)
+
+
+@pytest.mark.pure
+def test_the_hint_s_command_says_the_scope_the_spec_is_in(tmp_path, monkeypatch):
+    # --sys-prefix (scripts/lab's) where the spec is in this environment's Jupyter dir;
+    # nothing (the generic words) where install cannot write (a JUPYTER_PATH dir).
+    import jupyter_core.paths
+    from ns_kernel.offline import NETWORK
+    prefix = tmp_path / "env"
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    monkeypatch.setattr(jupyter_core.paths, "ENV_JUPYTER_PATH", [str(prefix / "share" / "jupyter")])
+    for where, options in ((prefix, ["--cold"]), (tmp_path / "elsewhere", [])):
+        kernelspec.write_kernel_spec(str(where / "share" / "jupyter" / "kernels" / "lab"),
+                                     kernelspec.kernel_dict(["--network", "none", *options]))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "elsewhere" / "share" / "jupyter"))
+    command = kernelspec.install_command("lab", NETWORK)
+    assert command.endswith(" install --prefix " + str(tmp_path / "elsewhere")
+                            + " --name lab --network proxy --allow pypi"), command
+    monkeypatch.delenv("JUPYTER_PATH")
+    assert kernelspec.install_command("lab", NETWORK).endswith(
+        " install --sys-prefix --name lab --cold --network proxy --allow pypi")
+    kernelspec.write_kernel_spec(str(tmp_path / "bare" / "kernels" / "lab"), kernelspec.kernel_dict())
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "bare"))
+    assert kernelspec.install_command("lab", NETWORK) is None

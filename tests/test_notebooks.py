@@ -1,5 +1,6 @@
 """The notebooks in notebooks/ are runnable demos: execute them in real isolated kernels."""
 import os
+import sys
 
 import nbformat
 from nbclient import NotebookClient
@@ -23,6 +24,9 @@ def test_tour_shows_the_sandbox(workdir):
     assert who.startswith("pid 2 parent 1\nhostname isolated-")
     assert f"uid {65534 if os.getuid() == 0 else os.getuid()} " in who
     assert "processes 2" in procs
+    # Each says what it is (titles.py): init, and the kernel as its argv, inside paths only.
+    assert procs.startswith(f"1 ns-kernel-init\n2 {sys.executable} -m ipykernel_launcher "
+                            "-f /run/ns-kernel/connection.json "), procs
     # Only what this kernel wrote, and the notebook folder (under the host's /tmp here).
     assert f"/tmp {sorted(['scratch', os.path.basename(workdir)])}" in files
     assert "/usr Read-only file system" in files

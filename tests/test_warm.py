@@ -21,8 +21,8 @@ import pytest
 from jupyter_client.connect import write_connection_file
 from jupyter_client.manager import KernelManager
 
-from conftest import KERNEL_NAME, LIMITS_BACKEND, LOOPBACK, alive, descendants, in_pid_namespace, \
-    interrupt_busy_loop, kernel_cgroups, kernel_host_pid, kernel_in_pid_namespace, parent_pid, \
+from conftest import COMMAND_LINE, KERNEL_NAME, LIMITS_BACKEND, LOOPBACK, STARTED, alive, \
+    descendants, in_pid_namespace, interrupt_busy_loop, kernel_cgroups, kernel_host_pid, kernel_in_pid_namespace, parent_pid, \
     process_state, start_kernel, start_paths, stop_kernel, stop_templates, wait_until, write_spec
 from ns_kernel import cgroup, warm
 
@@ -61,8 +61,12 @@ def pair(workdir_module):
 def test_kernels_come_from_the_template(pair):
     a, b = pair
     for k in (a, b):
-        cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
-        assert b"from ns_kernel.template import template_main" in cmdline[2], cmdline
+        assert k.value(STARTED) == "warm"
+        # Its command line is its own argv, as an exec'd kernel's is: nothing of the
+        # template's (whose socket is a host path).
+        words = k.value(COMMAND_LINE)
+        assert words[:5] == [sys.executable.encode(), b"-m", b"ipykernel_launcher", b"-f",
+                             b"/run/ns-kernel/connection.json"], words
         assert k.value("__import__('sys').argv[0]").endswith("ipykernel_launcher.py")
     assert warm.template_pid() is not None
 
@@ -128,6 +132,11 @@ def test_kernel_exit_status_and_stop_leave_nothing(workdir_module):
 PROVISIONED = write_spec("warm-provisioner", provisioner=True)
 
 
+def command_line(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
 def test_the_provisioner_starts_no_client(user_base, workdir_module):
     # With the template listening, the provisioner (in the Jupyter server: here, this
     # process) asks it for the launcher itself: no client interpreter for the kernel.
@@ -145,6 +154,16 @@ def test_the_provisioner_starts_no_client(user_base, workdir_module):
         monitor = parent_pid(parent_pid(kernel_host_pid(k)))
         assert parent_pid(monitor) == template
         assert len(descendants(monitor)) == 2       # init, the kernel
+        # What `ps` says of each (titles.py): the kernel by the name its hostname has.
+        name = k.value("__import__('socket').gethostname()").rsplit("-", 1)[1]
+        assert command_line(template) == f"ns-kernel-template {sys.executable}"
+        assert command_line(monitor) == f"ns-kernel-monitor {name}"
+        assert command_line(parent_pid(kernel_host_pid(k))) == "ns-kernel-init"
+        assert command_line(kernel_host_pid(k)).startswith(
+            f"{sys.executable} -m ipykernel_launcher -f /run/ns-kernel/connection.json")
+        spares = {"ns-kernel-template spare launcher", "ns-kernel-template spare monitor"}
+        assert wait_until(lambda: spares <= {command_line(p) for p in descendants(template)
+                                             if parent_pid(p) == template})
         # Out of the kernel's cgroup: its work is not the kernel's to pay for (nor its to
         # be OOM-killed for), and it removes that cgroup at the end.
         with open(f"/proc/{monitor}/cgroup") as f:
@@ -288,8 +307,7 @@ def test_client_hands_nothing_to_a_template_of_another_uid(user_base, workdir, t
             k = start_kernel(workdir, kernel_name=spec, stderr=log)
         try:
             assert k.value("__import__('os').getpid()") == 2
-            assert b"ns_kernel.template" not in k.value(
-                "open('/proc/self/cmdline', 'rb').read()")    # a cold kernel
+            assert k.value(STARTED) != "warm"      # a cold kernel
         finally:
             stop_kernel(k)
     finally:
@@ -456,8 +474,7 @@ def test_provisioner_kernels_come_from_the_template(workdir_module):
     k = start_kernel(workdir_module, kernel_name=write_spec("warm-provisioner", provisioner=True))
     try:
         assert k.km.get_connection_info()["transport"] == "ipc"
-        cmdline = k.value("open('/proc/self/cmdline', 'rb').read().split(b'\\0')")
-        assert b"from ns_kernel.template import template_main" in cmdline[2], cmdline
+        assert k.value(STARTED) == "warm"
         assert k.value("__import__('os').getpid()") == 2
         interrupt_busy_loop(k)
     finally:
@@ -492,7 +509,7 @@ def venv(request):
 
 
 def started_warm(k):
-    return k.value("b'ns_kernel.template' in open('/proc/self/cmdline', 'rb').read()")
+    return k.value(STARTED) == "warm"
 
 
 def test_a_pip_install_retires_the_template(workdir, venv, tmp_path):
@@ -524,8 +541,11 @@ def test_a_pip_install_retires_the_template(workdir, venv, tmp_path):
     install("2.0")
     k = start_kernel(workdir, kernel_name=name)
     try:
-        # Exec'd fresh inside the sandbox, with what is installed now.
-        assert version_and_how(k) == ("2.0", False)
+        # With what is installed now: exec'd fresh inside the sandbox, by the old template's
+        # last request; or, where pip took longer than an idle template's look at what it
+        # imported (template.STALE_CHECK: a loaded machine), from a new template, the old
+        # one having left by itself.
+        assert version_and_how(k)[0] == "2.0"
     finally:
         stop_kernel(k)
     assert gone(old)
@@ -535,6 +555,31 @@ def test_a_pip_install_retires_the_template(workdir, venv, tmp_path):
         assert template() not in (None, old)
     finally:
         stop_kernel(k)
+
+
+def test_an_idle_template_leaves_once_what_it_imported_changes(workdir, venv, tmp_path):
+    """A newer ns_kernel (here: another package it imported) installed while no kernel
+    starts: the template leaves by itself, without waiting for a request (a newer
+    ns_kernel's kernels go to a template of their own, and two would linger)."""
+    from conftest import make_wheel
+    from ns_kernel.template import STALE_CHECK
+    python, _, template = venv
+
+    def install(version):
+        wheel = make_wheel(str(tmp_path), "nskidle", version, f"VERSION = {version!r}",
+                           {"nskidle.pth": "import nskidle\n"})
+        subprocess.run([sys.executable, "-m", "pip", "-q", "--python", python, "install",
+                        "--no-index", "--no-deps", "-U", wheel], check=True)
+    install("1.0")
+    k = start_kernel(workdir, kernel_name=write_spec("warm-venv-idle", python=python))
+    try:
+        assert started_warm(k)
+        # Its template: the monitor's parent (asking the template would be a request).
+        old = parent_pid(parent_pid(parent_pid(kernel_host_pid(k))))
+    finally:
+        stop_kernel(k)
+    install("2.0")
+    assert wait_until(lambda: gone(old), timeout=STALE_CHECK + 10)
 
 
 def test_a_replaced_shared_library_retires_the_template(workdir, venv, tmp_path):
