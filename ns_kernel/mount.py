@@ -143,8 +143,8 @@ def open_sources(mounts, cwd, trusted=()):
 def _idmapped(handle, m, userns):
     """The detached mount of `handle` (then closed) seen through the id map of userns;
     `handle` itself where Linux cannot make one (a filesystem without idmapped mounts:
-    NFS; a container's root, not the host's): the folder shown as it is, which the kernel
-    cannot write, as the server log says."""
+    NFS): the folder shown as it is, which the kernel cannot write, as the server log
+    says."""
     try:
         tree = open_tree_clone(handle, m.source)
         try:

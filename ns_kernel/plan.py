@@ -99,6 +99,7 @@ class Host:
     binds: tuple = ()         # (given, real path) of each of the admin's ro/rw binds
     landlock: int = 0         # Landlock's ABI version, 0 where Linux has none
     cwd_owner: tuple = ()     # (uid, gid) of the working directory
+    initial_userns: bool = False  # the host's own user namespace, not a container's
 
     @classmethod
     def probe(cls, binds=(), writable=()):
@@ -133,6 +134,7 @@ class Host:
                    unbuilt_paths=unbuilt_paths(),
                    binds=tuple((path, _real(path)) for path in binds),
                    landlock=landlock_abi(), cwd_owner=_owner(cwd),
+                   initial_userns=_initial_userns(),
                    data_home=os.path.realpath(os.environ.get("XDG_DATA_HOME")
                                               or os.path.join(home, ".local/share")))
 
@@ -240,6 +242,16 @@ def _git_dirs(dir_fd, path):
 def _owner(path):
     info = os.stat(path)
     return info.st_uid, info.st_gid
+
+
+def _initial_userns():
+    """Whether this is the host's own user namespace (all ids mapped to themselves), where
+    root may make idmapped mounts of the host's filesystems; a container's is not."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 def _homes(users):
@@ -626,8 +638,8 @@ def folder_idmap(sandbox, host, cwd, uid, gid):
     (NEVER_IDMAPPED) or of the home's settings (a dot entry: ~/.ssh), nor without the
     default seccomp filter, which keeps setuid and setgid bits off the files (they would
     be root's on the host); nor where the home is the folder (its entries are shown one
-    by one)."""
-    if host.uid != 0 or not host.cwd_owner or cwd == host.home:
+    by one); nor for root of a container, whose mounts only the host's root may map."""
+    if host.uid != 0 or not host.initial_userns or not host.cwd_owner or cwd == host.home:
         return None
     if host.cwd_owner[0] == uid or sandbox.seccomp != "default":
         return None
