@@ -148,7 +148,9 @@ def _idmapped(handle, m, userns):
     try:
         tree = open_tree_clone(handle, m.source)
         try:
-            mount_setattr(m.source, MountAttr.MOUNT_ATTR_IDMAP, True, tree, userns)
+            # The folder's own mount alone: one mounted below it on the host (whatever it
+            # is) keeps its owners' ids, as without the map.
+            mount_setattr(m.source, MountAttr.MOUNT_ATTR_IDMAP, False, tree, userns)
         except OSError:
             os.close(tree)
             raise
