@@ -140,20 +140,27 @@ def open_sources(mounts, cwd, trusted=()):
     return tuple(handles)
 
 
+def idmapped_tree(handle, source, userns):
+    """A detached mount of `handle` (for the path `source`) seen through the id map of
+    userns; OSError where Linux cannot make one (the doctor asks this too)."""
+    tree = open_tree_clone(handle, source)
+    try:
+        # The folder's own mount alone: one mounted below it on the host (whatever it is)
+        # keeps its owners' ids, as without the map.
+        mount_setattr(source, MountAttr.MOUNT_ATTR_IDMAP, False, tree, userns)
+    except OSError:
+        os.close(tree)
+        raise
+    return tree
+
+
 def _idmapped(handle, m, userns):
     """The detached mount of `handle` (then closed) seen through the id map of userns;
     `handle` itself where Linux cannot make one (a filesystem without idmapped mounts:
     NFS): the folder shown as it is, which the kernel cannot write, as the server log
     says."""
     try:
-        tree = open_tree_clone(handle, m.source)
-        try:
-            # The folder's own mount alone: one mounted below it on the host (whatever it
-            # is) keeps its owners' ids, as without the map.
-            mount_setattr(m.source, MountAttr.MOUNT_ATTR_IDMAP, False, tree, userns)
-        except OSError:
-            os.close(tree)
-            raise
+        tree = idmapped_tree(handle, m.source, userns)
     except OSError as exc:
         (host, kernel), _ = m.idmap
         print(f"ns-kernel: warning: {m.source}: its files are uid {host}'s, and this "

@@ -134,7 +134,7 @@ class Host:
                    unbuilt_paths=unbuilt_paths(),
                    binds=tuple((path, _real(path)) for path in binds),
                    landlock=landlock_abi(), cwd_owner=_owner(cwd),
-                   initial_userns=_initial_userns(),
+                   initial_userns=initial_userns(),
                    data_home=os.path.realpath(os.environ.get("XDG_DATA_HOME")
                                               or os.path.join(home, ".local/share")))
 
@@ -244,7 +244,7 @@ def _owner(path):
     return info.st_uid, info.st_gid
 
 
-def _initial_userns():
+def initial_userns():
     """Whether this is the host's own user namespace (all ids mapped to themselves), where
     root may make idmapped mounts of the host's filesystems; a container's is not."""
     try:
