@@ -135,12 +135,16 @@ def check_folder_idmap(config):
     this folder's filesystem can show it to them as theirs (plan.folder_idmap), tried on
     the doctor's working directory."""
     from . import mount, plan, user
-    if os.getuid() != 0 or not plan.initial_userns():
+    if (os.getuid() != 0 or not plan.initial_userns()
+            or container.missing_root_capabilities()):      # "root's kernels" says why
         return
     cwd = os.getcwd()
     info = os.stat(cwd)
     owner, kernel = (info.st_uid, info.st_gid), (config.sandbox_uid, config.sandbox_gid)
-    userns = user.idmap_namespace(owner, kernel)
+    try:
+        userns = user.idmap_namespace(owner, kernel)
+    except SetupError:
+        return      # no user namespace for the kernel either: said above
     handle = os.open(cwd, os.O_PATH | os.O_CLOEXEC)
     try:
         os.close(mount.idmapped_tree(handle, cwd, userns))

@@ -130,13 +130,19 @@ def open_sources(mounts, cwd, trusted=()):
                 raise moved(m.source)
             if m.idmap:
                 if m.idmap not in namespaces:
-                    namespaces[m.idmap] = user.idmap_namespace(*zip(*m.idmap))
-                handles[-1] = _idmapped(handles[-1], m, namespaces[m.idmap])
+                    try:
+                        namespaces[m.idmap] = user.idmap_namespace(*zip(*m.idmap))
+                    except SetupError:
+                        # No user namespace, or no map of the kernel's uid, here: the
+                        # sandbox's own start fails the same way next, and says so.
+                        namespaces[m.idmap] = None
+                if namespaces[m.idmap] is not None:
+                    handles[-1] = _idmapped(handles[-1], m, namespaces[m.idmap])
     except BaseException:
         close_all(handles)
         raise
     finally:
-        close_all(namespaces.values())
+        close_all(fd for fd in namespaces.values() if fd is not None)
     return tuple(handles)
 
 

@@ -1,7 +1,7 @@
 """nbgrader itself, as an instructor runs it: a course made with nbgrader's own commands,
 an assignment with an autograded answer and hidden tests, and three submissions: alice's,
 right; walt's, wrong; eve's, hostile inside the kernel (the gradebook, the other students,
-the network, a setuid copy of a shell, its process limit) and towards nbgrader's handling
+the network, a setuid copy of a shell, its memory and process limits) and towards nbgrader's handling
 of the folder it leaves (read-only and unreadable folders, folders a thousand deep, a
 timestamp from the future, links). They are graded as an instructor grades again, over
 what an earlier round's kernels left in their folders, with docs/grading.md's blocks run
@@ -95,6 +95,8 @@ attempt("symlink", lambda: (os.rename("ps1.ipynb", "ps1.orig"),
 if not os.path.exists("ps1.ipynb"):
     os.rename("ps1.orig", "ps1.ipynb")
 attempt("hardlink", lambda: os.link("/etc/passwd", "passwd"))
+# More than its memory limit, at once.
+attempt("memory", lambda: bytearray(1 << 30))
 # Its process limit, reached; a process meant to outlive grading.
 kids = []
 try:
@@ -247,7 +249,10 @@ def test_the_recipe_grades_each_submission_whoever_grades(course):
     for probe, outcome in (("gradebook", "FileNotFoundError"), ("config", "FileNotFoundError"),
                            ("alice", "FileNotFoundError"), ("loopback", "ConnectionRefusedError"),
                            ("setuid", "PermissionError"), ("setuid-open", "PermissionError"),
-                           ("symlink", "PermissionError"), ("hardlink", "OSError")):
+                           ("symlink", "PermissionError"), ("hardlink", "OSError"),
+                           # The same limit whoever grades (the recipe's --limits rlimit):
+                           # the cell fails, the kernel lives on to be graded.
+                           ("memory", "MemoryError")):
         assert f"eve: {probe} {outcome}" in said, said
     assert "eve: forks refused after" in said, said
     # What eve's kernel left there now (nbgrader got through none of it) is the next
