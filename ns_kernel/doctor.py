@@ -129,6 +129,35 @@ def check_links(config):
     return why
 
 
+def check_folder_idmap(config):
+    """Root's kernels (never root) and a folder root owns, as nbgrader makes them: whether
+    this folder's filesystem can show it to them as theirs (plan.folder_idmap), tried on
+    the doctor's working directory."""
+    from . import mount, plan, user
+    if (os.getuid() != 0 or not plan.initial_userns()
+            or container.missing_root_capabilities()):      # "root's kernels" says why
+        return
+    cwd = os.getcwd()
+    info = os.stat(cwd)
+    owner, kernel = (info.st_uid, info.st_gid), (config.sandbox_uid, config.sandbox_gid)
+    try:
+        userns = user.idmap_namespace(owner, kernel)
+    except SetupError:
+        return      # no user namespace for the kernel either: said above
+    handle = os.open(cwd, os.O_PATH | os.O_CLOEXEC)
+    try:
+        os.close(mount.idmapped_tree(handle, cwd, userns))
+        show("ok", "root's folders", f"{cwd}'s filesystem shows a folder to its kernel as its "
+             "own (an idmapped mount): they write a folder root owns as root's")
+    except OSError as exc:
+        show("info", "root's folders", f"{cwd}'s filesystem cannot show a folder to its kernel "
+             f"as its own (an idmapped mount: {exc.strerror}): root's kernels write there only "
+             f"where uid {config.sandbox_uid} may")
+    finally:
+        os.close(handle)
+        os.close(userns)
+
+
 def check_cgroups(config):
     mounts = cgroup.hierarchies()
     v1 = [c for c in CONTROLLERS if c in mounts]
@@ -397,6 +426,7 @@ def main(argv):
     errors = [first] if first else []
     errors += filter(None, [check_links(config)])
     errors += check_container(config)
+    check_folder_idmap(config)
     errors += filter(None, [check_cgroups(config)])
     check_network(config)
     if errors:

@@ -6,7 +6,9 @@ is detached, so nothing of the host is left underneath to be revealed by an umou
 """
 import os
 import stat
+import sys
 
+from . import user
 from .errors import SetupError, moved
 from .plan import Op
 from .syscalls import MNT_DETACH, MountAttr, MountFlags, chdir, flag_names, mount, \
@@ -111,8 +113,10 @@ def open_sources(mounts, cwd, trusted=()):
     a venv there). `cwd` is the launcher's own working directory, taken as it is (no name
     is looked up); the plan's other sources are real paths, so a handle that resolved
     elsewhere means a link appeared on the way (the admin's binds too: Host.probe resolved
-    them). `trusted`: the dirs the launcher made for this kernel, not compared."""
-    handles = []
+    them). `trusted`: the dirs the launcher made for this kernel, not compared. A bind
+    with an id map (plan.folder_idmap) comes as its detached mount instead, already seen
+    through the map: only host root may make one, and the sandbox is not host root."""
+    handles, namespaces = [], {}
     try:
         for m in mounts:
             if m.op not in (Op.BIND, Op.DEVICE):
@@ -124,10 +128,54 @@ def open_sources(mounts, cwd, trusted=()):
                 raise SetupError("mount", "bind", m.source, exc.errno) from None
             if m.source not in trusted and os.readlink(f"/proc/self/fd/{handles[-1]}") != m.source:
                 raise moved(m.source)
+            if m.idmap:
+                if m.idmap not in namespaces:
+                    try:
+                        namespaces[m.idmap] = user.idmap_namespace(*zip(*m.idmap))
+                    except SetupError:
+                        # No user namespace, or no map of the kernel's uid, here: the
+                        # sandbox's own start fails the same way next, and says so.
+                        namespaces[m.idmap] = None
+                if namespaces[m.idmap] is not None:
+                    handles[-1] = _idmapped(handles[-1], m, namespaces[m.idmap])
     except BaseException:
         close_all(handles)
         raise
+    finally:
+        close_all(fd for fd in namespaces.values() if fd is not None)
     return tuple(handles)
+
+
+def idmapped_tree(handle, source, userns):
+    """A detached mount of `handle` (for the path `source`) seen through the id map of
+    userns; OSError where Linux cannot make one (the doctor asks this too)."""
+    tree = open_tree_clone(handle, source)
+    try:
+        # The folder's own mount alone: one mounted below it on the host (whatever it is)
+        # keeps its owners' ids, as without the map.
+        mount_setattr(source, MountAttr.MOUNT_ATTR_IDMAP, False, tree, userns)
+    except OSError:
+        os.close(tree)
+        raise
+    return tree
+
+
+def _idmapped(handle, m, userns):
+    """The detached mount of `handle` (then closed) seen through the id map of userns;
+    `handle` itself where Linux cannot make one (a filesystem without idmapped mounts:
+    NFS): the folder shown as it is, which the kernel cannot write, as the server log
+    says."""
+    try:
+        tree = idmapped_tree(handle, m.source, userns)
+    except OSError as exc:
+        (host, kernel), _ = m.idmap
+        print(f"ns-kernel: warning: {m.source}: its files are uid {host}'s, and this "
+              f"filesystem cannot show them as the kernel's (uid {kernel}) to it, as an "
+              f"idmapped mount would ({exc.strerror}): the kernel cannot write there; give "
+              "the folder to that uid (chown) to let it", file=sys.stderr, flush=True)
+        return handle
+    os.close(handle)
+    return tree
 
 
 def close_all(handles):
@@ -156,7 +204,11 @@ def grab_bind_sources(mounts, handles):
             held, found = os.fstat(handle), os.fstat(here)
             if (held.st_dev, held.st_ino) != (found.st_dev, found.st_ino):
                 raise moved(source)
-            trees[i] = (open_tree_clone(here, source), stat.S_ISDIR(found.st_mode))
+            # An id-mapped bind's handle is its mount already (open_sources), which shows
+            # the folder as the kernel's own; else Linux could not make one.
+            mapped = mounts[i].idmap and held.st_uid == mounts[i].idmap[0][1]
+            tree = os.dup(handle) if mapped else open_tree_clone(here, source)
+            trees[i] = (tree, stat.S_ISDIR(found.st_mode))
         except OSError as exc:
             raise SetupError("mount", "bind", source, exc.errno) from None
         finally:

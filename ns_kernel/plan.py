@@ -57,6 +57,9 @@ class Mount:
     source: str = ""
     data: str = ""
     attrs: MountAttr = RW
+    # a bind seen through an id map (MOUNT_ATTR_IDMAP): ((host uid, kernel uid), (host gid,
+    # kernel gid)), the host's ids the files show as the kernel's (folder_idmap)
+    idmap: tuple = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class Host:
     unbuilt_paths: tuple = ()
     binds: tuple = ()         # (given, real path) of each of the admin's ro/rw binds
     landlock: int = 0         # Landlock's ABI version, 0 where Linux has none
+    cwd_owner: tuple = ()     # (uid, gid) of the working directory
+    initial_userns: bool = False  # the host's own user namespace, not a container's
 
     @classmethod
     def probe(cls, binds=(), writable=()):
@@ -128,7 +133,8 @@ class Host:
                    repos=repos((cwd, *map(_real, writable)), hidden=(home,)),
                    unbuilt_paths=unbuilt_paths(),
                    binds=tuple((path, _real(path)) for path in binds),
-                   landlock=landlock_abi(),
+                   landlock=landlock_abi(), cwd_owner=_owner(cwd),
+                   initial_userns=initial_userns(),
                    data_home=os.path.realpath(os.environ.get("XDG_DATA_HOME")
                                               or os.path.join(home, ".local/share")))
 
@@ -231,6 +237,21 @@ def _git_dirs(dir_fd, path):
         # The common dir is named relative to the git dir, in its `commondir` file.
         dir_fd, name, prefix = None, os.path.join(path, "commondir"), ""
     return dirs
+
+
+def _owner(path):
+    info = os.stat(path)
+    return info.st_uid, info.st_gid
+
+
+def initial_userns():
+    """Whether this is the host's own user namespace (all ids mapped to themselves), where
+    root may make idmapped mounts of the host's filesystems; a container's is not."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 def _homes(users):
@@ -423,7 +444,8 @@ def build_plan(sandbox, host, argv, socket_dir, kernel_id="", seccomp_profile=No
         tree.writable.insert(0, cwd)
     check_state_dirs(tree)
     below_writable = interpreter_mounts(host, cwd, packages, tree)
-    folder_mounts(cwd, home, ro_binds, rw_binds, tree)
+    folder_mounts(cwd, home, ro_binds, rw_binds, tree,
+                  folder_idmap(sandbox, host, cwd, uid, gid))
     for path in below_writable:     # e.g. the notebook folder's own .venv
         tree.mounts += python_mounts(path, host, packages)
         tree.visible.append(path)
@@ -589,15 +611,42 @@ def interpreter_mounts(host, cwd, packages, tree):
     return below_writable
 
 
-def folder_mounts(cwd, home, ro_binds, rw_binds, tree):
-    """The folder (unless shown with the home, without its dot entries) and the admin's
-    binds, each after any of them it lies in: a --ro-bind inside the folder stays
-    read-only, a folder inside a --rw-bind stays shown."""
+def folder_mounts(cwd, home, ro_binds, rw_binds, tree, idmap=None):
+    """The folder (unless shown with the home, without its dot entries; through `idmap`,
+    if any) and the admin's binds, each after any of them it lies in: a --ro-bind inside
+    the folder stays read-only, a folder inside a --rw-bind stays shown."""
     shown = [*((path, RO) for path in ro_binds), *((path, RW) for path in rw_binds),
              *([(cwd, RW)] if cwd != home else [])]
     for path, attrs in sorted(shown, key=lambda bind: bind[0].rstrip("/").count("/")):
-        tree.mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs))
+        tree.mounts.append(Mount(Op.BIND, path, source=path, attrs=attrs,
+                                 idmap=idmap if path == cwd else None))
         tree.visible.append(path)
+
+
+# Folders whose files root's kernels never get to write as their owner's (folder_idmap):
+# the system's own, where a file root owns is one the host runs or obeys as root.
+NEVER_IDMAPPED = (*SYSTEM_DIRS, "/boot", "/var", "/run")
+
+
+def folder_idmap(sandbox, host, cwd, uid, gid):
+    """The id map through which root's kernel sees its folder (None: as it is). Started
+    by host root, a kernel runs as Sandbox.sandbox_uid (never root), which could not
+    write the folder root (or another user) owns: nbgrader's autograded folders, a
+    notebook that saves its results. Through the map, the folder owner's files show as
+    the kernel's, and what the kernel makes is the owner's on the host, as a kernel of
+    the owner's own would have it; only in that folder. Not for a folder of the system's
+    (NEVER_IDMAPPED) or of the home's settings (a dot entry: ~/.ssh), nor without the
+    default seccomp filter, which keeps setuid and setgid bits off the files (they would
+    be root's on the host); nor where the home is the folder (its entries are shown one
+    by one); nor for root of a container, whose mounts only the host's root may map."""
+    if host.uid != 0 or not host.initial_userns or not host.cwd_owner or cwd == host.home:
+        return None
+    if host.cwd_owner[0] == uid or sandbox.seccomp != "default":
+        return None
+    settings = under(cwd, host.home) and cwd[len(host.home):].lstrip("/").startswith(".")
+    if settings or any(under(cwd, d) for d in NEVER_IDMAPPED):
+        return None
+    return ((host.cwd_owner[0], uid), (host.cwd_owner[1], gid))
 
 
 def host_read_mounts(host, tree):
@@ -738,7 +787,7 @@ def pin_ancestors(mounts, writable):
     for m in mounts:
         out.append(m)
         if m.op is Op.BIND and roots.get(m.dest) is m:
-            out += [Mount(Op.BIND, path, source=path, attrs=m.attrs)
+            out += [Mount(Op.BIND, path, source=path, attrs=m.attrs, idmap=m.idmap)
                     for path in sorted(pins.get(m.dest, ())) if path not in mounted]
     return out
 

@@ -101,12 +101,28 @@ class Filter:
 LINKS = ("symlink", "symlinkat", "mknod", "mknodat")
 
 
+# The setuid and setgid bits, and where each call that gives a file its mode takes it (the
+# argument's index). Inert inside (no_new_privs), they are not on the host: a file of the
+# folder that root's kernel sees through an id map (plan.folder_idmap) is root's there, so
+# a setuid one would run as root for whoever can reach it. No notebook needs them.
+SETID_BITS = (0o4000, 0o2000)
+MODE_ARGUMENT = {1: ("chmod", "fchmod", "creat", "mknod"),
+                 2: ("fchmodat", "fchmodat2", "open", "mknodat"), 3: ("openat",)}
+# Takes its mode in a struct no filter can read: ENOSYS, as a Linux before 5.6 answers;
+# libc and Python open files with openat.
+UNREADABLE_MODE = ("openat2",)
+
+
 def default_filter(allow_userns=False, no_links=False):
     """Allow all but DENIED, which answers EPERM (unshare and setns too, unless
-    allow_userns; symlinks too, with no_links)."""
+    allow_userns; symlinks too, with no_links), and setuid or setgid modes (SETID_BITS)."""
     denied = tuple(n for n in DENIED if not (allow_userns and n in NAMESPACES))
     denied += LINKS if no_links else ()
-    return Filter(SCMP_ACT_ALLOW, (Rule(denied, SCMP_ACT_ERRNO(errno.EPERM)),))
+    setid = [Rule(tuple(n for n in names if n not in denied), SCMP_ACT_ERRNO(errno.EPERM),
+                  ((index, COMPARE["SCMP_CMP_MASKED_EQ"], bit, bit),))
+             for index, names in MODE_ARGUMENT.items() for bit in SETID_BITS]
+    return Filter(SCMP_ACT_ALLOW, (Rule(denied, SCMP_ACT_ERRNO(errno.EPERM)), *setid,
+                                   Rule(UNREADABLE_MODE, SCMP_ACT_ERRNO(errno.ENOSYS))))
 
 
 def is_profile(setting):

@@ -47,6 +47,7 @@ class MountAttr(enum.IntFlag):
     MOUNT_ATTR_NOSUID = 0x2
     MOUNT_ATTR_NODEV = 0x4
     MOUNT_ATTR_NOEXEC = 0x8
+    MOUNT_ATTR_IDMAP = 0x100000   # with a user namespace's fd: whose ids the files show
 
 
 def flag_names(flags):
@@ -170,9 +171,10 @@ class _MountAttrStruct(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def mount_setattr(path, attr_set, recursive=True, fd=None):
-    """On the mount at path, or (fd: an fd of its root; path then only names it) at fd."""
-    attr = _MountAttrStruct(int(attr_set), 0, 0, 0)
+def mount_setattr(path, attr_set, recursive=True, fd=None, userns_fd=0):
+    """On the mount at path, or (fd: an fd of its root; path then only names it) at fd;
+    userns_fd: the user namespace whose id maps MOUNT_ATTR_IDMAP applies."""
+    attr = _MountAttrStruct(int(attr_set), 0, 0, userns_fd)
     flags = (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if fd is not None else 0)
     _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR),
                          ctypes.c_int(AT_FDCWD if fd is None else fd),

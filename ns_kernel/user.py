@@ -50,12 +50,16 @@ def write_id_maps(pid, plan):
     """Map the plan's one uid and gid for process `pid` (which has just unshared its user
     namespace). Written from the parent namespace: only there may host root map another uid.
     os.write, not file.write: the latter hides EPERM behind buffering."""
+    _write_maps(pid, plan.uid_map.line(), plan.gid_map.line())
+
+
+def _write_maps(pid, uid_line, gid_line):
     root = f"/proc/{pid}"
-    steps = [(f"{root}/uid_map", plan.uid_map.line())]
+    steps = [(f"{root}/uid_map", uid_line)]
     if os.getuid() != 0:
         # An unprivileged writer may map its gid only after giving up setgroups(2) for good.
         steps.append((f"{root}/setgroups", "deny"))
-    steps.append((f"{root}/gid_map", plan.gid_map.line()))
+    steps.append((f"{root}/gid_map", gid_line))
     for path, text in steps:
         try:
             fd = os.open(path, os.O_WRONLY)
@@ -65,6 +69,47 @@ def write_id_maps(pid, plan):
                 os.close(fd)
         except OSError as exc:
             raise SetupError("user", f"write {text.strip()!r} to", path, exc.errno) from None
+
+
+def idmap_namespace(owner, kernel):
+    """An fd of a user namespace that maps the host ids `owner` (uid, gid) to `kernel`'s,
+    one each: what MOUNT_ATTR_IDMAP takes to show the owner's files as the kernel's through
+    one mount (mount.open_sources), and to write the kernel's files as the owner's. Host
+    root makes it (only root may map ids that are not its own): a child unshares and waits
+    while its maps are written; the fd keeps the namespace once the child has gone."""
+    import signal
+    from .pid import FORWARDED
+    from .syscalls import CloneFlags, unshare
+    up_r, up_w = os.pipe2(os.O_CLOEXEC)
+    down_r, down_w = os.pipe2(os.O_CLOEXEC)
+    # The child runs none of the launcher's signal handlers.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(down_w)
+            unshare(CloneFlags.CLONE_NEWUSER)
+            os.write(up_w, b"U")
+            os.read(down_r, 1)      # until the parent closes its end
+        finally:
+            os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    os.close(up_w)
+    os.close(down_r)
+    try:
+        if os.read(up_r, 1) != b"U":
+            raise SetupError("user", "unshare(CLONE_NEWUSER) for the folder's id map", "",
+                             hint=userns_hint())
+        _write_maps(child, f"{owner[0]} {kernel[0]} 1\n", f"{owner[1]} {kernel[1]} 1\n")
+        path = f"/proc/{child}/ns/user"
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SetupError("user", "open", path, exc.errno) from None
+    finally:
+        os.close(up_r)
+        os.close(down_w)
+        os.waitpid(child, 0)
 
 
 # What a kernel could otherwise make: namespaces of every kind (a nested user namespace

@@ -48,8 +48,8 @@ def course(tmp_path):
     (root / "students" / "bob" / "answers.txt").write_text("42")
     for path in (tmp_path, root, root / "students"):
         path.chmod(0o755)
-    for name in ("alice", "bob"):
-        (root / "students" / name).chmod(0o777)   # root's sandbox (nobody) writes there
+    # The students' folders are the grader's (root's, when root runs this): root's
+    # sandbox (nobody) writes there through its folder's id map.
     return root
 
 
@@ -66,7 +66,8 @@ def grader_spec(tmp_path):
 
 
 def execute(notebook, data_dir, out_dir):
-    """The recipe in docs/limits.md: from a folder of the grader's, never the submission's."""
+    """nbconvert from a folder of the grader's, never the submission's, as docs/grading.md
+    runs it (tests/test_nbgrader.py runs the recipe itself, as written)."""
     env = {**os.environ, "JUPYTER_PATH": data_dir}
     grader = os.path.join(os.path.dirname(str(out_dir)), "grader")
     os.makedirs(grader, exist_ok=True)

@@ -41,6 +41,8 @@ def test_doctor_passes_here():
     assert "  ok    sandbox syscalls: unshare, mount, umount2, pivot_root, open_tree, " in out
     assert "  ok    fresh proc and sysfs: mountable" in out
     assert "  ok    seccomp: libseccomp.so.2 loads; the default filter denies " in out
+    # Root's kernels are shown a folder root owns as theirs: tried on the doctor's own.
+    assert ("  ok    root's folders: " in out) == (os.getuid() == 0), out
     assert out.rstrip().endswith("isolated kernels can run here.")
 
 

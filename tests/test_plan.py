@@ -40,6 +40,59 @@ def test_root_maps_to_nobody_and_drops_groups():
     assert p.drop_groups
 
 
+def test_root_sees_its_folder_through_an_id_map():
+    """Root's kernel (nobody) is shown the folder root owns through an id map: root's
+    files are the kernel's there, and a dir the host reads below it (a .git, read-only)
+    is pinned through the same map, so the folder stays the kernel's to write."""
+    root = dict(uid=0, gid=0, home="/root", cwd="/srv/course/autograded/alice/ps1",
+                cwd_owner=(0, 0), initial_userns=True,
+                repos=("/srv/course/autograded/alice/ps1/sub/.git",))
+    mounts = by_dest(plan(**root))
+    folder = mounts["/srv/course/autograded/alice/ps1"]
+    assert folder.idmap == ((0, 65534), (0, 65534)) and folder.attrs == RW
+    assert mounts["/srv/course/autograded/alice/ps1/sub"].idmap == folder.idmap
+    assert mounts["/srv/course/autograded/alice/ps1/sub/.git"].idmap is None
+    # Another user's folder: that user's files.
+    assert by_dest(plan(**{**root, "cwd_owner": (1000, 100)}))[root["cwd"]].idmap == \
+        ((1000, 65534), (100, 65534))
+
+
+ROOT = dict(uid=0, gid=0, home="/root", initial_userns=True)
+
+
+@pytest.mark.parametrize("why, sandbox, facts", [
+    ("an ordinary user's own folder", None, dict(cwd_owner=(1000, 1000))),
+    ("root of a container", None, dict(ROOT, initial_userns=False, cwd="/srv/nb",
+                                       cwd_owner=(0, 0))),
+    ("the kernel's own uid owns it", None, dict(ROOT, cwd="/srv/nb", cwd_owner=(65534, 65534))),
+    ("a folder of the system's", None, dict(ROOT, cwd="/etc/nginx", cwd_owner=(0, 0))),
+    ("under /var", None, dict(ROOT, cwd="/var/lib/x", cwd_owner=(0, 0))),
+    ("a dot entry of the home", None, dict(ROOT, cwd="/root/.ssh", cwd_owner=(0, 0))),
+    ("no seccomp filter to keep setuid bits off", Sandbox(seccomp="off"),
+     dict(ROOT, cwd="/srv/nb", cwd_owner=(0, 0))),
+])
+def test_no_id_map(why, sandbox, facts):
+    mounts = by_dest(plan(sandbox, **facts))
+    assert mounts[facts.get("cwd", "/home/ada/notebooks")].idmap is None, why
+
+
+def test_the_default_filter_refuses_setuid_and_setgid_modes():
+    """The bits ride in the mode argument of each call that sets one (chmod's second,
+    fchmodat's third, openat's fourth ...); openat2 hides it in a struct: ENOSYS."""
+    from ns_kernel import seccomp
+    rules = seccomp.default_filter().rules
+    refused = {(name, rule.args) for rule in rules[1:-1] for name in rule.names}
+    masked = seccomp.COMPARE["SCMP_CMP_MASKED_EQ"]
+    for name, index in (("chmod", 1), ("fchmodat", 2), ("openat", 3), ("creat", 1),
+                        ("fchmodat2", 2), ("mknodat", 2)):
+        for bit in (0o4000, 0o2000):
+            assert (name, ((index, masked, bit, bit),)) in refused, (name, oct(bit))
+    assert rules[-1] == seccomp.Rule(("openat2",), seccomp.SCMP_ACT_ERRNO(38))
+    # Without Landlock mknod is refused whatever its mode: not twice.
+    bare = seccomp.default_filter(no_links=True)
+    assert all("mknodat" not in rule.names for rule in bare.rules[1:-1])
+
+
 def test_root_inside_is_refused_for_host_root():
     with pytest.raises(SetupError, match="host root is never root inside"):
         plan(Sandbox(sandbox_uid=0), uid=0)
