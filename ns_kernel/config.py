@@ -184,6 +184,19 @@ class Sandbox(Configurable):
         server's own cgroup (moving a process needs write access to their common ancestor).
         Default '': none for ordinary users; real root uses <cgroup2 mount>/ns-kernel.""")
 
+    idmap_folder = Bool(False, config=True, help="""
+        Started by root only: when root (or another user) owns the notebook folder, show it
+        to the kernel (which runs as sandbox_uid, never root) through an idmapped mount, so
+        that it writes the folder as an ordinary user's kernel writes that user's: the
+        owner's files are the kernel's there, and what the kernel makes is the owner's on the
+        host. For graders (docs/grading.md): the same grade whoever grades. Off by default,
+        since every file the kernel makes there is then root's on the host: root must never
+        run git (a shell prompt's git status, a Lab git extension), make, or any other tool
+        that obeys files below that folder, and must keep it out of every path it runs or
+        loads from. Never for the system's dirs, any home itself or its dot entries, a
+        container's root, or without the default seccomp filter (which keeps setuid and
+        setgid bits off).""")
+
     best_effort = Bool(False, config=True, help="""
         If True, a limit the chosen backend cannot enforce is skipped with a warning in the
         log instead of refusing to start the kernel.""")
@@ -237,6 +250,8 @@ KERNEL_FLAGS = {NO_PRESTART_FLAG[0]: NO_PRESTART_FLAG[1:]}
 SANDBOX_FLAGS = {
     "best-effort": ({"Sandbox": {"best_effort": True}},
                     "Skip (with a warning) limits the backend cannot enforce."),
+    "idmap-folder": ({"Sandbox": {"idmap_folder": True}},
+                     "As root: the kernel writes the folder root owns (Sandbox.idmap_folder)."),
     "allow-userns": ({"Sandbox": {"allow_userns": True}},
                      "Let the kernel make namespaces of its own (Sandbox.allow_userns)."),
 }

@@ -130,11 +130,11 @@ def check_links(config):
 
 
 def check_folder_idmap(config):
-    """Root's kernels (never root) and a folder root owns, as nbgrader makes them: whether
-    this folder's filesystem can show it to them as theirs (plan.folder_idmap), tried on
-    the doctor's working directory."""
+    """Root's kernels (never root) and a folder root owns, as nbgrader makes them, with
+    --idmap-folder: whether this folder's filesystem can show it to them as theirs
+    (plan.folder_idmap), tried on the doctor's working directory."""
     from . import mount, plan, user
-    if (os.getuid() != 0 or not plan.initial_userns()
+    if (not config.idmap_folder or os.getuid() != 0 or not plan.initial_userns()
             or container.missing_root_capabilities()):      # "root's kernels" says why
         return
     cwd = os.getcwd()

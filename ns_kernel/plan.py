@@ -634,17 +634,23 @@ def folder_idmap(sandbox, host, cwd, uid, gid):
     write the folder root (or another user) owns: nbgrader's autograded folders, a
     notebook that saves its results. Through the map, the folder owner's files show as
     the kernel's, and what the kernel makes is the owner's on the host, as a kernel of
-    the owner's own would have it; only in that folder. Not for a folder of the system's
-    (NEVER_IDMAPPED) or of the home's settings (a dot entry: ~/.ssh), nor without the
-    default seccomp filter, which keeps setuid and setgid bits off the files (they would
-    be root's on the host); nor where the home is the folder (its entries are shown one
-    by one); nor for root of a container, whose mounts only the host's root may map."""
-    if host.uid != 0 or not host.initial_userns or not host.cwd_owner or cwd == host.home:
+    the owner's own would have it; only in that folder. Only when asked for
+    (Sandbox.idmap_folder: every file the kernel makes there is root's on the host, which
+    git and other tools root runs there would obey). Not for a folder of the system's
+    (NEVER_IDMAPPED), nor any home or its settings (a dot entry: ~/.ssh, ~/.bashrc), the
+    homes taken from the user database, not from $HOME (which sudo -E or a service may
+    set to anything); nor without the default seccomp filter, which keeps setuid and
+    setgid bits off the files (they would be root's on the host); nor for root of a
+    container, whose mounts only the host's root may map."""
+    if not sandbox.idmap_folder or host.uid != 0 or not host.initial_userns:
         return None
-    if host.cwd_owner[0] == uid or sandbox.seccomp != "default":
+    if not host.cwd_owner or host.cwd_owner[0] == uid or sandbox.seccomp != "default":
         return None
-    settings = under(cwd, host.home) and cwd[len(host.home):].lstrip("/").startswith(".")
-    if settings or any(under(cwd, d) for d in NEVER_IDMAPPED):
+    for home in {host.home, *host.homes}:
+        if cwd == home or (under(cwd, home)
+                           and cwd[len(home):].lstrip("/").startswith(".")):
+            return None
+    if any(under(cwd, d) for d in NEVER_IDMAPPED):
         return None
     return ((host.cwd_owner[0], uid), (host.cwd_owner[1], gid))
 

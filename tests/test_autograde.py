@@ -49,7 +49,7 @@ def course(tmp_path):
     for path in (tmp_path, root, root / "students"):
         path.chmod(0o755)
     # The students' folders are the grader's (root's, when root runs this): root's
-    # sandbox (nobody) writes there through its folder's id map.
+    # sandbox (nobody) writes there through its folder's id map (--idmap-folder).
     return root
 
 
@@ -58,7 +58,8 @@ def grader_spec(tmp_path):
     """The grader's kernelspec, named isolated-python, with limits."""
     prefix = tmp_path / "grader"
     done = subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "install", "--prefix", str(prefix),
-                           "--home", "private", "--memory", "512M", "--pids", "64"],
+                           "--home", "private", "--memory", "512M", "--pids", "64",
+                           "--idmap-folder"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     os.chmod(tmp_path, 0o755)

@@ -40,20 +40,25 @@ def test_root_maps_to_nobody_and_drops_groups():
     assert p.drop_groups
 
 
+IDMAP = Sandbox(idmap_folder=True)
+
+
 def test_root_sees_its_folder_through_an_id_map():
-    """Root's kernel (nobody) is shown the folder root owns through an id map: root's
-    files are the kernel's there, and a dir the host reads below it (a .git, read-only)
-    is pinned through the same map, so the folder stays the kernel's to write."""
+    """Asked to (--idmap-folder), root's kernel (nobody) is shown the folder root owns
+    through an id map: root's files are the kernel's there, and a dir the host reads below
+    it (a .git, read-only) is pinned through the same map, so the folder stays the
+    kernel's to write."""
     root = dict(uid=0, gid=0, home="/root", cwd="/srv/course/autograded/alice/ps1",
                 cwd_owner=(0, 0), initial_userns=True,
                 repos=("/srv/course/autograded/alice/ps1/sub/.git",))
-    mounts = by_dest(plan(**root))
+    assert by_dest(plan(**root))[root["cwd"]].idmap is None     # not unless asked
+    mounts = by_dest(plan(IDMAP, **root))
     folder = mounts["/srv/course/autograded/alice/ps1"]
     assert folder.idmap == ((0, 65534), (0, 65534)) and folder.attrs == RW
     assert mounts["/srv/course/autograded/alice/ps1/sub"].idmap == folder.idmap
     assert mounts["/srv/course/autograded/alice/ps1/sub/.git"].idmap is None
     # Another user's folder: that user's files.
-    assert by_dest(plan(**{**root, "cwd_owner": (1000, 100)}))[root["cwd"]].idmap == \
+    assert by_dest(plan(IDMAP, **{**root, "cwd_owner": (1000, 100)}))[root["cwd"]].idmap == \
         ((1000, 65534), (100, 65534))
 
 
@@ -68,11 +73,19 @@ ROOT = dict(uid=0, gid=0, home="/root", initial_userns=True)
     ("a folder of the system's", None, dict(ROOT, cwd="/etc/nginx", cwd_owner=(0, 0))),
     ("under /var", None, dict(ROOT, cwd="/var/lib/x", cwd_owner=(0, 0))),
     ("a dot entry of the home", None, dict(ROOT, cwd="/root/.ssh", cwd_owner=(0, 0))),
-    ("no seccomp filter to keep setuid bits off", Sandbox(seccomp="off"),
+    ("no seccomp filter to keep setuid bits off", Sandbox(seccomp="off", idmap_folder=True),
      dict(ROOT, cwd="/srv/nb", cwd_owner=(0, 0))),
+    # A red team's: root's kernel started in another user's home wrote its .bashrc and
+    # .ssh as that user; with $HOME elsewhere (sudo -E), root's own home was the folder.
+    ("another user's home", None, dict(ROOT, cwd="/home/bob", cwd_owner=(1001, 1001),
+                                       homes=("/home/bob", "/root"))),
+    ("a dot entry of another user's home", None,
+     dict(ROOT, cwd="/home/bob/.config/x", cwd_owner=(1001, 1001), homes=("/home/bob",))),
+    ("root's home, $HOME elsewhere", None,
+     dict(ROOT, home="/srv/elsewhere", cwd="/root", cwd_owner=(0, 0), homes=("/root",))),
 ])
 def test_no_id_map(why, sandbox, facts):
-    mounts = by_dest(plan(sandbox, **facts))
+    mounts = by_dest(plan(sandbox or IDMAP, **facts))
     assert mounts[facts.get("cwd", "/home/ada/notebooks")].idmap is None, why
 
 

@@ -931,3 +931,81 @@ def test_second_look_a_state_dir_in_the_folder_takes_no_links(tmp_path, path):
     assert f"ns-kernel: state dir {folder}/state/" in done.stderr, done.stderr
     assert "which the kernel may write" in done.stderr
     assert os.listdir(folder) == []
+
+
+# -- root's folder id map (--idmap-folder) ---------------------------------------------------
+# Through it, what root's kernel (nobody) makes in a folder root owns is root's on the host.
+# A red team of the first version (on by default) ran a command as root through git, and
+# wrote another user's and root's own dot files. Each attack must fail.
+
+ROOT_ONLY = pytest.mark.skipif(os.getuid() != 0, reason="only root's kernels see a folder "
+                               "through an id map")
+
+
+def run_script(cwd, script, *options, env=None):
+    """`ns-kernel run` of a shell script in cwd, as this (root) user."""
+    return subprocess.run([sys.executable, "-P", "-m", "ns_kernel", "run", *options, "--",
+                           "/bin/sh", "-c", script], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+@ROOT_ONLY
+@pytest.mark.privileged
+def test_by_default_a_repository_root_s_kernel_makes_is_no_repository_root_s_git_obeys(
+        tmp_path):
+    """git refuses a repository another user owns. Through the id map, what the kernel
+    makes is root's, and root's `git status` below the folder would run the kernel's
+    core.fsmonitor as root, on the host: so the map is only there when asked for."""
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(folder, 0o755)
+    proof = tmp_path / "ran-as-root"
+    done = run_script(folder, (
+        "mkdir -p sub/.git/objects sub/.git/refs/heads && "
+        "echo 'ref: refs/heads/main' > sub/.git/HEAD && "
+        f"printf '[core]\\n\\trepositoryformatversion = 0\\n\\tfsmonitor = \"touch {proof}; false\"\\n'"
+        " > sub/.git/config"))
+    assert "Permission denied" in done.stderr, done.stderr     # root's folder, nobody's kernel
+    assert not (folder / "sub").exists()
+    subprocess.run(["git", "status"], cwd=folder, capture_output=True, timeout=60,
+                   env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
+    assert not proof.exists(), "root's git ran the kernel's core.fsmonitor"
+
+
+@ROOT_ONLY
+@pytest.mark.privileged
+@pytest.mark.parametrize("options", [[], ["--idmap-folder"]], ids=["default", "idmap"])
+def test_root_s_kernel_in_another_user_s_home_cannot_write_their_settings(options):
+    """The owner's own kernel never writes the dot entries of its home; root's kernel
+    started there, through the id map, wrote them as that user (.bashrc, .ssh)."""
+    import pwd
+    home = pwd.getpwnam("ns-kernel-test").pw_dir
+    probe = os.path.join(home, ".ns-kernel-attack")
+    try:
+        done = run_script(home, f"touch {probe}", *options)
+        assert not os.path.exists(probe), \
+            f"root's kernel wrote {probe} as uid {os.stat(probe).st_uid}: {done.stderr}"
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+@ROOT_ONLY
+@pytest.mark.privileged
+@pytest.mark.parametrize("options", [[], ["--idmap-folder"]], ids=["default", "idmap"])
+def test_root_s_kernel_in_root_s_home_cannot_write_it_whatever_home_says(tmp_path, options):
+    """$HOME is not always root's home (sudo -E, a service's Environment=): the folder
+    /root was then mapped, and the kernel wrote /root/.bashrc and /root/.ssh as root."""
+    import pwd
+    root_home = pwd.getpwuid(0).pw_dir
+    probe = os.path.join(root_home, ".ns-kernel-attack")
+    fake = tmp_path / "home"
+    fake.mkdir()
+    try:
+        done = run_script(root_home, f"touch {probe}", *options, env={"HOME": str(fake)})
+        assert not os.path.exists(probe), \
+            f"root's kernel wrote {probe} as uid {os.stat(probe).st_uid}: {done.stderr}"
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
