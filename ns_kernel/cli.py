@@ -188,7 +188,8 @@ def _one_line(func, *args):
     try:
         return func(*args)
     except SetupError as exc:
-        print(exc.line(), file=sys.stderr, flush=True)
+        from .trial import explain      # the container setting that avoids it, if one does
+        print(explain(exc).line(), file=sys.stderr, flush=True)
         return 1
     except Exception as exc:  # noqa: BLE001 - traitlets' TraitError and friends: one line
         print(f"ns-kernel: {exc}", file=sys.stderr, flush=True)
