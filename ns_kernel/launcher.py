@@ -24,7 +24,7 @@ import sys
 import time
 
 from . import (bridge, connection, handoff, leftovers, limits, mount, notice, offline, output,
-               seccomp, socketdir, state, usage)
+               reaper, seccomp, socketdir, state, usage)
 from .errors import SetupError
 from .net import MODES as NETWORK_MODES
 from .pid import FORWARDED
@@ -45,8 +45,9 @@ def kernel_argv(extra):
 
 def kernel_extensions(info, config, previous, limits_in_force):
     """What the kernel loads besides ipykernel (IPython extensions, config): the notice of
-    why the previous one died, the offline hint, CurveZMQ's keys, the usage panel's limits."""
-    extra = [notice.EXTENSION_ARGV] if previous else []
+    why the previous one died, the offline hint, CurveZMQ's keys, the usage panel's limits;
+    and, always, the reaper (a quick shutdown with children)."""
+    extra = [reaper.EXTENSION_ARGV, *([notice.EXTENSION_ARGV] if previous else [])]
     if NETWORK_MODES[config.network].offline_hint:
         extra.append(offline.EXTENSION_ARGV)
     if connection.CURVE_KEYS[0] in info:
