@@ -7,6 +7,7 @@ fails, with the message the docs give); and the doctor names each failure the do
 Tier `container`: `scripts/test-containers` (root) installs what it needs and runs it."""
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -188,3 +189,60 @@ def test_each_documented_failure_names_its_fix(failure):
     assert fix in launcher, launcher
     assert doctors in done.stderr, done.stdout + done.stderr
     assert "  --    kernels: none started: fix the above first" in done.stdout
+
+
+# The docs' KubeSpawner config, field by field, and the podman setting each one is in the
+# pod's words: (path in the pod kubespawner renders, value, podman args run above).
+POD_FIELDS = [
+    (("spec", "host_users"), False, ["--uidmap", "0:100000:65536"]),
+    (("spec", "containers", 0, "security_context", "procMount"), "Unmasked",
+     ["--security-opt", "unmask=ALL"]),
+    (("spec", "containers", 0, "security_context", "seccompProfile"),
+     {"type": "Localhost", "localhostProfile": "ns-kernel.json"},
+     ["--security-opt", f"seccomp={container.PROFILE}"]),
+    (("spec", "containers", 0, "security_context", "allowPrivilegeEscalation"), False,
+     ["--security-opt", "no-new-privileges"]),
+]
+
+
+def run_here(args):
+    """Do kernels run above with these podman args (in this order) among the settings?"""
+    return any(tried[i:i + len(args)] == args for tried in (RECOMMENDED, *WHO.values())
+               for i in range(len(tried)))
+
+
+def test_kubespawner_renders_the_settings_tested_here():
+    """No cluster here: kubespawner itself turns the docs' config into the pod it would ask
+    for (KubeSpawner.get_pod_manifest), and each field is one a podman run above tested."""
+    import asyncio
+    from traitlets.config import Config
+    from kubespawner import KubeSpawner
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "containers.md")) as f:
+        [snippet] = [b for b in re.findall(r"^```python\n(.*?)^```$", f.read(), re.S | re.M)
+                     if "KubeSpawner" in b]
+    config = Config()
+    exec(snippet, {"c": config})
+    # Where its client looks for the cluster (the test's own HOME), which a spawner only
+    # reads: nothing is asked of it.
+    kube = os.path.expanduser("~/.kube")
+    os.makedirs(kube)
+    with open(f"{kube}/config", "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "none",
+                   "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
+                   "users": [{"name": "none", "user": {}}],
+                   "contexts": [{"name": "none", "context": {"cluster": "none",
+                                                             "user": "none"}}]}, f)
+
+    async def render():
+        return (await KubeSpawner(config=config, _mock=True).get_pod_manifest()).to_dict()
+    try:
+        pod = asyncio.run(render())
+    finally:
+        shutil.rmtree(kube)
+    assert pod["spec"]["containers"][0]["image"].endswith("/isolated-python")
+    for path, value, podman_args in POD_FIELDS:
+        found = pod
+        for key in path:
+            found = found[key]
+        assert found == value, (path, found)
+        assert run_here(podman_args), podman_args
