@@ -11,6 +11,8 @@ jupyter_client's KernelManager, as every Jupyter client does.
 
 Rows:
   start        launch (KernelManager.start_kernel) to the kernel_info reply
+  shutdown     a graceful KernelManager.shutdown_kernel(), of an idle kernel and of one
+               whose child (a `subprocess.Popen` never waited for) is alive
   round trip   execute_request of `pass` to its reply and the iopub idle status
   output       a cell printing 100 MB in 1 MB chunks; a 20 MB display_data payload
   memory       PSS (/proc/PID/smaps_rollup) summed over the kernel's whole process tree;
@@ -46,6 +48,8 @@ from jupyter_client.manager import KernelManager
 from ns_kernel import kernelspec
 
 TRIVIAL = "pass"
+# A child the notebook never waits for (ipykernel's shutdown waits for its children).
+CHILD_CODE = "import subprocess; child = subprocess.Popen(['sleep', '300'])"
 # Kinds that start from the warm template (the default).
 WARM_KINDS = ("isolated", "provisioner", "nofilter")
 ISOLATED = ("isolated", "provisioner", "cold")    # the kinds with targets
@@ -206,6 +210,20 @@ class Bench:
                 km, kc, elapsed = self.start(kind)
                 times[kind].append(elapsed)
                 self.stop(km, kc)
+        return times
+
+    def shutdowns(self, kinds, rounds, code):
+        """Seconds of a graceful shutdown (KernelManager.shutdown_kernel(), as a server's
+        Shut Down) of a kernel that has run `code`."""
+        times = {k: [] for k in kinds}
+        for r in range(rounds):
+            for kind in rotate(kinds, r):
+                km, kc, _ = self.start(kind)
+                self.execute(kc, code)
+                kc.stop_channels()
+                t0 = time.perf_counter()
+                km.shutdown_kernel()
+                times[kind].append(time.perf_counter() - t0)
         return times
 
     def latency_and_output(self, lanes, rounds, n, out_mb, display_mb):
@@ -727,6 +745,11 @@ def start_rows(bench, kinds, table, raw, rounds):
         table.add(labels[kind], plain_start, statistics.median(starts[kind]), "s")
     for kind, why in kinds.missing.items():
         table.note(labels[kind], f"missing: {why}")
+    for label, code in (("shutdown", TRIVIAL), ("shutdown, a child alive", CHILD_CODE)):
+        took = bench.shutdowns(["plain", "isolated"], rounds, code)
+        raw[label] = took
+        table.add(label, statistics.median(took["plain"]), statistics.median(took["isolated"]),
+                  "s")
 
 
 def general(bench, kinds, table, raw, quick, rounds, n_rtt, out_mb, display_mb, n_scale):

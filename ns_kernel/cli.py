@@ -99,7 +99,7 @@ def main(argv=None, prestarted=None):
     start = command_line.kernel_start(argv)
     if start:
         return start_kernel(start, prestarted=prestarted)
-    return one_line(_command, argv)
+    return one_line(_command, argv, explain=_explain)
 
 
 def start_kernel(start, prestarted=None, warm=None, finish=None):
@@ -107,7 +107,7 @@ def start_kernel(start, prestarted=None, warm=None, finish=None):
     a warm template's launcher. prestarted: the kernel's interpreter, spawned by __main__
     (prestart.py); warm: a warm template's launcher's (launcher.Warm); finish(status):
     how to leave (default: exit like the kernel). A failure: one line, exit code 1."""
-    return one_line(_start_kernel, start, prestarted, warm, finish)
+    return one_line(_start_kernel, start, prestarted, warm, finish, explain=_explain)
 
 
 def _start_kernel(start, prestarted, warm, finish):
@@ -138,3 +138,9 @@ def _command(argv):
         KernelApp().parse_command_line(argv)   # prints help, exits 0
     raise SetupError("usage", "no connection file", hint=(
         "run as `python -P -m ns_kernel [options] -f CONNECTION_FILE`, as kernel.json does"))
+
+
+def _explain(exc):
+    """The container setting that avoids a failed start, if one does (trial.py)."""
+    from .trial import explain
+    return explain(exc)

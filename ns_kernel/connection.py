@@ -76,11 +76,14 @@ def inner(info, socket_dir_inside):
 
 def write(path, info, uid=None, gid=None):
     """Write with 0600 from the start: the key must never be readable by anyone else."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    if uid is not None:
-        os.chown(path, uid, gid)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        if uid is not None:
+            os.chown(path, uid, gid)
+    except OSError as exc:
+        raise SetupError("connection", "write connection file", path, exc.errno) from None
 
 
 def socket_path(socket_dir, port):

@@ -2,9 +2,10 @@
 undoes each, in the runtime's own words (docs/containers.md): its seccomp profile, its
 masked /proc and /sys, the capabilities root keeps, its user namespace's id map.
 
-`ns-kernel doctor` probes them (doctor.try_sandbox_syscalls makes the sandbox's syscalls in
-a throwaway set of namespaces; denied() reads what it saw); the launcher's hints name the
-same fixes. Facts and fixes only: this module imports none of the sandbox's.
+`ns-kernel doctor` probes them (trial.py makes the sandbox's syscalls in a throwaway set of
+namespaces; denied() reads what it saw); a kernel that fails to start says the same fix
+(trial.explain, and mount.py for a refused proc or sysfs). Facts and fixes only: this
+module imports none of the sandbox's.
 """
 import errno
 import os
@@ -24,12 +25,30 @@ def seccomp_denies(names):
 MASKED_FIX = ("`docker run --security-opt systempaths=unconfined`, `podman run --security-opt "
               "unmask=ALL`; Kubernetes: securityContext.procMount: Unmasked (with the pod's "
               "hostUsers: false)")
+
+
+def masks_refuse(filesystems, masks=()):
+    """Why a fresh proc or sysfs (`filesystems`) is refused, and the fix; masks: the mount
+    points over /proc and /sys, if known (masked())."""
+    where = f" ({', '.join(masks)} mounted over)" if masks else ""
+    return (f"a fresh {' and '.join(filesystems)} mount is refused: the container runtime masks "
+            f"parts of /proc and /sys{where}; unmask them: {MASKED_FIX}")
+
+
 # Root's kernels run as another uid (nobody): the launcher chowns their dirs and maps it.
 ROOT_CAPS = {"CAP_CHOWN": 0, "CAP_SETGID": 6, "CAP_SETUID": 7}
 ROOT_CAPS_FIX = ("`docker run --cap-add CHOWN --cap-add SETUID --cap-add SETGID` (Kubernetes: "
                  "securityContext.capabilities.add: [CHOWN, SETUID, SETGID]), or run the "
                  "server as an ordinary user (`--user 1000`, runAsUser: 1000)")
 CAP_SYS_PTRACE = 19
+
+
+def root_lacks(missing, uid=None):
+    return (f"root's kernels run as {'uid %d' % uid if uid is not None else 'another uid'}, "
+            f"but this root lacks {', '.join(missing)} (a container with --cap-drop ALL?): "
+            f"{ROOT_CAPS_FIX}")
+
+
 # The syscalls the sandbox makes while it builds itself (the profile's additions).
 SANDBOX_SYSCALLS = ("unshare", "mount", "umount2", "pivot_root", "open_tree", "move_mount",
                     "mount_setattr", "sethostname", "setns")
@@ -78,9 +97,9 @@ def map_text(kind="uid"):
     return ", ".join(f"{first}-{first + count - 1}" for first, _, count in id_map(kind))
 
 
-def unmapped_fix(uid):
-    return (f"uid {uid} has no mapping in this user namespace (uids {map_text()}: a "
-            "container's map?): pick a mapped uid (--uid 1000 --gid 1000) or give the container "
+def unmapped_fix(ident, kind="uid"):
+    return (f"{kind} {ident} has no mapping in this user namespace ({kind}s {map_text(kind)}: "
+            "a container's map?): pick a mapped uid (--uid 1000 --gid 1000) or give the container "
             "a map of 65536 ids (podman --userns=auto:size=65536; Kubernetes' hostUsers: false "
             "maps 65536)")
 
@@ -98,6 +117,7 @@ def masked(mountinfo="/proc/self/mountinfo"):
     return found
 
 
+READ_ONLY_CGROUPS = "this container's cgroup filesystems are read-only"
 CGROUP_FIX = ("limit the container itself (`docker run --cpus 2 --memory 4g --pids-limit 512`; "
               "Kubernetes: the container's resources.limits) and let kernels start with what "
               "rlimits can do: --best-effort, or no --cpus")

@@ -2,8 +2,8 @@
 
 It reads what governs user namespaces (sysctls, AppArmor) and cgroups (versions, controllers,
 delegation), and what a container runtime does to this process (its seccomp filter, masked
-/proc and /sys, root's capabilities and id map: container.py; try_sandbox_syscalls tries the
-sandbox's own syscalls and mounts in throwaway namespaces); names the limits backend a kernel would get;
+/proc and /sys, root's capabilities and id map: container.py; trial.py tries the sandbox's
+own syscalls and mounts in throwaway namespaces); names the limits backend a kernel would get;
 then proves it: it starts a real kernel each way one starts (the provisioner's, JupyterLab's;
 the argv with its TCP bridge; the warm template), with the same options, through
 jupyter_client as a Jupyter server does, and reports what each saw inside and how it was
@@ -24,6 +24,7 @@ from .errors import SetupError
 from .limittable import CONTROLLERS, LIMITS
 from .net import MODES
 from .syscalls import CloneFlags, landlock_abi, unshare
+from .trial import trial
 from .user import HINT_SYSCTLS, read_sysctl, userns_hint
 
 # Runs in each trial kernel: what a kernel sees, and how it was started (prestart.py,
@@ -183,81 +184,15 @@ def check_cgroups(config):
     # Elsewhere the trial kernels' launchers say why, in their words.
     if not ok and container.cgroups_read_only():
         return (f"ns-kernel: {limits.describe(configured)} needs a cgroup of the kernel's own, "
-                f"and this container's cgroup filesystems are read-only; {container.CGROUP_FIX}")
+                f"and {container.READ_ONLY_CGROUPS}; {container.CGROUP_FIX}")
     return None
-
-
-def try_sandbox_syscalls():
-    """Make each syscall the sandbox needs, and a fresh proc and sysfs mount, in throwaway
-    namespaces; {name: errno (0: it worked)}. With harmless arguments: a call the filter
-    lets through fails on them (ENOENT, EBADF) or changes only the throwaway namespaces."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(r)
-        seen = {}
-        try:
-            _try_in_child(seen)
-        except BaseException:  # noqa: BLE001 - a bug must show, not read as "allowed"
-            import traceback
-            traceback.print_exc()
-        finally:
-            os.write(w, json.dumps(seen).encode())
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as pipe:
-        seen = json.loads(pipe.read() or "{}")
-    os.waitpid(child, 0)
-    return seen
-
-
-def _try_in_child(seen):
-    from .mount import FILESYSTEMS
-    from .plan import Op
-    from .syscalls import CloneFlags, MountAttr, MountFlags, move_mount, mount, mount_setattr, \
-        open_tree_clone, pivot_root, sethostname, setns, umount2, unshare
-
-    def attempt(name, call, *args):
-        try:
-            call(*args)
-            seen[name] = 0
-        except OSError as exc:
-            seen[name] = exc.errno
-        return not seen[name]
-
-    if not attempt("unshare", unshare, CloneFlags.CLONE_NEWUSER):
-        return
-    flags = (CloneFlags.CLONE_NEWNS | CloneFlags.CLONE_NEWUTS | CloneFlags.CLONE_NEWPID
-             | CloneFlags.CLONE_NEWNET)
-    if not attempt("unshare", unshare, flags):
-        return
-    pid1 = os.fork()     # the new PID namespace's first process: proc needs one
-    if pid1:
-        os.waitpid(pid1, 0)
-        os._exit(0)
-    nowhere = "/nonexistent-ns-kernel-doctor"
-    private = attempt("mount", mount, None, "/", None, MountFlags.MS_REC | MountFlags.MS_PRIVATE)
-    attempt("umount2", umount2, nowhere)
-    attempt("pivot_root", pivot_root, nowhere, nowhere)
-    attempt("open_tree", open_tree_clone, -1, nowhere)
-    attempt("move_mount", move_mount, -1, nowhere, -1)
-    attempt("mount_setattr", mount_setattr, nowhere, MountAttr.MOUNT_ATTR_RDONLY)
-    attempt("sethostname", sethostname, os.uname().nodename)
-    with open("/proc/self/ns/uts") as uts:
-        attempt("setns", setns, uts.fileno(), CloneFlags.CLONE_NEWUTS)
-    # Stacked on a tmpfs on /tmp, in this private mount namespace (nothing is created),
-    # with the flags the sandbox gives them (a runtime's read-only /sys locks that one).
-    if private and attempt("tmpfs", mount, "tmpfs", "/tmp", "tmpfs", MountFlags(0)):
-        attempt("proc", mount, "proc", "/tmp", "proc", FILESYSTEMS[Op.PROC][1])
-        attempt("sysfs", mount, "sysfs", "/tmp", "sysfs",
-                FILESYSTEMS[Op.SYSFS][1] | MountFlags.MS_RDONLY)
 
 
 def check_container(config):
     """What a container runtime does to this process, from a throwaway trial of the
-    sandbox's own syscalls and mounts (container.py); its error lines, each with the
+    sandbox's own syscalls and mounts (trial.py); its error lines, each with the
     setting that fixes it in the runtime's words."""
-    seen = try_sandbox_syscalls()
+    seen = trial()
     if seen.get("unshare"):
         return []            # check_user_namespaces has said why
     errors = []
@@ -274,18 +209,13 @@ def check_container(config):
     # A denied mount would refuse them too: that fix comes first.
     mountable = "mount" not in denied
     if refused and mountable:
-        where = f" ({', '.join(masks)} mounted over)" if masks else ""
-        errors.append(f"ns-kernel: a fresh {' and '.join(refused)} mount is refused: the container "
-                      f"runtime masks parts of /proc and /sys{where}; unmask them: "
-                      f"{container.MASKED_FIX}")
+        errors.append(f"ns-kernel: {container.masks_refuse(refused, masks)}")
     if mountable:
         show("FAIL" if refused else "ok", "fresh proc and sysfs",
              f"refused ({', '.join(masks) or 'masked paths'})" if refused else "mountable")
     missing = container.missing_root_capabilities()
     if missing:
-        errors.append(f"ns-kernel: root's kernels run as uid {config.sandbox_uid}, but this root "
-                      f"lacks {', '.join(missing)} (a container with --cap-drop ALL?): "
-                      f"{container.ROOT_CAPS_FIX}")
+        errors.append(f"ns-kernel: {container.root_lacks(missing, config.sandbox_uid)}")
     unmapped = os.getuid() == 0 and not container.mapped(config.sandbox_uid)
     if unmapped and not missing:
         errors.append(f"ns-kernel: root's kernels run as uid {config.sandbox_uid}: "

@@ -61,12 +61,13 @@ def moved(source):
                             "another kernel that may write its parent; start it again"))
 
 
-def one_line(func, *args):
-    """func(*args); a failure as one line on stderr and exit code 1 (2: not ours)."""
+def one_line(func, *args, explain=None):
+    """func(*args); a failure as one line on stderr and exit code 1 (2: not ours).
+    explain(SetupError) -> SetupError: a better hint where one is known (trial.explain)."""
     try:
         return func(*args)
     except SetupError as exc:
-        print(exc.line(), file=sys.stderr, flush=True)
+        print((explain(exc) if explain else exc).line(), file=sys.stderr, flush=True)
         return 1
     except Exception as exc:  # noqa: BLE001 - traitlets' TraitError and friends: one line
         print(f"ns-kernel: {exc}", file=sys.stderr, flush=True)

@@ -23,8 +23,8 @@ import re
 import sys
 import time
 
-from . import (bridge, connection, handoff, limits, mount, notice, offline, output, seccomp,
-               socketdir, state, usage)
+from . import (bridge, connection, handoff, limits, mount, notice, offline, output, reaper,
+               seccomp, socketdir, state, usage)
 from .errors import SetupError
 from .net import MODES as NETWORK_MODES
 from .plan import SOCKET_DIR_INSIDE, Host, Limits, build_plan, under
@@ -44,8 +44,9 @@ def kernel_argv(extra):
 
 def kernel_extensions(info, config, previous, limits_in_force):
     """What the kernel loads besides ipykernel (IPython extensions, config): the notice of
-    why the previous one died, the offline hint, CurveZMQ's keys, the usage panel's limits."""
-    extra = [notice.EXTENSION_ARGV] if previous else []
+    why the previous one died, the offline hint, CurveZMQ's keys, the usage panel's limits;
+    and, always, the reaper (a quick shutdown with children)."""
+    extra = [reaper.EXTENSION_ARGV, *([notice.EXTENSION_ARGV] if previous else [])]
     if NETWORK_MODES[config.network].offline_hint:
         extra += offline.argv(config)
     if connection.CURVE_KEYS[0] in info:

@@ -9,7 +9,7 @@ import os
 import resource
 from dataclasses import dataclass, field, replace
 
-from . import cgroup, limittable
+from . import cgroup, container, limittable
 from .errors import SetupError
 from .limittable import BY_NAME, LIMITS
 
@@ -140,9 +140,11 @@ def decide(limits, cgroup_parent=""):
         # Under auto, why the better backends were passed over.
         passed_over = options if limits.backend == "auto" else []
         reasons = "; ".join(f"{o[0]}: {o[2]}" for o in passed_over if not o[1])
+        fix = "run `ns-kernel doctor`, or allow it with --best-effort"
+        if container.cgroups_read_only():
+            reasons, fix = container.READ_ONLY_CGROUPS, container.CGROUP_FIX
         raise SetupError("limits", f"{backend[0]} cannot enforce {', '.join(skipped)}", hint=(
-            (reasons + "; " if reasons else "") +
-            "run `ns-kernel doctor`, or allow it with --best-effort"))
+            (reasons + "; " if reasons else "") + fix))
     return replace(limits, backend=backend[0], skipped=tuple(skipped))
 
 

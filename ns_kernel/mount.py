@@ -8,7 +8,7 @@ import os
 import stat
 import sys
 
-from . import user
+from . import container, user
 from .errors import SetupError, moved
 from .plan import Op
 from .syscalls import MNT_DETACH, MountAttr, MountFlags, chdir, flag_names, mount, \
@@ -38,10 +38,8 @@ def _mount(source, target, fstype, flags, data=None, what=None, shown=None):
     except OSError as exc:
         target = shown or target
         desc = what or f"mount({fstype or source}, {target}, {flag_names(MountFlags(flags))})"
-        hint = ""
-        if fstype == "proc":
-            hint = ("the host's /proc has parts mounted over (as in Docker), so a fresh proc is "
-                    "refused; run the container with an unmasked /proc")
+        # Refused only where parts of /proc or /sys are mounted over: a container's masks.
+        hint = container.masks_refuse([fstype]) if fstype in ("proc", "sysfs") else ""
         raise SetupError("mount", desc, target, exc.errno, hint) from None
 
 

@@ -10,6 +10,7 @@ import json
 import os
 
 from . import connection
+from .errors import SetupError
 
 NOTICE_INSIDE = "/run/ns-kernel/previous-exit"
 EXTENSION_ARGV = "--IPKernelApp.extra_extensions=ns_kernel.notice"
@@ -40,7 +41,7 @@ def remember(connection_file, line, fd=None):
             data = json.dumps(info).encode()
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
-    except (OSError, ValueError):
+    except (OSError, ValueError, SetupError):
         pass   # the reason is in the server log; the notebook just won't show it
 
 
@@ -69,7 +70,7 @@ def recall(connection_file, info):
     if line:
         try:
             _replace_json(connection_file, {k: v for k, v in info.items() if k != NOTICE_KEY})
-        except OSError:
+        except (OSError, SetupError):
             pass
     return line
 

@@ -329,11 +329,30 @@ def seal_socket_dir(sockets, kernel):
         finally:
             os.close(watch)
             os.close(exited)
+        for name in sockets:
+            _open_to_owner_of_dir(f"{SOCKET_DIR_INSIDE}/{name}")
     try:
         mount_setattr(SOCKET_DIR_INSIDE, RO_TOP, recursive=False)
     except OSError as exc:
         raise SetupError("mount", f"mount_setattr({SOCKET_DIR_INSIDE}, read-only)",
                          SOCKET_DIR_INSIDE, exc.errno) from None
+
+
+def _open_to_owner_of_dir(path):
+    """Let the socket dir's owner connect to the kernel's socket at `path`: for root's
+    kernels that is the host's root (socketdir.create), which a container may have left
+    without CAP_DAC_OVERRIDE; only the dir guards the socket. By an O_PATH handle, and
+    only a socket: the kernel could have swapped it for a link meanwhile."""
+    import stat
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", 0o666)
+    finally:
+        os.close(fd)
 
 
 def _is_socket(path):

@@ -124,7 +124,11 @@ def check_length(path):
 
 
 def create(path, owner=None):
-    """Make `path`, 0700, owned by `owner` (uid, gid) if given (root's sandbox)."""
+    """Make `path`, 0700; for root's sandbox (`owner`: its uid and gid), 0770 with the
+    sandbox's group, so that the kernel can bind its sockets there while the dir stays
+    root's: root writes the connection file in it, connects to the sockets and removes
+    them without CAP_DAC_OVERRIDE, which a container may have dropped (docs/containers.md).
+    Nobody else can enter it: its base is root's, 0700."""
     ensure_base(os.path.dirname(path))
     try:
         os.mkdir(path, 0o700)
@@ -132,7 +136,8 @@ def create(path, owner=None):
         raise SetupError("socket dir", "mkdir", path, exc.errno, FIX) from None
     if owner:
         try:
-            give(path, owner, "socket dir")
+            give(path, (-1, owner[1]), "socket dir")
+            os.chmod(path, 0o770)
         except SetupError:
             remove(path)
             raise
@@ -140,12 +145,12 @@ def create(path, owner=None):
 
 
 def give(path, owner, step):
-    """chown a dir made for root's sandbox to its uid and gid (`owner`)."""
+    """chown a dir made for root's sandbox to its uid and gid (`owner`; uid -1: keep it)."""
     try:
         os.chown(path, *owner)
     except OSError as exc:
-        raise SetupError(step, f"chown {owner[0]}:{owner[1]}", path, exc.errno,
-                         owner_hint(exc.errno, owner[0])) from None
+        raise SetupError(step, f"chown {'' if owner[0] == -1 else owner[0]}:{owner[1]}", path,
+                         exc.errno, owner_hint(exc.errno, owner)) from None
 
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -36,14 +36,15 @@ def userns_hint(read=read_sysctl):
             "profile, or a Kubernetes pod without hostUsers: false); run `ns-kernel doctor`")
 
 
-def owner_hint(err, uid):
-    """Why host root could not give a dir to its sandbox's uid (chown), and the fix."""
+def owner_hint(err, owner):
+    """Why host root could not give a dir to its sandbox's uid and gid (chown `owner`; a
+    uid of -1: the gid alone) because of its id map, and the fix. (Without CAP_CHOWN:
+    trial.explain says so, as for every capability root's kernels need.)"""
     from . import container
-    if err == errno.EINVAL:
-        return container.unmapped_fix(uid)
-    if err == errno.EPERM:
-        return f"root without CAP_CHOWN: {container.ROOT_CAPS_FIX}"
-    return ""
+    if err != errno.EINVAL:
+        return ""
+    return (container.unmapped_fix(owner[1], "gid") if owner[0] == -1 else
+            container.unmapped_fix(owner[0]))
 
 
 def write_id_maps(pid, plan):

@@ -7,6 +7,7 @@ fails, with the message the docs give); and the doctor names each failure the do
 Tier `container`: `scripts/test-containers` (root) installs what it needs and runs it."""
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -24,6 +25,11 @@ VENV = sys.prefix
 # The recommended settings (docs/containers.md).
 RECOMMENDED = ["--security-opt", f"seccomp={container.PROFILE}", "--security-opt", "unmask=ALL"]
 AS_USER = ["--user", "1000:1000", "--env", "HOME=/tmp"]
+ROOT_CAPABILITIES = ("CHOWN", "SETUID", "SETGID")
+
+
+def cap_add(names):
+    return [arg for name in names for arg in ("--cap-add", name)]
 
 
 def podman(*args, command):
@@ -57,6 +63,8 @@ WHO = {
     # (HOME: the rootfs is not chowned for the map as an image's layers would be)
     "root in a user namespace": ["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
                                  "--env", "HOME=/tmp"],
+    # The capabilities the docs name for root, and no other one.
+    "root with only CHOWN, SETUID, SETGID": ["--cap-drop", "ALL", *cap_add(ROOT_CAPABILITIES)],
 }
 
 
@@ -98,14 +106,17 @@ def test_each_syscall_of_the_profile_is_needed(syscall):
     finally:
         os.unlink(path)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert (f"a seccomp filter (the container's) denies {syscall}; run the container with "
-            "ns_kernel's seccomp profile") in done.stderr
+    fix = (f"a seccomp filter (the container's) denies {syscall}; run the container with "
+           "ns_kernel's seccomp profile")
+    doctors = done.stderr.splitlines()[1:]
+    assert any(fix in line for line in doctors), done.stderr
     if syscall == "setns":
         # Only the prestarted interpreter joins: without setns, kernels are exec'd.
         assert "run=0" in done.stdout
     else:
+        # The launcher's one line (the server log's) names the same fix.
         assert "run=1" in done.stdout
-        assert ": Operation not permitted" in done.stderr.splitlines()[0]
+        assert f": Operation not permitted ({fix}" in done.stderr.splitlines()[0]
 
 
 @pytest.mark.parametrize("unmask, refused", [("", "proc and sysfs"), ("/proc/*", "sysfs")])
@@ -114,41 +125,125 @@ def test_every_masked_path_must_be_unmasked(unmask, refused):
     done = podman("--security-opt", f"seccomp={container.PROFILE}", *unmasking, *AS_USER,
                   command="ns-kernel run -- /bin/true; echo run=$?; ns-kernel doctor")
     assert "run=1" in done.stdout
-    assert ("/sys: Operation not permitted" if unmask else "/proc: Operation not permitted") \
-        in done.stderr.splitlines()[0]
     assert done.returncode == 1
+    fix = ("unmask them: `docker run --security-opt systempaths=unconfined`, `podman run "
+           "--security-opt unmask=ALL`; Kubernetes: securityContext.procMount: Unmasked")
+    # The launcher's one line: the first mount refused, and the fix.
+    first = "sysfs on /sys" if unmask else "proc on /proc"
+    assert (f"ns-kernel: mount {first}: Operation not permitted (a fresh {first.split()[0]} "
+            "mount is refused: the container runtime masks parts of /proc and /sys; "
+            f"{fix}") in done.stderr.splitlines()[0]
+    # The doctor's: both refusals, and what is mounted over.
     assert (f"ns-kernel: a fresh {refused} mount is refused: the container runtime masks parts "
             "of /proc and /sys (") in done.stderr
     assert "/sys/firmware" in done.stderr
-    assert ("unmask them: `docker run --security-opt systempaths=unconfined`, `podman run "
-            "--security-opt unmask=ALL`; Kubernetes: securityContext.procMount: Unmasked") \
-        in done.stderr
+    assert fix in done.stderr.splitlines()[-2]
 
 
-# What the docs list as failures, each with the doctor's words for it.
+ROOT_LACKS = ("(a container with --cap-drop ALL?): `docker run --cap-add CHOWN --cap-add "
+              "SETUID --cap-add SETGID`")
+# What the docs list as failures: podman args, the launcher's one line (its start, the
+# fix in it) and the doctor's words (its fix).
 FAILURES = {
-    "podman's default profile": ([], "ns-kernel: a seccomp filter (the container's) denies "
-                                 "sethostname; run the container with ns_kernel's seccomp "
-                                 "profile"),
-    "cap-drop ALL": ([*RECOMMENDED, "--cap-drop", "ALL"],
-                     "this root lacks CAP_CHOWN, CAP_SETGID, CAP_SETUID (a container with "
-                     "--cap-drop ALL?): `docker run --cap-add CHOWN --cap-add SETUID --cap-add "
-                     "SETGID`"),
-    "an id map without nobody": ([*RECOMMENDED, "--uidmap", "0:100000:60000", "--gidmap",
-                                  "0:100000:60000", "--env", "HOME=/tmp"],
-                                 "uid 65534 has no mapping in this user namespace (uids "
-                                 "0-59999: a container's map?)"),
-    "--cpus with read-only cgroups": ([*RECOMMENDED], "cpus 1 needs a cgroup of the kernel's "
-                                      "own, and this container's cgroup filesystems are "
-                                      "read-only; limit the container itself"),
+    "podman's default profile": (
+        [], "sethostname isolated-", "(a seccomp filter (the container's) denies sethostname; "
+        "run the container with ns_kernel's seccomp profile",
+        "ns-kernel: a seccomp filter (the container's) denies sethostname; run the container "
+        "with ns_kernel's seccomp profile"),
+    "cap-drop ALL": (
+        [*RECOMMENDED, "--cap-drop", "ALL"], "chown :65534 /tmp/ns-kernel-0/",
+        f"(root's kernels run as another uid, but this root lacks CAP_CHOWN, CAP_SETGID, "
+        f"CAP_SETUID {ROOT_LACKS}",
+        f"this root lacks CAP_CHOWN, CAP_SETGID, CAP_SETUID {ROOT_LACKS}"),
+    **{f"cap-drop ALL, cap-add all but {name}": (
+        [*RECOMMENDED, "--cap-drop", "ALL", *cap_add(c for c in ROOT_CAPABILITIES if c != name)],
+        first,
+        f"(root's kernels run as another uid, but this root lacks CAP_{name} {ROOT_LACKS}",
+        f"this root lacks CAP_{name} {ROOT_LACKS}")
+       for name, first in (("CHOWN", "chown :65534 /tmp/ns-kernel-0/"),
+                           ("SETUID", "write '65534 65534 1' to /proc/"),
+                           ("SETGID", "setgroups([])"))},
+    "an id map without nobody": (
+        [*RECOMMENDED, "--uidmap", "0:100000:60000", "--gidmap", "0:100000:60000", "--env",
+         "HOME=/tmp"], "chown :65534 /tmp/ns-kernel-0/",
+        "(gid 65534 has no mapping in this user namespace (gids 0-59999: a container's map?): "
+        "pick a mapped uid (--uid 1000 --gid 1000) or give the container a map of 65536 ids",
+        "uid 65534 has no mapping in this user namespace (uids 0-59999: a container's map?)"),
+    "--cpus with read-only cgroups": (
+        [*RECOMMENDED], "rlimit cannot enforce cpus",
+        "(this container's cgroup filesystems are read-only; limit the container itself",
+        "cpus 1 needs a cgroup of the kernel's own, and this container's cgroup filesystems "
+        "are read-only; limit the container itself"),
 }
 
 
 @pytest.mark.parametrize("failure", FAILURES)
-def test_doctor_names_each_documented_failure(failure):
-    args, message = FAILURES[failure]
+def test_each_documented_failure_names_its_fix(failure):
+    args, start, fix, doctors = FAILURES[failure]
     options = " --cpus 1" if "cpus" in failure else ""
-    done = podman(*args, command=f"ns-kernel doctor{options}")
+    done = podman(*args, command=f"ns-kernel run{options} -- /bin/true; echo run=$?; "
+                                 f"ns-kernel doctor{options}")
     assert done.returncode == 1
-    assert message in done.stderr, done.stdout + done.stderr
+    # The launcher's one line (what the server log shows for a kernel), then the doctor's.
+    launcher = done.stderr.splitlines()[0]
+    assert "run=1" in done.stdout and launcher.startswith(f"ns-kernel: {start}"), launcher
+    assert fix in launcher, launcher
+    assert doctors in done.stderr, done.stdout + done.stderr
     assert "  --    kernels: none started: fix the above first" in done.stdout
+
+
+# The docs' KubeSpawner config, field by field, and the podman setting each one is in the
+# pod's words: (path in the pod kubespawner renders, value, podman args run above).
+POD_FIELDS = [
+    (("spec", "host_users"), False, ["--uidmap", "0:100000:65536"]),
+    (("spec", "containers", 0, "security_context", "procMount"), "Unmasked",
+     ["--security-opt", "unmask=ALL"]),
+    (("spec", "containers", 0, "security_context", "seccompProfile"),
+     {"type": "Localhost", "localhostProfile": "ns-kernel.json"},
+     ["--security-opt", f"seccomp={container.PROFILE}"]),
+    (("spec", "containers", 0, "security_context", "allowPrivilegeEscalation"), False,
+     ["--security-opt", "no-new-privileges"]),
+]
+
+
+def run_here(args):
+    """Do kernels run above with these podman args (in this order) among the settings?"""
+    return any(tried[i:i + len(args)] == args for tried in (RECOMMENDED, *WHO.values())
+               for i in range(len(tried)))
+
+
+def test_kubespawner_renders_the_settings_tested_here():
+    """No cluster here: kubespawner itself turns the docs' config into the pod it would ask
+    for (KubeSpawner.get_pod_manifest), and each field is one a podman run above tested."""
+    import asyncio
+    from traitlets.config import Config
+    from kubespawner import KubeSpawner
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "containers.md")) as f:
+        [snippet] = [b for b in re.findall(r"^```python\n(.*?)^```$", f.read(), re.S | re.M)
+                     if "KubeSpawner" in b]
+    config = Config()
+    exec(snippet, {"c": config})
+    # Where its client looks for the cluster (the test's own HOME), which a spawner only
+    # reads: nothing is asked of it.
+    kube = os.path.expanduser("~/.kube")
+    os.makedirs(kube)
+    with open(f"{kube}/config", "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "none",
+                   "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
+                   "users": [{"name": "none", "user": {}}],
+                   "contexts": [{"name": "none", "context": {"cluster": "none",
+                                                             "user": "none"}}]}, f)
+
+    async def render():
+        return (await KubeSpawner(config=config, _mock=True).get_pod_manifest()).to_dict()
+    try:
+        pod = asyncio.run(render())
+    finally:
+        shutil.rmtree(kube)
+    assert pod["spec"]["containers"][0]["image"].endswith("/isolated-python")
+    for path, value, podman_args in POD_FIELDS:
+        found = pod
+        for key in path:
+            found = found[key]
+        assert found == value, (path, found)
+        assert run_here(podman_args), podman_args

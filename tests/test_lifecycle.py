@@ -95,6 +95,24 @@ def test_shutdown_leaves_nothing(workdir, socket_base, options):
     assert os.listdir(socket_base) == []
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_a_kernel_with_a_child_ends_by_itself_at_shutdown(workdir, socket_base, tmp_path, path):
+    # Jupyter's interrupt before a shutdown ends the kernel's child too; ipykernel's shutdown
+    # then signals its children until none is left, and took that one, ended but not waited
+    # for, for one left: jupyter_client SIGTERMed the kernel after 2.5 s (a plain kernel's
+    # too). Now the kernel ends by itself (reaper.py): status 0, nothing in the server log.
+    name = start_path_spec(f"isolated-{os.path.basename(socket_base)}", path,
+                           [f"--socket-dir={socket_base}"])
+    with open(tmp_path / "log", "w+") as log:
+        k = start_kernel(workdir, kernel_name=name, stderr=log)
+        launcher = k.km.provisioner.process
+        k.execute("import subprocess; child = subprocess.Popen(['sleep', '300'])")
+        stop_kernel(k)
+        assert launcher.wait(timeout=20) == 0
+        log.seek(0)
+        assert [line for line in log if " limits: " not in line] == []
+
+
 @pytest.mark.parametrize("options", [[], ["--cold"]], ids=["warm", "cold"])
 def test_sigkill_of_launcher_takes_the_whole_sandbox(workdir, socket_base, options):
     # Warm: Jupyter's SIGKILL reaches the client; the launcher forked for it goes too.

@@ -31,7 +31,8 @@ LAB_URL = re.compile(r"(http://(?:localhost|127\.0\.0\.1):\d+)/lab\?token=(\w+)"
 PASSED_ON = re.compile(r"PIP_.*|(?i:https?_proxy|no_proxy)|SSL_CERT_.*")
 # A block's first word: what runs it instead.
 ELSEWHERE = {"scripts/test": "this very run (.ci/run)",
-             "podman": "tests/test_containers.py, on its own image (scripts/test-containers)"}
+             "podman": "tests/test_containers.py, on its own image (scripts/test-containers)",
+             "docker": "tests/test_docker_hub.py, on Debian's Docker (scripts/test-containers)"}
 ELSEWHERE_DOCS = {"docs/grading.md": "tests/test_nbgrader.py, with nbgrader, as root and as "
                                      "an ordinary user"}
 # The output a block quotes as `# ns-kernel: ...` comments.
