@@ -123,13 +123,9 @@ class Lab(Server):
                "--MappingKernelManager.transport_encryption=required"]
         if os.getuid() == 0:
             cmd.append("--allow-root")
-        # Started from above its notebooks, with root_dir naming them, as a hub's spawner
-        # does: nbgrader's server extension (the test extra has nbgrader) puts the server's
-        # own folder first on its import path, and the provisioner then refuses every kernel
-        # started in that folder (check_server_imports; docs/grading.md).
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.top)
+                                         cwd=self.root)
         wait_for("JupyterLab", lambda: answers(self, "/api/status"), self.proc, self.log)
         return self
 
